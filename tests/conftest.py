@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny random Qwen2.5-VL / Qwen3-VL models saved as real model folders.
+
+The folders look exactly like a downloaded checkpoint (config.json, model.safetensors,
+generation_config.json, tokenizer files + chat_template.jinja, preprocessor_config.json), so
+tests exercise the same `load_vlm` path a real model takes, on CPU, in about a second.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vstream.tokenizer import build_tokenizer, special_ids  # noqa: E402
+
+TINY_TEXTS = [
+    "What is in the image? A red square next to a blue circle.",
+    "Describe the video. The cat sat on the mat, then it jumped.",
+    "<think> Let me look at the picture step by step. </think> The answer is 42.",
+    "How many objects are there? There are 3 objects: 0.5 seconds, 1.5 seconds, 2.0 seconds.",
+    "You are a helpful assistant. Count, compare, reason and answer briefly.",
+] * 4
+
+
+def _silence_eos(model, ids: dict[str, int]) -> None:
+    """Zero the lm_head rows of eos/pad so greedy decoding of a random model never stops
+    early: tests of max_new_tokens / stop events then mean what they say."""
+    with torch.no_grad():
+        for key in ("eos_token_id", "pad_token_id"):
+            model.lm_head.weight[ids[key]].zero_()
+
+
+def make_tiny_tokenizer():
+    return build_tokenizer(TINY_TEXTS, vocab_size=320)
+
+
+def save_tiny_qwen2_5_vl(path: Path, tokenizer, side: int = 112) -> Path:
+    """Qwen2.5-VL: text 64 wide x 2 layers (4 heads, 2 kv), vision 32 wide x 2 blocks;
+    processor fixed at side x side pixels (112 -> 4x4 LLM tokens)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = special_ids(tokenizer)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            # head_dim 16 -> mrope sections must sum to 8
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            fullatt_block_indexes=[1], window_size=56, tokens_per_second=2,
+        ),
+        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    _silence_eos(model, ids)
+    model.generation_config.eos_token_id = ids["eos_token_id"]
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side).save_pretrained(path)
+    return path
+
+
+def save_tiny_qwen3_vl(path: Path, tokenizer, side: int = 128) -> Path:
+    """Qwen3-VL: patch 16 (32 px per LLM token), deepstack from vision block 0,
+    interleaved mrope; processor fixed at side x side pixels (128 -> 4x4 LLM tokens)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = special_ids(tokenizer)
+    cfg = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+            pad_token_id=ids["pad_token_id"],
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+    )
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    _silence_eos(model, ids)
+    model.generation_config.eos_token_id = ids["eos_token_id"]
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        min_pixels=side * side, max_pixels=side * side, patch_size=16,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tiny_qwen2_5_vl_dir):
+    """Loaded through the public adapter (CPU, float32). Shared: do not mutate."""
+    from vstream.vlm import load_vlm
+
+    return load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tiny_qwen3_vl_dir):
+    from vstream.vlm import load_vlm
+
+    return load_vlm(str(tiny_qwen3_vl_dir), device="cpu")

@@ -1,0 +1,69 @@
+"""The demo model's data path, training loop (incl. resume) and evaluation command."""
+import json
+
+import pytest
+import torch
+
+from vstream import train_demo
+from vstream.demo_model import DEMO_MODEL_DIR, Collator, make_image_processor, make_tokenizer
+from vstream.eval_model import check_heldout, evaluate, parse_answer
+from vstream.shapes import HELDOUT_SEEDS, scenes
+from vstream.vlm import VLMError, load_vlm
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_collator_masks_prompt_and_covers_trace(tok):
+    batch = scenes("train", 0, 4)
+    out = Collator(tok, make_image_processor())(batch)
+    assert out["pixel_values"].shape == (4 * 256, 1176)
+    for i, s in enumerate(batch):
+        lab = out["labels"][i]
+        text = tok.decode(lab[lab != -100])
+        assert text == s.trace + "<|im_end|>"
+        assert int(out["mm_token_type_ids"][i].sum()) == 64  # 8x8 image tokens
+    left = Collator(tok, make_image_processor(), padding_side="left")(batch, with_targets=False)
+    assert "labels" not in left and (left["attention_mask"][:, -1] == 1).all()
+
+
+def test_tokenizer_is_deterministic(tok):
+    again = make_tokenizer()
+    assert tok.get_vocab() == again.get_vocab()
+    assert tok.decode(tok("What color is the élan? 🟥").input_ids) == "What color is the élan? 🟥"
+
+
+def test_train_resume_and_load(tmp_path):
+    out, run = tmp_path / "model", tmp_path / "run"
+    args = ["--batch-size", "2", "--out", str(out), "--run-dir", str(run), "--save-every", "1"]
+    train_demo.main(["--steps", "2", *args])
+    assert json.loads((run / "latest" / "step.json").read_text())["step"] == 2
+    train_demo.main(["--steps", "3", *args])  # resumes at step 2, does one more
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["trained_steps"] == 3 and meta["train_seeds"][1] <= HELDOUT_SEEDS.start
+    vlm = load_vlm(str(out))
+    assert vlm.model.dtype == torch.float32  # float16 on disk, float32 on CPU
+    res = evaluate(vlm, n=6, batch_size=6, progress=False)
+    assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_heldout_overlap_is_refused(tmp_path):
+    (tmp_path / "training.json").write_text(json.dumps({"train_seeds": [0, HELDOUT_SEEDS.start + 5]}))
+    with pytest.raises(VLMError, match="held-out"):
+        check_heldout(tmp_path)
+
+
+def test_parse_answer():
+    assert parse_answer("<think> The red box shows 7. </think> 7<|im_end|>") == "7"
+    assert parse_answer("<think> no end") == ""
+    assert parse_answer("<think> a. </think> Yes.") == "yes"
+
+
+@pytest.mark.skipif(not (DEMO_MODEL_DIR / "model.safetensors").exists(), reason="demo model not trained yet")
+def test_shipped_demo_model_answers_from_the_image():
+    """A held-out slice (disjoint from the eval command's default range) must beat chance well."""
+    vlm = load_vlm(str(DEMO_MODEL_DIR))
+    res = evaluate(vlm, n=60, start=50_000, batch_size=30, progress=False)
+    assert res["accuracy"] >= 0.6, res["per_family"]

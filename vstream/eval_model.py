@@ -1,0 +1,119 @@
+"""Evaluate a model on held-out shapes-world scenes.
+
+    python -m vstream eval-model --json            # the shipped demo model, 600 scenes
+
+Scenes come from the held-out seed range only (`shapes.scenes("heldout", ...)`), and a model
+whose training record claims seeds from that range is refused. The last output line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .demo_model import DEMO_MODEL_DIR, Collator
+from .shapes import FAMILIES, HELDOUT_SEEDS, Scene, scenes
+from .vlm import VLM, VLMError, load_vlm
+
+
+def parse_answer(text: str) -> str:
+    """The answer after `</think>`, lower-cased, without punctuation; '' if there is none."""
+    if "</think>" not in text:
+        return ""
+    ans = text.split("</think>", 1)[1]
+    ans = ans.split("<|im_end|>")[0]
+    return re.sub(r"[^a-z0-9 ]", "", ans.lower()).strip()
+
+
+def check_heldout(model_dir: Path) -> None:
+    record = model_dir / "training.json"
+    if not record.exists():
+        return
+    lo, hi = json.loads(record.read_text()).get("train_seeds", [0, 0])
+    if hi > HELDOUT_SEEDS.start and lo < HELDOUT_SEEDS.stop:
+        raise VLMError(f"{model_dir} was trained on seeds {lo}..{hi}, which overlap the held-out split")
+
+
+@torch.inference_mode()
+def generate_batch(vlm: VLM, batch: list[Scene], max_new_tokens: int = 64) -> list[str]:
+    col = Collator(vlm.tokenizer, vlm.image_processor, padding_side="left")
+    inputs = {k: v.to(vlm.device) for k, v in col(batch, with_targets=False).items()}
+    out = vlm.model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=vlm.tokenizer.pad_token_id,
+        eos_token_id=vlm.tokenizer.eos_token_id,
+    )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [vlm.tokenizer.decode(row, skip_special_tokens=False).replace("<|endoftext|>", "") for row in new]
+
+
+def evaluate(vlm: VLM, n: int = 600, start: int = 0, batch_size: int = 50, progress: bool = True) -> dict:
+    items = scenes("heldout", start, n)
+    per_family: dict[str, list[bool]] = defaultdict(list)
+    per_kind: dict[str, list[bool]] = defaultdict(list)
+    wrong: Counter = Counter()
+    examples: list[dict] = []
+    t0 = time.time()
+    for i in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, file=sys.stderr):
+        batch = items[i : i + batch_size]
+        for s, text in zip(batch, generate_batch(vlm, batch)):
+            pred = parse_answer(text)
+            ok = pred == s.answer
+            per_family[s.family].append(ok)
+            per_kind[f"{s.family}/{s.kind}"].append(ok)
+            if not ok:
+                wrong[(s.family, s.answer, pred)] += 1
+                if len(examples) < 12:
+                    examples.append({"seed": s.seed, "question": s.question, "truth": s.trace, "output": text})
+    acc = lambda xs: round(sum(xs) / max(1, len(xs)), 4)  # noqa: E731
+    return {
+        "accuracy": acc([x for v in per_family.values() for x in v]),
+        "per_family": {f: acc(per_family[f]) for f in FAMILIES if f in per_family},
+        "per_kind": {k: acc(v) for k, v in sorted(per_kind.items())},
+        "n": n,
+        "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]],
+        "seconds": round(time.time() - t0, 1),
+        "top_confusions": [
+            {"family": f, "truth": t, "predicted": p, "count": c} for (f, t, p), c in wrong.most_common(8)
+        ],
+        "failed_examples": examples,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstream eval-model", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
+    ap.add_argument("--n", type=int, default=600, help="held-out scenes (families cycle, so 600 = 100 each)")
+    ap.add_argument("--start", type=int, default=0, help="offset into the held-out seed range")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--json", action="store_true", help="print only the summary JSON as the last line")
+    args = ap.parse_args(argv)
+    try:
+        if Path(args.model).is_dir():
+            check_heldout(Path(args.model))
+        vlm = load_vlm(args.model)
+        res = evaluate(vlm, args.n, args.start, args.batch_size, progress=True)
+    except (VLMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        for ex in res["failed_examples"]:
+            print(f"[{ex['seed']}] {ex['question']}\n  truth:  {ex['truth']}\n  output: {ex['output']}")
+        print(f"accuracy {res['accuracy']:.3f} on {res['n']} held-out scenes")
+        for f, a in res["per_family"].items():
+            print(f"  {f:10s} {a:.3f}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

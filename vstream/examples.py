@@ -1,0 +1,43 @@
+"""Render shapes-world samples (PNG scenes, MP4 streams) into examples/ for the gallery.
+
+    python -m vstream render-examples --per-family 3 --streams 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .shapes import FAMILIES, scenes
+from .shapes_video import streams
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: int = 2, fps: int = 10) -> dict:
+    """Write `per_family` held-out scenes of every family and `n_streams` streams; return the index."""
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict = {"scenes": [], "streams": []}
+    pool = scenes("heldout", 10_000, per_family * len(FAMILIES) * 2)
+    for fam in FAMILIES:
+        for s in [s for s in pool if s.family == fam][:per_family]:
+            name = f"{fam}_{s.seed}.png"
+            s.image().save(out / name)
+            index["scenes"].append({"file": name} | s.to_dict())
+    for st in streams("heldout", 10_000, n_streams):
+        name = f"stream_{st.seed}.mp4"
+        st.to_mp4(out / name, fps=fps)
+        index["streams"].append({"file": name} | st.to_dict())
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstream render-examples", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=EXAMPLES_DIR)
+    ap.add_argument("--per-family", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=2)
+    args = ap.parse_args(argv)
+    idx = render_examples(args.out, args.per_family, args.streams)
+    print(f"wrote {len(idx['scenes'])} scenes and {len(idx['streams'])} streams to {args.out}")
+    return 0
