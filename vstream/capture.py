@@ -1,0 +1,411 @@
+"""Attention capture during generation, without eager attention and without a second pass.
+
+vSTREAM's features are attention weights "already computed during generation". transformers 5.x's
+`sdpa` never returns them, and switching the model to `eager` is slow and can change outputs.
+So we register our own attention function, `vstream_sdpa`, for the text decoder only:
+
+* the output always comes from transformers' own `sdpa_attention_forward`, so logits (and the
+  generated tokens) are exactly those of plain sdpa;
+* when a recorder is attached and the call is a decode step (query length 1), it also computes
+  that one query's softmax row over all keys per head, (H x S) per layer per step, and hands the
+  probability mass on the image-token key positions, an (H, N) tensor, to the recorder.
+  The full (S x S) attention matrix is never materialised; the vision tower stays on sdpa.
+
+Registration (transformers 5.23), done once by `install`:
+    AttentionInterface.register("vstream_sdpa", fn)       # the attention function
+    AttentionMaskInterface.register("vstream_sdpa", sdpa_mask)
+        # without it masking_utils treats the name as "custom attention, no mask" and drops it
+    model.set_attn_implementation({"text_config": "vstream_sdpa", "vision_config": "sdpa"})
+
+Alignment convention (which attention row belongs to which generated token)
+--------------------------------------------------------------------------
+`generate` produces y_1 from the prefill's last position; y_t is fed back as the input of
+decode step t, whose single query sits at y_t's own position. We record the row of each
+generated token's OWN position: row i (0-based) of the recorder is the attention of y_{i+1}
+(the query at position prompt_len + i) over the image tokens. The last generated token is never
+fed back, so after `generate` the recorder holds one row per generated token except the last.
+When generation ends at eos (dropped from the visible trace) every visible token has its row;
+when it is cut by `max_new_tokens` or a stop event, the last visible token has none. Span
+features are defined over the recorded rows of the span's tokens. A caller that kept the KV
+cache (`return_dict_in_generate=True`) can complete the record with `finalize`, which feeds the
+last token once more, exactly as the next decode step would have.
+
+Features (vSTREAM / AT2): for span S and region k, per (layer, head), the mean over the span's
+tokens of the attention mass on region k's tokens, flattened layer-major into L*H numbers.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ATTN_NAME",
+    "AttentionRecorder",
+    "SpanAccumulator",
+    "capturing",
+    "finalize",
+    "install",
+    "region_features",
+    "text_attention_modules",
+    "uninstall",
+]
+
+ATTN_NAME = "vstream_sdpa"
+_STATE_ATTR = "_vstream_capture"  # set on each text attention module while capturing
+_register_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# recording
+
+
+class AttentionRecorder:
+    """Per generated token, the (L, H, N) attention mass of its query on the N image tokens.
+
+    Filled layer by layer from the generation thread (`record_layer`), read from any other
+    thread (`tokens`, `per_token`, `stack`, `wait_for`). Rows are float32 on the model's device;
+    with `keep_cpu=True` a CPU copy of each finished row is kept too (for consumers that must not
+    touch the accelerator). A finished row is never modified afterwards, so readers may keep it.
+    """
+
+    def __init__(self, num_layers: int, keep_cpu: bool = False):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = int(num_layers)
+        self.keep_cpu = bool(keep_cpu)
+        self._cond = threading.Condition()
+        self._rows: list[torch.Tensor] = []
+        self._cpu_rows: list[torch.Tensor] = []
+        self._buf: torch.Tensor | None = None  # the step being filled
+        self._filled: list[bool] = [False] * self.num_layers
+        self._epoch = 0  # bumped by reset()
+
+    @classmethod
+    def for_vlm(cls, vlm: Any, keep_cpu: bool = False) -> "AttentionRecorder":
+        return cls(int(vlm.num_layers), keep_cpu=keep_cpu)
+
+    # -- producer side (generation thread) -----------------------------------------------------
+    def record_layer(self, layer_idx: int, mass: torch.Tensor) -> None:
+        """Store one layer's (H, N) mass for the current decode step; the step's row is published
+        once all layers have reported. A layer reporting twice means the previous step was cut
+        short (an exception mid-forward): that partial step is dropped."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx {layer_idx} outside [0, {self.num_layers})")
+        with self._cond:  # a consumer may reset() concurrently
+            if self._buf is None or self._filled[layer_idx] or self._buf.shape[1:] != mass.shape:
+                self._buf = torch.empty((self.num_layers, *mass.shape), dtype=torch.float32, device=mass.device)
+                self._filled = [False] * self.num_layers
+            self._buf[layer_idx] = mass
+            self._filled[layer_idx] = True
+            if not all(self._filled):
+                return
+            row, epoch = self._buf, self._epoch
+            self._buf, self._filled = None, [False] * self.num_layers
+        cpu = row.to("cpu") if self.keep_cpu else None  # outside the lock: may wait for the device
+        with self._cond:
+            if epoch != self._epoch:  # reset() while this step ran: it belongs to the old record
+                return
+            self._rows.append(row)
+            if cpu is not None:
+                self._cpu_rows.append(cpu)
+            self._cond.notify_all()
+
+    # -- consumer side -------------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        """Number of generated tokens whose row is complete."""
+        with self._cond:
+            return len(self._rows)
+
+    def per_token(self, i: int, cpu: bool = False) -> torch.Tensor:
+        """(L, H, N) row of generated token i (0-based; see the alignment convention)."""
+        with self._cond:
+            if cpu:
+                if not self.keep_cpu:
+                    return self._rows[i].to("cpu")
+                return self._cpu_rows[i]
+            return self._rows[i]
+
+    def stack(self, start: int = 0, end: int | None = None, cpu: bool = False) -> torch.Tensor:
+        """(T, L, H, N) rows of tokens [start, end)."""
+        with self._cond:
+            rows = (self._cpu_rows if cpu and self.keep_cpu else self._rows)[start:end]
+        if not rows:
+            raise ValueError(f"no recorded tokens in [{start}, {end})")
+        out = torch.stack(rows)
+        return out.to("cpu") if cpu else out
+
+    def wait_for(self, n: int, timeout: float | None = None) -> bool:
+        """Block until at least n rows are recorded (True) or the timeout passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._rows) >= n, timeout)
+
+    def reset(self) -> None:
+        """Forget all rows (and any half-filled step), e.g. before the next generation."""
+        with self._cond:
+            self._rows.clear()
+            self._cpu_rows.clear()
+            self._buf, self._filled = None, [False] * self.num_layers
+            self._epoch += 1
+
+
+class _CaptureState:
+    """What the attention function needs while capturing: where the image keys are, and who
+    gets the rows. Shared by all text attention modules of one model."""
+
+    def __init__(self, image_positions: torch.Tensor, recorder: AttentionRecorder):
+        self.positions = image_positions.reshape(-1).long()
+        self.recorder = recorder
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        pos = self._on_device.get(device)
+        if pos is None:
+            pos = self._on_device[device] = self.positions.to(device)
+        return pos
+
+
+def _decode_row_mass(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention of the single decode query (batch row 0) over all keys, per head, as
+    eager attention computes it (scores in the model dtype, softmax in float32), restricted to
+    `positions`: (H, N) float32. GQA is handled by grouping query heads per kv head (the same
+    pairing as `repeat_kv`), without copying the keys."""
+    q = query[0, :, 0, :]  # (H, D)
+    k = key[0]  # (Hkv, S, D), already RoPE'd (as stored in the cache)
+    h, d = q.shape
+    hkv, s, _ = k.shape
+    if scaling is None:
+        scaling = d**-0.5
+    scores = torch.matmul(q.reshape(hkv, h // hkv, d), k.transpose(1, 2)) * scaling  # (Hkv, G, S)
+    scores = scores.reshape(h, s).float()
+    if attention_mask is not None:
+        m = attention_mask[0, :, -1, :s]  # (1 or H, S)
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    probs = torch.softmax(scores, dim=-1)
+    return probs.index_select(1, positions)
+
+
+def _vstream_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa for the output; plus, on decode steps under capture, one score row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    state: _CaptureState | None = getattr(module, _STATE_ATTR, None)
+    if state is not None and query.shape[2] == 1:
+        with torch.no_grad():
+            mass = _decode_row_mass(
+                module, query, key, attention_mask, kwargs.get("scaling"), state.positions_on(key.device)
+            )
+        state.recorder.record_layer(int(module.layer_idx), mass)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# installing
+
+
+def _register() -> None:
+    """Register `vstream_sdpa` with transformers (idempotent, process-wide)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    with _register_lock:
+        if ALL_ATTENTION_FUNCTIONS.get(ATTN_NAME) is not _vstream_sdpa_forward:
+            AttentionInterface.register(ATTN_NAME, _vstream_sdpa_forward)
+        if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def text_attention_modules(vlm: Any) -> list[torch.nn.Module]:
+    """The text decoder's self-attention modules, ordered by layer (those that dispatch through
+    `config._attn_implementation` and know their `layer_idx`)."""
+    text_cfg = vlm.text_config
+    found = {}
+    for mod in vlm.model.modules():
+        cfg = getattr(mod, "config", None)
+        idx = getattr(mod, "layer_idx", None)
+        if (
+            idx is not None
+            and hasattr(mod, "o_proj")
+            and cfg is not None
+            and getattr(cfg, "model_type", None) == getattr(text_cfg, "model_type", None)
+        ):
+            found[int(idx)] = mod
+    mods = [found[i] for i in sorted(found)]
+    if len(mods) != vlm.num_layers or sorted(found) != list(range(vlm.num_layers)):
+        raise RuntimeError(
+            f"found text attention layers {sorted(found)}, expected 0..{vlm.num_layers - 1}: "
+            "unsupported model layout for attention capture"
+        )
+    return mods
+
+
+def install(vlm: Any) -> None:
+    """Make the text decoder run on `vstream_sdpa` (vision stays on sdpa). Idempotent.
+
+    Harmless when nothing is captured: the output path is transformers' sdpa either way.
+    """
+    _register()
+    mods = text_attention_modules(vlm)
+    if all(m.config._attn_implementation == ATTN_NAME for m in mods):
+        return
+    with vlm.lock:
+        vlm.model.set_attn_implementation({"text_config": ATTN_NAME, "vision_config": "sdpa"})
+    bad = [m.layer_idx for m in mods if m.config._attn_implementation != ATTN_NAME]
+    if bad:
+        raise RuntimeError(f"could not switch text attention layers {bad} to {ATTN_NAME}")
+
+
+def uninstall(vlm: Any) -> None:
+    """Back to plain sdpa for the text decoder (and drop any capture still attached)."""
+    with vlm.lock:
+        for m in text_attention_modules(vlm):
+            if hasattr(m, _STATE_ATTR):
+                delattr(m, _STATE_ATTR)
+        vlm.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+
+
+@contextmanager
+def capturing(vlm: Any, image_positions: torch.Tensor, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+    """While inside, every decode step of this model hands its per-layer (H, N) image mass to
+    `recorder` (N = len(image_positions), key positions in the sequence = cache positions).
+
+    The capture is attached to the model's attention modules, so it is seen by the background
+    generation thread. One capture per model at a time; hold `vlm.lock` around the generation
+    (VLM.stream / generate_text already do) so nothing else runs on the model meanwhile.
+    Single sequence: with a batch, batch row 0 is recorded.
+    """
+    install(vlm)
+    mods = text_attention_modules(vlm)
+    if recorder.num_layers != len(mods):
+        raise ValueError(f"recorder has {recorder.num_layers} layers, model has {len(mods)}")
+    pos = torch.as_tensor(image_positions).reshape(-1).long()
+    if pos.numel() == 0:
+        raise ValueError("no image token positions to capture attention on")
+    if any(getattr(m, _STATE_ATTR, None) is not None for m in mods):
+        raise RuntimeError("attention capture is already active on this model")
+    state = _CaptureState(pos, recorder)
+    for m in mods:
+        setattr(m, _STATE_ATTR, state)
+    try:
+        yield recorder
+    finally:
+        for m in mods:
+            if getattr(m, _STATE_ATTR, None) is state:
+                delattr(m, _STATE_ATTR)
+
+
+def finalize(
+    vlm: Any,
+    recorder: AttentionRecorder,
+    image_positions: torch.Tensor,
+    past_key_values: Any,
+    last_token_id: int,
+) -> torch.Tensor:
+    """Record the row of the last generated token (the one `generate` never feeds back).
+
+    Runs the decode step `generate` would have run next: one token, on the cache returned by
+    `generate(..., return_dict_in_generate=True)` (which it extends by that token). The model
+    infers the token's mRoPE position from its stored `rope_deltas`, so call this right after
+    that generate, under the same `vlm.lock` hold or at least before another prompt runs.
+    Returns the new (L, H, N) row.
+    """
+    n = recorder.tokens
+    ids = torch.tensor([[int(last_token_id)]], dtype=torch.long, device=vlm.device)
+    with vlm.lock, torch.no_grad(), capturing(vlm, image_positions, recorder):
+        vlm.model(input_ids=ids, past_key_values=past_key_values, use_cache=True)
+    if recorder.tokens != n + 1:
+        raise RuntimeError("finalize did not record a row (was the cache empty?)")
+    return recorder.per_token(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# features
+
+
+def _as_assignment(assignment: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    a = torch.as_tensor(assignment)
+    if a.ndim != 2 or a.shape[1] != n:
+        raise ValueError(f"assignment must be (K, {n}), got {tuple(a.shape)}")
+    return a.to(device=like.device, dtype=like.dtype)
+
+
+def _features_from_mean(mean: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """(L, H, N) mean attention x (K, N) assignment -> (K, L*H), layer-major."""
+    l, h, n = mean.shape
+    a = _as_assignment(assignment, n, mean)
+    return (mean.reshape(l * h, n) @ a.T).T.contiguous()
+
+
+def region_features(token_attn: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """Span features: (T, L, H, N) per-token attention, (K, N) region assignment -> (K, L*H).
+
+    Mean over the span's T tokens, summed over each region's tokens (a matmul with the
+    assignment, so soft assignments work too); column l*H + h is layer l, head h.
+    """
+    if token_attn.ndim != 4:
+        raise ValueError(f"token_attn must be (T, L, H, N), got {tuple(token_attn.shape)}")
+    if token_attn.shape[0] == 0:
+        raise ValueError("a span needs at least one recorded token")
+    return _features_from_mean(token_attn.float().mean(0), assignment)
+
+
+class SpanAccumulator:
+    """Running sum of one open span's (L, H, N) rows, so its features are ready the moment it
+    closes: O(L*H*N) memory whatever the span length."""
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, token_attn: torch.Tensor) -> None:
+        """Add one token's (L, H, N) row (or a (T, L, H, N) block)."""
+        t = token_attn.float()
+        if t.ndim == 4:
+            self.count += t.shape[0]
+            t = t.sum(0)
+        elif t.ndim == 3:
+            self.count += 1
+        else:
+            raise ValueError(f"expected (L, H, N) or (T, L, H, N), got {tuple(token_attn.shape)}")
+        self._sum = t.clone() if self._sum is None else self._sum + t
+
+    def mean(self) -> torch.Tensor:
+        if self._sum is None or self.count == 0:
+            raise ValueError("empty span: no recorded tokens")
+        return self._sum / self.count
+
+    def features(self, assignment: torch.Tensor) -> torch.Tensor:
+        """(K, L*H) features of the tokens added so far (same as `region_features`)."""
+        return _features_from_mean(self.mean(), assignment)
+
+    def close(self, assignment: torch.Tensor) -> torch.Tensor:
+        """Features of the span, then start a new empty span."""
+        out = self.features(assignment)
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        self._sum, self.count = None, 0
