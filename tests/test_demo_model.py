@@ -1,5 +1,10 @@
 """The demo model's data path, training loop (incl. resume) and evaluation command."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +52,20 @@ def test_train_resume_and_load(tmp_path):
     assert vlm.model.dtype == torch.float32  # float16 on disk, float32 on CPU
     res = evaluate(vlm, n=6, batch_size=6, progress=False)
     assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_accelerate_data_parallel_on_two_cpu_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` without GPUs = 2 gloo processes on CPU."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vstream", "train-demo", "--steps", "2",
+           "--batch-size", "2", "--out", str(tmp_path / "m"), "--run-dir", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert meta["processes"] == 2 and meta["batch_size"] == 4 and meta["train_seeds"] == [0, 8]
 
 
 def test_heldout_overlap_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m vstream train-demo --minutes 45                      # one CPU process
     accelerate launch --cpu --num_processes 2 -m vstream train-demo --steps 20 --out /tmp/demo
+    accelerate launch --multi_gpu --num_processes 2 -m vstream train-demo ...  # 2 CPU processes (gloo)
     accelerate launch -m vstream train-demo                         # all local GPUs, data parallel
 
 Scenes come only from the training seed range; every process reads its own shard of it.
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    acc = Accelerator()
+    # cpu=True without CUDA: then `--multi_gpu --num_processes N` runs N gloo processes on CPU
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc.print(f"{acc.num_processes} process(es) on {acc.device}, {acc.distributed_type}")
     set_seed(args.seed)
     tok = make_tokenizer()
     ip = make_image_processor()
@@ -70,17 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=Collator(tok, ip))
     model, opt, loader = acc.prepare(model, opt, loader)
 
-    start = 0
+    start, ema, before = 0, None, 0.0
     state = args.run_dir / "latest"
     if (state / "step.json").exists():
         acc.load_state(str(state))
-        start = json.loads((state / "step.json").read_text())["step"]
+        record = json.loads((state / "step.json").read_text())
+        start, ema, before = record["step"], record.get("loss_ema"), record.get("seconds", 0.0)
         acc.print(f"resuming from step {start} in {state}")
     batches = acc.skip_first_batches(loader, start) if start else loader
 
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=start, disable=not acc.is_main_process, desc="train demo")
-    step, ema = start, None
+    step = start
     model.train()
     for batch in batches:
         if step >= args.steps:
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.save_every == 0 or out_of_time or step == args.steps:
             acc.save_state(str(state))
             if acc.is_main_process:
-                (state / "step.json").write_text(json.dumps({"step": step}))
+                record = {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0}
+                (state / "step.json").write_text(json.dumps(record))
         if out_of_time:
             acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             "trained_steps": step,
             "batch_size": args.batch_size * acc.num_processes,
             "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.start + step * args.batch_size * acc.num_processes],
-            "minutes": round((time.time() - t0) / 60, 2),
+            "minutes": round((before + time.time() - t0) / 60, 2),
             "parameters": sum(p.numel() for p in final.parameters()),
             "final_loss_ema": ema,
             "processes": acc.num_processes,
