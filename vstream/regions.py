@@ -72,9 +72,8 @@ class Backbone(Protocol):
         ...
 
 
-_SRGB_LINEAR = np.where(
-    (v := np.arange(256, dtype=np.float64) / 255.0) <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4
-).astype(np.float32)
+_V = np.arange(256, dtype=np.float64) / 255.0
+_SRGB_LINEAR = np.where(_V <= 0.04045, _V / 12.92, ((_V + 0.055) / 1.055) ** 2.4).astype(np.float32)
 _RGB_TO_XYZ = np.array(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
     dtype=np.float32,
@@ -103,7 +102,7 @@ class PixelBackbone:
     """The offline default: per-patch colour statistics, no weights.
 
     Each patch of an about `grid` x `grid` grid (same area for other aspect ratios) gets
-    [mean Lab / 100, std Lab / 100 * std_weight, (y, x) * pos_weight]. The mean separates
+    [mean Lab / 100, std Lab / 100 * std_weight, (y, x) / longer side * pos_weight]. The mean separates
     objects from background; the std (weighted low, so object outlines do not become their own
     rings) tells texture from flat colour; the small position term breaks ties, so uniform
     areas (or a blank image) split into compact blobs instead of arbitrary snakes.
@@ -339,8 +338,7 @@ class Regions:
                 if int(r.min()) < 0 or int(r.max()) >= self.k:
                     raise VLMError(f"region ids must be in [0, {self.k}), got {r.tolist()}")
                 sel[r.long().flatten()] = True
-        return (self.assignment[sel].sum(dim=0) > 0) if bool(sel.any()) else torch.zeros(
-            self.assignment.shape[1], dtype=torch.bool)
+        return self.assignment[sel].sum(dim=0) > 0  # (0, N) sums to zeros: an empty set
 
     def pixel_labels(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """(H, W) region id per pixel of an image of `size` (w, h), default `image_size`."""
@@ -362,8 +360,9 @@ class Regions:
 
     def scores_to_heatmap(self, scores: Any, size: tuple[int, int] | None = None) -> np.ndarray:
         """(H, W) float32 map painting each region with its score (e.g. attribution per region)."""
-        s = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, np.float32)
-        s = s.reshape(-1).astype(np.float32)
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().float().cpu().numpy()
+        s = np.asarray(scores, dtype=np.float32).reshape(-1)
         if s.shape[0] != self.k:
             raise VLMError(f"expected {self.k} region scores, got {s.shape[0]}")
         return s[self.pixel_labels(size)]
@@ -401,66 +400,99 @@ def _cut(children: np.ndarray, n: int, c: int) -> np.ndarray:
 
 
 def _settle(
-    labels: np.ndarray, X: np.ndarray, grid: tuple[int, int], patch_token: np.ndarray, k_max: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Merge regions until every region owns >= 1 token and there are at most k_max.
+    labels: np.ndarray, X: np.ndarray, grid: tuple[int, int], patch_token: Any, k_max: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge regions until every region owns >= 1 token and there are at most `k_max`.
 
-    A token is owned by the region covering most of its area. A region owning none is merged
-    into the adjacent region with the smallest Ward cost (|a||b|/(|a|+|b|) * |mu_a - mu_b|^2);
-    so is the cheapest adjacent pair while there are too many. Merging adjacent connected
-    regions keeps every region connected. Returns (labels, owner per token, merges done).
+    A token is owned by the region covering most of its area. Regions owning none (orphans)
+    are merged, all at once, each into the neighbour owning most of the token area the orphan
+    covers (so ablating the merged region removes the orphan's pixels), ties broken by the Ward
+    cost |a||b|/(|a|+|b|) |mu_a - mu_b|^2. While there are too many regions, the adjacent pair
+    with the smallest Ward cost is merged. Merging adjacent connected regions keeps every region
+    connected. Returns (labels, owning region per token).
     """
-    h, w = grid
-    c = int(labels.max()) + 1
-    sizes = np.bincount(labels, minlength=c).astype(np.float64)
-    sums = np.zeros((c, X.shape[1]))
-    np.add.at(sums, labels, X)
     from scipy.sparse import csr_matrix
 
-    onehot = csr_matrix((np.ones(labels.size), (labels, np.arange(labels.size))), shape=(c, labels.size))
-    area = np.asarray(onehot @ patch_token)  # (c, N) token area covered by each region
-    root = np.arange(c)
-    alive = np.ones(c, dtype=bool)
-    merges = 0
+    h, w = grid
+    n = labels.size
     while True:
-        ids = np.flatnonzero(alive)
-        owner = ids[np.argmax(area[ids], axis=0)]
-        owned = np.zeros(c, dtype=bool)
-        owned[owner] = True
-        orphans = alive & ~owned
-        if not orphans.any() and len(ids) <= k_max:
-            break
-        lab = root[labels].reshape(h, w)
-        a = np.concatenate([lab[:, :-1].ravel(), lab[:-1, :].ravel()])
-        b = np.concatenate([lab[:, 1:].ravel(), lab[1:, :].ravel()])
-        keep = a != b
-        pairs = np.unique(np.sort(np.stack([a[keep], b[keep]], axis=1), axis=1), axis=0)
-        if len(pairs) == 0:
-            break  # a single region: nothing left to merge
-        pa, pb = pairs[:, 0], pairs[:, 1]
-        mu_a, mu_b = sums[pa] / sizes[pa, None], sums[pb] / sizes[pb, None]
-        cost = sizes[pa] * sizes[pb] / (sizes[pa] + sizes[pb]) * ((mu_a - mu_b) ** 2).sum(axis=1)
-        if orphans.any():
-            # an orphan goes to the neighbour owning most of the token area the orphan covers
-            # (so ablating the merged region removes the orphan's pixels); Ward cost breaks ties
-            oa, ob = orphans[pa], orphans[pb]
-            sel = oa | ob
-            pa, pb, cost = pa[sel], pb[sel], cost[sel]
-            orph = np.where(oa[sel], pa, pb)
-            other = np.where(oa[sel], pb, pa)
-            shared = (area[orph] * (owner[None, :] == other[:, None])).sum(axis=1)
-            i = int(np.lexsort((cost, -shared))[0])
-            keep_id, gone = int(other[i]), int(orph[i])
-        else:
+        labels = np.unique(labels, return_inverse=True)[1].reshape(-1)
+        c = int(labels.max()) + 1
+        onehot = csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(c, n))
+        area = np.asarray((onehot @ patch_token).todense())  # (c, N) token area per region
+        owner = np.argmax(area, axis=0)
+        orphan = np.ones(c, dtype=bool)
+        orphan[owner] = False
+        if c == 1 or (not orphan.any() and c <= k_max):
+            return labels, owner
+        lab = labels.reshape(h, w)
+        pa = np.concatenate([lab[:, :-1].ravel(), lab[:-1, :].ravel()])
+        pb = np.concatenate([lab[:, 1:].ravel(), lab[1:, :].ravel()])
+        keep = pa != pb
+        pairs = np.unique(np.sort(np.stack([pa[keep], pb[keep]], axis=1), axis=1), axis=0)
+        sizes = np.bincount(labels, minlength=c).astype(np.float64)
+        mu = np.asarray(onehot @ X) / sizes[:, None]
+        if orphan.any():  # directed (orphan -> neighbour) candidates, both directions
+            src = np.concatenate([pairs[:, 0], pairs[:, 1]])
+            dst = np.concatenate([pairs[:, 1], pairs[:, 0]])
+            sel = orphan[src]
+            src, dst = src[sel], dst[sel]
+            cost = sizes[src] * sizes[dst] / (sizes[src] + sizes[dst]) * ((mu[src] - mu[dst]) ** 2).sum(axis=1)
+            owned_by_dst = owner[None, :] == dst[:, None]
+            shared = (area[src] * owned_by_dst).sum(axis=1)
+            order = np.lexsort((cost, -shared, src))
+            src, dst = src[order], dst[order]
+            first = np.r_[True, src[1:] != src[:-1]]  # best candidate per orphan
+            parent = np.arange(c)
+
+            def find(x: int) -> int:
+                while parent[x] != x:
+                    parent[x] = parent[parent[x]]
+                    x = parent[x]
+                return x
+
+            for o, d in zip(src[first].tolist(), dst[first].tolist()):
+                ro, rd = find(o), find(d)
+                if ro != rd:
+                    parent[ro] = rd
+            labels = np.array([find(i) for i in range(c)])[labels]
+        else:  # too many regions: one Ward step among adjacent regions
+            pa, pb = pairs[:, 0], pairs[:, 1]
+            cost = sizes[pa] * sizes[pb] / (sizes[pa] + sizes[pb]) * ((mu[pa] - mu[pb]) ** 2).sum(axis=1)
             i = int(np.argmin(cost))
-            keep_id, gone = int(pa[i]), int(pb[i])
-        sizes[keep_id] += sizes[gone]
-        sums[keep_id] += sums[gone]
-        area[keep_id] += area[gone]
-        alive[gone] = False
-        root[root == gone] = keep_id
-        merges += 1
-    return root[labels], owner, merges
+            labels = np.where(labels == pb[i], pa[i], labels)
+
+
+def _regions_at(
+    children: np.ndarray, n: int, kk: int, X: np.ndarray, grid: tuple[int, int], patch_token: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the Ward tree so that, after orphans are absorbed, exactly `kk` regions remain.
+
+    Cutting at kk clusters usually leaves a few regions smaller than a token; then the tree is
+    cut finer (doubling, then bisecting the cut) and the excess is merged back in Ward order.
+    If even single patches cannot give kk token-owning regions, the most found is returned.
+    """
+    tries: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def attempt(c: int) -> int:
+        if c not in tries:
+            tries[c] = _settle(_cut(children, n, c), X, grid, patch_token, n)
+        return int(tries[c][0].max()) + 1
+
+    lo, hi = kk, kk
+    while attempt(hi) < kk and hi < n:
+        lo, hi = hi, min(n, hi * 2)
+    if attempt(hi) >= kk:
+        while hi - lo > 1:  # smallest cut (roughly: count is not monotone) that yields >= kk
+            mid = (lo + hi) // 2
+            if attempt(mid) >= kk:
+                hi = mid
+            else:
+                lo = mid
+    labels, owner = tries[hi] if attempt(hi) >= kk else max(tries.values(), key=lambda t: int(t[0].max()))
+    if int(labels.max()) + 1 > kk:
+        labels, owner = _settle(labels, X, grid, patch_token, kk)
+    return labels, owner
 
 
 def compute_regions(
@@ -510,7 +542,10 @@ def compute_regions(
         notes.append(f"K reduced from {kk} to {lim}: only {what}")
         kk = lim
 
-    patch_token = np.einsum("ia,jb->ijab", _overlap(h, th), _overlap(w, tw)).reshape(n, n_tok) * (h * w)
+    from scipy.sparse import csr_matrix, kron
+
+    # (n, N) area of each token covered by each patch (in patch units): separable overlaps
+    patch_token = kron(csr_matrix(_overlap(h, th)), csr_matrix(_overlap(w, tw)), format="csr") * float(n)
     X = feats.reshape(n, -1)
     if n == 1 or kk == 1:
         labels, owner = np.zeros(n, dtype=np.int64), np.zeros(n_tok, dtype=np.int64)
@@ -521,13 +556,7 @@ def compute_regions(
         # the tree AgglomerativeClustering(linkage="ward", connectivity=grid_to_graph(h, w))
         # builds; built once in full so it can be cut finer when regions own no token
         children = ward_tree(X, connectivity=grid_to_graph(h, w))[0]
-        c = kk
-        while True:
-            labels, owner, _ = _settle(_cut(children, n, c), X, (h, w), patch_token, kk)
-            got = len(np.unique(labels))
-            if got >= kk or c >= n:
-                break
-            c = min(n, c + kk - got)
+        labels, owner = _regions_at(children, n, kk, X, (h, w), patch_token)
     if (got := len(np.unique(labels))) < kk:
         notes.append(f"K reduced from {kk} to {got}: the other regions were smaller than a VLM token")
 
