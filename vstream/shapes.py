@@ -338,6 +338,30 @@ _MAKERS = {
 }
 
 
+def make_inventory(seed: int) -> Scene:
+    """A training-only task: list every object with its attributes, in reading order.
+
+    It supervises the grounding of every object in a scene at once (the six families only
+    ground one or two per question), which gets a model trained from scratch past the
+    plateau where it ignores the image. Never used for evaluation.
+    """
+    rng = np.random.default_rng([seed, 99])
+    layout = str(rng.choice(["counting", "reading", "chart"], p=[0.5, 0.25, 0.25]))
+    objs = _MAKERS[layout](rng, seed).objects
+    order = list(range(len(objs))) if layout == "chart" else _reading_order(objs, range(len(objs)))
+    steps = []
+    for i in order:
+        o = objs[i]
+        r, c = o.cell
+        if o.kind == "bar":
+            steps.append(Step(f"The {o.color} bar reaches {o.label}.", i))
+        elif o.kind == "box":
+            steps.append(Step(f"The {o.color} box in row {r + 1}, column {c + 1} shows {o.label}.", i))
+        else:
+            steps.append(Step(f"A {o.color} {o.shape} is in row {r + 1}, column {c + 1}.", i))
+    return Scene(seed, "inventory", "List every object.", steps, str(len(objs)), objs, layout)
+
+
 def make_scene(seed: int, family: str | None = None) -> Scene:
     """The scene for `seed`; the family cycles with the seed unless one is named."""
     if family is None:

@@ -24,11 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
-from .shapes import TRAIN_SEEDS, make_scene
+from .shapes import TRAIN_SEEDS, make_inventory, make_scene
+
+INVENTORY_SHARE = 4  # out of every 10 training samples: the dense "List every object." task
 
 
 class TrainScenes(Dataset):
-    """Index i -> training scene with seed i. Built lazily, so the data set costs no memory."""
+    """Index i -> training sample with seed i: a scene of the six families, or (4 in 10) the
+    dense inventory task. Built lazily, so the data set costs no memory."""
 
     def __init__(self, n: int):
         if n > len(TRAIN_SEEDS):
@@ -39,7 +42,8 @@ class TrainScenes(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        return make_scene(TRAIN_SEEDS[i])
+        seed = TRAIN_SEEDS[i]
+        return make_inventory(seed) if i % 10 < INVENTORY_SHARE else make_scene(seed)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (the LR schedule spans these)")
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
     ap.add_argument("--batch-size", type=int, default=32, help="per process")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="where the final model is saved")
     ap.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="checkpoints for resuming")
     ap.add_argument("--save-every", type=int, default=200)
