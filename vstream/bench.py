@@ -1,0 +1,288 @@
+"""Benchmark live attribution: decode overhead, span latency, and speed against occlusion.
+
+    python -m vstream bench --json [--n 8] [--model PATH] [--estimator PATH]
+
+On the demo model and held-out shapes-world scenes (offset --start, disjoint from eval-model's
+and evaluate's offsets), per prompt and in the same run:
+
+* plain: `vlm.stream` with the text decoder back on transformers' sdpa (`capture.uninstall`),
+  no capture, no worker;
+* live: `attribute_stream` (capture + worker + events), same prompt, same max_new_tokens,
+  greedy, so both produce the same tokens (checked: `same_tokens`).
+The two alternate which goes first from prompt to prompt; one extra warm-up prompt is not
+counted. Token times are taken where a consumer sees them (the iterator), for both.
+
+* overhead_ratio = live decode tokens/s / plain decode tokens/s, each the ratio of totals
+  (sum of (n_tokens - 1) / sum of (last token time - first token time)): prefill, region
+  clustering and other setup are excluded from both (reported separately). Wall clock, so it
+  suffers when other processes share the cores; `overhead_ratio_cpu_time` is the same ratio in
+  process CPU seconds per decode token (all threads: generation, worker, consumer), which
+  other processes do not disturb.
+* span_latency_ms_p50 / _p95: SpanEvent.latency_ms = span closed (its last token arrived) ->
+  its scores emitted; includes waiting one decode step for the span's last attention row.
+* speedup_vs_occlusion = occlusion seconds per span / vSTREAM seconds per span. Occlusion is
+  leave-one-region-out with the project's ablation operator (`ablation.ablation_effects`, K
+  one-region masks + the unablated pass, batched, on the generated trace), timed alone per
+  prompt and divided by its spans. vSTREAM is the worker's per-span computation (features +
+  predict + heatmap + dynamics, `AttributionSession.compute_span`) replayed alone on the
+  recorded rows right after, also wall clock: the two are timed the same way. Beside it:
+  the same computation timed in flight by the worker while generation runs
+  (`vstream_inflight_s_per_span`, wall clock, so it includes waiting for the GIL and the cores
+  the generation thread holds; `..._cpu_s_per_span`: the worker thread's CPU time), the
+  attribution alone (features + predict: `speedup_vs_occlusion_scores_only`) and all-in (in-flight
+  compute + the decode slowdown of the live runs spread over their spans:
+  `speedup_vs_occlusion_all_in`).
+
+Without an estimator file a seeded random linear stand-in is used (the timing does not depend
+on the weights) and the JSON says so. The last output line is the JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .demo_model import ASSETS, DEMO_MODEL_DIR
+from .images import VLMError
+
+DEFAULT_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
+DEFAULT_START = 200_000  # held-out offset, disjoint from eval-model (0..) and evaluate (100_000..)
+TARGETS = {"overhead_ratio": (">=", 0.90), "span_latency_ms_p95": ("<=", 50.0), "speedup_vs_occlusion": (">=", 100.0)}
+
+
+class RandomLinearEstimator:
+    """Stand-in with the estimator's interface: a seeded random L*H weight vector (+ bias)."""
+
+    def __init__(self, dim: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(dim, generator=g) / dim**0.5
+        self.bias = 0.0
+        self.meta = {"kind": "random-stand-in", "dim": dim}
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return features.float().cpu() @ self.weight + self.bias
+
+
+def load_estimator(path: str | None, vlm: Any) -> tuple[Any, str]:
+    """The trained estimator from `path` (default: the shipped demo file), else the stand-in."""
+    p = Path(path) if path else DEFAULT_ESTIMATOR
+    if p.is_file():
+        from . import estimator as est_mod
+
+        loader = getattr(est_mod, "load", None) or est_mod.LinearEstimator.load
+        return loader(str(p), vlm), str(p)
+    if path:
+        raise VLMError(f"estimator file not found: {path}")
+    print(f"bench: {p} not found; using a random linear stand-in estimator", file=sys.stderr)
+    return RandomLinearEstimator(vlm.num_layers * vlm.num_heads), "random-stand-in"
+
+
+def _decode(times: list[float]) -> tuple[int, float]:
+    """(intervals, seconds) from first to last token."""
+    return (len(times) - 1, times[-1] - times[0]) if len(times) >= 2 else (0, 0.0)
+
+
+def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], list[float], list[float]]:
+    from .capture import uninstall
+
+    uninstall(vlm)
+    ids, times, cpu = [], [], []
+    for tid, _ in vlm.stream(inputs, max_new_tokens=max_new_tokens):
+        times.append(time.perf_counter())
+        cpu.append(time.process_time())
+        ids.append(tid)
+    return ids, times, cpu
+
+
+def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None, max_new_tokens: int) -> dict:
+    from .worker import DoneEvent, SpanEvent, TokenEvent, attribute_stream
+
+    t0 = time.perf_counter()
+    session = attribute_stream(vlm, image, question, estimator, k=k, max_new_tokens=max_new_tokens)
+    setup = time.perf_counter() - t0
+    times, cpu, spans, done = [], [], [], None
+    with session:
+        for ev in session:
+            if isinstance(ev, TokenEvent):
+                times.append(time.perf_counter())
+                cpu.append(time.process_time())
+            elif isinstance(ev, SpanEvent):
+                spans.append(ev)
+            elif isinstance(ev, DoneEvent):
+                done = ev
+    if done is None or done.error:
+        raise RuntimeError(f"live attribution failed: {done.error if done else 'no DoneEvent'}")
+    return {"session": session, "times": times, "cpu": cpu, "spans": spans, "done": done, "setup_s": setup}
+
+
+def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[Any]) -> float:
+    from .ablation import ablation_effects
+    from .capture import uninstall
+
+    uninstall(vlm)
+    k = session.regions.k
+    t0 = time.perf_counter()
+    eff = ablation_effects(vlm, session.inputs, token_ids, spans, torch.eye(k, dtype=torch.bool),
+                           session.regions.assignment)
+    if vlm.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    if tuple(eff.shape) != (k, len(spans)):
+        raise RuntimeError(f"ablation_effects returned {tuple(eff.shape)}, expected ({k}, {len(spans)})")
+    return dt
+
+
+def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, float]:
+    """The worker's per-span computation replayed alone on the recorded rows, wall clock:
+    (all of it, scores only)."""
+    from .dynamics import DynamicsTracker
+
+    tracker = DynamicsTracker()
+    total = scores_only = 0.0
+    for ev in spans:
+        t0 = time.perf_counter()
+        *_, t_scores = session.compute_span(*ev.rows, tracker)
+        if vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        total += time.perf_counter() - t0
+        scores_only += t_scores - t0
+    return total, scores_only
+
+
+def bench(vlm: Any, estimator: Any, n: int = 8, start: int = DEFAULT_START, max_new_tokens: int = 128,
+          k: int | None = None, warmup: int = 1, occlusion: bool = True, progress: bool = True) -> dict:
+    from .shapes import scenes
+
+    items = scenes("heldout", start, n + warmup)
+    plain_iv = plain_s = live_iv = live_s = plain_cpu = live_cpu = 0
+    latencies, computes, cpu_ms, setups = [], [], [], []
+    replay_s = replay_scores_s = 0.0
+    occl_s, occl_spans, n_spans, n_tokens = 0.0, 0, 0, 0
+    same = True
+    ks = set()
+    for i, scene in enumerate(items):
+        counted = i >= warmup
+        image = scene.image()
+        inputs = vlm.build_inputs(scene.question, image=image)
+        res: dict[str, Any] = {}
+        for mode in (("plain", "live") if i % 2 == 0 else ("live", "plain")):
+            if mode == "plain":
+                res["plain"] = run_plain(vlm, inputs, max_new_tokens)
+            else:
+                res["live"] = run_live(vlm, image, scene.question, estimator, k, max_new_tokens)
+        ids, ptimes, pcpu = res["plain"]
+        live = res["live"]
+        same &= ids == live["done"].token_ids
+        if progress:
+            print(f"bench: prompt {i - warmup if counted else 'warm-up'}: {len(ids)} tokens, "
+                  f"{len(live['spans'])} spans", file=sys.stderr)
+        if not counted:
+            continue
+        a, b = _decode(ptimes)
+        plain_iv, plain_s, plain_cpu = plain_iv + a, plain_s + b, plain_cpu + _decode(pcpu)[1]
+        a, b = _decode(live["times"])
+        live_iv, live_s, live_cpu = live_iv + a, live_s + b, live_cpu + _decode(live["cpu"])[1]
+        latencies += [s.latency_ms for s in live["spans"]]
+        computes += [s.compute_ms for s in live["spans"]]
+        cpu_ms += [s.compute_cpu_ms for s in live["spans"]]
+        a, b = replay_seconds(vlm, live["session"], live["spans"])
+        replay_s, replay_scores_s = replay_s + a, replay_scores_s + b
+        setups.append(live["setup_s"])
+        n_spans += len(live["spans"])
+        n_tokens += live["done"].n_tokens
+        ks.add(live["session"].regions.k)
+        if occlusion and live["spans"]:
+            occl_s += occlusion_seconds(vlm, live["session"], live["done"].token_ids, [s.span for s in live["spans"]])
+            occl_spans += len(live["spans"])
+
+    tps_plain = plain_iv / plain_s if plain_s > 0 else float("nan")
+    tps_live = live_iv / live_s if live_s > 0 else float("nan")
+    per_span = lambda x: x / n_spans if n_spans else float("nan")  # noqa: E731
+    vs_s, sc_s = per_span(replay_s), per_span(replay_scores_s)
+    fl_s, fl_cpu_s = per_span(sum(computes) / 1000.0), per_span(sum(cpu_ms) / 1000.0)
+    occ_s = occl_s / occl_spans if occl_spans else float("nan")
+    # capture overhead per span: extra decode time of the live runs vs. plain at the same token count
+    cap_s = max(0.0, live_s - live_iv / tps_plain) / n_spans if n_spans and plain_s > 0 else float("nan")
+    pct = lambda q: float(np.percentile(latencies, q)) if latencies else float("nan")  # noqa: E731
+    r = lambda x, d=4: None if x is None or not np.isfinite(x) else round(float(x), d)  # noqa: E731
+    out = {
+        "overhead_ratio": r(tps_live / tps_plain),
+        "span_latency_ms_p50": r(pct(50), 3),
+        "span_latency_ms_p95": r(pct(95), 3),
+        "speedup_vs_occlusion": r(occ_s / vs_s, 1),
+        "overhead_ratio_cpu_time": r((plain_cpu / plain_iv) / (live_cpu / live_iv)) if plain_iv and live_cpu else None,
+        "tokens_per_s_plain": r(tps_plain, 2),
+        "tokens_per_s_live": r(tps_live, 2),
+        "vstream_s_per_span": r(vs_s, 6),
+        "occlusion_s_per_span": r(occ_s, 6),
+        "vstream_inflight_s_per_span": r(fl_s, 6),
+        "vstream_inflight_cpu_s_per_span": r(fl_cpu_s, 6),
+        "speedup_vs_occlusion_inflight": r(occ_s / fl_s, 1),
+        "vstream_scores_only_s_per_span": r(sc_s, 6),
+        "speedup_vs_occlusion_scores_only": r(occ_s / sc_s, 1),
+        "capture_overhead_s_per_span": r(cap_s, 6),
+        "speedup_vs_occlusion_all_in": r(occ_s / (fl_s + cap_s), 1),
+        "span_latency_ms_max": r(max(latencies) if latencies else float("nan"), 3),
+        "vstream_inflight_ms_p95": r(float(np.percentile(computes, 95)) if computes else float("nan"), 3),
+        "setup_s_mean": r(float(np.mean(setups)) if setups else float("nan"), 4),
+        "n_prompts": n,
+        "n_tokens": n_tokens,
+        "n_spans": n_spans,
+        "k": sorted(ks),
+        "same_tokens": bool(same),
+        "max_new_tokens": max_new_tokens,
+        "seeds": [int(items[warmup].seed), int(items[-1].seed)] if n else [],
+        "device": str(vlm.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    out["targets_met"] = {
+        key: (out[key] is not None and (out[key] >= v if op == ">=" else out[key] <= v))
+        for key, (op, v) in TARGETS.items()
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstream bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
+    ap.add_argument("--estimator", default=None,
+                    help=f"estimator .safetensors (default {DEFAULT_ESTIMATOR.name}; random stand-in if absent)")
+    ap.add_argument("--n", type=int, default=8, help="held-out prompts measured (plus one warm-up)")
+    ap.add_argument("--start", type=int, default=DEFAULT_START, help="offset into the held-out seed range")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=None, help="regions (default: auto)")
+    ap.add_argument("--no-occlusion", action="store_true", help="skip the occlusion timing")
+    ap.add_argument("--json", action="store_true", help="print only the summary JSON (as the last line)")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error("--n must be >= 1")
+    try:
+        from .vlm import load_vlm
+
+        vlm = load_vlm(args.model)
+        est, est_name = load_estimator(args.estimator, vlm)
+        res = bench(vlm, est, n=args.n, start=args.start, max_new_tokens=args.max_new_tokens, k=args.k,
+                    occlusion=not args.no_occlusion)
+    except (VLMError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res["estimator"] = est_name
+    res["model"] = str(args.model)
+    if not args.json:
+        print(f"decode tokens/s: plain {res['tokens_per_s_plain']}, live {res['tokens_per_s_live']} "
+              f"-> overhead_ratio {res['overhead_ratio']} (target >= 0.90)")
+        print(f"span latency ms: p50 {res['span_latency_ms_p50']}, p95 {res['span_latency_ms_p95']} (target p95 <= 50)")
+        print(f"seconds per span: vSTREAM {res['vstream_s_per_span']}, occlusion {res['occlusion_s_per_span']} "
+              f"-> speedup {res['speedup_vs_occlusion']} (target >= 100)")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

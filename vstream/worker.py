@@ -1,0 +1,570 @@
+"""Live attribution: typed events while the model is still writing (vSTREAM's async worker).
+
+    session = attribute_stream(vlm, image, question, estimator)
+    for ev in session:            # RegionsEvent, then TokenEvent / SpanEvent / PathEvent, DoneEvent
+        ...
+
+Producer-consumer, two threads, one output queue:
+
+* the generation thread (`vstream-attr-generate`) runs `model.generate` under `vlm.lock` with
+  attention capture on (`vstream.capture`). A streamer callback, called synchronously inside
+  `generate` for every new token, decodes its text, emits a `TokenEvent` and feeds the
+  `SpanSplitter`; every span the token closes goes, with its close time, onto the span queue.
+  Holding `vlm.lock` around both the capture and the generation is what keeps a concurrent
+  generation on the same model (another user, another session) out of our recorder: it waits
+  for the lock instead.
+* the worker thread (`vstream-attr-worker`) takes closed spans off that queue, waits until the
+  recorder holds the attention rows of the span's tokens, and turns them into region scores:
+  mean of the span's (L, H, N) rows x assignment (N, K) -> (K, L*H) features (the numbers of
+  `capture.region_features`, in fewer calls) -> `estimator.predict` -> (K,) scores; then the
+  heatmap (a lookup of precomputed per-pixel region ids) and one `DynamicsTracker.add`. On the
+  demo model that is ~0.3-0.6 ms of CPU per span. (`vlm.stream` is not used because its
+  generation thread takes `vlm.lock` itself, after our capture would already be attached.)
+* the consumer iterates the session; the output queue is filled by both threads as things
+  happen, so events arrive in time order. After generation ends the generation thread closes
+  the open span, waits for the worker and emits the `DoneEvent` last.
+
+Which attention rows a span uses (see `vstream.capture`'s alignment convention): row i is the
+attention of generated token i's own query, recorded at the decode step that feeds token i back,
+i.e. one step after the token itself. So a span closed by token t waits for one more decode step
+(row t) before it is scored: span latency = that step + the compute. The last generated token is
+never fed back: when generation ends at eos every visible token has its row, but when it is cut
+(max_new_tokens, a stop) the last token has none, and the final span uses the rows that exist.
+If none of the final span's tokens has a row (a one-token last span), it borrows the last
+recorded row (the attention at the step that produced that token) and says so in `note`; with no
+row at all (a single generated token) its scores are zeros, also noted.
+
+Stopping: `stop_event` (or `session.cancel()`) stops generation at the next token; the spans
+closed so far and the open one are still scored (no waiting then, a few ms), and the DoneEvent
+says `cancelled=True`. `session.close()` (also on `with` exit and when the iterator is closed
+early) aborts: generation stops, queued spans are dropped, and both threads are joined before it
+returns, so nothing is left running; a session dropped without close() aborts its threads when it
+is garbage-collected (they hold only its inner state, never the session). Setup (inputs,
+regions, an estimator probe) runs when the session is created, so bad input raises a one-line
+`VLMError` before any thread exists. Times are `time.perf_counter()` seconds.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from vstream.capture import AttentionRecorder, capturing, install
+from vstream.dynamics import DynamicsTracker, PathPoint, label_trace
+from vstream.images import VLMError
+from vstream.regions import Backbone, Regions, regions_for
+from vstream.spans import Span, SpanSplitter
+
+__all__ = [
+    "AttributionSession",
+    "DoneEvent",
+    "Event",
+    "PathEvent",
+    "RegionsEvent",
+    "SpanEvent",
+    "TokenEvent",
+    "attribute_stream",
+]
+
+TOP_REGIONS = 5  # SpanEvent.top_regions length (at most K)
+_END = object()
+_ROW_BLOCK = 16  # attention rows summed per torch op in the worker
+_POLL_S = 0.01  # how often a worker waiting for rows re-checks "generation over / aborted"
+
+
+# ----------------------------------------------------------------------------------------------
+# events
+
+
+@dataclass
+class RegionsEvent:
+    """First event: the K regions (draw `regions.outlines(image_size)`), before any token."""
+
+    regions: Regions
+    image_size: tuple[int, int]  # (w, h) of the image as the user gave it
+    start_time: float = 0.0
+    notes: list[str] = field(default_factory=list)  # e.g. why K is smaller than asked
+
+
+@dataclass
+class TokenEvent:
+    index: int  # 0-based generated token index (eos never appears)
+    token_id: int
+    text: str  # decoded piece ("" while a multi-byte character is incomplete)
+    time: float
+
+
+@dataclass
+class SpanEvent:
+    span: Span  # text, kind, token_start/token_end, ...
+    scores: np.ndarray  # (K,) float32 predicted ablation effect per region
+    heatmap: np.ndarray  # (H, W) float32, original image size: each pixel = its region's score
+    top_regions: list[int]  # region ids, highest score first (at most TOP_REGIONS)
+    span_end_time: float  # when the token closing the span arrived
+    emitted_time: float  # when the scores were put on the output queue
+    latency_ms: float  # emitted_time - span_end_time (includes waiting one step for the rows)
+    compute_ms: float = 0.0  # worker compute only (features + predict + heatmap + dynamics)
+    scores_ms: float = 0.0  # of which the attribution itself (features + predict)
+    compute_cpu_ms: float = 0.0  # CPU time of the worker thread for it (excludes GIL/lock waits)
+    n_rows: int = 0  # attention rows (tokens) the features average over
+    rows: tuple[int, int] = (0, 0)  # [lo, hi) recorder rows used (= the span's tokens unless noted)
+    note: str = ""  # set when the rows are not exactly the span's tokens
+
+
+@dataclass
+class PathEvent:
+    point: PathPoint  # coords (3,), path (n, 3), path_length, tortuosity, concentration, label
+    time: float
+
+
+@dataclass
+class DoneEvent:
+    """Last event. `tokens_per_s` is the decode rate: (n_tokens - 1) / (last - first token time)."""
+
+    text: str
+    answer: str  # text after </think> ("" if thinking never ended; all text for non-thinking output)
+    label: str  # Fixation / Wandering / stable (vstream.dynamics.label_trace over all spans)
+    n_tokens: int
+    n_spans: int
+    tokens_per_s: float
+    cancelled: bool
+    error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    gen_start_time: float = 0.0  # generate() called (prefill starts)
+    first_token_time: float = 0.0
+    gen_end_time: float = 0.0  # generate() returned
+    time: float = 0.0
+
+
+Event = Union[RegionsEvent, TokenEvent, SpanEvent, PathEvent, DoneEvent]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _callback_streamer(fn):
+    """transformers streamer calling fn(list of new token ids), synchronously in generate();
+    the prompt (the first put) is skipped. Subclassed lazily, like vstream.vlm's streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class _CallbackStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            fn(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            pass
+
+    return _CallbackStreamer()
+
+
+def _answer(text: str) -> str:
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1].strip()
+    if "<think>" in text:
+        return ""
+    return text.strip()
+
+
+def _estimator_target(estimator: Any) -> tuple[torch.device, torch.dtype]:
+    """Device and float dtype of a torch estimator's weights (CPU float32 for anything else)."""
+    if isinstance(estimator, torch.nn.Module):
+        for t in list(estimator.parameters()) + list(estimator.buffers()):
+            if t.is_floating_point():
+                return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# the session
+
+
+class _Run:
+    """The state both threads share. The consumer-facing `AttributionSession` wraps it, so the
+    threads never reference the session object itself and dropping a session can stop them."""
+
+    def __init__(
+        self,
+        vlm: Any,
+        image: Any,
+        question: str,
+        estimator: Any,
+        k: int | None = None,
+        backbone: Backbone | str | None = None,
+        max_new_tokens: int = 256,
+        stop_event: threading.Event | None = None,
+        *,
+        regions: Regions | None = None,
+        splitter: Any = None,
+        system: str | None = None,
+        row_timeout: float = 30.0,
+    ):
+        if not callable(getattr(estimator, "predict", None)):
+            raise VLMError(f"estimator must have a predict(features) method, got {type(estimator).__name__}")
+        if image is None:
+            raise VLMError("live attribution needs an image")
+        self.vlm = vlm
+        self.estimator = estimator
+        self.max_new_tokens = int(max_new_tokens)
+        self._gen_kwargs = vlm._generate_kwargs(self.max_new_tokens, False, 1.0)  # validates
+        self.inputs = vlm.build_inputs(question, image=image, system=system)
+        self.regions = regions if regions is not None else regions_for(self.inputs, k=k, backbone=backbone)
+        n = int(self.inputs.image_token_positions.numel())
+        if tuple(self.regions.assignment.shape) != (self.regions.k, n):
+            raise VLMError(f"regions map onto {self.regions.assignment.shape[1]} tokens, the inputs have {n}")
+        self.image_size = tuple(int(v) for v in self.regions.image_size)
+        self._assignment = self.regions.assignment.to(vlm.device, torch.float32)
+        self._assign_np = self._assignment.numpy() if self._assignment.device.type == "cpu" else None
+        self._pixel_labels = self.regions.pixel_labels(self.image_size)  # (H, W) region id per pixel
+        self._est_device, self._est_dtype = _estimator_target(estimator)
+        self.feature_dim = int(vlm.num_layers) * int(vlm.num_heads)
+        try:
+            self._predict(torch.zeros(self.regions.k, self.feature_dim))
+        except VLMError as e:
+            raise VLMError(f"the estimator does not fit this model: {e}") from e
+        except Exception as e:
+            raise VLMError(
+                f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
+                f"{vlm.num_layers} layers x {vlm.num_heads} heads features): {type(e).__name__}: {e}"
+            ) from e
+
+        self.recorder = AttentionRecorder.for_vlm(vlm)
+        self.tracker = DynamicsTracker()
+        self._splitter = splitter if splitter is not None else SpanSplitter()
+        self._user_stop = stop_event
+        self._stop = threading.Event()  # cancel(): stop generating, still score what closed
+        self._abort = threading.Event()  # close(): stop everything, drop queued spans
+        self._gen_done = threading.Event()
+        self._out: queue.Queue = queue.Queue()
+        self._spans: queue.Queue = queue.Queue()
+        self.row_timeout = float(row_timeout)
+        self._eos = set(vlm.eos_token_ids)
+        self._saw_eos = False
+        self.token_ids: list[int] = []
+        self._pieces: list[str] = []
+        self._n_spans = 0
+        self._token_times: list[float] = []
+        self._gen_start = self._gen_end = 0.0
+        self._error: str | None = None
+        self._started = self._finished = False
+        self._gen_thread: threading.Thread | None = None
+        self._worker_thread: threading.Thread | None = None
+
+    # -- public control ------------------------------------------------------------------------
+    def start(self) -> "_Run":
+        if self._started:
+            return self
+        self._started = True
+        self._out.put(RegionsEvent(self.regions, self.image_size, time.perf_counter(), list(self.regions.notes)))
+        self._worker_thread = threading.Thread(target=self._work, name="vstream-attr-worker", daemon=True)
+        self._gen_thread = threading.Thread(target=self._generate, name="vstream-attr-generate", daemon=True)
+        self._worker_thread.start()
+        self._gen_thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stop generating at the next token; closed spans are still scored, then DoneEvent."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Abort and join both threads (idempotent). Pending events are discarded."""
+        if self._started and not self._finished:
+            self._abort.set()
+            self._stop.set()
+        self._join()
+        self._finished = True
+
+    @property
+    def running(self) -> bool:
+        return any(t is not None and t.is_alive() for t in (self._gen_thread, self._worker_thread))
+
+    # -- iteration -----------------------------------------------------------------------------
+    def next_event(self) -> Event:
+        if self._finished:
+            raise StopIteration
+        self.start()
+        item = self._out.get()
+        if item is _END:
+            self._finished = True
+            self._join()
+            raise StopIteration
+        return item
+
+    def abandon(self) -> None:
+        """Like close() without joining (for a session dropped without close())."""
+        if self._started and not self._finished:
+            self._abort.set()
+            self._stop.set()
+
+    def _join(self) -> None:
+        for t in (self._gen_thread, self._worker_thread):
+            if t is not None and t is not threading.current_thread():
+                t.join()
+
+    # -- generation thread ---------------------------------------------------------------------
+    def _stopped(self) -> bool:
+        return self._stop.is_set() or (self._user_stop is not None and self._user_stop.is_set())
+
+    def _generate(self) -> None:
+        from transformers import StoppingCriteriaList
+
+        from vstream.vlm import _IncrementalDecoder, _make_event_stop
+
+        self._decoder = _IncrementalDecoder(self.vlm.tokenizer)
+        kw = dict(self._gen_kwargs)
+        kw["stopping_criteria"] = StoppingCriteriaList([_make_event_stop(self._stop, self._user_stop)])
+        kw["streamer"] = _callback_streamer(self._on_tokens)
+        try:
+            if not self._stopped():
+                with self.vlm.lock:  # nothing else runs on the model while we capture
+                    install(self.vlm)
+                    with torch.no_grad(), capturing(self.vlm, self.inputs.image_token_positions, self.recorder):
+                        self._gen_start = time.perf_counter()
+                        self.vlm.model.generate(**self.inputs.model_kwargs, **kw)
+        except BaseException as e:  # reported in the DoneEvent
+            self._error = self._error or f"generation failed: {type(e).__name__}: {e}"
+        finally:
+            self._gen_end = time.perf_counter()
+            self._gen_done.set()
+            try:
+                if not self._abort.is_set():
+                    now = time.perf_counter()
+                    for span in self._splitter.finish():
+                        self._spans.put((span, now))
+            except BaseException as e:
+                self._error = self._error or f"span splitting failed: {type(e).__name__}: {e}"
+            self._spans.put(_END)
+            try:
+                if self._worker_thread is not None:
+                    self._worker_thread.join()
+                self._out.put(self._done_event())
+            finally:
+                self._out.put(_END)  # the consumer never blocks forever
+
+    def _on_tokens(self, ids: list[int]) -> None:
+        """Streamer callback, on the generation thread: keep it short."""
+        for tid in ids:
+            if self._saw_eos:
+                break
+            if tid in self._eos:
+                self._saw_eos = True
+                break
+            index = len(self.token_ids)
+            piece = self._decoder.push(int(tid))
+            now = time.perf_counter()
+            self.token_ids.append(int(tid))
+            self._pieces.append(piece)
+            self._token_times.append(now)
+            self._out.put(TokenEvent(index, int(tid), piece, now))
+            for span in self._splitter.push(index, piece):
+                self._spans.put((span, now))
+
+    def _done_event(self) -> DoneEvent:
+        text = "".join(self._pieces)
+        tt = self._token_times
+        rate = (len(tt) - 1) / (tt[-1] - tt[0]) if len(tt) >= 2 and tt[-1] > tt[0] else 0.0
+        return DoneEvent(
+            text=text,
+            answer=_answer(text),
+            label=label_trace(self.tracker.raw),
+            n_tokens=len(self.token_ids),
+            n_spans=self._n_spans,
+            tokens_per_s=float(rate),
+            cancelled=self._stopped() or self._abort.is_set(),
+            error=self._error,
+            token_ids=list(self.token_ids),
+            gen_start_time=self._gen_start,
+            first_token_time=tt[0] if tt else 0.0,
+            gen_end_time=self._gen_end,
+            time=time.perf_counter(),
+        )
+
+    # -- worker thread -------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._spans.get()
+            if item is _END:
+                return
+            if self._abort.is_set() or self._error is not None:
+                continue  # drain
+            span, t_end = item
+            try:
+                events = self._attribute(span, t_end)
+            except BaseException as e:
+                self._error = f"attribution failed on span {span.index}: {type(e).__name__}: {e}"
+                self._stop.set()  # no point generating further
+                continue
+            if events is not None and not self._abort.is_set():
+                self._n_spans += 1
+                for ev in events:
+                    self._out.put(ev)
+
+    def _features(self, lo: int, hi: int) -> torch.Tensor:
+        """(K, L*H) region features of rows [lo, hi): the same numbers as
+        `capture.region_features(rows, assignment)` / `SpanAccumulator`, in as few torch calls
+        as possible (each one hands the GIL back and forth with the generation thread).
+        Rows are summed a block at a time, so memory stays bounded on long spans."""
+        total = None
+        for i in range(lo, hi, _ROW_BLOCK):
+            part = self.recorder.stack(i, min(hi, i + _ROW_BLOCK)).sum(0)
+            total = part if total is None else total + part
+        l, h, n = total.shape
+        if self._assign_np is not None:  # CPU: numpy's BLAS call is ~free at these sizes, while
+            # torch.mm hands tiny matrices to a threaded BLAS that stalls when cores are busy
+            f = self._assign_np @ total.reshape(l * h, n).numpy().T
+            return torch.from_numpy(f / np.float32(hi - lo))
+        return torch.mm(self._assignment, total.reshape(l * h, n).T).div_(hi - lo)
+
+    def _predict(self, features: torch.Tensor) -> np.ndarray:
+        k = features.shape[0]
+        if features.device != self._est_device or features.dtype != self._est_dtype:
+            features = features.to(self._est_device, self._est_dtype)
+        with torch.no_grad():
+            out = self.estimator.predict(features)
+        if isinstance(out, torch.Tensor):
+            out = out.detach().float().cpu().numpy()
+        scores = np.asarray(out, dtype=np.float32).reshape(-1)
+        if scores.shape != (k,):
+            raise VLMError(f"estimator.predict returned {scores.shape[0]} scores for {k} regions")
+        return scores
+
+    def compute_span(
+        self, lo: int, hi: int, tracker: DynamicsTracker | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[int], PathPoint | None, float]:
+        """The worker's per-span work on recorded rows [lo, hi): scores, heatmap, top regions,
+        path point (when a tracker is given) and the time the scores were ready. Public so the
+        benchmark can replay it alone, after generation."""
+        if hi > lo:
+            scores = self._predict(self._features(lo, hi))
+        else:
+            scores = np.zeros(self.regions.k, dtype=np.float32)
+        t_scores = time.perf_counter()
+        heatmap = np.take(scores, self._pixel_labels)
+        top = [int(i) for i in np.argsort(-scores, kind="stable")[: min(TOP_REGIONS, scores.size)]]
+        point = tracker.add(scores) if tracker is not None else None
+        return scores, heatmap, top, point, t_scores
+
+    def _attribute(self, span: Span, t_end: float) -> tuple[SpanEvent, PathEvent] | None:
+        rec, need = self.recorder, span.token_end
+        # wait for the row of the span's last token (one decode step after it arrived)
+        # (not once generation is over: then what is recorded is all there will be)
+        while not (self._gen_done.is_set() or self._abort.is_set()):
+            if rec.wait_for(need, _POLL_S) or time.perf_counter() - t_end > self.row_timeout:
+                break
+        if self._abort.is_set():
+            return None
+        t0, c0 = time.perf_counter(), time.thread_time()
+        have = rec.tokens
+        lo, hi = span.token_start, min(span.token_end, have)
+        note = ""
+        if hi <= lo:
+            if have == 0:
+                lo = hi = 0
+                note = "no attention row was recorded (a single generated token): scores are zeros"
+            else:
+                lo, hi = have - 1, have
+                note = (f"tokens {span.token_start}..{span.token_end - 1} have no recorded row (generation "
+                        f"stopped before feeding them back): used the last recorded row ({have - 1})")
+        elif hi < span.token_end:
+            note = f"{span.token_end - hi} last token(s) without a recorded row (generation stopped): {hi - lo} used"
+        scores, heatmap, top, point, t_scores = self.compute_span(lo, hi, self.tracker)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        sev = SpanEvent(
+            span=span, scores=scores, heatmap=heatmap, top_regions=top, span_end_time=t_end,
+            emitted_time=t1, latency_ms=(t1 - t_end) * 1000.0, compute_ms=(t1 - t0) * 1000.0,
+            scores_ms=(t_scores - t0) * 1000.0, compute_cpu_ms=(c1 - c0) * 1000.0,
+            n_rows=hi - lo, rows=(lo, hi), note=note,
+        )
+        return sev, PathEvent(point, t1)
+
+
+class AttributionSession:
+    """One live-attributed generation; iterate it for events (see the module docstring).
+
+    Setup (inputs, regions, an estimator probe) runs in the constructor, so bad input raises a
+    one-line `VLMError` at once; the threads start on the first `next()` (or `start()`).
+    `cancel()` stops generating (closed spans are still scored, then the DoneEvent);
+    `close()` (also `with` exit) aborts and joins both threads; a session dropped without
+    either aborts its threads when garbage-collected. Attributes of the run: `inputs`,
+    `regions`, `recorder`, `tracker`, `image_size`, `token_ids`, `feature_dim`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._run = _Run(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_run":  # constructor failed
+            raise AttributeError(name)
+        return getattr(self._run, name)
+
+    def start(self) -> "AttributionSession":
+        self._run.start()
+        return self
+
+    def compute_span(self, lo: int, hi: int, tracker: DynamicsTracker | None = None):
+        """Replay the worker's per-span computation on recorded rows [lo, hi) (benchmarks)."""
+        return self._run.compute_span(lo, hi, tracker)
+
+    def cancel(self) -> None:
+        self._run.cancel()
+
+    def close(self) -> None:
+        self._run.close()
+
+    @property
+    def running(self) -> bool:
+        return self._run.running
+
+    def __iter__(self) -> "AttributionSession":
+        return self
+
+    def __next__(self) -> Event:
+        return self._run.next_event()
+
+    def __enter__(self) -> "AttributionSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        run = self.__dict__.get("_run")
+        if run is not None:
+            run.abandon()
+
+
+def attribute_stream(
+    vlm: Any,
+    image: Any,
+    question: str,
+    estimator: Any,
+    k: int | None = None,
+    backbone: Backbone | str | None = None,
+    max_new_tokens: int = 256,
+    stop_event: threading.Event | None = None,
+    **kwargs: Any,
+) -> AttributionSession:
+    """Generate an answer to `question` about `image` and attribute every thinking span live.
+
+    Returns an `AttributionSession`: iterate it for `RegionsEvent`, then `TokenEvent`s,
+    `SpanEvent` + `PathEvent` per closed span (while generation continues) and a final
+    `DoneEvent`; `.close()` it (or use `with`) to stop early with nothing left running.
+    `estimator` is anything with `predict((K, L*H) features) -> (K,)` (a `LinearEstimator`).
+    Keyword extras: `regions=` (precomputed), `splitter=` (span policy with push/finish),
+    `system=`, `row_timeout=`. Bad input raises `VLMError` here, before any thread starts.
+    """
+    return AttributionSession(
+        vlm, image, question, estimator, k=k, backbone=backbone, max_new_tokens=max_new_tokens,
+        stop_event=stop_event, **kwargs,
+    )
