@@ -8,6 +8,10 @@ COMMANDS = {
     "train-demo": ("vstream.train_demo", "train the demo thinking model on the shapes world"),
     "eval-model": ("vstream.eval_model", "evaluate a model on held-out shapes-world scenes"),
     "render-examples": ("vstream.examples", "render shapes-world samples to examples/"),
+    "bench": ("vstream.bench", "live attribution: decode overhead, span latency, speed vs occlusion"),
+    "collect": ("vstream.labels", "collect estimator labels: span features + region-ablation effects"),
+    "train-estimator": ("vstream.estimator", "train the linear vSTREAM estimator on collected labels"),
+    "evaluate": ("vstream.evaluate", "faithfulness of vSTREAM vs baselines (LDS, R^2, top-5 drop, pointing)"),
 }
 
 

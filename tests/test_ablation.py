@@ -1,0 +1,154 @@
+"""THE ablation operator (vstream.ablation) against its oracle: physical deletion.
+
+Masking a token set out of attention as keys, with the unablated mRoPE positions passed
+explicitly, must equal deleting those tokens from the sequence while every other token keeps
+its position id (within 1e-4 on per-token log-probabilities). Ablating nothing must give
+exactly the unablated model, which must equal a plain forward pass of the model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vstream import ablation as A
+from vstream.demo_model import DEMO_MODEL_DIR
+from vstream.spans import Span
+from vstream.vlm import VLM, load_vlm
+
+ATOL = 1e-4
+
+
+def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _demo_vlm() -> VLM:
+    if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("demo model not trained yet (assets/demo-model/model.safetensors missing)")
+    return load_vlm(str(DEMO_MODEL_DIR), device="cpu")
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen2_5_vl", "tiny_qwen3_vl", "demo"])
+def case(request):
+    """(vlm, inputs, generated ids): a real greedy trace for the demo, random ids otherwise."""
+    if request.param == "demo":
+        from vstream.shapes import make_scene
+
+        vlm = _demo_vlm()
+        scene = make_scene(5)
+        inputs = vlm.build_inputs(scene.question, image=scene.image())
+        gc = vlm._generate_kwargs(24, False, 1.0)["generation_config"]
+        with vlm.lock, torch.no_grad():
+            out = vlm.model.generate(**inputs.model_kwargs, generation_config=gc)
+        gen = out[0, inputs.prompt_len :]
+        gen = gen[~torch.isin(gen, torch.tensor(vlm.eos_token_ids))]
+    else:
+        vlm = request.getfixturevalue(request.param)
+        inputs = vlm.build_inputs("What is in the image?", image=_noise(120, 100))
+        gen = torch.randint(10, len(vlm.tokenizer) - 20, (9,), generator=torch.Generator().manual_seed(0))
+    return vlm, inputs, gen, request.param
+
+
+def _plain_logprobs(vlm: VLM, inputs, gen: torch.Tensor) -> torch.Tensor:
+    """The model's own forward (its own mRoPE positions) on prompt + trace: (T,)."""
+    kw = dict(inputs.model_kwargs)
+    seq = torch.cat([kw["input_ids"], gen[None]], dim=1)
+    kw["input_ids"], kw["attention_mask"] = seq, torch.ones_like(seq)
+    kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros(1, gen.numel(), dtype=torch.long)], 1)
+    with vlm.lock, torch.no_grad():
+        vlm.model.model.rope_deltas = None
+        logits = vlm.model(**kw).logits[0].float()
+    p, t = inputs.prompt_len, gen.numel()
+    return torch.log_softmax(logits[p - 1 : p + t - 1], -1).gather(-1, gen[:, None])[:, 0]
+
+
+def _deleted_logprobs(vlm: VLM, inputs, gen: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Oracle: the ablated image tokens physically removed; the others keep their positions
+    (and, on Qwen3-VL, their DeepStack features)."""
+    tf = A.prepare(vlm, inputs, gen)
+    inner = vlm.model.model
+    with vlm.lock, torch.no_grad():
+        emb = inner.get_input_embeddings()(tf.input_ids).clone()
+        enc = tf.encoder_outputs["image"]
+        pos = inputs.image_token_positions
+        emb[0, pos] = torch.cat(enc.pooler_output).to(emb.dtype)
+        keep = torch.ones(tf.input_ids.shape[1], dtype=torch.bool)
+        keep[pos[token_mask]] = False
+        kw = {}
+        ds = getattr(enc, "deepstack_features", None)
+        if ds:
+            vis = torch.zeros(1, keep.numel(), dtype=torch.bool)
+            vis[0, pos] = True
+            kw = dict(visual_pos_masks=vis[:, keep], deepstack_visual_embeds=[torch.cat(f)[~token_mask] for f in ds])
+        out = inner.language_model(inputs_embeds=emb[:, keep], position_ids=tf.position_ids[:, :, keep],
+                                   attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long), **kw)
+        t = gen.numel()
+        logits = vlm.model.lm_head(out.last_hidden_state[0, -t - 1 : -1]).float()
+    return torch.log_softmax(logits, -1).gather(-1, gen[:, None])[:, 0]
+
+
+def _masks(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(4, n, generator=g) < 0.5
+    m[0] = False  # nothing
+    m[3] = True  # everything
+    return m
+
+
+def test_masking_equals_deletion(case):
+    vlm, inputs, gen, _ = case
+    n = inputs.image_token_positions.numel()
+    masks = _masks(n)
+    lp = A.span_logprobs(vlm, inputs, gen, masks)
+    assert lp.shape == (4, gen.numel()) and lp.dtype == torch.float32
+    # unablated == the model's own forward with its own positions
+    torch.testing.assert_close(lp[0], _plain_logprobs(vlm, inputs, gen), atol=ATOL, rtol=0)
+    for m in range(4):
+        torch.testing.assert_close(lp[m], _deleted_logprobs(vlm, inputs, gen, masks[m]), atol=ATOL, rtol=0)
+    # ablating everything changes the prediction (the operator really does something)
+    assert (lp[3] - lp[0]).abs().max() > 1e-4
+    # batching does not matter
+    torch.testing.assert_close(A.span_logprobs(vlm, inputs, gen, masks, batch_size=1), lp, atol=ATOL, rtol=0)
+
+
+def test_empty_set_has_zero_effect_and_shapes(case):
+    vlm, inputs, gen, _ = case
+    n = inputs.image_token_positions.numel()
+    k = 4
+    assignment = torch.zeros(k, n)
+    assignment[torch.arange(n) % k, torch.arange(n)] = 1
+    t = gen.numel()
+    spans = [Span(0, "thought", "a", 0, max(1, t // 2)), Span(1, "thought", "b", max(1, t // 2), t)]
+    region_masks = torch.zeros(5, k, dtype=torch.bool)
+    region_masks[1, 0] = True
+    region_masks[2, :2] = True
+    region_masks[3] = True
+    eff, base = A.ablation_effects(vlm, inputs, gen, spans, region_masks, assignment, return_base=True)
+    assert eff.shape == (5, 2) and base.shape == (2,)
+    assert eff[0].abs().max() < 1e-6 and eff[4].abs().max() < 1e-6  # the empty set, twice
+    # effects are sums of per-token log-prob drops over each span
+    lp = A.span_logprobs(vlm, inputs, gen, A.region_token_masks(region_masks, assignment))
+    full = A.span_logprobs(vlm, inputs, gen, torch.zeros(1, n, dtype=torch.bool))[0]
+    want = torch.stack([(full - lp)[:, s.token_start : s.token_end].sum(1) for s in spans], 1)
+    torch.testing.assert_close(eff, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(base, torch.stack([full[s.token_start : s.token_end].sum() for s in spans]),
+                               atol=ATOL, rtol=0)
+    assert eff[3].abs().max() > 1e-4
+
+
+def test_model_state_untouched(tiny_qwen2_5_vl):
+    vlm = tiny_qwen2_5_vl
+    inputs = vlm.build_inputs("What is in the image?", image=_noise(64, 64))
+    inner = vlm.model.model
+    sentinel = torch.tensor([[7]])
+    inner.rope_deltas = sentinel
+    A.span_logprobs(vlm, inputs, [276, 279, 23], torch.ones(1, inputs.image_token_positions.numel(), dtype=torch.bool))
+    assert inner.rope_deltas is sentinel
+    with pytest.raises(ValueError):
+        A.span_logprobs(vlm, inputs, [276, 279], torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        A.ablation_effects(vlm, inputs, [276, 279], [Span(0, "thought", "x", 0, 5)], torch.ones(1, 2, dtype=torch.bool),
+                           torch.ones(2, inputs.image_token_positions.numel()))

@@ -1,0 +1,517 @@
+"""The vSTREAM estimator: one linear map from a region's L*H attention features to its effect.
+
+    python -m vstream train-estimator --labels runs/labels --out assets/estimator-demo.safetensors \
+        --eval runs/labels-heldout
+
+Model. For a span S and region k with features f_k in R^{L*H} (`vstream.capture`), the
+predicted ablation effect of region k is s_k = w . f_k + c (`predict`; w and the region bias c
+are shared by all regions), and the predicted effect of ablating a region set v is
+sum_{k in v} s_k + b (`predict_subsets`; the calibration intercept b once per set). The region
+scores s_k are the attribution map. c matters because, under key masking, every ablated region
+costs the span something (removing half of an image is itself a shift), so measured effects
+grow with the number of ablated regions |v|; c|v| models that part, w . f the region-specific
+part. c shifts all regions of a span equally, so it never changes a map's ranking.
+
+Training (`train`). Labels from `vstream.labels` (32 random masks per example, keep p = 0.5).
+Loss: minus the Pearson correlation, across the masks of each span, between predicted and
+measured effects, averaged over spans (`pearson_loss`); spans whose measured effects do not
+vary are left out. AdamW on mini-batches of spans; a validation share of the examples picks
+the best epoch count (and gives the reported validation LDS), then the estimator is refit on
+all examples for that many epochs. Details that the loss leaves open:
+
+* Feature scaling: each feature column is divided by its root-mean-square over the training
+  (span, region) rows while training, and that scale is folded back into `weight` afterwards,
+  so the saved estimator takes raw features. Only scaling, no centring (a per-column offset
+  would be one more constant per ablated region: the region bias's job).
+* Initialisation: w = 1 (all ones in raw-feature space), c = 0, which is exactly the
+  raw-attention baseline (features summed over all layers and heads); training starts from it.
+* Calibration: Pearson is blind to scale and offset, so after training one least-squares fit
+  a * (sum_{k in v} s_k) + b ~ measured effect over all training (span, mask) pairs sets the
+  scale (folded into `weight` and `region_bias`) and `bias`, making predictions comparable to
+  effects in nats.
+
+Evaluation: `lds` (linear datamodeling score) = mean over spans of the Spearman correlation,
+across masks, of predicted and measured subset effects.
+
+Files: safetensors (`weight` (L*H,), `region_bias` (1,), `bias` (1,)) with the metadata as JSON
+in the safetensors header; `load` refuses anything else (pickled .pt/.bin are never read) and refuses an estimator
+made for another layer/head count, or (unless overridden) another model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vstream.images import VLMError
+
+__all__ = [
+    "FORMAT",
+    "LinearEstimator",
+    "evaluate",
+    "in_ranges",
+    "lds",
+    "load",
+    "pearson_loss",
+    "r2_score",
+    "raw_attention_scores",
+    "seed_ranges",
+    "subset_design",
+    "train",
+]
+
+FORMAT = "vstream-estimator/1"
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npy", ".npz"}
+
+
+class LinearEstimator(torch.nn.Module):
+    """Region scores = features @ w + c (w: L*H weights, c: `region_bias`, both shared by all
+    regions); subset prediction = masks @ scores + b (`bias`, once per subset)."""
+
+    def __init__(self, num_layers: int, num_heads: int, meta: dict[str, Any] | None = None):
+        super().__init__()
+        if int(num_layers) < 1 or int(num_heads) < 1:
+            raise ValueError(f"need num_layers, num_heads >= 1, got {num_layers}, {num_heads}")
+        self.num_layers, self.num_heads = int(num_layers), int(num_heads)
+        self.weight = torch.nn.Parameter(torch.ones(self.num_layers * self.num_heads))
+        self.region_bias = torch.nn.Parameter(torch.zeros(()))
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.meta.update(num_layers=self.num_layers, num_heads=self.num_heads)
+
+    @property
+    def num_features(self) -> int:
+        return self.num_layers * self.num_heads
+
+    def extra_repr(self) -> str:
+        return f"L={self.num_layers}, H={self.num_heads}, model={self.meta.get('model')!r}"
+
+    def _check(self, features: torch.Tensor) -> torch.Tensor:
+        f = torch.as_tensor(features)
+        if f.shape[-1] != self.num_features:
+            raise VLMError(
+                f"features have {f.shape[-1]} columns but this estimator expects L*H = "
+                f"{self.num_layers}*{self.num_heads} = {self.num_features}"
+            )
+        return f.to(device=self.weight.device, dtype=self.weight.dtype)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., K, L*H) features -> (..., K) per-region predicted effects (the attribution)."""
+        return self._check(features) @ self.weight + self.region_bias
+
+    def predict_subsets(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(K, L*H) features, (M, K) masks (True = ablated) -> (M,) predicted subset effects."""
+        s = self.predict(features)
+        return torch.as_tensor(masks).to(s.dtype) @ s + self.bias
+
+    forward = predict
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise VLMError(f"estimator files are .safetensors, got {path.name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta, format=FORMAT, num_layers=self.num_layers, num_heads=self.num_heads)
+        tensors = {"weight": self.weight.detach().float().cpu().contiguous(),
+                   "region_bias": self.region_bias.detach().float().cpu().reshape(1).contiguous(),
+                   "bias": self.bias.detach().float().cpu().reshape(1).contiguous()}
+        header = {"format": FORMAT, "vstream_estimator": json.dumps(meta, sort_keys=True),
+                  "model": str(meta.get("model", "")), "num_layers": str(self.num_layers),
+                  "num_heads": str(self.num_heads)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=header)
+        tmp.replace(path)
+        path.chmod(0o644)  # safetensors writes 0600
+        return path
+
+    def check_compatible(self, vlm: Any, allow_model_mismatch: bool = False, where: str = "estimator") -> None:
+        """Raise a one-line VLMError if this estimator cannot read `vlm`'s attention features."""
+        from vstream.labels import model_name
+
+        name, arch = model_name(vlm), str(vlm.arch)
+        mine = self.meta.get("model", "?")
+        if (int(vlm.num_layers), int(vlm.num_heads)) != (self.num_layers, self.num_heads):
+            raise VLMError(
+                f"{where} was trained for {mine!r} with {self.num_layers} layers x {self.num_heads} heads, "
+                f"but the loaded model {name!r} has {vlm.num_layers} layers x {vlm.num_heads} heads: "
+                "train an estimator for this model (python -m vstream collect, then train-estimator)"
+            )
+        if not allow_model_mismatch and (mine != name or self.meta.get("model_type", arch) != arch):
+            raise VLMError(
+                f"{where} was trained for model {mine!r} ({self.meta.get('model_type', '?')}), not for the loaded "
+                f"{name!r} ({arch}); allow a model mismatch to use it anyway"
+            )
+
+
+def load(path: str | Path, vlm: Any = None, allow_model_mismatch: bool = False) -> LinearEstimator:
+    """Read an estimator file, refusing non-safetensors files and, given `vlm`, an estimator
+    for another layer/head count or (unless `allow_model_mismatch`) another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise VLMError(f"estimator file not found: {path}")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise VLMError(f"{path.name} is not a safetensors file: pickled checkpoints (.pt/.bin/...) are never "
+                       "loaded; save the estimator as .safetensors")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise VLMError(f"{path.name} is not a readable safetensors file ({type(e).__name__}); "
+                       "pickled checkpoints are never loaded") from e
+    if header.get("format") != FORMAT or "vstream_estimator" not in header:
+        raise VLMError(f"{path.name} is a safetensors file but not a vSTREAM estimator ({FORMAT})")
+    try:
+        meta = json.loads(header["vstream_estimator"])
+        L, H = int(meta["num_layers"]), int(meta["num_heads"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise VLMError(f"{path.name}: broken estimator metadata ({type(e).__name__})") from e
+    w, b = tensors.get("weight"), tensors.get("bias")
+    c = tensors.get("region_bias", torch.zeros(1))
+    if w is None or b is None or tuple(w.shape) != (L * H,) or b.numel() != 1 or c.numel() != 1:
+        raise VLMError(f"{path.name}: expected weight ({L * H},) and bias (1,) for {L} layers x {H} heads")
+    est = LinearEstimator(L, H, meta)
+    with torch.no_grad():
+        est.weight.copy_(w.float())
+        est.bias.copy_(b.float().reshape(()))
+        est.region_bias.copy_(c.float().reshape(()))
+    est.eval()
+    if vlm is not None:
+        est.check_compatible(vlm, allow_model_mismatch, where=f"estimator {path.name}")
+    return est
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics and losses
+
+
+def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """-mean over spans of Pearson r across masks: pred, target (S, M). Spans whose target
+    does not vary are left out (0 if none is left)."""
+    p = pred - pred.mean(dim=-1, keepdim=True)
+    t = target - target.mean(dim=-1, keepdim=True)
+    ts = t.pow(2).sum(-1).sqrt()
+    r = (p * t).sum(-1) / (p.pow(2).sum(-1).sqrt() * ts + eps)
+    ok = ts > eps
+    if not bool(ok.any()):
+        return pred.sum() * 0.0
+    return -r[ok].mean()
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=-1)
+
+
+def lds(pred_subset_effects: Any, actual: Any, return_per_span: bool = False) -> float | tuple[float, np.ndarray]:
+    """Linear datamodeling score: mean over spans of Spearman rho (across masks) between
+    predicted and measured subset effects. Inputs (S, M) (or lists of (M,) rows, any M).
+
+    Spearman = Pearson of average ranks (what scipy.stats.spearmanr computes), vectorised.
+    Spans whose measured effects are constant are left out (NaN per span); a constant
+    prediction scores 0.
+    """
+    rows_p = [np.asarray(p, dtype=np.float64).reshape(-1) for p in pred_subset_effects]
+    rows_a = [np.asarray(a, dtype=np.float64).reshape(-1) for a in actual]
+    if len(rows_p) != len(rows_a):
+        raise ValueError(f"{len(rows_p)} predicted rows vs {len(rows_a)} measured")
+    rho = np.full(len(rows_a), np.nan)
+    by_m: dict[int, list[int]] = {}
+    for i, (p, a) in enumerate(zip(rows_p, rows_a)):
+        if p.shape != a.shape:
+            raise ValueError(f"span {i}: {p.shape} predictions vs {a.shape} measurements")
+        by_m.setdefault(a.size, []).append(i)
+    for m, idx in by_m.items():
+        if m < 2:
+            continue
+        rp = _ranks(np.stack([rows_p[i] for i in idx]))
+        ra = _ranks(np.stack([rows_a[i] for i in idx]))
+        rp -= rp.mean(-1, keepdims=True)
+        ra -= ra.mean(-1, keepdims=True)
+        sp, sa = np.sqrt((rp**2).sum(-1)), np.sqrt((ra**2).sum(-1))
+        r = np.where(sp > 0, (rp * ra).sum(-1) / np.where(sp > 0, sp, 1) / np.where(sa > 0, sa, 1), 0.0)
+        r[sa == 0] = np.nan
+        rho[idx] = r
+    score = float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
+    return (score, rho) if return_per_span else score
+
+
+def r2_score(pred: Any, actual: Any) -> float:
+    """1 - SSE/SST over all (span, mask) pairs."""
+    p = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in pred])
+    a = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in actual])
+    sst = ((a - a.mean()) ** 2).sum()
+    return float(1 - ((a - p) ** 2).sum() / sst) if sst > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def subset_design(examples: Sequence[Any], count_column: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Per span, the features summed over each mask's ablated regions: X (S, M, L*H), and the
+    measured effects Y (S, M); plus each span's example position. The prediction for all masks
+    of all spans is then X @ w + b. With `count_column`, X gets one more column: the number of
+    ablated regions (the feature that the region bias multiplies)."""
+    xs, ys, owner = [], [], []
+    for i, e in enumerate(examples):
+        m = e.masks.float()  # (M, K)
+        for s in range(e.n_spans):
+            f = e.features[s].float()
+            if count_column:
+                f = torch.cat([f, torch.ones(f.shape[0], 1)], dim=1)
+            xs.append(m @ f)
+            ys.append(e.effects[:, s].float())
+            owner.append(i)
+    if not xs:
+        raise VLMError("no labelled spans to train on")
+    ms = {x.shape[0] for x in xs}
+    if len(ms) != 1:
+        raise VLMError(f"label sets with different mask counts {sorted(ms)} cannot be mixed")
+    return torch.stack(xs), torch.stack(ys), owner
+
+
+def raw_attention_scores(features: torch.Tensor) -> torch.Tensor:
+    """The raw-attention baseline: region score = features summed over all layers and heads."""
+    return torch.as_tensor(features).float().sum(-1)
+
+
+def evaluate(estimator: LinearEstimator | None, examples: Sequence[Any]) -> dict[str, float]:
+    """LDS / R^2 of the estimator (or, with None, of raw attention) on labelled examples."""
+    x, y, _ = subset_design(examples, count_column=True)
+    with torch.no_grad():
+        if estimator is None:
+            pred = x[..., :-1].sum(-1)
+        else:
+            w = torch.cat([estimator.weight.detach().float().cpu(), estimator.region_bias.detach().float().cpu()[None]])
+            pred = x @ w + estimator.bias.detach().float().cpu()
+    score, per = lds(pred.numpy(), y.numpy(), return_per_span=True)
+    out = {"lds": score, "spans": int(y.shape[0]), "spans_scored": int(np.isfinite(per).sum()),
+           "pearson": float(-pearson_loss(pred, y))}
+    if estimator is not None:
+        out["r2"] = r2_score(pred.numpy(), y.numpy())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def seed_ranges(seeds: Iterable[int]) -> list[list[int]]:
+    """Sorted seeds as half-open runs [[lo, hi), ...] (compact metadata)."""
+    out: list[list[int]] = []
+    for s in sorted(set(int(v) for v in seeds)):
+        if out and out[-1][1] == s:
+            out[-1][1] = s + 1
+        else:
+            out.append([s, s + 1])
+    return out
+
+
+def in_ranges(seed: int, ranges: Sequence[Sequence[int]]) -> bool:
+    return any(lo <= int(seed) < hi for lo, hi in ranges)
+
+
+def train(
+    label_dirs: str | Path | Iterable[str | Path] | Sequence[Any],
+    epochs: int = 200,
+    lr: float = 0.02,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    batch_spans: int = 512,
+    weight_decay: float = 1e-4,
+    progress: bool = True,
+    num_layers: int | None = None,
+    num_heads: int | None = None,
+    refit: bool = True,
+    region_bias: bool = True,
+) -> tuple[LinearEstimator, dict[str, Any]]:
+    """Fit the estimator on label folders (or a list of `LabeledExample`s); see the module doc.
+
+    Validation examples (a `val_fraction` of the examples, whole examples, seeded) pick the
+    best epoch and are reported (with the raw-attention baseline); with `refit` the final
+    estimator is then trained on all examples for that many epochs. `region_bias`: learn the
+    per-region constant c (else c = 0)."""
+    from vstream.labels import load_labels
+
+    if isinstance(label_dirs, (str, Path)) or (
+        isinstance(label_dirs, (list, tuple)) and label_dirs and isinstance(label_dirs[0], (str, Path))
+    ):
+        config, examples = load_labels(label_dirs)
+        sources = [str(d) for d in ([label_dirs] if isinstance(label_dirs, (str, Path)) else label_dirs)]
+    else:
+        examples = list(label_dirs)
+        config, sources = {}, []
+    if not examples:
+        raise VLMError("no labelled examples")
+    L = int(num_layers or config.get("num_layers", 0) or 0)
+    H = int(num_heads or config.get("num_heads", 0) or 0)
+    lh = int(examples[0].features.shape[-1])
+    if not L or not H:
+        L, H = 1, lh
+    if L * H != lh:
+        raise VLMError(f"features have {lh} columns, not num_layers x num_heads = {L} x {H}")
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples))
+    n_val = int(round(len(examples) * float(val_fraction))) if len(examples) > 1 else 0
+    n_val = min(n_val, len(examples) - 1)
+    val_ex = [examples[i] for i in sorted(order[:n_val])]
+    tr_ex = [examples[i] for i in sorted(order[n_val:])]
+
+    t0 = time.perf_counter()
+    fit = lambda exs, val, n_ep, desc: _fit(exs, val, lh, n_ep, lr, weight_decay, batch_spans, seed, progress, desc,
+                                            region_bias)
+    est = LinearEstimator(L, H)
+    w_raw, b, best_ep = fit(tr_ex, val_ex, epochs, "train estimator")
+    _set(est, w_raw, b)
+    report: dict[str, Any] = {"best_epoch": best_ep, "examples": {"train": len(tr_ex), "val": len(val_ex)}}
+    report["train"], report["train_raw_attention"] = evaluate(est, tr_ex), evaluate(None, tr_ex)
+    if val_ex:
+        report["val"], report["val_raw_attention"] = evaluate(est, val_ex), evaluate(None, val_ex)
+    final = tr_ex
+    if val_ex and refit:  # the validation examples only chose the epoch count: train on everything
+        final = examples
+        w_raw, b, _ = fit(examples, [], best_ep + 1, "refit on all")
+        _set(est, w_raw, b)
+        report["refit_on_all"] = {"examples": len(examples), "epochs": best_ep + 1,
+                                  "train": evaluate(est, examples)}
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    est.meta.update({
+        **{k: config[k] for k in ("model", "model_type", "backbone", "k_rule", "split", "ablation", "features",
+                                  "masks_per_example", "keep_prob") if k in config},
+        "num_layers": L, "num_heads": H,
+        "trained_examples": len(final), "validation_examples": len(val_ex), "refit_on_all": bool(final is examples),
+        "train_seeds": seed_ranges(int(e.seed) for e in final),  # [[lo, hi), ...] runs
+        "label_dirs": sources, "epochs": int(epochs), "best_epoch": best_ep, "lr": float(lr),
+        "loss": "-mean Pearson r across masks per span",
+        "feature_scaling": "column RMS, folded into weight", "init": "raw attention (w = 1)",
+        "calibration": "least squares a*(subset sum)+b, a folded into weight and region_bias, b = bias",
+        "region_bias": bool(region_bias),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    return est, report
+
+
+def _set(est: LinearEstimator, w: torch.Tensor, b: float) -> None:
+    """w: (L*H + 1,) = weights then the region bias."""
+    with torch.no_grad():
+        est.weight.copy_(w[:-1].float())
+        est.region_bias.fill_(float(w[-1]))
+        est.bias.fill_(float(b))
+    est.eval()
+
+
+def _fit(tr_ex: Sequence[Any], val_ex: Sequence[Any], lh: int, epochs: int, lr: float, weight_decay: float,
+         batch_spans: int, seed: int, progress: bool, desc: str,
+         region_bias: bool = True) -> tuple[torch.Tensor, float, int]:
+    """One optimisation run: (calibrated raw-space [weight, region bias] (L*H+1,), bias, best epoch).
+
+    The region bias is the weight of a constant-1 region feature (its subset sum = the number
+    of ablated regions); without `region_bias` that column is kept at 0."""
+    from tqdm.auto import tqdm
+
+    x, y, _ = subset_design(tr_ex, count_column=True)
+    keep = y.std(-1) > 1e-8
+    x, y = x[keep], y[keep]
+    if x.shape[0] == 0:
+        raise VLMError("every training span has constant measured effects: nothing to learn")
+    xv, yv = subset_design(val_ex, count_column=True)[:2] if val_ex else (None, None)
+
+    feats = torch.cat([e.features.reshape(-1, lh).float() for e in tr_ex])
+    scale = feats.pow(2).mean(0).sqrt().clamp_min(1e-12)  # (L*H,) column RMS
+    scale = torch.cat([scale, torch.ones(1)])  # the constant-1 column has RMS 1
+    live = torch.ones(lh + 1)
+    if not region_bias:
+        live[-1] = 0.0
+    xs = x / scale * live
+    xvs = xv / scale * live if xv is not None else None
+
+    torch.manual_seed(seed)
+    init = scale.clone()
+    init[-1] = 0.0
+    w = torch.nn.Parameter(init / init.norm())  # == raw attention (w = 1, c = 0) in raw space, up to scale
+    opt = torch.optim.AdamW([w], lr=lr, weight_decay=weight_decay)
+    best = (float("inf"), w.detach().clone(), 0)
+    bar = tqdm(range(int(epochs)), disable=not progress, desc=desc, unit="epoch")
+    g = torch.Generator().manual_seed(seed)
+    for ep in bar:
+        perm = torch.randperm(xs.shape[0], generator=g)
+        for s in range(0, xs.shape[0], int(batch_spans)):
+            idx = perm[s : s + int(batch_spans)]
+            loss = pearson_loss(xs[idx] @ w, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            tl = float(pearson_loss(xs @ w, y))
+            vl = float(pearson_loss(xvs @ w, yv)) if xvs is not None else tl
+        if vl < best[0] or xvs is None:  # without validation: the last epoch
+            best = (vl, w.detach().clone(), ep)
+        bar.set_postfix(train_r=f"{-tl:.3f}", val_r=f"{-vl:.3f}")
+    bar.close()
+
+    w_raw = best[1] * live / scale  # fold the feature scaling back in
+    with torch.no_grad():  # calibration: effect ~ a * (X w) + b
+        p = (x @ w_raw).reshape(-1).double()
+        t = y.reshape(-1).double()
+        A = torch.stack([p, torch.ones_like(p)], 1)
+        a, b = torch.linalg.lstsq(A, t[:, None]).solution[:, 0].tolist()
+    return w_raw * a, float(b), int(best[2])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstream train-estimator", description=__doc__.splitlines()[0])
+    ap.add_argument("--labels", type=Path, nargs="+", default=[Path("runs/labels")], help="label folder(s)")
+    ap.add_argument("--out", type=Path, default=Path("assets/estimator-demo.safetensors"))
+    ap.add_argument("--eval", type=Path, nargs="*", default=[], help="held-out label folder(s) to report on")
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-refit", action="store_true", help="keep the model trained without the validation share")
+    ap.add_argument("--no-region-bias", action="store_true", help="region score = w . f only (no shared constant)")
+    args = ap.parse_args(argv)
+    from vstream.labels import load_labels
+
+    try:
+        est, report = train(args.labels, args.epochs, args.lr, args.val_fraction, args.seed, refit=not args.no_refit,
+                            region_bias=not args.no_region_bias)
+        if args.eval:
+            cfg, held = load_labels(args.eval)
+            if cfg.get("model") != est.meta.get("model") or cfg.get("num_heads") != est.num_heads:
+                raise VLMError(f"--eval labels come from {cfg.get('model')!r}, the estimator from {est.meta.get('model')!r}")
+            overlap = [e.seed for e in held if in_ranges(int(e.seed), est.meta["train_seeds"])]
+            if overlap:
+                raise VLMError(f"--eval labels share {len(overlap)} scene seeds with the training labels")
+            report["heldout"] = evaluate(est, held)
+            report["heldout_raw_attention"] = evaluate(None, held)
+            est.meta["heldout"] = {"label_dirs": [str(d) for d in args.eval], **report["heldout"],
+                                   "raw_attention_lds": report["heldout_raw_attention"]["lds"]}
+        est.meta["report"] = {k: v for k, v in report.items() if k != "heldout"}
+        est.save(args.out)
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    side = args.out.with_suffix(".json")
+    side.write_text(json.dumps({"estimator": str(args.out), **report,
+                                "meta": est.meta}, indent=1))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""Estimator labels: per thinking span, attention features and measured region-ablation effects.
+
+    python -m vstream collect --n 2000 --out runs/labels                       # train split
+    python -m vstream collect --n 200 --split heldout --out runs/labels-heldout
+    accelerate launch --multi_gpu --num_processes 2 -m vstream collect --n 2000 --out runs/labels  # 2 CPU procs (gloo)
+
+For each shapes-world scene: generate the trace greedily while `vstream.capture` records the
+attention of every generated token on the image tokens; cut it into thinking spans
+(`vstream.spans`, thought spans only); cluster the image into K regions (`vstream.regions`);
+per span, pool the recorded rows into (K, L*H) features (`capture.region_features`); draw
+`masks_per_example` random region masks (each region kept with probability `keep_prob`,
+True = ablated, seeded by (seed, scene seed)); measure every mask's effect on every span with
+THE ablation operator (`vstream.ablation`, all masks + the unablated pass in one batched
+forward).
+
+Storage (never pickle): shards `labels-<first index>.safetensors` holding, per example i,
+`e<i>.features` (S, K, L*H) float32, `e<i>.masks` (M, K) bool, `e<i>.effects` (M, S) float32,
+`e<i>.base` (S,) unablated span log-probs, `e<i>.assignment` (K, N) uint8, `e<i>.tokens` (T,)
+int64; plus a JSON sidecar `labels-<first index>.json` with the run config and per-example
+metadata (scene seed, family, span texts and token ranges, K). The sidecar is written last, so
+a shard counts only once both exist. Example index = offset of the scene in its split.
+
+Sharding: with `accelerate launch`, process r of R takes the examples i with i % R == r and
+writes its own shards. Resuming: examples listed in existing sidecars of `--out` (labelled or
+skipped because their trace had no thinking span) are not redone; a sidecar from a different
+setup (model, split, K rule, masks, ...) in `--out` is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vstream.images import VLMError
+
+__all__ = [
+    "FORMAT",
+    "LabeledExample",
+    "collect",
+    "done_indices",
+    "draw_masks",
+    "label_example",
+    "load_labels",
+    "model_identity",
+    "model_name",
+    "read_shard",
+    "trace_with_attention",
+    "write_shard",
+]
+
+FORMAT = "vstream-labels/1"
+FEATURES = (
+    "per (layer, head), layer-major: mean over the span's generated tokens of the attention mass of "
+    "the token's own decode query on the region's image tokens (vstream.capture convention)"
+)
+# config keys that must agree for shards to be mixed / resumed in one folder
+_CONFIG_KEYS = ("format", "model", "model_type", "num_layers", "num_heads", "split", "backbone", "k_rule",
+                "masks_per_example", "keep_prob", "seed", "max_new_tokens", "span_kinds")
+
+
+# ----------------------------------------------------------------------------------------------
+# model identity
+
+
+def model_name(vlm: Any) -> str:
+    """A portable name for the loaded model: the hub id ("org/name") for hub ids and hub-cache
+    snapshots, otherwise the model folder's name (e.g. "demo-model")."""
+    raw = str(getattr(vlm.model, "name_or_path", "") or getattr(vlm.model.config, "_name_or_path", "") or "")
+    m = re.search(r"models--([^/\\]+)--([^/\\]+)[/\\]snapshots", raw)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    p = Path(raw)
+    if raw and p.exists():
+        return p.resolve().name
+    return raw.rstrip("/\\")
+
+
+def model_identity(vlm: Any) -> dict[str, Any]:
+    return {
+        "model": model_name(vlm),
+        "model_type": str(vlm.arch),
+        "num_layers": int(vlm.num_layers),
+        "num_heads": int(vlm.num_heads),
+    }
+
+
+def k_rule(k: int | None) -> str:
+    from vstream.regions import K_MAX, K_MIN, TOKENS_PER_REGION
+
+    if k is None:
+        return f"auto: one region per {TOKENS_PER_REGION} image tokens, clamped to [{K_MIN}, {K_MAX}]"
+    return f"k={int(k)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# one example
+
+
+@dataclass
+class LabeledExample:
+    index: int  # offset of the scene in its split
+    seed: int  # scene seed
+    family: str
+    features: torch.Tensor  # (S, K, L*H) float32
+    masks: torch.Tensor  # (M, K) bool, True = region ablated
+    effects: torch.Tensor  # (M, S) float32, nats
+    base: torch.Tensor  # (S,) unablated span log-probability
+    assignment: torch.Tensor  # (K, N) uint8
+    tokens: torch.Tensor  # (T,) int64 generated (visible) trace
+    span_texts: list[str] = field(default_factory=list)
+    span_ranges: list[tuple[int, int]] = field(default_factory=list)
+    trace: str = ""
+    question: str = ""
+
+    @property
+    def k(self) -> int:
+        return int(self.masks.shape[1])
+
+    @property
+    def n_spans(self) -> int:
+        return int(self.effects.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        p = f"e{self.index}."
+        return {
+            p + "features": self.features.float().contiguous(),
+            p + "masks": self.masks.bool().contiguous(),
+            p + "effects": self.effects.float().contiguous(),
+            p + "base": self.base.float().contiguous(),
+            p + "assignment": self.assignment.to(torch.uint8).contiguous(),
+            p + "tokens": self.tokens.long().contiguous(),
+        }
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "seed": self.seed, "family": self.family, "k": self.k,
+            "n_tokens": int(self.tokens.numel()), "question": self.question, "trace": self.trace,
+            "spans": [{"text": t, "token_start": s, "token_end": e}
+                      for t, (s, e) in zip(self.span_texts, self.span_ranges)],
+        }
+
+
+def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tuple[list[int], torch.Tensor]:
+    """Greedy-generate with attention capture: (visible token ids, (T, L, H, N) CPU rows).
+
+    Visible = up to the first eos. Row i belongs to generated token i (capture's convention);
+    when generation was cut by `max_new_tokens` the last token's row is completed by
+    `capture.finalize`, so every visible token has one.
+    """
+    from vstream import capture as C
+
+    rec = C.AttentionRecorder.for_vlm(vlm, keep_cpu=True)
+    gc = vlm._generate_kwargs(max_new_tokens, False, 1.0)["generation_config"]
+    gc.return_dict_in_generate = True
+    pos = inputs.image_token_positions
+    stop = set(vlm.eos_token_ids) | {int(gc.pad_token_id)}
+    with vlm.lock, torch.no_grad():
+        with C.capturing(vlm, pos, rec):
+            out = vlm.model.generate(**inputs.model_kwargs, generation_config=gc)
+        new = out.sequences[0, inputs.prompt_len :].tolist()
+        visible: list[int] = []
+        for t in new:
+            if t in stop:
+                break
+            visible.append(int(t))
+        if visible and rec.tokens < len(visible):
+            C.finalize(vlm, rec, pos, out.past_key_values, visible[-1])
+    if not visible:
+        return [], torch.zeros(0)
+    return visible, rec.stack(0, len(visible), cpu=True)
+
+
+def thought_spans(vlm: Any, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Any], str]:
+    """Split the trace like the live pipeline does (token by token); keep spans of `kinds`."""
+    from vstream.spans import SpanSplitter
+    from vstream.vlm import _IncrementalDecoder
+
+    dec = _IncrementalDecoder(vlm.tokenizer)
+    sp = SpanSplitter()
+    text = ""
+    for i, t in enumerate(tokens):
+        piece = dec.push(int(t))
+        text += piece
+        sp.push(i, piece)
+    sp.finish()
+    return [s for s in sp.spans if s.kind in kinds], text
+
+
+def draw_masks(n_regions: int, masks: int = 32, keep_prob: float = 0.5, seed: int = 0, scene_seed: int = 0) -> torch.Tensor:
+    """(masks, K) bool, True = ablated; each region kept independently with `keep_prob`."""
+    rng = np.random.default_rng([int(seed), int(scene_seed)])
+    return torch.from_numpy(rng.random((int(masks), int(n_regions))) >= float(keep_prob))
+
+
+def label_example(
+    vlm: Any,
+    scene: Any,
+    index: int = 0,
+    masks_per_example: int = 32,
+    keep_prob: float = 0.5,
+    k: int | None = None,
+    backbone: Any = None,
+    seed: int = 0,
+    max_new_tokens: int = 96,
+    span_kinds: Sequence[str] = ("thought",),
+    batch_size: int | None = None,
+) -> LabeledExample | None:
+    """Label one scene (see the module doc). None when its trace has no span of `span_kinds`."""
+    from vstream.ablation import ablation_effects
+    from vstream.capture import region_features
+    from vstream.regions import regions_for
+
+    inputs = vlm.build_inputs(scene.question, image=scene.image())
+    tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)
+    if not tokens:
+        return None
+    spans, text = thought_spans(vlm, tokens, span_kinds)
+    if not spans:
+        return None
+    regions = regions_for(inputs, k=k, backbone=backbone)
+    a = regions.assignment
+    feats = torch.stack([region_features(rows[s.token_start : s.token_end], a) for s in spans]).float()
+    masks = draw_masks(a.shape[0], masks_per_example, keep_prob, seed, scene.seed)
+    effects, base = ablation_effects(vlm, inputs, tokens, spans, masks, a, batch_size=batch_size, return_base=True)
+    return LabeledExample(
+        index=int(index), seed=int(scene.seed), family=str(getattr(scene, "family", "")),
+        features=feats.cpu(), masks=masks, effects=effects.float().cpu(), base=base.float().cpu(),
+        assignment=(a > 0).to(torch.uint8).cpu(), tokens=torch.tensor(tokens, dtype=torch.long),
+        span_texts=[s.text for s in spans], span_ranges=[(s.token_start, s.token_end) for s in spans],
+        trace=text, question=scene.question,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# shards
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_shard(out: Path, config: dict[str, Any], examples: Sequence[LabeledExample],
+                skipped: Sequence[dict[str, Any]] = ()) -> Path:
+    """Write one shard (safetensors + JSON sidecar, the sidecar last). Returns the sidecar path."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    idx = [e.index for e in examples] + [int(s["index"]) for s in skipped]
+    if not idx:
+        raise ValueError("empty shard")
+    stem = f"labels-{min(idx):07d}"
+    tensors: dict[str, torch.Tensor] = {}
+    for e in examples:
+        tensors.update(e.tensors())
+    meta = {"config": config, "examples": [e.meta() for e in examples], "skipped": list(skipped)}
+    st = out / f"{stem}.safetensors"
+    tmp = st.with_name(st.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "vstream_labels": json.dumps({"config": config})})
+    os.replace(tmp, st)
+    side = out / f"{stem}.json"
+    _atomic_write_text(side, json.dumps(meta, indent=1))
+    return side
+
+
+def _sidecars(out: Path) -> list[Path]:
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.glob("labels-*.json") if p.with_suffix(".safetensors").is_file())
+
+
+def _check_config(have: dict[str, Any], want: dict[str, Any], where: Path) -> None:
+    diff = [k for k in _CONFIG_KEYS if k in want and have.get(k) != want.get(k)]
+    if diff:
+        d = ", ".join(f"{k}: {have.get(k)!r} vs {want.get(k)!r}" for k in diff)
+        raise VLMError(f"{where} holds labels from a different setup ({d}); use another output folder")
+
+
+def done_indices(out: Path, config: dict[str, Any] | None = None) -> set[int]:
+    """Example indices already labelled or skipped in `out` (refusing a different setup)."""
+    done: set[int] = set()
+    for side in _sidecars(out):
+        meta = json.loads(side.read_text())
+        if config is not None:
+            _check_config(meta.get("config", {}), config, side)
+        done.update(int(e["index"]) for e in meta.get("examples", []))
+        done.update(int(s["index"]) for s in meta.get("skipped", []))
+    return done
+
+
+def read_shard(side: Path) -> tuple[dict[str, Any], list[LabeledExample]]:
+    """(config, examples) of one shard, given its JSON sidecar (or its .safetensors)."""
+    from safetensors import safe_open
+
+    side = Path(side)
+    if side.suffix == ".safetensors":
+        side = side.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    st = side.with_suffix(".safetensors")
+    out = []
+    with safe_open(str(st), framework="pt") as f:
+        if (f.metadata() or {}).get("format") != FORMAT:
+            raise VLMError(f"{st} is not a vSTREAM label shard ({FORMAT})")
+        for m in meta.get("examples", []):
+            p = f"e{m['index']}."
+            g = lambda name: f.get_tensor(p + name)
+            out.append(LabeledExample(
+                index=int(m["index"]), seed=int(m["seed"]), family=m.get("family", ""),
+                features=g("features"), masks=g("masks").bool(), effects=g("effects"), base=g("base"),
+                assignment=g("assignment"), tokens=g("tokens"),
+                span_texts=[s["text"] for s in m["spans"]],
+                span_ranges=[(int(s["token_start"]), int(s["token_end"])) for s in m["spans"]],
+                trace=m.get("trace", ""), question=m.get("question", ""),
+            ))
+    return meta.get("config", {}), out
+
+
+def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any], list[LabeledExample]]:
+    """All examples from one or more label folders (or shard files), sorted by index. The
+    folders must come from the same model and setup (refused otherwise)."""
+    if isinstance(dirs, (str, Path)):
+        dirs = [dirs]
+    config: dict[str, Any] | None = None
+    seen: dict[tuple[str, int], LabeledExample] = {}
+    for d in dirs:
+        d = Path(d)
+        sides = [d] if d.is_file() else _sidecars(d)
+        if not sides:
+            raise VLMError(f"no label shards (labels-*.json + .safetensors) in {d}")
+        for side in sides:
+            cfg, exs = read_shard(side)
+            if config is None:
+                config = cfg
+            else:
+                keys = ("model", "model_type", "num_layers", "num_heads", "masks_per_example")
+                _check_config(cfg, {k: config.get(k) for k in keys}, side)
+            for e in exs:
+                seen[(cfg.get("split", ""), e.index)] = e
+    return config or {}, [seen[k] for k in sorted(seen)]
+
+
+# ----------------------------------------------------------------------------------------------
+# collection
+
+
+def run_config(vlm: Any, split: str, masks_per_example: int, keep_prob: float, k: int | None,
+               backbone_name: str, seed: int, max_new_tokens: int,
+               span_kinds: Sequence[str] = ("thought",)) -> dict[str, Any]:
+    from vstream.ablation import OPERATOR
+
+    return {
+        "format": FORMAT, **model_identity(vlm), "split": split, "backbone": backbone_name,
+        "k_rule": k_rule(k), "masks_per_example": int(masks_per_example), "keep_prob": float(keep_prob),
+        "seed": int(seed), "max_new_tokens": int(max_new_tokens), "span_kinds": list(span_kinds),
+        "ablation": OPERATOR, "features": FEATURES,
+    }
+
+
+def collect(
+    vlm: Any,
+    n: int,
+    split: str = "train",
+    start: int = 0,
+    masks_per_example: int = 32,
+    keep_prob: float = 0.5,
+    k: int | None = None,
+    backbone: Any = None,
+    seed: int = 0,
+    max_new_tokens: int = 96,
+    out: str | Path | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    shard_size: int = 25,
+    progress: bool = True,
+    span_kinds: Sequence[str] = ("thought",),
+) -> list[LabeledExample]:
+    """Label shapes-world scenes `start .. start+n-1` of `split` (this process's share).
+
+    Returns this call's new examples. With `out`, they are also written as shards of
+    `shard_size` examples, and examples already in `out` are skipped (resume).
+    """
+    from tqdm.auto import tqdm
+
+    from vstream.regions import load_backbone
+    from vstream.shapes import scenes
+
+    if not 0 < float(keep_prob) < 1:
+        raise VLMError(f"keep_prob must be in (0, 1), got {keep_prob}")
+    if int(masks_per_example) < 2:
+        raise VLMError(f"masks_per_example must be >= 2, got {masks_per_example}")
+    if not 0 <= int(process_index) < int(num_processes):
+        raise VLMError(f"process_index {process_index} outside [0, {num_processes})")
+    bb = load_backbone(backbone) if (backbone is None or isinstance(backbone, str)) else backbone
+    config = run_config(vlm, split, masks_per_example, keep_prob, k, bb.name, seed, max_new_tokens, span_kinds)
+    mine = [start + i for i in range(int(n)) if i % int(num_processes) == int(process_index)]
+    done = done_indices(Path(out), config) if out is not None else set()
+    todo = [i for i in mine if i not in done]
+
+    results: list[LabeledExample] = []
+    buf: list[LabeledExample] = []
+    skipped: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if out is not None and (buf or skipped):
+            write_shard(Path(out), config, buf, skipped)
+        buf.clear()
+        skipped.clear()
+
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress,
+               desc=f"collect {split}" + (f" [{process_index}/{num_processes}]" if num_processes > 1 else ""),
+               unit="ex")
+    try:
+        for idx in todo:
+            scene = scenes(split, idx, 1)[0]
+            ex = label_example(vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds)
+            if ex is None:
+                skipped.append({"index": idx, "seed": int(scene.seed), "why": "no thinking span in the trace"})
+            else:
+                results.append(ex)
+                buf.append(ex)
+            if len(buf) + len(skipped) >= int(shard_size):
+                flush()
+            bar.update(1)
+        flush()
+    finally:
+        bar.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vstream.demo_model import DEMO_MODEL_DIR
+
+    ap = argparse.ArgumentParser(prog="python -m vstream collect", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or hub id (default: the demo model)")
+    ap.add_argument("--n", type=int, default=2000, help="number of scenes")
+    ap.add_argument("--start", type=int, default=0, help="offset of the first scene in the split")
+    ap.add_argument("--split", choices=("train", "heldout"), default="train")
+    ap.add_argument("--out", type=Path, default=Path("runs/labels"))
+    ap.add_argument("--masks", type=int, default=32, help="random region masks per example")
+    ap.add_argument("--keep-prob", type=float, default=0.5)
+    ap.add_argument("--k", type=int, default=None, help="regions per image (default: auto)")
+    ap.add_argument("--backbone", default=None, help="region backbone: pixels (default) or a DINOv3 id/path")
+    ap.add_argument("--seed", type=int, default=0, help="mask seed (combined with each scene's seed)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--shard-size", type=int, default=25, help="examples per shard file")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from vstream.vlm import load_vlm
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        vlm = load_vlm(args.model, dtype=args.dtype, device=acc.device)
+        t0 = time.perf_counter()
+        new = collect(vlm, args.n, args.split, args.start, args.masks, args.keep_prob, args.k, args.backbone,
+                      args.seed, args.max_new_tokens, out=args.out, process_index=acc.process_index,
+                      num_processes=acc.num_processes, shard_size=args.shard_size,
+                      progress=acc.is_local_main_process)
+        dt = time.perf_counter() - t0
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    acc.wait_for_everyone()
+    mine = {
+        "process": acc.process_index, "new_examples": len(new), "seconds": round(dt, 1),
+        "s_per_example": round(dt / len(new), 3) if new else None,
+    }
+    print(json.dumps(mine), file=sys.stderr)
+    if acc.is_main_process:
+        _, exs = load_labels(args.out)
+        print(json.dumps({
+            "out": str(args.out), "examples": len(exs), "spans": sum(e.n_spans for e in exs),
+            "processes": acc.num_processes, "this_process": mine,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
