@@ -1,0 +1,211 @@
+"""Attribution baselines (vstream.baselines) and the evaluation (vstream.evaluate), on tiny
+random Qwen2.5-VL / Qwen3-VL models with a stand-in estimator."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vstream import evaluate as E
+from vstream.ablation import ablation_effects
+from vstream.baselines import (
+    METHODS,
+    AttributionContext,
+    _language_model,
+    attribute,
+    teacher_forced_kwargs,
+)
+from vstream.capture import region_features
+from vstream.labels import trace_with_attention
+from vstream.regions import regions_for
+from vstream.shapes import Scene, Step, make_scene
+from vstream.spans import Span
+from vstream.vlm import load_vlm
+
+N_NEW = 10
+
+
+class StandIn:
+    """Any fixed linear map of the L*H features (what a trained estimator looks like)."""
+
+    def __init__(self, lh: int):
+        self.w = torch.linspace(-1.0, 2.0, lh)
+        self.bias = torch.tensor(0.0)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(features).float() @ self.w
+
+
+def _spans(t: int) -> list[Span]:
+    cut = max(1, t // 2)
+    return [Span(0, "thought", "first.", 0, cut), Span(1, "thought", "second.", cut, t)]
+
+
+def _context(vlm, scene_seed: int = 3) -> AttributionContext:
+    scene = make_scene(scene_seed)
+    inputs = vlm.build_inputs(scene.question, image=scene.image())
+    tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens=N_NEW)
+    assert len(tokens) == N_NEW and rows.shape[0] == N_NEW  # eos is silenced in the tiny models
+    regions = regions_for(inputs)
+    est = StandIn(vlm.num_layers * vlm.num_heads)
+    return AttributionContext(vlm, inputs, torch.tensor(tokens), _spans(N_NEW), regions.assignment,
+                              token_attn=rows, estimator=est, regions=regions)
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen2_5_vl", "tiny_qwen3_vl"])
+def ctx(request) -> AttributionContext:
+    # an own copy: capture switches the text attention implementation
+    vlm = load_vlm(str(request.getfixturevalue(request.param + "_dir")), device="cpu")
+    return _context(vlm)
+
+
+def test_every_method_returns_finite_spans_by_regions(ctx):
+    assert set(METHODS) == {"vstream", "raw_attention", "input_x_gradient", "occlusion"}
+    for m in METHODS:
+        out = attribute(m, ctx)
+        assert out.shape == (ctx.n_spans, ctx.k), m
+        assert np.isfinite(out).all(), m
+        assert np.abs(out).sum() > 0, m
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        attribute("lime", ctx)
+
+
+def test_raw_attention_and_vstream_read_the_span_features(ctx):
+    feats = torch.stack([region_features(ctx.token_attn[s.token_start : s.token_end], ctx.assignment)
+                         for s in ctx.spans])
+    np.testing.assert_allclose(attribute("raw_attention", ctx), feats.sum(-1).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(attribute("vstream", ctx), (feats @ ctx.estimator.w).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_occlusion_equals_one_region_ablation(ctx):
+    occ = attribute("occlusion", ctx)
+    for k in (0, ctx.k // 2, ctx.k - 1):
+        mask = torch.zeros(1, ctx.k, dtype=torch.bool)
+        mask[0, k] = True
+        one = ablation_effects(ctx.vlm, ctx.inputs, ctx.generated_ids, ctx.spans, mask, ctx.assignment)
+        np.testing.assert_allclose(occ[:, k], one[0].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def _span_logps(vlm, inputs, gen, spans, positions=None, alpha=1.0) -> np.ndarray:
+    """Teacher-forced span log-prob sums with the LLM input embeddings at `positions` x alpha."""
+    kw = teacher_forced_kwargs(vlm, inputs, gen)
+
+    def pre(module, args, kwargs):
+        e = kwargs["inputs_embeds"].clone()
+        if positions is not None:
+            e[0, positions] = e[0, positions] * alpha
+        kwargs["inputs_embeds"] = e
+        return args, kwargs
+
+    h = _language_model(vlm).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = vlm.model(**kw, use_cache=False).logits[0].double()
+    finally:
+        h.remove()
+    p, t = inputs.prompt_len, int(gen.numel())
+    lp = torch.log_softmax(logits[p - 1 : p - 1 + t], -1).gather(1, gen[:, None])[:, 0]
+    return np.array([float(lp[s.token_start : s.token_end].sum()) for s in spans])
+
+
+def _full_precision_norms(vlm, monkeypatch) -> None:
+    """RMSNorm computes in float32 whatever the model dtype; make it stay in float64 (test only)
+    so that finite differences are not drowned in float32 rounding."""
+
+    def forward(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for cls in {type(m) for m in vlm.model.modules() if type(m).__name__.endswith("RMSNorm")}:
+        monkeypatch.setattr(cls, "forward", forward)
+
+
+def test_input_x_gradient_matches_finite_differences(tiny_qwen2_5_vl_dir, monkeypatch):
+    # float64 copy: d/da logp(span | region embeddings x a) at a = 1 is exactly sum_i e_i . grad_i
+    vlm = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu", dtype=torch.float64)
+    _full_precision_norms(vlm, monkeypatch)
+    ctx = _context(vlm, scene_seed=5)
+    scores = attribute("input_x_gradient", ctx)
+    # the forward it differentiates is the ablation operator's unablated teacher-forced pass
+    _, base = ablation_effects(vlm, ctx.inputs, ctx.generated_ids, ctx.spans,
+                               torch.zeros(1, ctx.k, dtype=torch.bool), ctx.assignment, return_base=True)
+    np.testing.assert_allclose(_span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans), base.numpy(),
+                               rtol=1e-5, atol=1e-4)
+    eps = 1e-4
+    pos_all = ctx.inputs.image_token_positions
+    for k in range(ctx.k):
+        pos = pos_all[ctx.assignment[k] > 0]
+        up = _span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans, pos, 1 + eps)
+        down = _span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans, pos, 1 - eps)
+        np.testing.assert_allclose(scores[:, k], (up - down) / (2 * eps), rtol=1e-4, atol=1e-6)
+    # all regions together: the per-region scores add up to the whole image's x . grad
+    up = _span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans, pos_all, 1 + eps)
+    down = _span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans, pos_all, 1 - eps)
+    np.testing.assert_allclose(scores.sum(1), (up - down) / (2 * eps), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_lds_of_exact_predictions_is_one():
+    rng = np.random.default_rng(0)
+    k, s_n, m = 16, 5, 32
+    truth = rng.normal(size=(s_n, k))  # additive region effects per span
+    ablated = rng.random((m, k)) >= 0.5
+    actual = E.subset_predictions(truth, ablated)  # (M, S)
+    lds, r2, const = E.span_scores(E.subset_predictions(truth, ablated), actual)
+    assert const == 0 and len(lds) == s_n
+    np.testing.assert_allclose(lds, 1.0)
+    np.testing.assert_allclose(r2, 1.0)
+    # scale- and offset-free; reversed scores give -1 (LDS) but R^2 1
+    lds2, r2b, _ = E.span_scores(E.subset_predictions(-3.0 * truth, ablated), actual)
+    np.testing.assert_allclose(lds2, -1.0)
+    np.testing.assert_allclose(r2b, 1.0)
+    # constant measured effects are skipped and counted; constant predictions score 0
+    actual2 = actual.copy()
+    actual2[:, 0] = 0.7
+    lds3, _, const3 = E.span_scores(E.subset_predictions(np.zeros((s_n, k)), ablated), actual2)
+    assert const3 == 1 and len(lds3) == s_n - 1 and np.allclose(lds3, 0.0)
+    # same numbers as the estimator's own LDS where nothing is constant
+    from vstream.estimator import lds as est_lds
+
+    noisy = actual + rng.normal(scale=0.5, size=actual.shape)
+    mine, _, _ = E.span_scores(E.subset_predictions(truth, ablated), noisy)
+    assert np.isclose(np.mean(mine), est_lds(E.subset_predictions(truth, ablated).T, noisy.T))
+    assert 0.3 < np.mean(mine) < 1.0
+
+
+def test_top_masks_and_step_matching():
+    s = np.array([[0.1, 5, 3, -1, 4, 2, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=float)
+    top = E.top_masks(s)
+    assert top.sum(1).tolist() == [5, 5]
+    assert top[0].tolist() == [True, True, True, False, True, True, False]
+    assert E.top_masks(s[:, :3]).all()  # fewer than 5 regions: all of them
+    scene = Scene(1, "counting", "q?", [Step("I see a red circle.", 0), Step("I see a red circle.", 2),
+                                        Step("So there are 2 red objects.", None)], "2", [])
+    spans = [Span(0, "thought", "i see a Red circle. ", 0, 3), Span(1, "thought", "I see a red circle.", 3, 6),
+             Span(2, "thought", "Something else.", 6, 8), Span(3, "thought", "So there are 2 red objects.", 8, 9),
+             Span(4, "answer", "I see a red circle.", 9, 10)]
+    assert E.match_steps(spans, scene) == [0, 1, None, 2, None]
+
+
+def test_evaluate_json_has_every_key(tiny_qwen2_5_vl_dir, tmp_path, monkeypatch, capsys):
+    est_file = tmp_path / "stand-in.safetensors"
+    est_file.write_bytes(b"")  # main only checks that it exists; loading is monkeypatched
+    monkeypatch.setattr(E, "load_estimator", lambda path, vlm: StandIn(vlm.num_layers * vlm.num_heads))
+    rc = E.main(["--json", "--n", "3", "--model", str(tiny_qwen2_5_vl_dir), "--estimator", str(est_file),
+                 "--max-new-tokens", "12"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("lds", "r2", "top5_drop", "pointing", "seconds_per_span"):
+        assert set(res[key]) == set(E.ALL_METHODS), key
+    assert res["n"] == 3 and res["split"] == "heldout" and res["start"] == E.DEFAULT_START
+    for key in ("n_spans", "n_spans_matched", "n_pointing_spans", "n_spans_constant", "top5_drop_random",
+                "pointing_chance", "n_per_method", "ablation", "definitions", "r2_calibrated_vstream"):
+        assert key in res, key
+    assert res["n_spans"] >= 1
+    for m in E.ALL_METHODS:
+        assert res["seconds_per_span"][m] > 0
+        assert res["lds"][m] is None or -1 <= res["lds"][m] <= 1

@@ -1,0 +1,374 @@
+"""Faithfulness of vSTREAM and its baselines on held-out shapes-world scenes.
+
+    python -m vstream evaluate --json          # demo model + shipped estimator, 200 scenes
+
+Scenes come from the HELD-OUT seed range only (`shapes.scenes("heldout", start, n)`), starting
+at offset 100_000 by default, disjoint from `eval-model` (offsets 0..599) and from anything
+trained (the train split). Per scene, exactly as the estimator's labels are made
+(`vstream.labels.trace_with_attention`, `thought_spans`, `draw_masks`): generate the trace
+greedily with attention capture, compute regions (`regions_for`), cut the thinking spans, then
+
+* ground truth: 32 random region subsets (each region kept with probability 0.5, seeded by
+  (mask seed, scene seed); True = ablated), their measured effects on every span with THE ablation operator
+  (`vstream.ablation.ablation_effects`);
+* every method's (n_spans, K) scores via `vstream.baselines.attribute`, timed.
+
+Metrics (per method; "span" = a thinking span of the generated trace, the answer after
+`</think>` excluded, as in the estimator's labels):
+
+* lds: per span, Spearman correlation across the 32 subsets between the predicted subset effect
+  (sum of the method's scores over the ABLATED regions) and the measured effect; mean over
+  spans. Spans whose measured effects are constant (range < 1e-4 nats: float noise) are
+  skipped for every method and counted (`n_spans_constant`); a method whose predictions are
+  constant on a span scores 0 there.
+* r2: per span, squared Pearson correlation of predicted vs measured subset effects (= R^2 of
+  the best affine fit actual ~ a * predicted + b), mean over the same spans. Scale-free, so
+  methods in other units (attention mass, gradients) compare fairly with vSTREAM's nats.
+  `r2_calibrated_vstream`: plain 1 - SSE/SST of the estimator's calibrated predictions (nats,
+  bias included), pooled over all (span, subset) pairs.
+* top5_drop: per span, measured effect (nats) of ablating the method's 5 top-scored regions
+  together (one batched call for all methods); mean over spans. `top5_drop_random`: the same for
+  5 random regions, for reference.
+* pointing: share of thought spans whose top-scored region overlaps the ground-truth object of
+  the matching step (a span matches the scene's next unused step with identical text,
+  case-insensitive and stripped; only steps with an object count); overlap = some pixel of
+  the region (`Regions.pixel_labels`) lies in the object's mask. `pointing_chance`: mean share
+  of regions that overlap the object (what a random region would score).
+* seconds_per_span: wall-clock seconds of the method per span (vSTREAM / raw attention include
+  pooling the recorded attention rows into features; attention itself was recorded during
+  generation at no extra pass).
+
+The last stdout line is one JSON object; progress bars go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .baselines import METHODS, AttributionContext, attribute_timed
+from .shapes import HELDOUT_SEEDS, Scene, scenes
+from .spans import Span
+from .vlm import VLM, VLMError
+
+DEFAULT_START = 100_000  # disjoint from eval-model's held-out offsets (0..599)
+N_MASKS = 32
+KEEP_PROB = 0.5
+TOP = 5
+CONSTANT_TOL = 1e-4  # nats: a span whose measured subset effects span less is "constant"
+DEFAULT_ESTIMATOR = Path(__file__).resolve().parent.parent / "assets" / "estimator-demo.safetensors"
+ALL_METHODS = ("vstream", "raw_attention", "input_x_gradient", "occlusion")
+SLOW_METHODS = ("input_x_gradient", "occlusion")
+
+DEFINITIONS = {
+    "lds": "mean over spans of Spearman(predicted, measured) across 32 random region subsets "
+    "(keep prob 0.5); predicted = sum of scores over the ablated regions; constant-effect spans skipped",
+    "r2": "mean over the same spans of squared Pearson(predicted, measured) across the subsets "
+    "(R^2 of the best affine fit; scale-free)",
+    "r2_calibrated_vstream": "1 - SSE/SST of vSTREAM's calibrated subset predictions (scores + bias, nats) vs measured, "
+    "pooled over all non-constant (span, subset) pairs",
+    "top5_drop": "mean over spans of the measured effect (nats) of ablating the span's 5 top-scored regions",
+    "pointing": "share of thought spans matched to a step with an object whose top-scored region "
+    "overlaps that object's mask",
+    "seconds_per_span": "method wall-clock seconds / spans attributed",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def subset_predictions(scores: np.ndarray, ablated: np.ndarray) -> np.ndarray:
+    """(S, K) region scores, (M, K) ablated masks -> (M, S) predicted subset effects."""
+    return np.asarray(ablated, dtype=np.float64) @ np.asarray(scores, dtype=np.float64).T
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def constant_spans(actual: np.ndarray, tol: float = CONSTANT_TOL) -> np.ndarray:
+    """(M, S) measured effects -> (S,) bool: effects vary by less than tol across subsets."""
+    a = np.asarray(actual, dtype=np.float64)
+    return (a.max(0) - a.min(0)) < tol if a.size else np.zeros(a.shape[1], dtype=bool)
+
+
+def span_scores(predicted: np.ndarray, actual: np.ndarray, tol: float = CONSTANT_TOL) -> tuple[list[float], list[float], int]:
+    """Per-span LDS (Spearman) and R^2 (squared Pearson) across subsets, over non-constant spans.
+
+    predicted, actual: (M, S). Returns (lds list, r2 list, number of constant spans skipped).
+    The Spearman part is `vstream.estimator.lds` (the one LDS implementation: average ranks,
+    constant predictions score 0), applied to the spans that are not constant within `tol`."""
+    from .estimator import lds as lds_fn
+
+    p = np.asarray(predicted, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    const = constant_spans(a, tol)
+    keep = np.flatnonzero(~const)
+    if keep.size == 0:
+        return [], [], int(const.sum())
+    _, rho = lds_fn(p[:, keep].T, a[:, keep].T, return_per_span=True)
+    r2 = [_pearson(p[:, s], a[:, s]) ** 2 for s in keep]
+    ok = np.isfinite(rho)
+    return [float(x) for x in rho[ok]], [r for r, o in zip(r2, ok) if o], int(const.sum())
+
+
+def _pooled_r2(pred: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
+    """1 - SSE/SST over all pooled (span, subset) pairs (only meaningful for predictions in nats)."""
+    if not pred:
+        return None
+    p, a = np.concatenate(pred), np.concatenate(actual)
+    sst = float(((a - a.mean()) ** 2).sum())
+    return round(1 - float(((a - p) ** 2).sum()) / sst, 4) if sst > 0 else None
+
+
+def top_masks(scores: np.ndarray, top: int = TOP) -> np.ndarray:
+    """(S, K) scores -> (S, K) bool: each span's `top` highest-scored regions (stable order)."""
+    s = np.asarray(scores, dtype=np.float64)
+    out = np.zeros(s.shape, dtype=bool)
+    idx = np.argsort(-s, axis=1, kind="stable")[:, : min(top, s.shape[1])]
+    np.put_along_axis(out, idx, True, axis=1)
+    return out
+
+
+def match_steps(spans: list[Span], scene: Scene) -> list[int | None]:
+    """For each span, the index of the scene step it states (thought spans only; identical text,
+    case-insensitive, stripped; each step used once, in order), else None."""
+    norm = lambda x: x.strip().lower()  # noqa: E731
+    used: set[int] = set()
+    out: list[int | None] = []
+    for sp in spans:
+        hit = None
+        if sp.kind == "thought":
+            for j, st in enumerate(scene.steps):
+                if j not in used and norm(st.text) == norm(sp.text):
+                    hit = j
+                    used.add(j)
+                    break
+        out.append(hit)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the evaluation
+
+
+def load_estimator(path: str | Path, vlm: VLM) -> Any:
+    from .estimator import load
+
+    return load(str(path), vlm)
+
+
+def evaluate(
+    vlm: VLM,
+    estimator: Any,
+    n: int = 200,
+    start: int = DEFAULT_START,
+    methods: tuple[str, ...] = ALL_METHODS,
+    slow_n: int | None = None,
+    n_masks: int = N_MASKS,
+    keep_prob: float = KEEP_PROB,
+    mask_seed: int = 0,
+    max_new_tokens: int = 96,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the evaluation on held-out scenes [start, start + n); see the module docstring.
+
+    `slow_n`: run input_x_gradient and occlusion only on the first slow_n scenes (default all)."""
+    from .ablation import OPERATOR, ablation_effects
+    from .labels import draw_masks, thought_spans, trace_with_attention
+    from .regions import regions_for
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    slow_n = n if slow_n is None else min(int(slow_n), n)
+    items = scenes("heldout", start, n)
+    t_all = time.perf_counter()
+
+    lds: dict[str, list[float]] = defaultdict(list)
+    r2: dict[str, list[float]] = defaultdict(list)
+    drop: dict[str, list[float]] = defaultdict(list)
+    point: dict[str, list[bool]] = defaultdict(list)
+    secs: dict[str, float] = defaultdict(float)
+    spans_done: dict[str, int] = defaultdict(int)
+    examples_done: dict[str, int] = defaultdict(int)
+    drop_random: list[float] = []
+    chance: list[float] = []
+    cal_p: list[np.ndarray] = []
+    cal_a: list[np.ndarray] = []
+    fam_lds: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    counts = dict(n_spans=0, n_spans_matched=0, n_pointing_spans=0, n_spans_constant=0,
+                  n_spans_lds=0, n_spans_lds_slow=0, n_examples_without_spans=0)
+    ks: list[int] = []
+    gen_tokens, gen_secs, gt_secs = 0, 0.0, 0.0
+
+    for i, scene in enumerate(tqdm(items, desc="evaluate", file=sys.stderr, disable=not progress)):
+        inputs = vlm.build_inputs(scene.question, image=scene.image())
+        t0 = time.perf_counter()
+        tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)  # labels' own generation
+        gen_secs += time.perf_counter() - t0
+        gen_tokens += len(tokens)
+        spans = thought_spans(vlm, tokens)[0] if tokens else []
+        if not spans:
+            counts["n_examples_without_spans"] += 1
+            continue
+        gen = torch.tensor(tokens, dtype=torch.long)
+        regions = regions_for(inputs)
+        k, s_n = regions.k, len(spans)
+        ks.append(k)
+        ctx = AttributionContext(vlm, inputs, gen, spans, regions.assignment,
+                                 token_attn=rows, estimator=estimator, regions=regions)
+
+        ablated = draw_masks(k, n_masks, keep_prob, mask_seed, scene.seed).numpy()  # True = ablated
+        t0 = time.perf_counter()
+        actual = ablation_effects(vlm, inputs, gen, spans, torch.from_numpy(ablated),
+                                  regions.assignment).numpy()  # (M, S)
+        gt_secs += time.perf_counter() - t0
+
+        n_const = int(constant_spans(actual).sum())
+        run = [m for m in methods if m not in SLOW_METHODS or i < slow_n]
+        scores: dict[str, np.ndarray] = {}
+        for m in run:
+            scores[m], dt = attribute_timed(m, ctx)
+            secs[m] += dt
+            spans_done[m] += s_n
+            examples_done[m] += 1
+            pred = subset_predictions(scores[m], ablated)
+            l_, r_, _ = span_scores(pred, actual)
+            if m == "vstream" and hasattr(estimator, "bias"):  # predictions are in nats: plain R^2 too
+                live = ~constant_spans(actual)
+                cal_p.append((pred + float(estimator.bias))[:, live].ravel())
+                cal_a.append(actual[:, live].ravel())
+            lds[m] += l_
+            r2[m] += r_
+            fam_lds[scene.family][m] += l_
+        counts["n_spans"] += s_n
+        counts["n_spans_constant"] += n_const
+        counts["n_spans_lds"] += s_n - n_const
+        if i < slow_n:
+            counts["n_spans_lds_slow"] += s_n - n_const
+
+        # top-5 drop: every method's per-span top-5 masks + 5 random regions, one batched call
+        rng = np.random.default_rng([mask_seed, scene.seed, 1])
+        rand = np.zeros((s_n, k), dtype=bool)
+        for s in range(s_n):
+            rand[s, rng.choice(k, size=min(TOP, k), replace=False)] = True
+        blocks = [top_masks(scores[m]) for m in run] + [rand]
+        eff = ablation_effects(vlm, inputs, gen, spans,
+                               torch.from_numpy(np.concatenate(blocks)), regions.assignment).numpy()
+        diag = np.arange(s_n)
+        for j, m in enumerate(run):
+            drop[m] += eff[j * s_n + diag, diag].tolist()
+        drop_random += eff[len(run) * s_n + diag, diag].tolist()
+
+        # pointing
+        matched = match_steps(spans, scene)
+        labels = None
+        for s, j in enumerate(matched):
+            if j is None:
+                continue
+            counts["n_spans_matched"] += 1
+            obj = scene.steps[j].obj
+            if obj is None:
+                continue
+            mask = scene.mask(obj)
+            if labels is None:
+                labels = regions.pixel_labels((mask.shape[1], mask.shape[0]))
+            hit = np.zeros(k, dtype=bool)
+            hit[np.unique(labels[mask])] = True
+            counts["n_pointing_spans"] += 1
+            chance.append(float(hit.mean()))
+            for m in run:
+                point[m].append(bool(hit[int(np.argmax(scores[m][s]))]))
+
+    mean = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None  # noqa: E731
+    res: dict[str, Any] = {
+        "lds": {m: mean(lds[m]) for m in methods},
+        "r2": {m: mean(r2[m]) for m in methods},
+        "r2_calibrated_vstream": _pooled_r2(cal_p, cal_a),
+        "lds_per_family": {f: {m: mean(v[m]) for m in methods} for f, v in sorted(fam_lds.items())},
+        "top5_drop": {m: mean(drop[m]) for m in methods},
+        "top5_drop_random": mean(drop_random),
+        "pointing": {m: mean(point[m]) for m in methods},
+        "pointing_chance": mean(chance),
+        "n": n,
+        "n_per_method": {m: examples_done[m] for m in methods},
+        **counts,
+        "seconds_per_span": {m: (round(secs[m] / spans_done[m], 6) if spans_done[m] else None) for m in methods},
+        "ground_truth_seconds_per_example": round(gt_secs / max(1, len(ks)), 4),
+        "generation_seconds_per_token": round(gen_secs / max(1, gen_tokens), 5),
+        "k_mean": round(float(np.mean(ks)), 2) if ks else None,
+        "split": "heldout",
+        "start": start,
+        "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]] if n else [],
+        "masks_per_example": n_masks,
+        "keep_prob": keep_prob,
+        "mask_seed": mask_seed,
+        "slow_methods_on_first": slow_n,
+        "ablation": OPERATOR,
+        "definitions": DEFINITIONS,
+        "seconds": round(time.perf_counter() - t_all, 1),
+    }
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .demo_model import DEMO_MODEL_DIR
+    from .eval_model import check_heldout
+    from .vlm import load_vlm
+
+    ap = argparse.ArgumentParser(prog="python -m vstream evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
+    ap.add_argument("--estimator", default=str(DEFAULT_ESTIMATOR), help="trained estimator (.safetensors)")
+    ap.add_argument("--n", type=int, default=200, help="held-out scenes")
+    ap.add_argument("--start", type=int, default=DEFAULT_START,
+                    help=f"offset into the held-out seed range (default {DEFAULT_START}, disjoint from eval-model)")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
+    ap.add_argument("--slow-n", type=int, default=None,
+                    help="run input_x_gradient and occlusion on the first SLOW_N scenes only (default: all)")
+    ap.add_argument("--masks", type=int, default=N_MASKS, help="random region subsets per scene")
+    ap.add_argument("--mask-seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--json", action="store_true", help="print only the summary JSON (as the last line)")
+    args = ap.parse_args(argv)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    try:
+        if Path(args.model).is_dir():
+            check_heldout(Path(args.model))
+        vlm = load_vlm(args.model)
+        estimator = None
+        if "vstream" in methods:
+            if not Path(args.estimator).is_file():
+                raise VLMError(f"estimator not found: {args.estimator} (train one, or pass --estimator)")
+            estimator = load_estimator(args.estimator, vlm)
+        res = evaluate(vlm, estimator, n=args.n, start=args.start, methods=methods, slow_n=args.slow_n,
+                       n_masks=args.masks, mask_seed=args.mask_seed, max_new_tokens=args.max_new_tokens)
+    except (VLMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res["model"], res["estimator"] = args.model, (args.estimator if "vstream" in methods else None)
+    if not args.json:
+        print(f"{'method':18s} {'LDS':>7s} {'R^2':>7s} {'top5':>7s} {'point':>7s} {'s/span':>9s}")
+        for m in methods:
+            f = lambda v, w=7, p=3: f"{v:{w}.{p}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
+            print(f"{m:18s} {f(res['lds'][m])} {f(res['r2'][m])} {f(res['top5_drop'][m])} "
+                  f"{f(res['pointing'][m])} {f(res['seconds_per_span'][m], 9, 5)}")
+        print(f"{res['n']} held-out scenes, {res['n_spans']} spans ({res['n_spans_constant']} constant), "
+              f"{res['n_pointing_spans']} pointing spans; chance pointing {res['pointing_chance']}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
