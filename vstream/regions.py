@@ -163,19 +163,13 @@ class DinoV3Backbone:
         image_size: int | None = None,
         normalize: bool = True,
     ):
-        from vstream.vlm import _resolve  # the shared local-folder / hub-id resolver
+        from vstream.vlm import _resolve, read_model_config  # shared folder / hub-id handling
 
         try:
             path = _resolve(str(name_or_path), trust_remote_code=False)
         except VLMError as e:
             raise VLMError(f"DINOv3 backbone: {e}") from e
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise VLMError(f"{path} has no config.json: not a DINOv3 model folder")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise VLMError(f"could not read {cfg_file}: {e}") from e
+        raw = read_model_config(path, "DINOv3 model")
         if raw.get("model_type") != "dinov3_vit":
             raise VLMError(f"{path} is not a DINOv3 ViT (model_type {raw.get('model_type')!r}, expected 'dinov3_vit')")
         if not any(path.glob("*.safetensors")):

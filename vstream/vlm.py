@@ -506,13 +506,7 @@ def load_vlm(
     safetensors) is a one-line VLMError.
     """
     path = _resolve(str(name_or_path), trust_remote_code)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise VLMError(f"{path} has no config.json: not a model folder")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise VLMError(f"could not read {cfg_file}: {e}") from e
+    raw = read_model_config(path)
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise VLMError(
@@ -571,6 +565,17 @@ def load_vlm(
 
     return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor,
                arch=model_type, device=dev, dtype=dt)
+
+
+def read_model_config(path: Path, what: str = "model") -> dict:
+    """config.json of a model folder as a dict, or a one-line VLMError."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise VLMError(f"{path} has no config.json: not a {what} folder")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise VLMError(f"could not read {cfg_file}: {e}") from e
 
 
 def _first_line(e: BaseException) -> str:
