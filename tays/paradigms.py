@@ -1,0 +1,803 @@
+"""Three ways to reason over a live video on the same model (issue item 5), timed honestly.
+
+    src = ShapesSource(make_stream(7), fps=2.0, realtime=True)
+    res = run_paradigm(vlm, src, paradigm="tays", max_new_tokens=96)
+    res.metrics["ttft_question_s"], res.metrics["delay_s"], res.text
+
+* ``batch``: watch all, then think. Frames are buffered until the stream ends; then the prompt
+  and every frame group are prefilled into one causal sequence (the frames as one video) and the
+  reasoning and the answer are decoded.
+* ``interleaved``: one causal sequence and one KV cache, frames and reasoning alternating. A frame
+  group that arrives while a reasoning step is being decoded waits until the step is done
+  (decoding blocks ingestion); the next step starts only once every waiting group has been
+  prefilled (ingestion blocks decoding).
+* ``tays``: the `tays.engine.StreamingEngine`: frames are ingested by its own thread into the
+  video cache while the caller's thread decodes from (video cache + text cache); neither waits
+  for the other.
+
+One reasoning protocol for all three, so that only the scheduling differs:
+
+* the answer is `assistant_prefix` ("<think>") + reasoning steps + `answer_prefix` (" </think>")
+  + the answer, greedy. A reasoning step ends at a '.' or the end-of-step token ``<|eot|>`` or
+  after `step_tokens` tokens; eos and "</think>" are suppressed while reasoning (the protocol,
+  not the model, decides when reasoning ends), and eos ends the answer (at least one answer token).
+* streaming paradigms (interleaved, tays) decode the first step as soon as the question arrives
+  (with whatever frames are in), then one step per new evidence: after a step they wait for a new
+  frame group; groups that arrived meanwhile are covered by one step. Reasoning stops when
+  `max_new_tokens - answer_tokens` tokens are spent (the text cache stays bounded on long
+  streams); when the stream has ended and every frame is ingested, the answer is decoded.
+* batch decodes, after the stream, as many reasoning tokens as the streaming paradigms may:
+  ``min(max_new_tokens - answer_tokens, (frame groups + 1) * step_tokens)``, back to back.
+
+The question arrives `question_at` seconds after the stream starts; frames that came before it are
+buffered (the TaYS video cache starts with the prompt, so frames are ingested after it). Interleaved
+prefills them before its first token; TaYS decodes first and hands them to its ingestion thread
+right after the first token (decode-first scheduling: they could not be ingested in time for the
+first token anyway, and this keeps them from competing with it for the CPU).
+Sequence layout (all three): user turn (question) | frames | assistant header | reasoning. The
+batch / interleaved sequence uses standard mRoPE positions (a vision block at the next free
+position, text after it at max + 1, as `get_rope_index`); each interleaved group is its own block.
+TaYS uses the engine's decoupled positions.
+
+Every wall-clock stamp is a `time.perf_counter()` reading in seconds since stream start (see
+`tays.metrics`). Bad input never breaks a run: a frame of another size or an unreadable frame is
+rejected with a message in `RunResult.messages` (the engine never sees it); a source that fails or
+stops early ends the stream (message) and the answer is decoded from what was seen; every thread
+the run started (``tays-source``, the engine's ``tays-ingest``) is joined before returning.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments
+from tays.forward import check_supported, encode_frames, video_interval
+from tays.mask import TEXT
+from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, percentile
+from tays.positions import frame_position_ids, text_position_ids
+from tays.sources import FrameChecker, FrameSource, StreamError
+
+__all__ = [
+    "PARADIGMS",
+    "CausalSequence",
+    "chat_ids",
+    "measure_decode_contention",
+    "run_paradigm",
+]
+
+PARADIGMS = ("batch", "interleaved", "tays")
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def chat_ids(vlm: Any, question: str, system: str | None = None, assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+    """(user-turn ids, assistant-header ids): the same split `StreamingEngine.start` makes."""
+    tok = vlm.tokenizer
+    msgs: list[dict[str, Any]] = []
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    base = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+    full = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + assistant_prefix
+    if not full.startswith(base):
+        raise ValueError("the chat template's generation prompt does not extend the user turn")
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []
+    return enc(base), enc(full[len(base):])
+
+
+def _single_id(tok: Any, text: str) -> int | None:
+    """The id of `text` if it is exactly one token, else None."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# one causal sequence with one KV cache (batch and interleaved)
+
+
+class CausalSequence:
+    """A standard single-cache decoder over an interleaved sequence of text and frame groups.
+
+    Built from the same pieces as the TaYS engine (the model's own weights, `attend_segments`),
+    but every token attends to everything before it: frames see earlier reasoning, and text
+    positions follow the vision blocks. Not thread-safe (one caller drives it).
+    """
+
+    def __init__(self, vlm: Any, fps: float = 2.0, initial_capacity: int = 512):
+        check_supported(vlm)
+        self.vlm = vlm
+        model = vlm.model
+        self._lm = model.model.language_model
+        self._layers = list(self._lm.layers)
+        self._lm_head = model.lm_head
+        self._embed = model.get_input_embeddings()
+        self._hd = int(self._layers[0].self_attn.head_dim)
+        self._hkv = int(vlm.text_config.num_key_value_heads)
+        self._dev, self._dtype = vlm.device, vlm.dtype
+        self._interval = video_interval(vlm, fps)
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._cap = 0
+        self._init_cap = max(16, int(initial_capacity))
+        self.n = 0  # tokens in the cache
+        self.next_pos = 0  # next free position
+        self.n_groups = 0
+        self.last_group_time = -math.inf
+
+    def add_text(self, ids: Sequence[int], logits: bool = True) -> torch.Tensor | None:
+        """Append text tokens; returns float32 logits (n, vocab) when asked."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("add_text needs at least one token")
+        with torch.inference_mode():
+            h = self._embed(torch.tensor(ids, dtype=torch.long, device=self._dev))[None]
+            pos = text_position_ids(self.next_pos, 0, len(ids), self._dev)
+            out = self._forward(h, pos, logits)
+        self.next_pos += len(ids)
+        return None if out is None else out[0].float()
+
+    def add_frames(self, frames: Sequence[Any], time_s: float, base: int | None = None, group_index: int = 0) -> float:
+        """Encode and append one frame group as (part of) a vision block starting at position
+        `base` (default: the next free position) with temporal index `group_index`.
+        Returns the vision-tower seconds."""
+        t = _now()
+        with torch.inference_mode():
+            emb, grid = encode_frames(self.vlm, frames)
+            t_enc = _now() - t
+            base = self.next_pos if base is None else int(base)
+            pos = frame_position_ids(base, group_index, grid, self._interval, self._dev)
+            self._forward(emb[None].to(self._dtype), pos, False)
+        self.next_pos = max(self.next_pos, int(pos.max()) + 1)
+        self.n_groups += 1
+        self.last_group_time = float(time_s)
+        return t_enc
+
+    def _ensure(self, extra: int) -> None:
+        if self.n + extra <= self._cap:
+            return
+        cap = max(self._init_cap, 2 * (self.n + extra))
+        L = len(self._layers)
+        nk = [torch.empty(1, self._hkv, cap, self._hd, dtype=self._dtype, device=self._dev) for _ in range(L)]
+        nv = [torch.empty(1, self._hkv, cap, self._hd, dtype=self._dtype, device=self._dev) for _ in range(L)]
+        for li in range(len(self._k)):
+            nk[li][:, :, :self.n] = self._k[li][:, :, :self.n]
+            nv[li][:, :, :self.n] = self._v[li][:, :, :self.n]
+        self._k, self._v, self._cap = nk, nv, cap
+
+    def _forward(self, h: torch.Tensor, pos: torch.Tensor, need_logits: bool) -> torch.Tensor | None:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+        B, L, _ = h.shape
+        self._ensure(L)
+        n, D = self.n, self._hd
+        cos, sin = self._lm.rotary_emb(h, pos[:, None])
+        causal = torch.ones(L, L, dtype=torch.bool, device=self._dev).tril()
+        last = len(self._layers) - 1
+        out = None
+        for li, layer in enumerate(self._layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, L, -1, D).transpose(1, 2)
+            k = attn.k_proj(x).view(B, L, -1, D).transpose(1, 2)
+            v = attn.v_proj(x).view(B, L, -1, D).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self._k[li][:, :, n:n + L] = k
+            self._v[li][:, :, n:n + L] = v
+            if li == last and not need_logits:
+                break
+            segs = [(self._k[li][:, :, :n], self._v[li][:, :, :n], None), (k, v, causal)]
+            o = attend_segments(q, segs, attn.scaling)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        else:
+            out = self._lm_head(self._lm.norm(h))
+        self.n = n + L
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces of a run
+
+
+class _Writer:
+    """Decodes reasoning steps and the answer with one protocol (module docstring) on top of a
+    `forward(ids) -> (last logits, frames seen, newest frame time)` function, recording tokens,
+    steps and timed decode calls into the RunResult."""
+
+    def __init__(self, vlm: Any, res: RunResult, t0: float, forward: Callable, *, step_tokens: int,
+                 reasoning_budget: int, answer_tokens: int, answer_prefix_ids: list[int],
+                 on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool]):
+        from vstream.vlm import _IncrementalDecoder
+
+        tok = vlm.tokenizer
+        self.res, self.t0, self._forward = res, t0, forward
+        self.step_tokens = max(1, int(step_tokens))
+        self.left = max(0, int(reasoning_budget))
+        self.answer_tokens = max(1, int(answer_tokens))
+        self.answer_prefix_ids = list(answer_prefix_ids)
+        self.on_token, self.stopped = on_token, stopped
+        self.eos = set(vlm.eos_token_ids)
+        think_end = _single_id(tok, "</think>")
+        self.eot = _single_id(tok, "<|eot|>")
+        self.no_reasoning = self.eos | ({think_end} if think_end is not None else set())
+        self.no_answer = {think_end} if think_end is not None else set()
+        self._dec = _IncrementalDecoder(tok)
+        self.pending: list[int] = []  # fed before the next token is picked
+        self.logits: torch.Tensor | None = None
+        self.seen, self.seen_time = 0, -math.inf
+        self.after_first_token: Callable[[], Any] | None = None  # called once, after the first token
+
+    def feed(self, ids: list[int], produces: bool = True) -> None:
+        a = _now()
+        logits, seen, seen_t = self._forward(ids)
+        b = _now()
+        self.res.decode_calls.append(DecodeCall(a - self.t0, b - self.t0, len(ids), produces))
+        self.logits, self.seen, self.seen_time = logits, int(seen), float(seen_t)
+
+    def _pick(self, suppress: set[int]) -> int:
+        lg = self.logits
+        if suppress:
+            with torch.inference_mode():
+                lg = lg.clone()
+                lg[list(suppress)] = -math.inf
+        return int(lg.argmax())
+
+    def _emit(self, tok: int, phase: str) -> TokenRecord:
+        rec = TokenRecord(len(self.res.tokens), tok, self._dec.push(tok), _now() - self.t0, phase,
+                          self.seen, self.seen_time)
+        self.res.tokens.append(rec)
+        if self.on_token is not None:
+            self.on_token(rec)
+        if self.after_first_token is not None:
+            hook, self.after_first_token = self.after_first_token, None
+            hook()
+        return rec
+
+    def step(self) -> StepRecord | None:
+        """One reasoning step (feeds what is pending first). None when the budget is spent."""
+        if self.left <= 0 or self.stopped():
+            return None
+        self.feed(self.pending)
+        self.pending = []
+        recs, closed = [], "cap"
+        while True:
+            tok = self._pick(self.no_reasoning)
+            rec = self._emit(tok, "reasoning")
+            recs.append(rec)
+            self.left -= 1
+            if tok == self.eot:
+                closed = "eot"
+            elif "." in rec.text:
+                closed = "period"
+            elif self.left <= 0:
+                closed = "budget"
+            elif len(recs) >= self.step_tokens or self.stopped():
+                closed = "cap"
+            else:
+                self.feed([tok])
+                continue
+            self.pending = [tok]  # fed when the next step or the answer starts (sees newer frames)
+            break
+        s = StepRecord(len(self.res.steps), "".join(r.text for r in recs).strip(), recs[0].wall, recs[-1].wall,
+                       len(recs), recs[0].frames_seen, recs[0].stream_time, closed)
+        self.res.steps.append(s)
+        return s
+
+    def answer(self) -> None:
+        if self.stopped():
+            return
+        self.feed(self.pending + self.answer_prefix_ids)
+        self.pending = []
+        for k in range(self.answer_tokens):
+            tok = self._pick(self.no_answer | (self.eos if k == 0 else set()))
+            if tok in self.eos:
+                # the eos decision ends the answer; that forward produced no emitted token
+                self.res.decode_calls[-1].produced = False
+                return
+            self._emit(tok, "answer")
+            if k + 1 < self.answer_tokens:
+                self.feed([tok])
+
+
+class _Feed(threading.Thread):
+    """Plays the source in a ``tays-source`` thread: checks every frame (size, readability),
+    stamps its arrival and hands it on; ends the stream exactly once (also on errors / stop)."""
+
+    def __init__(self, source: FrameSource, res: RunResult, t0: float, stop: threading.Event,
+                 on_frame: Callable[[float, Any, float], None], on_end: Callable[[], None]):
+        super().__init__(name=THREAD_PREFIX + "source", daemon=True)
+        self.source, self.res, self.t0, self.stop = source, res, t0, stop
+        self.on_frame, self.on_end = on_frame, on_end
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        checker = FrameChecker()
+        last_t = None
+        src = self.source
+        try:
+            for t, frame in src.iter_frames(stop=self.stop, t0=self.t0):
+                arrived = _now() - self.t0
+                try:
+                    img = checker(frame, t)
+                except StreamError as e:
+                    self.res.frames_rejected += 1
+                    self.res.messages.append(str(e))
+                    continue
+                self.res.frames_received += 1
+                last_t = t
+                self.on_frame(float(t), img, arrived)
+                if self.stop.is_set():
+                    break
+            if not self.stop.is_set() and src.duration is not None:
+                expected_last = src.duration - 1.0 / src.fps
+                if last_t is None or last_t < expected_last - 1e-6:
+                    got = "no frame" if last_t is None else f"the last frame at t={last_t:.2f} s"
+                    self.res.messages.append(
+                        f"the stream stopped early: {got}, but it should last {src.duration:.2f} s")
+        except StreamError as e:
+            self.res.messages.append(str(e))
+        except BaseException as e:  # e.g. the engine refused a push: recorded, the run goes on
+            self.error = e
+            self.res.messages.append(f"the stream failed: {type(e).__name__}: {' '.join(str(e).split())}")
+        finally:
+            self.res.stream_end = _now() - self.t0
+            try:
+                self.on_end()
+            except BaseException as e:
+                self.res.messages.append(f"could not end the stream: {type(e).__name__}: {e}")
+
+
+class _Inbox:
+    """Frames waiting for the decoding thread (batch / interleaved)."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.items: list[tuple[float, Any, float]] = []
+        self.ended = False
+
+    def on_frame(self, t: float, img: Any, arrived: float) -> None:
+        with self.cv:
+            self.items.append((t, img, arrived))
+            self.cv.notify_all()
+
+    def on_end(self) -> None:
+        with self.cv:
+            self.ended = True
+            self.cv.notify_all()
+
+    def take(self) -> tuple[list[tuple[float, Any, float]], bool]:
+        with self.cv:
+            items, self.items = self.items, []
+            return items, self.ended
+
+    def wait(self, timeout: float) -> None:
+        """Until a frame is waiting or the stream ended (or the timeout)."""
+        with self.cv:
+            if not self.items and not self.ended:
+                self.cv.wait(timeout)
+
+    def wait_end(self, timeout: float) -> bool:
+        with self.cv:
+            if not self.ended:
+                self.cv.wait(timeout)
+            return self.ended
+
+
+def _sleep_until(t_wall: float, stopped: Callable[[], bool]) -> None:
+    while not stopped():
+        d = t_wall - _now()
+        if d <= 0:
+            return
+        time.sleep(min(d, 0.05))
+
+
+# ----------------------------------------------------------------------------------------------
+# the paradigms
+
+
+def _grouper(seq: CausalSequence, res: RunResult, t0: float, tp: int):
+    """Returns ingest(items, final, block_base) that appends complete frame groups to `seq`."""
+    pend: list[tuple[float, Any, float]] = []
+
+    def ingest(items, final: bool, one_block: bool) -> int:
+        pend.extend(items)
+        groups = []
+        while len(pend) >= tp:
+            groups.append(pend[:tp])
+            del pend[:tp]
+        if final and pend:
+            groups.append(list(pend))
+            pend.clear()
+        base = seq.next_pos
+        for gi, grp in enumerate(groups):
+            start = _now() - t0
+            t_enc = seq.add_frames([f for _, f, _ in grp], grp[-1][0], base=base if one_block else None,
+                                   group_index=gi if one_block else 0)
+            end = _now() - t0
+            res.groups.append(GroupRecord(len(res.groups), grp[-1][0], len(grp), max(a for _, _, a in grp),
+                                          start, end, t_enc))
+        return len(groups)
+
+    return ingest
+
+
+def _run_batch(vlm, source, res, t0, stop, stopped, question, kw) -> None:
+    inbox = _Inbox()
+    feed = _Feed(source, res, t0, stop, inbox.on_frame, inbox.on_end)
+    feed.start()
+    try:
+        _sleep_until(t0 + kw["question_at"], stopped)
+        res.question_at = _now() - t0
+        while not stopped() and not inbox.wait_end(0.05):
+            pass
+        if stopped():
+            return
+        items, _ = inbox.take()
+        seq = CausalSequence(vlm, res.fps)
+        prompt, header = chat_ids(vlm, question, assistant_prefix=kw["assistant_prefix"])
+        seq.add_text(prompt, logits=False)
+        _grouper(seq, res, t0, vlm.temporal_patch_size)(items, True, True)
+        budget = min(kw["reasoning_budget"], (seq.n_groups + 1) * kw["step_tokens"])
+        w = _writer(vlm, res, t0, lambda ids: (seq.add_text(ids)[-1], seq.n_groups, seq.last_group_time),
+                    kw, budget, stopped)
+        w.pending = list(header)
+        while w.step() is not None:
+            pass
+        w.answer()
+    finally:
+        stop.set()
+        feed.join()
+
+
+def _run_interleaved(vlm, source, res, t0, stop, stopped, question, kw) -> None:
+    inbox = _Inbox()
+    feed = _Feed(source, res, t0, stop, inbox.on_frame, inbox.on_end)
+    feed.start()
+    try:
+        _sleep_until(t0 + kw["question_at"], stopped)
+        res.question_at = _now() - t0
+        seq = CausalSequence(vlm, res.fps)
+        prompt, header = chat_ids(vlm, question, assistant_prefix=kw["assistant_prefix"])
+        seq.add_text(prompt, logits=False)
+        ingest = _grouper(seq, res, t0, vlm.temporal_patch_size)
+        items, ended = inbox.take()
+        ingest(items, ended, True)  # the backlog: one vision block, before the first token
+        w = _writer(vlm, res, t0, lambda ids: (seq.add_text(ids)[-1], seq.n_groups, seq.last_group_time),
+                    kw, kw["reasoning_budget"], stopped)
+        w.pending = list(header)
+        w.step()
+        over = False
+        while not stopped():
+            items, ended = inbox.take()
+            new = ingest(items, ended, False)  # blocks decoding
+            if new == 0:
+                if ended:
+                    over = True
+                    break
+                inbox.wait(0.05)
+                continue
+            w.step()  # blocks ingestion (returns at once when the budget is spent)
+        if over:
+            w.answer()
+    finally:
+        stop.set()
+        feed.join()
+
+
+class _TaysSink:
+    """Frames -> engine: buffered until the question arrives, then pushed as they come."""
+
+    def __init__(self, eng: StreamingEngine, stop: threading.Event, max_backlog: int | None, tp: int):
+        self.eng, self.stop, self.max_backlog, self.tp = eng, stop, max_backlog, tp
+        self.lock = threading.Lock()
+        self.started = False
+        self.ended = False  # end_of_stream() handed to the engine
+        self._source_ended = False
+        self.buffer: list[tuple[float, Any, float]] = []
+        self.arrivals: list[float] = []  # per pushed frame
+        self.capacity_max = 0
+
+    def _push(self, t: float, img: Any, arrived: float) -> None:
+        self.eng.push_frame(img, t)
+        self.arrivals.append(arrived)
+
+    def on_frame(self, t: float, img: Any, arrived: float) -> None:
+        with self.lock:
+            if not self.started:
+                self.buffer.append((t, img, arrived))
+                return
+            self._push(t, img, arrived)
+        self.capacity_max = max(self.capacity_max, self.eng.video_capacity)
+        if self.max_backlog is not None:  # back-pressure for as-fast-as-possible sources
+            target = len(self.arrivals) // self.tp - self.max_backlog
+            while target > 0 and self.eng.frames_ingested < target and not self.stop.is_set():
+                self.eng.wait_frames(target, timeout=0.1)
+
+    def on_end(self) -> None:
+        with self.lock:
+            self._source_ended = True
+            if self.started and not self.ended:
+                self.eng.end_of_stream()
+                self.ended = True
+
+    def begin(self) -> None:
+        with self.lock:
+            if self.started:
+                return
+            self.started = True
+            for item in self.buffer:
+                self._push(*item)
+            self.buffer.clear()
+            if self._source_ended and not self.ended:
+                self.eng.end_of_stream()
+                self.ended = True
+
+
+def _last_text(eng: StreamingEngine):
+    for s in reversed(eng.segments()):
+        if s.kind == TEXT:
+            return s
+    return None
+
+
+def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
+    eng = StreamingEngine(vlm, visual_window=kw["visual_window"], fps=res.fps)
+    tp = vlm.temporal_patch_size
+    sink = _TaysSink(eng, stop, kw["max_backlog"], tp)
+    feed = _Feed(source, res, t0, stop, sink.on_frame, sink.on_end)
+    t_eng = None
+
+    def forward(ids):
+        logits = eng.decode_step(ids)[-1]
+        s = _last_text(eng)
+        res.video_capacity_max = max(res.video_capacity_max, eng.video_capacity)
+        return logits, s.frames_seen, s.time
+
+    w = _writer(vlm, res, t0, forward, kw, kw["reasoning_budget"], stopped)  # question-independent set-up
+    feed.start()
+    try:
+        _sleep_until(t0 + kw["question_at"], stopped)
+        res.question_at = _now() - t0
+        t_eng = _now()
+        eng.start(question, assistant_prefix=kw["assistant_prefix"])
+        # decode first: frames that came before the question go to the ingestion thread right after
+        # the first token (they could not be ingested in time for it anyway); later frames go at once
+        w.after_first_token = sink.begin
+        w.pending = list(eng.header_ids)
+        w.step()
+        sink.begin()  # (no-op if the first token did it)
+        seen = w.seen  # frame groups the last step saw
+        over = False
+
+        def next_step() -> int:
+            if w.left > 0:
+                w.step()
+                return w.seen
+            return eng.frames_ingested  # budget spent: just keep watching
+
+        while not stopped():
+            if eng.wait_frames(seen + 1, timeout=0.05):
+                seen = next_step()
+                continue
+            if sink.ended and eng.wait_idle(timeout=0):
+                if eng.frames_ingested > seen:
+                    seen = next_step()
+                    continue
+                over = True
+                break
+        if over:
+            w.answer()
+    finally:
+        stop.set()
+        feed.join()
+        eng.stop()
+        if t_eng is not None:
+            _tays_groups(eng, sink, res, t0, getattr(eng, "_t0", t_eng))
+        res.video_capacity_max = max(res.video_capacity_max, sink.capacity_max)
+        _mark_ingesting(res)
+
+
+def _tays_groups(eng: StreamingEngine, sink: _TaysSink, res: RunResult, t0: float, t_eng: float) -> None:
+    off = t_eng - t0
+    tp = sink.tp
+    n = len(sink.arrivals)
+    for rec in list(eng.frame_log):
+        lo = rec.index * tp
+        if lo >= n:
+            break
+        hi = min(lo + tp, n)
+        res.groups.append(GroupRecord(rec.index, rec.time, hi - lo, max(sink.arrivals[lo:hi]),
+                                      off + rec.committed_at - rec.ingest_s, off + rec.committed_at, rec.encode_s))
+
+
+def _mark_ingesting(res: RunResult) -> None:
+    """DecodeCall.ingesting: at least half of the call overlapped the ingestion of a group."""
+    spans = sorted((g.start, g.end) for g in res.groups)
+    for c in res.decode_calls:
+        c.ingesting = _overlap(c.start, c.end, spans) >= 0.5 * max(c.end - c.start, 1e-9)
+
+
+def _overlap(a: float, b: float, spans: Sequence[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans if s < b and e > a)
+
+
+def _writer(vlm, res, t0, forward, kw, budget, stopped) -> _Writer:
+    return _Writer(vlm, res, t0, forward, step_tokens=kw["step_tokens"], reasoning_budget=budget,
+                   answer_tokens=kw["answer_tokens"], answer_prefix_ids=kw["answer_prefix_ids"],
+                   on_token=kw["on_token"], stopped=stopped)
+
+
+_RUNNERS = {"batch": _run_batch, "interleaved": _run_interleaved, "tays": _run_tays}
+
+
+def run_paradigm(
+    vlm: Any,
+    source: FrameSource,
+    question: str | None = None,
+    paradigm: str = "tays",
+    fps: float | None = None,
+    max_new_tokens: int = 96,
+    *,
+    step_tokens: int = 8,
+    answer_tokens: int = 8,
+    question_at: float = 0.0,
+    visual_window: int | None = None,
+    assistant_prefix: str = "<think>",
+    answer_prefix: str = " </think>",
+    max_backlog: int | None = None,
+    on_token: Callable[[TokenRecord], Any] | None = None,
+    stop_event: threading.Event | None = None,
+) -> RunResult:
+    """Play `source` from now (stream start) and reason over it with `paradigm` (see the module
+    docstring). Returns the RunResult with its metrics (`tays.metrics.compute_metrics`).
+
+    question: default `source.question` (shapes-world streams carry one). fps: the source's frame
+    rate (default `source.fps`; must agree with it). max_new_tokens: all generated tokens
+    (reasoning + answer). question_at: seconds after stream start when the question arrives.
+    visual_window: TaYS only, frame groups a step may see (bounded memory on long streams).
+    max_backlog: TaYS only, frame groups the source may run ahead of ingestion (default: none for
+    real-time sources, 4 otherwise). on_token: called in the decoding thread for every token.
+    stop_event: set it to end the run early (no answer; `RunResult.stopped`).
+    """
+    if paradigm not in _RUNNERS:
+        raise ValueError(f"unknown paradigm {paradigm!r}; choose from {', '.join(PARADIGMS)}")
+    check_supported(vlm)
+    fps = float(source.fps if fps is None else fps)
+    if abs(fps - float(source.fps)) > 1e-9:
+        raise ValueError(f"fps {fps} does not match the source's {source.fps}")
+    if question is None:
+        question = getattr(source, "question", None)
+        if question is None:
+            raise ValueError("run_paradigm needs a question (this source carries none)")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    answer_tokens = max(1, min(int(answer_tokens), int(max_new_tokens)))
+    if max_backlog is None and not source.realtime:
+        max_backlog = 4
+    kw = dict(
+        step_tokens=int(step_tokens), answer_tokens=answer_tokens, question_at=max(0.0, float(question_at)),
+        visual_window=visual_window, assistant_prefix=assistant_prefix,
+        answer_prefix_ids=vlm.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else [],
+        reasoning_budget=int(max_new_tokens) - answer_tokens, max_backlog=max_backlog, on_token=on_token,
+    )
+    res = RunResult(paradigm, fps, question, speed=float(getattr(source, "speed", 1.0)),
+                    events=getattr(source, "events", None))
+    stop = threading.Event()
+
+    def stopped() -> bool:
+        if stop_event is not None and stop_event.is_set():
+            res.stopped = True
+            return True
+        return False
+
+    t0 = _now()
+    _RUNNERS[paradigm](vlm, source, res, t0, stop, stopped, question, kw)
+    compute_metrics(res)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# decode latency with and without concurrent ingestion (TaYS)
+
+
+def measure_decode_contention(
+    vlm: Any,
+    frames: Sequence[Any],
+    question: str = "What happens in the video?",
+    n_steps: int = 96,
+    block: int = 16,
+    visual_window: int = 8,
+    fps: float = 2.0,
+) -> dict[str, Any]:
+    """p50/p95 latency of single-token TaYS decode steps while the ingestion thread is idle vs
+    busy. Alternating blocks of `block` steps: idle (nothing queued) and ingesting (a
+    ``tays-stress`` thread keeps 1-2 frame groups queued, so ingestion never pauses). Each step
+    is classified afterwards from the engine's own ingestion timings: "ingesting" if at least
+    half of it overlapped the ingestion of a group, "idle" if none of it did (others are left
+    out). The visual window is full before the first block, so every step attends to as many
+    frame tokens."""
+    checker = FrameChecker()
+    frames = [checker(f) for f in frames]
+    if len(frames) < 2:
+        raise ValueError("measure_decode_contention needs at least 2 frames")
+    tp = vlm.temporal_patch_size
+    eng = StreamingEngine(vlm, visual_window=visual_window, fps=fps)
+    calls: list[tuple[str, float, float]] = []
+    feeding, quit_ = threading.Event(), threading.Event()
+    state = {"pushed": 0, "i": 0}
+
+    def push_group() -> None:
+        for _ in range(tp):
+            eng.push_frame(frames[state["i"] % len(frames)])
+            state["i"] += 1
+        state["pushed"] += 1
+
+    def feeder() -> None:
+        while not quit_.is_set():
+            if not feeding.wait(0.05):
+                continue
+            if state["pushed"] - eng.frames_ingested < 2:
+                push_group()
+            else:
+                eng.wait_frames(state["pushed"] - 1, timeout=0.05)
+
+    th = threading.Thread(target=feeder, name=THREAD_PREFIX + "stress", daemon=True)
+    try:
+        eng.start(question)
+        t_eng = getattr(eng, "_t0", _now())
+        for _ in range(visual_window + 1):
+            push_group()
+        eng.wait_idle()
+        logits = eng.decode_step(eng.header_ids)[-1]
+        tok = int(logits.argmax())
+        for _ in range(4):  # warm-up
+            tok = int(eng.decode_step(tok)[-1].argmax())
+        th.start()
+        for r in range(max(1, n_steps // (2 * block))):
+            for mode in ("idle", "ingesting"):
+                if mode == "idle":
+                    feeding.clear()
+                    time.sleep(0.005)
+                    eng.wait_idle()
+                else:
+                    feeding.set()
+                    eng.wait_frames(eng.frames_ingested + 1, timeout=5.0)  # ingestion is running
+                for _ in range(block):
+                    a = _now()
+                    tok = int(eng.decode_step(tok)[-1].argmax())
+                    calls.append((mode, a - t_eng, _now() - t_eng))
+        feeding.clear()
+    finally:
+        quit_.set()
+        if th.is_alive():
+            th.join()
+        eng.stop()
+    spans = sorted((r.committed_at - r.ingest_s, r.committed_at) for r in eng.frame_log)
+    idle, busy, partial = [], [], 0
+    for _, a, b in calls:
+        ov = _overlap(a, b, spans)
+        if ov <= 0:
+            idle.append((b - a) * 1000)
+        elif ov >= 0.5 * (b - a):
+            busy.append((b - a) * 1000)
+        else:
+            partial += 1
+    ing = [r for r in eng.frame_log if r.index > visual_window]
+    return {
+        "decode_step_ms_p50_idle": percentile(idle, 50),
+        "decode_step_ms_p95_idle": percentile(idle, 95),
+        "decode_step_ms_p50_ingesting": percentile(busy, 50),
+        "decode_step_ms_p95_ingesting": percentile(busy, 95),
+        "steps_idle": len(idle),
+        "steps_ingesting": len(busy),
+        "steps_partial": partial,
+        "ingest_ms_p50": percentile([r.ingest_s * 1000 for r in ing], 50),
+        "frames_per_s_while_decoding": (tp * len(ing) / sum(r.ingest_s for r in ing)) if ing else None,
+    }
