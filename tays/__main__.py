@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from tays.metrics import finite_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "assets" / "demo-model"
@@ -161,22 +162,14 @@ def bench(argv: list[str]) -> int:
         "cpu_count": os.cpu_count(), "wall_s": time.perf_counter() - t_start,
         "times": "wall clock (time.perf_counter), seconds since stream start",
     }
-    _log(f"acceptance: {json.dumps(_finite(acc))}")
+    _log(f"acceptance: {json.dumps(finite_json(acc))}")
     if args.json:
-        print(json.dumps(_finite(out)), flush=True)
+        print(json.dumps(finite_json(out)), flush=True)
     else:
-        print(json.dumps(_finite(out), indent=1))
+        print(json.dumps(finite_json(out), indent=1))
     return 0
 
 
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +243,7 @@ def memory_run(argv: list[str]) -> int:
         "video_cache_max_mb": res.video_capacity_max * per_token / 2**20,
         "messages": res.messages[:5],
     }
-    print(json.dumps(_finite(out)), flush=True)
+    print(json.dumps(finite_json(out)), flush=True)
     return 0
 
 
@@ -296,7 +289,7 @@ def memory(argv: list[str]) -> int:
         "stream_growth_mb": {k: r["rss_max_during_stream_mb"] - r["rss_after_load_mb"] for k, r in runs.items()},
     }
     _log(f"peak ratio long/short {out['peak_rss_ratio']:.3f} (within 10%: {out['peak_within_10pct']})")
-    print(json.dumps(_finite(out)) if args.json else json.dumps(_finite(out), indent=1), flush=True)
+    print(json.dumps(finite_json(out)) if args.json else json.dumps(finite_json(out), indent=1), flush=True)
     return 0
 
 

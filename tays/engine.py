@@ -165,6 +165,22 @@ def _alloc(n_layers: int, hkv: int, cap: int, d: int, dtype, device) -> tuple[li
     return ks, vs
 
 
+def chat_ids(vlm: Any, question: str, system: str | None = None, assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+    """(user-turn ids, assistant-header ids): the prompt goes to the video cache, the header
+    is the first thing decoding feeds."""
+    tok = vlm.tokenizer
+    msgs: list[dict[str, Any]] = []
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    base = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+    full = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + assistant_prefix
+    if not full.startswith(base):
+        raise ValueError("the chat template's generation prompt does not extend the user turn")
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+    return enc(base), enc(full[len(base):])
+
+
 class StreamingEngine:
     """Think-as-you-see decoding on a Qwen2.5-VL `vstream.vlm.VLM` (see the module docstring).
 
@@ -270,7 +286,7 @@ class StreamingEngine:
         if prompt_ids is None:
             if question is None:
                 raise ValueError("start() needs a question or prompt_ids")
-            prompt_ids, hdr = self._template(question, system, assistant_prefix)
+            prompt_ids, hdr = chat_ids(self.vlm, question, system, assistant_prefix)
             header_ids = hdr if header_ids is None else header_ids
         self.prompt_ids = [int(i) for i in prompt_ids]
         self.header_ids = [int(i) for i in (header_ids or [])]
@@ -305,19 +321,6 @@ class StreamingEngine:
         t = threading.Thread(target=self._ingest_loop, name=THREAD_PREFIX + "ingest", daemon=True)
         self._threads.append(t)
         t.start()
-
-    def _template(self, question: str, system: str | None, assistant_prefix: str) -> tuple[list[int], list[int]]:
-        tok = self.vlm.tokenizer
-        msgs: list[dict[str, Any]] = []
-        if system is not None:
-            msgs.append({"role": "system", "content": system})
-        msgs.append({"role": "user", "content": [{"type": "text", "text": question}]})
-        base = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
-        full = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + assistant_prefix
-        if not full.startswith(base):
-            raise ValueError("the chat template's generation prompt does not extend the user turn")
-        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []
-        return enc(base), enc(full[len(base):])
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop ingestion (queued frames are dropped) and the feeder; join every engine thread."""

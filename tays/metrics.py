@@ -138,17 +138,17 @@ class RunResult:
             d["steps"] = [asdict(s) for s in self.steps]
             d["decode_calls"] = [asdict(c) for c in self.decode_calls]
             d["groups"] = [asdict(g) for g in self.groups]
-        return _finite(d)
+        return finite_json(d)
 
 
-def _finite(x: Any) -> Any:
+def finite_json(x: Any) -> Any:
     """JSON-safe: non-finite floats become None."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: finite_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite_json(v) for v in x]
     return x
 
 
@@ -255,5 +255,5 @@ def compute_metrics(r: RunResult) -> dict[str, Any]:
         "decode_step_ms_p50": percentile(single, 50),
         "decode_step_ms_p95": percentile(single, 95),
     }
-    r.metrics = _finite(m)
+    r.metrics = finite_json(m)
     return r.metrics

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments
+from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments, chat_ids
 from tays.forward import check_supported, encode_frames, video_interval
 from tays.mask import TEXT
 from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, percentile
@@ -75,21 +75,6 @@ PARADIGMS = ("batch", "interleaved", "tays")
 
 def _now() -> float:
     return time.perf_counter()
-
-
-def chat_ids(vlm: Any, question: str, system: str | None = None, assistant_prefix: str = "") -> tuple[list[int], list[int]]:
-    """(user-turn ids, assistant-header ids): the same split `StreamingEngine.start` makes."""
-    tok = vlm.tokenizer
-    msgs: list[dict[str, Any]] = []
-    if system is not None:
-        msgs.append({"role": "system", "content": system})
-    msgs.append({"role": "user", "content": [{"type": "text", "text": question}]})
-    base = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
-    full = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + assistant_prefix
-    if not full.startswith(base):
-        raise ValueError("the chat template's generation prompt does not extend the user turn")
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []
-    return enc(base), enc(full[len(base):])
 
 
 def _single_id(tok: Any, text: str) -> int | None:
