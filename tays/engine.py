@@ -165,6 +165,19 @@ def _alloc(n_layers: int, hkv: int, cap: int, d: int, dtype, device) -> tuple[li
     return ks, vs
 
 
+def project_qkv(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """(B, heads, L, D) queries and (B, kv_heads, L, D) keys/values of one decoder layer, with
+    the model's own RoPE applied: keys are cached post-RoPE, as transformers does."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+    B, L, _ = x.shape
+    q = attn.q_proj(x).view(B, L, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, L, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, L, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
 def chat_ids(vlm: Any, question: str, system: str | None = None, assistant_prefix: str = "") -> tuple[list[int], list[int]]:
     """(user-turn ids, assistant-header ids): the prompt goes to the video cache, the header
     is the first thing decoding feeds."""
@@ -668,8 +681,6 @@ class StreamingEngine:
         """Run (1, L, hidden) embeddings through the decoder layers with our own attention:
         per layer, K/V (post-RoPE) go to `store`, and the queries attend to `context(layer, k, v)`
         segments. The last layer's attention/MLP is skipped when no logits are needed."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
         cos, sin = self._lm.rotary_emb(h, pos)
         B, L, _ = h.shape
         D = self._head_dim
@@ -677,10 +688,7 @@ class StreamingEngine:
         for li, layer in enumerate(self._layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, L, -1, D).transpose(1, 2)
-            k = attn.k_proj(x).view(B, L, -1, D).transpose(1, 2)
-            v = attn.v_proj(x).view(B, L, -1, D).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = project_qkv(attn, x, cos, sin, D)
             store(li, k, v)
             if li == last and not need_logits:
                 return None

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments, chat_ids
+from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments, chat_ids, project_qkv
 from tays.forward import check_supported, encode_frames, video_interval
 from tays.mask import TEXT
 from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, percentile
@@ -157,8 +157,6 @@ class CausalSequence:
         self._k, self._v, self._cap = nk, nv, cap
 
     def _forward(self, h: torch.Tensor, pos: torch.Tensor, need_logits: bool) -> torch.Tensor | None:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
         B, L, _ = h.shape
         self._ensure(L)
         n, D = self.n, self._hd
@@ -169,10 +167,7 @@ class CausalSequence:
         for li, layer in enumerate(self._layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, L, -1, D).transpose(1, 2)
-            k = attn.k_proj(x).view(B, L, -1, D).transpose(1, 2)
-            v = attn.v_proj(x).view(B, L, -1, D).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = project_qkv(attn, x, cos, sin, D)
             self._k[li][:, :, n:n + L] = k
             self._v[li][:, :, n:n + L] = v
             if li == last and not need_logits:
