@@ -6,6 +6,9 @@
     accelerate launch -m vstream train-demo                         # all local GPUs, data parallel
 
 Scenes come only from the training seed range; every process reads its own shard of it.
+Besides the language-model loss on the trace, a throw-away linear probe on the vision tokens
+learns each token's object colour, kind and digit from the scene's masks (a dense stage-1 style
+alignment signal). It makes the vision tower useful within minutes on CPU; it is not saved.
 Checkpoints (accelerate state + step) are written every `--save-every` steps to `--run-dir`;
 rerunning the same command resumes from the latest one.
 """
@@ -17,6 +20,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -24,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
-from .shapes import TRAIN_SEEDS, make_inventory, make_scene
+from .shapes import COLORS, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
 INVENTORY_SHARE = 4  # out of every 10 training samples: the dense "List every object." task
 
@@ -46,11 +50,73 @@ class TrainScenes(Dataset):
         return make_inventory(seed) if i % 10 < INVENTORY_SHARE else make_scene(seed)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+TOKEN_PX = 28  # one LLM image token of the demo model covers 28x28 pixels
+KINDS = (*SHAPES, "box", "bar")
+PROBE_HEADS = (len(COLORS) + 1, len(KINDS) + 1, 10 + 1)  # colour, kind, digit/value; 0 = none
+
+
+def token_targets(scene: Scene, min_cover: float = 0.1) -> torch.Tensor:
+    """(64, 3) class ids per image token, raster order: the object covering most of the token."""
+    side = SIZE // TOKEN_PX
+    cover = np.zeros((len(scene.objects), side, side), np.float32)
+    for i in range(len(scene.objects)):
+        m = scene.mask(i).reshape(side, TOKEN_PX, side, TOKEN_PX)
+        cover[i] = m.mean(axis=(1, 3))
+    out = torch.zeros((side * side, 3), dtype=torch.long)
+    if not len(scene.objects):
+        return out
+    best, frac = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1)
+    colors, kinds = list(COLORS), list(KINDS)
+    for t in np.flatnonzero(frac >= min_cover):
+        o = scene.objects[best[t]]
+        out[t, 0] = colors.index(o.color) + 1
+        out[t, 1] = kinds.index(o.shape if o.kind == "shape" else o.kind) + 1
+        out[t, 2] = int(o.label) + 1 if o.label.isdigit() else 0
+    return out
+
+
+class TrainCollator(Collator):
+    def __call__(self, batch: list[Scene]) -> dict[str, torch.Tensor]:
+        out = super().__call__(batch)
+        out["token_targets"] = torch.cat([token_targets(s) for s in batch])
+        return out
+
+
+class WithProbe(torch.nn.Module):
+    """The VLM plus a linear probe on its merged vision tokens; loss = LM + probe CE."""
+
+    def __init__(self, model, weight: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.weight = weight
+        self.probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_HEADS))
+        self._vision = None
+        model.model.visual.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self._vision = output.pooler_output
+
+    def forward(self, token_targets: torch.Tensor, **batch) -> tuple[torch.Tensor, torch.Tensor]:
+        lm = self.model(**batch).loss
+        logits = self.probe(self._vision.float()).split(PROBE_HEADS, dim=-1)
+        probe = sum(torch.nn.functional.cross_entropy(lg, token_targets[:, k]) for k, lg in enumerate(logits))
+        self._vision = None
+        return lm + self.weight * probe / len(PROBE_HEADS), probe.detach() / len(PROBE_HEADS)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100, time_frac: float = 0.0) -> float:
+    """Warm-up, then cosine to 10% over whichever runs out first: the steps or the time budget,
+    so a run cut by `--minutes` on a slow or busy machine still ends annealed."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
+    frac = max((step - warmup) / max(1, total - warmup), time_frac)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _agreed_seconds(acc: Accelerator, seconds: float) -> float:
+    if acc.num_processes == 1:
+        return seconds
+    return acc.gather(torch.tensor([seconds], device=acc.device)).max().item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="checkpoints for resuming")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
     args = ap.parse_args(argv)
 
     # cpu=True without CUDA: then `--multi_gpu --num_processes N` runs N gloo processes on CPU
@@ -71,13 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     tok = make_tokenizer()
     ip = make_image_processor()
-    model = build_demo_model(tok)
+    model = WithProbe(build_demo_model(tok), weight=args.probe_weight)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     data = TrainScenes(args.steps * args.batch_size * acc.num_processes)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=Collator(tok, ip))
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip))
     model, opt, loader = acc.prepare(model, opt, loader)
 
-    start, ema, before = 0, None, 0.0
+    start, ema, pema, before = 0, None, None, 0.0
     state = args.run_dir / "latest"
     if (state / "step.json").exists():
         acc.load_state(str(state))
@@ -93,18 +160,21 @@ def main(argv: list[str] | None = None) -> None:
     for batch in batches:
         if step >= args.steps:
             break
+        spent = _agreed_seconds(acc, before + time.time() - t0)  # same LR and stop step everywhere
+        time_frac = spent / (args.minutes * 60) if args.minutes else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
-        loss = model(**batch).loss
+            g["lr"] = lr_at(step, args.steps, args.lr, time_frac=time_frac)
+        loss, probe = model(**batch)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        pema = probe.item() if pema is None else 0.98 * pema + 0.02 * probe.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}")
-        out_of_time = args.minutes is not None and time.time() - t0 > args.minutes * 60
+        bar.set_postfix(loss=f"{ema:.3f}", probe=f"{pema:.3f}")
+        out_of_time = args.minutes is not None and spent > args.minutes * 60
         if step % args.save_every == 0 or out_of_time or step == args.steps:
             acc.save_state(str(state))
             if acc.is_main_process:
@@ -117,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
     acc.wait_for_everyone()
     if acc.is_main_process:
-        final = acc.unwrap_model(model)
+        final = acc.unwrap_model(model).model
         final.eval()
         args.out.mkdir(parents=True, exist_ok=True)
         # float16 on disk keeps the shipped weights small; loading upcasts to the chosen dtype.
@@ -131,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             "minutes": round((before + time.time() - t0) / 60, 2),
             "parameters": sum(p.numel() for p in final.parameters()),
             "final_loss_ema": ema,
+            "final_probe_loss_ema": pema,
             "processes": acc.num_processes,
         }
         (args.out / "training.json").write_text(json.dumps(meta, indent=2))
