@@ -5,6 +5,9 @@
 * `tays.forward`: one full forward over a streaming sequence (training / oracle).
 * `tays.engine`: `StreamingEngine`, decoding while frames are ingested, with a parallel
   dual KV cache (video cache written by frames only, text cache by decoding only).
+* `tays.data`: streaming CoT trajectories from (video, keyframes, question) at 2 FPS, with the
+  consistency filter and skip counts; `tays.train` / `tays.evaluate`: SFT of the three
+  paradigms and their held-out evaluation (`python -m tays train | evaluate`).
 """
 from tays.engine import FrameRecord, StreamingEngine, TokenEvent, VideoView, attend_segments
 from tays.forward import StreamingSequence, encode_frames, streaming_forward

@@ -2,6 +2,9 @@
 
     python -m tays bench --json [--fps 1 2 3 4 5] [--duration 12] [--model PATH]
     python -m tays memory --json [--long 3600] [--short 300] [--window 8]
+    python -m tays data [--annotations FILE.json | --shapes N] [--out trajectories.jsonl]
+    python -m tays train --paradigm {tays,batch,interleaved} --steps N --minutes M --out DIR
+    python -m tays evaluate --json [--n 200] [--tays DIR] [--batch DIR] [--interleaved DIR] [--speed S]
 
 `bench` replays one held-out shapes-world stream in real time at each FPS for each paradigm
 (batch, interleaved, tays) and, with --json, prints as its LAST line a JSON object
@@ -293,8 +296,29 @@ def memory(argv: list[str]) -> int:
     return 0
 
 
+def data(argv: list[str]) -> int:
+    from tays.data import main as data_main
+
+    return data_main(argv)
+
+
+def train(argv: list[str]) -> int:
+    from tays.train import main as train_main
+
+    return train_main(argv)
+
+
+def evaluate(argv: list[str]) -> int:
+    from tays.evaluate import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
 COMMANDS = {
     "bench": (bench, "TTFT / delay / throughput of batch, interleaved and TaYS at several FPS"),
+    "data": (data, "build streaming CoT trajectories (shapes world or VideoEspresso JSON), count skips"),
+    "train": (train, "SFT of the demo model for streaming reasoning: --paradigm tays | batch | interleaved"),
+    "evaluate": (evaluate, "accuracy, event deviation, TTFT and delay of the trained paradigms on held-out streams"),
     "memory": (memory, "peak memory of a one-hour vs a five-minute sped-up stream with a visual window"),
     "memory-run": (memory_run, "one memory measurement in this process (used by `memory`)"),
 }

@@ -193,7 +193,8 @@ class _Writer:
 
     def __init__(self, vlm: Any, res: RunResult, t0: float, forward: Callable, *, step_tokens: int,
                  reasoning_budget: int, answer_tokens: int, answer_prefix_ids: list[int],
-                 on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool]):
+                 on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool],
+                 period_ends_step: bool = True, model_ends_reasoning: bool = False):
         from vstream.vlm import _IncrementalDecoder
 
         tok = vlm.tokenizer
@@ -203,6 +204,7 @@ class _Writer:
         self.answer_tokens = max(1, int(answer_tokens))
         self.answer_prefix_ids = list(answer_prefix_ids)
         self.on_token, self.stopped = on_token, stopped
+        self.period_ends_step, self.model_ends_reasoning = bool(period_ends_step), bool(model_ends_reasoning)
         self.eos = set(vlm.eos_token_ids)
         think_end = _single_id(tok, "</think>")
         self.eot = _single_id(tok, "<|eot|>")
@@ -246,6 +248,9 @@ class _Writer:
             return None
         self.feed(self.pending)
         self.pending = []
+        if self.model_ends_reasoning and int(self.logits.argmax()) in self.no_reasoning:
+            self.left = 0  # the model closes its reasoning: the answer comes next
+            return None
         recs, closed = [], "cap"
         while True:
             tok = self._pick(self.no_reasoning)
@@ -254,7 +259,7 @@ class _Writer:
             self.left -= 1
             if tok == self.eot:
                 closed = "eot"
-            elif "." in rec.text:
+            elif self.period_ends_step and "." in rec.text:
                 closed = "period"
             elif self.left <= 0:
                 closed = "budget"
@@ -611,7 +616,8 @@ def _overlap(a: float, b: float, spans: Sequence[tuple[float, float]]) -> float:
 def _writer(vlm, res, t0, forward, kw, budget, stopped) -> _Writer:
     return _Writer(vlm, res, t0, forward, step_tokens=kw["step_tokens"], reasoning_budget=budget,
                    answer_tokens=kw["answer_tokens"], answer_prefix_ids=kw["answer_prefix_ids"],
-                   on_token=kw["on_token"], stopped=stopped)
+                   on_token=kw["on_token"], stopped=stopped, period_ends_step=kw.get("period_ends_step", True),
+                   model_ends_reasoning=kw.get("model_ends_reasoning", False))
 
 
 _RUNNERS = {"batch": _run_batch, "interleaved": _run_interleaved, "tays": _run_tays}
@@ -634,6 +640,8 @@ def run_paradigm(
     max_backlog: int | None = None,
     on_token: Callable[[TokenRecord], Any] | None = None,
     stop_event: threading.Event | None = None,
+    period_ends_step: bool = True,
+    model_ends_reasoning: bool = False,
 ) -> RunResult:
     """Play `source` from now (stream start) and reason over it with `paradigm` (see the module
     docstring). Returns the RunResult with its metrics (`tays.metrics.compute_metrics`).
@@ -645,6 +653,10 @@ def run_paradigm(
     max_backlog: TaYS only, frame groups the source may run ahead of ingestion (default: none for
     real-time sources, 4 otherwise). on_token: called in the decoding thread for every token.
     stop_event: set it to end the run early (no answer; `RunResult.stopped`).
+    period_ends_step: False: only the end-of-step token (or the step cap) ends a step, for models
+    trained to close every sentence with ``<|eot|>`` (`tays.train`). model_ends_reasoning: True:
+    when the model's top choice at the start of a step is eos or "</think>", reasoning ends there
+    (the answer follows at the end of the stream); the default leaves that to the protocol.
     """
     if paradigm not in _RUNNERS:
         raise ValueError(f"unknown paradigm {paradigm!r}; choose from {', '.join(PARADIGMS)}")
@@ -666,6 +678,7 @@ def run_paradigm(
         visual_window=visual_window, assistant_prefix=assistant_prefix,
         answer_prefix_ids=vlm.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else [],
         reasoning_budget=int(max_new_tokens) - answer_tokens, max_backlog=max_backlog, on_token=on_token,
+        period_ends_step=bool(period_ends_step), model_ends_reasoning=bool(model_ends_reasoning),
     )
     res = RunResult(paradigm, fps, question, speed=float(getattr(source, "speed", 1.0)),
                     events=getattr(source, "events", None))
@@ -695,6 +708,7 @@ def measure_decode_contention(
     block: int = 16,
     visual_window: int = 8,
     fps: float = 2.0,
+    ingest: str = "auto",
 ) -> dict[str, Any]:
     """p50/p95 latency of single-token TaYS decode steps while the ingestion thread is idle vs
     busy. Alternating blocks of `block` steps: idle (nothing queued) and ingesting (a
@@ -702,13 +716,13 @@ def measure_decode_contention(
     is classified afterwards from the engine's own ingestion timings: "ingesting" if at least
     half of it overlapped the ingestion of a group, "idle" if none of it did (others are left
     out). The visual window is full before the first block, so every step attends to as many
-    frame tokens."""
+    frame tokens. ingest: the engine's ingestion mode ("auto": a worker process on CPU)."""
     checker = FrameChecker()
     frames = [checker(f) for f in frames]
     if len(frames) < 2:
         raise ValueError("measure_decode_contention needs at least 2 frames")
     tp = vlm.temporal_patch_size
-    eng = StreamingEngine(vlm, visual_window=visual_window, fps=fps)
+    eng = StreamingEngine(vlm, visual_window=visual_window, fps=fps, ingest=ingest)
     calls: list[tuple[str, float, float]] = []
     feeding, quit_ = threading.Event(), threading.Event()
     state = {"pushed": 0, "i": 0}
@@ -780,4 +794,5 @@ def measure_decode_contention(
         "steps_partial": partial,
         "ingest_ms_p50": percentile([r.ingest_s * 1000 for r in ing], 50),
         "frames_per_s_while_decoding": (tp * len(ing) / sum(r.ingest_s for r in ing)) if ing else None,
+        "ingest": eng.ingest,
     }

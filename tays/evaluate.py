@@ -1,0 +1,202 @@
+"""Held-out evaluation of the trained streaming paradigms (issue 5, item 3).
+
+    python -m tays evaluate --json --n 200                     # real-time replay at 2 FPS
+    python -m tays evaluate --json --n 20 --speed 4            # quicker: streams replayed 4x
+
+Each held-out shapes-world stream (`vstream.shapes_video`, held-out seeds only; a checkpoint whose
+training.json overlaps them is refused) is replayed at 2 FPS through `tays.paradigms.run_paradigm`
+for every paradigm, with the checkpoint trained for it (`python -m tays train`):
+
+* ``tays``: the StreamingEngine (dual KV cache) on the TaYS checkpoint;
+* ``interleaved``: one causal sequence, frames and steps alternating, on the interleaved checkpoint;
+* ``batch``: all frames, then the reasoning (ended by the model's ``</think>``), then the answer;
+* ``batch_no_think``: the batch checkpoint answering right after ``<think></think>`` (no reasoning).
+
+Reasoning protocol (that of `tays.train`): a step ends at the end-of-step token ``<|eot|>`` (or
+after --step-tokens tokens), the answer follows ``</think>``. The last line printed with --json
+is ``{paradigm: {"accuracy", "event_deviation_s", "ttft_s", "delay_s", ...}, "meta": {...}}``:
+
+* accuracy: share of streams whose answer (lower-cased, punctuation removed) equals the truth;
+* event_deviation_s: mean |step emission - event time| (stream seconds) over every reasoning step
+  matched to a ground-truth event (`tays.metrics.match_event`), pooled over streams;
+* ttft_s / delay_s: means over streams of the wall seconds from stream start to the first token /
+  to the last answer token (`tays.metrics`); with --speed S the stream plays S times faster, the
+  model does not, so only --speed 1 gives the real-time figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tays.data import normalize_answer
+from tays.metrics import finite_json
+
+__all__ = ["EVAL_PARADIGMS", "evaluate_models", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_PARADIGMS = ("tays", "batch", "interleaved", "batch_no_think")
+RUNNER = {"tays": "tays", "batch": "batch", "interleaved": "interleaved", "batch_no_think": "batch"}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_one(vlm: Any, stream: Any, paradigm: str, *, fps: float = 2.0, speed: float = 1.0, realtime: bool = True,
+            max_new_tokens: int = 160, step_tokens: int = 24, answer_tokens: int = 6, question_at: float = 0.0):
+    """One stream through one evaluated paradigm; returns the RunResult."""
+    from tays.paradigms import run_paradigm
+    from tays.sources import ShapesSource
+
+    src = ShapesSource(stream, fps=fps, realtime=realtime, speed=speed)
+    no_think = paradigm == "batch_no_think"
+    return run_paradigm(
+        vlm, src, stream.question, RUNNER[paradigm],
+        max_new_tokens=answer_tokens if no_think else max_new_tokens,
+        step_tokens=step_tokens, answer_tokens=answer_tokens, question_at=question_at,
+        assistant_prefix="<think>", answer_prefix="</think>",
+        period_ends_step=False, model_ends_reasoning=paradigm == "batch",
+    )
+
+
+def evaluate_models(models: dict[str, Any], n: int = 200, start: int = 0, duration: float | None = None,
+                    progress: bool = True, **kw: Any) -> dict[str, Any]:
+    """{paradigm: metrics} over `n` held-out streams; `models` maps each evaluated paradigm to its
+    VLM. kw: run_one's options."""
+    from vstream.shapes_video import streams
+
+    per: dict[str, dict[str, list]] = {p: {"correct": [], "ttft": [], "delay": [], "dev": [], "matched": [],
+                                           "tokens": [], "steps": [], "messages": []} for p in models}
+    examples: dict[str, list] = {p: [] for p in models}
+    for i, stream in enumerate(streams("heldout", start, n, duration)):
+        for p, vlm in models.items():
+            r = run_one(vlm, stream, p, **kw)
+            m = r.metrics
+            d = per[p]
+            ok = normalize_answer(r.answer) == normalize_answer(stream.answer)
+            d["correct"].append(ok)
+            d["ttft"].append(m.get("ttft_s"))
+            d["delay"].append(m.get("delay_s"))
+            k = m.get("steps_matched") or 0
+            if k and m.get("event_deviation_s") is not None:
+                d["dev"].append(m["event_deviation_s"] * k)
+                d["matched"].append(k)
+            d["tokens"].append(m.get("tokens") or 0)
+            d["steps"].append(len([s for s in r.steps if s.text]))
+            d["messages"] += r.messages[:2]
+            if len(examples[p]) < 3:
+                examples[p].append({"seed": stream.seed, "question": stream.question, "truth": stream.answer,
+                                    "text": r.text, "answer": r.answer})
+            if progress:
+                _log(f"[{i + 1}/{n}] {p:14s} seed {stream.seed}: {'ok ' if ok else 'bad'} answer {r.answer.strip()!r} "
+                     f"(truth {stream.answer!r}); ttft {m.get('ttft_s')}, delay {m.get('delay_s')}, "
+                     f"deviation {m.get('event_deviation_s')}")
+    out: dict[str, Any] = {}
+    for p, d in per.items():
+        out[p] = {
+            "accuracy": sum(d["correct"]) / len(d["correct"]) if d["correct"] else None,
+            "event_deviation_s": (sum(d["dev"]) / sum(d["matched"])) if d["matched"] else None,
+            "ttft_s": _mean(d["ttft"]),
+            "delay_s": _mean(d["delay"]),
+            "n": len(d["correct"]),
+            "steps_matched": sum(d["matched"]),
+            "nonempty_steps_per_stream": _mean([float(x) for x in d["steps"]]),
+            "tokens_per_stream": _mean([float(x) for x in d["tokens"]]),
+            "examples": examples[p],
+            "messages": d["messages"][:5],
+        }
+    return out
+
+
+def _load(path: str, paradigm: str):
+    from vstream.eval_model import check_heldout
+    from vstream.vlm import VLMError, load_vlm
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"evaluate: no checkpoint for {paradigm!r} at {p} (train one with: python -m tays train "
+                         f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)")
+    try:
+        check_heldout(p)
+        return load_vlm(str(p), device="cpu")
+    except VLMError as e:
+        raise SystemExit(f"evaluate: {paradigm}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tays evaluate", description="accuracy, reasoning-event deviation, "
+                                 "TTFT and delay of the trained paradigms on held-out shapes-world streams")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    ap.add_argument("--n", type=int, default=200, help="held-out streams")
+    ap.add_argument("--start", type=int, default=0, help="first held-out stream index")
+    ap.add_argument("--tays", default="runs/tays/tays", help="TaYS checkpoint folder")
+    ap.add_argument("--batch", default="runs/tays/batch", help="batch-SFT checkpoint folder")
+    ap.add_argument("--interleaved", default="runs/tays/interleaved", help="interleaved-SFT checkpoint folder")
+    ap.add_argument("--no-think", default=None, help="checkpoint for batch_no_think (default: --batch)")
+    ap.add_argument("--paradigms", nargs="+", default=list(EVAL_PARADIGMS), choices=EVAL_PARADIGMS)
+    ap.add_argument("--fps", type=float, default=2.0)
+    ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
+    ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
+    ap.add_argument("--question-at", type=float, default=0.0)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--step-tokens", type=int, default=24)
+    ap.add_argument("--answer-tokens", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per paradigm (not real time)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        raise SystemExit("evaluate: --n must be >= 1")
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
+            "batch_no_think": args.no_think or args.batch}
+    loaded: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    for p in args.paradigms:  # check every folder before the long part starts
+        key = str(Path(dirs[p]).resolve())
+        if key not in loaded:
+            loaded[key] = _load(dirs[p], p)
+        models[p] = loaded[key]
+    kw = dict(fps=args.fps, speed=args.speed, max_new_tokens=args.max_new_tokens, step_tokens=args.step_tokens,
+              answer_tokens=args.answer_tokens, question_at=args.question_at)
+    if args.warmup:
+        from vstream.shapes import HELDOUT_SEEDS
+        from vstream.shapes_video import make_stream
+
+        ws = make_stream(HELDOUT_SEEDS[args.start], args.duration)
+        for p, vlm in models.items():
+            for _ in range(args.warmup):
+                run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})
+    res = evaluate_models(models, args.n, args.start, args.duration, progress=True, **kw)
+    res["meta"] = {
+        "checkpoints": {p: str(dirs[p]) for p in models}, "n": args.n, "split": "heldout",
+        "start": args.start, "fps": args.fps, "speed": args.speed, "duration": args.duration,
+        "question_at_s": args.question_at, "max_new_tokens": args.max_new_tokens, "step_tokens": args.step_tokens,
+        "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - t0,
+        "times": "ttft_s / delay_s: wall seconds since stream start; event_deviation_s: stream seconds",
+    }
+    for p in models:
+        r = res[p]
+        _log(f"{p:14s} accuracy {r['accuracy']}, event deviation {r['event_deviation_s']} s, "
+             f"ttft {r['ttft_s']} s, delay {r['delay_s']} s")
+    print(json.dumps(finite_json(res)) if args.json else json.dumps(finite_json(res), indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,475 @@
+"""SFT of the demo model for streaming video reasoning: TaYS and two baselines (issue 5, item 2).
+
+    python -m tays train --paradigm tays --steps 600 --minutes 50 --out runs/tays/tays
+    python -m tays train --paradigm batch ...        # watch everything, then think
+    python -m tays train --paradigm interleaved ...  # frame, step, frame, step, ... one causal sequence
+    accelerate launch -m tays train --paradigm tays ...   # GPUs, data parallel
+
+All three start from the shipped image demo model (`assets/demo-model`, or --model), read the
+same training streams (shapes world, TRAINING seeds only; `tays.data` trajectories at 2 FPS with
+the consistency filter) and run the same steps / batch / budget; only the sequence layout, the
+mask and the positions differ. Each layout is exactly what its paradigm's inference computes
+(`tays.paradigms`), so what is trained is what is run (tests/test_tays_train.py checks the
+logits against the inference code paths):
+
+* reasoning tokens: the assistant header (``<|im_start|>assistant\\n<think>``), then
+  - streaming (tays, interleaved): one reasoning call per frame group, as the runner does: an
+    empty step ``<|eot|>`` at the question (no frame yet), then after frame group g either the
+    step(s) placed at g (`` The red circle appears.<|eot|>``) or ``<|eot|>`` (nothing new);
+  - batch: every step back to back after all frames;
+  then ``</think>``, `` answer`` and ``<|im_end|>``. The loss covers every token after the header.
+  A token is fed in the call that generates the token after it (the runner feeds the last
+  token of a step when the next step starts), so each token sees the frames that call saw.
+* tays: prompt | frame groups and reasoning with the streaming mask (`tays.mask.streaming_mask`:
+  a reasoning token sees the prompt, the frame groups of its call and earlier reasoning; frames
+  never see reasoning) and decoupled positions (`tays.positions.streaming_position_ids`), the
+  StreamingEngine's layout, built from the same functions.
+* interleaved: prompt | call 0 | group 0 | call 1 | group 1 | ... in one causal sequence with
+  standard mRoPE (each group a vision block at the next free position), as `CausalSequence`.
+* batch: prompt | all groups as one vision block | reasoning and answer, causal.
+
+The vision tower is trained too. Checkpoints (accelerate state + step) go to --run-dir every
+--save-every steps; rerunning the same command resumes. The final model is saved as
+safetensors with its tokenizer, image processor and a training.json (paradigm, seeds used,
+steps, minutes, data settings and skip counts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EOS_STEP, SkipSample, Trajectory, build_trajectory
+from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
+from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
+
+__all__ = ["IGNORE", "PARADIGMS", "Layout", "StreamingLM", "TrajectoryCollator", "build_layout", "main",
+           "reasoning_tokens"]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "assets" / "demo-model"
+PARADIGMS = ("tays", "batch", "interleaved")
+IGNORE = -100
+ASSISTANT_PREFIX = "<think>"
+ANSWER_PREFIX = "</think>"
+
+
+# ----------------------------------------------------------------------------------------------
+# token layout
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def prompt_and_header(tok: Any, question: str) -> tuple[list[int], list[int]]:
+    """(user turn ids, assistant header ids), exactly as `tays.engine.chat_ids` (inference)."""
+    from types import SimpleNamespace
+
+    from tays.engine import chat_ids
+
+    return chat_ids(SimpleNamespace(tokenizer=tok), question, assistant_prefix=ASSISTANT_PREFIX)
+
+
+def reasoning_tokens(traj: Trajectory, tok: Any, paradigm: str) -> tuple[list[int], list[int]]:
+    """(body token ids, frame groups visible to the call that generates each token)."""
+    eot = tok.convert_tokens_to_ids(EOS_STEP)
+    end = tok.convert_tokens_to_ids(ANSWER_PREFIX)
+    if eot is None or eot == tok.unk_token_id or end is None or end == tok.unk_token_id:
+        raise ValueError(f"the tokenizer needs the special tokens {EOS_STEP} and {ANSWER_PREFIX}")
+    G = traj.n_groups
+    step_ids = [_ids(tok, " " + s.text) + [eot] for s in traj.steps]
+    ids: list[int] = []
+    fs: list[int] = []
+    if paradigm == "batch":
+        for s in step_ids:
+            ids += s
+        fs = [G] * len(ids)
+    else:
+        ids, fs = [eot], [0]
+        by_group: dict[int, list[int]] = {}
+        for st, s in zip(traj.steps, step_ids):
+            by_group.setdefault(st.group, []).extend(s)
+        for g in range(G):
+            s = by_group.get(g, [eot])
+            ids += s
+            fs += [g + 1] * len(s)
+    tail = [end] + _ids(tok, " " + traj.answer) + [int(tok.eos_token_id)]
+    return ids + tail, fs + [G] * len(tail)
+
+
+@dataclass
+class Layout:
+    """One training sequence: segments in order, each ('prompt', ids) / ('frame', group) /
+    ('text', ids, labels, frames_seen)."""
+
+    paradigm: str
+    items: list[tuple]
+    n_groups: int
+    group_times: list[float]
+
+
+def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
+    if paradigm not in PARADIGMS:
+        raise ValueError(f"unknown paradigm {paradigm!r}; choose from {', '.join(PARADIGMS)}")
+    prompt, header = prompt_and_header(tok, traj.question)
+    body, gen_fs = reasoning_tokens(traj, tok, paradigm)
+    R = header + body
+    H = len(header)
+    fed = R[:-1]
+    labels = [R[j + 1] if j + 1 >= H else IGNORE for j in range(len(fed))]
+    fed_fs = [gen_fs[max(0, j + 1 - H)] for j in range(len(fed))]
+    # runs of fed tokens with the same visible frame groups = the decode calls
+    runs: list[tuple[list[int], list[int], int]] = []
+    for i, l, f in zip(fed, labels, fed_fs):
+        if runs and runs[-1][2] == f:
+            runs[-1][0].append(i)
+            runs[-1][1].append(l)
+        else:
+            runs.append(([i], [l], f))
+    G = traj.n_groups
+    items: list[tuple] = [("prompt", list(prompt))]
+    if paradigm == "batch":
+        items += [("frame", g) for g in range(G)]
+        items += [("text", a, b, f) for a, b, f in runs]
+    else:
+        shown = 0
+        for a, b, f in runs:
+            while shown < f:
+                items.append(("frame", shown))
+                shown += 1
+            items.append(("text", a, b, f))
+        items += [("frame", g) for g in range(shown, G)]
+    return Layout(paradigm, items, G, [traj.group_time(g) for g in range(G)])
+
+
+def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch.Tensor
+                   ) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int]]:
+    """(input ids (0 at frame tokens), frame-token flags, (3, L) positions, (L, L) bool mask,
+    labels) of a layout, frame group g having token grid grids[g]."""
+    ids: list[int] = []
+    is_frame: list[bool] = []
+    labels: list[int] = []
+    for it in layout.items:
+        if it[0] == "frame":
+            th, tw = grids[it[1]]
+            ids += [0] * (th * tw)
+            is_frame += [True] * (th * tw)
+            labels += [IGNORE] * (th * tw)
+        else:
+            ids += it[1]
+            is_frame += [False] * len(it[1])
+            labels += it[2] if it[0] == "text" else [IGNORE] * len(it[1])
+    if layout.paradigm == "tays":
+        segs = []
+        for it in layout.items:
+            if it[0] == "prompt":
+                segs.append(Segment(PROMPT, len(it[1])))
+            elif it[0] == "frame":
+                g = it[1]
+                th, tw = grids[g]
+                segs.append(Segment(FRAME, th * tw, time=layout.group_times[g], grid=(th, tw), index=g))
+            else:
+                f = it[3]
+                t = layout.group_times[f - 1] if f > 0 else -math.inf
+                segs.append(Segment(TEXT, len(it[1]), time=t, frames_seen=f))
+        pos = streaming_position_ids(segs, interval)
+        mask = streaming_mask(segs)
+        return ids, is_frame, pos, mask, labels
+    # batch / interleaved: one causal sequence, standard mRoPE (as tays.paradigms.CausalSequence)
+    parts, nxt = [], 0
+    block_base = None
+    for it in layout.items:
+        if it[0] == "frame":
+            g = it[1]
+            if layout.paradigm == "batch":
+                block_base = nxt if block_base is None else block_base
+                p = frame_position_ids(block_base, g, grids[g], interval)
+            else:
+                p = frame_position_ids(nxt, 0, grids[g], interval)
+            nxt = max(nxt, int(p.max()) + 1)
+        else:
+            p = text_position_ids(nxt, 0, len(it[1]))
+            nxt += len(it[1])
+        parts.append(p)
+    pos = torch.cat(parts, dim=1)
+    L = pos.shape[1]
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    return ids, is_frame, pos, mask, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# batches and the training forward
+
+
+class TrajectoryCollator:
+    """Trajectories -> a padded batch for `StreamingLM` (frames rendered and preprocessed here,
+    so DataLoader workers can do it). `vlm` is a `vstream.vlm.VLM`: only its tokenizer, image
+    processor and config are used (the collator keeps no reference to the model). Skip markers
+    (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
+    the batch; a batch with no usable trajectory holds only that list."""
+
+    def __init__(self, vlm: Any, paradigm: str, fps: float = DEFAULT_FPS):
+        from dataclasses import replace
+
+        from tays.forward import video_interval
+
+        self.paradigm = paradigm
+        self.interval = video_interval(vlm, fps)
+        self.vlm = replace(vlm, model=None)
+        self.skipped: Counter = Counter()
+
+    def __call__(self, batch: list[Any]) -> dict[str, Any] | None:
+        vlm = self.vlm
+        tp, m = vlm.temporal_patch_size, vlm.merge_size
+        seqs, pvs, grid_rows, skipped = [], [], [], []
+        for traj in batch:
+            if isinstance(traj, str):
+                self.skipped[traj] += 1
+                skipped.append(traj)
+                continue
+            frames = [f for _, f in traj.frames()]
+            grids = []
+            for g in range(traj.n_groups):
+                pv, (_, th, tw), *_ = vlm._video_patches(frames[g * tp:(g + 1) * tp])
+                pvs.append(pv)
+                grids.append((th, tw))
+                grid_rows.append([1, th * m, tw * m])
+            layout = build_layout(traj, vlm.tokenizer, self.paradigm)
+            seqs.append(layout_tensors(layout, grids, self.interval))
+        if not seqs:
+            return {"skipped": skipped}
+        B, L = len(seqs), max(len(s[0]) for s in seqs)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        fmask = torch.zeros(B, L, dtype=torch.bool)
+        pos = torch.zeros(3, B, L, dtype=torch.long)
+        attn = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1, 1).view(B, 1, L, L)  # pads: self only
+        labels = torch.full((B, L), IGNORE, dtype=torch.long)
+        for b, (i, f, p, mk, lab) in enumerate(seqs):
+            n = len(i)
+            ids[b, :n] = torch.tensor(i)
+            fmask[b, :n] = torch.tensor(f)
+            pos[:, b, :n] = p
+            attn[b, 0, :n, :n] = mk
+            labels[b, :n] = torch.tensor(lab)
+        return {"input_ids": ids, "frame_mask": fmask, "pixel_values": torch.cat(pvs),
+                "grid_thw": torch.tensor(grid_rows, dtype=torch.long), "position_ids": pos,
+                "attn": attn, "labels": labels, "skipped": skipped}
+
+
+class StreamingLM(torch.nn.Module):
+    """A Qwen2.5-VL model run on a layout batch: vision tower on the frame groups, their features
+    placed at the frame tokens, then transformers' own decoder with the given 3-D positions and
+    4-D mask (the way `tays.forward.streaming_forward` drives it). Returns (loss, logits); the
+    labels are already next-token targets per position (no shift)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, frame_mask, pixel_values, grid_thw, position_ids, attn, labels=None, skipped=None):
+        m = self.model
+        emb = m.get_input_embeddings()(input_ids)
+        if pixel_values.numel():
+            visual = m.model.visual
+            out = visual(pixel_values.to(dtype=next(visual.parameters()).dtype), grid_thw=grid_thw)
+            vis = out.pooler_output if hasattr(out, "pooler_output") else out
+            emb = emb.masked_scatter(frame_mask[..., None].expand_as(emb), vis.to(emb.dtype))
+        mask = torch.zeros(attn.shape, dtype=emb.dtype, device=emb.device)
+        mask.masked_fill_(~attn, torch.finfo(emb.dtype).min)
+        lm = m.model.language_model
+        layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+        h = lm(inputs_embeds=emb, position_ids=position_ids, attention_mask={t: mask for t in layer_types},
+               use_cache=False).last_hidden_state
+        logits = m.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1), ignore_index=IGNORE)
+        return loss, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class TrainStreams(torch.utils.data.Dataset):
+    """Index i -> the trajectory of the shapes-world stream with training seed `start + i`
+    (built lazily), or a skip-reason string when the sample is skipped."""
+
+    def __init__(self, n: int, start: int = 0, duration: float | None = None,
+                 threshold: float = DEFAULT_THRESHOLD, encoder: Any = None, group_size: int = 2):
+        from vstream.shapes import TRAIN_SEEDS
+
+        if start < 0 or start + n > len(TRAIN_SEEDS):
+            raise ValueError("more streams asked for than the training split holds")
+        self.n, self.start, self.duration = n, start, duration
+        self.threshold, self.encoder, self.group_size = threshold, encoder, group_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from tays.data import shapes_encoder, shapes_sample
+        from vstream.shapes import TRAIN_SEEDS
+        from vstream.shapes_video import make_stream
+
+        s = shapes_sample(make_stream(TRAIN_SEEDS[self.start + i], self.duration))
+        try:
+            return build_trajectory(s, self.encoder or shapes_encoder(), self.threshold, DEFAULT_FPS, self.group_size)
+        except SkipSample as e:
+            return e.reason
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tays train", description="SFT of the demo model for streaming "
+                                 "video reasoning (TaYS, or the batch / interleaved baselines)")
+    ap.add_argument("--paradigm", choices=PARADIGMS, default="tays")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps (the LR schedule spans these)")
+    ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
+    ap.add_argument("--out", type=Path, default=None, help="final model folder (default runs/tays/PARADIGM)")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="start from this model folder")
+    ap.add_argument("--batch-size", type=int, default=8, help="streams per step per process")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints for resuming (default OUT.run)")
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed-start", type=int, default=0, help="first training-split stream index")
+    ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="question/step consistency threshold")
+    ap.add_argument("--encoder", default="tfidf", help="'tfidf' (offline) or a Hugging Face encoder id/path (BGE-M3)")
+    ap.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (render + preprocess frames)")
+    args = ap.parse_args(argv)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from tays.data import EncoderError, make_encoder, shapes_encoder
+    from vstream.shapes import TRAIN_SEEDS
+    from vstream.vlm import VLMError, load_vlm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("runs/tays") / args.paradigm
+    run_dir = args.run_dir or out.with_name(out.name + ".run")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc.print(f"{acc.num_processes} process(es) on {acc.device}, {acc.distributed_type}; paradigm {args.paradigm}")
+    set_seed(args.seed)
+    try:
+        vlm = load_vlm(args.model, dtype="float32", device="cpu")
+    except VLMError as e:
+        raise SystemExit(f"train: {e}") from None
+    try:
+        encoder = shapes_encoder() if args.encoder == "tfidf" else make_encoder(args.encoder)
+    except EncoderError as e:
+        raise SystemExit(f"train: {e}") from None
+    model = StreamingLM(vlm.model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    n_streams = args.steps * args.batch_size * acc.num_processes
+    if args.seed_start + n_streams > len(TRAIN_SEEDS):
+        raise SystemExit("train: --seed-start + streams used would leave the training split")
+    data = TrainStreams(n_streams, args.seed_start, args.duration, args.threshold, encoder,
+                        vlm.temporal_patch_size)
+    collate = TrajectoryCollator(vlm, args.paradigm)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
+                                         num_workers=args.workers)
+    skipped: Counter = Counter()
+    model, opt, loader = acc.prepare(model, opt, loader)
+
+    start, ema, before = 0, None, 0.0
+    state = run_dir / "latest"
+    if (state / "step.json").exists():
+        record = json.loads((state / "step.json").read_text())
+        if record.get("paradigm", args.paradigm) != args.paradigm:
+            raise SystemExit(f"train: {state} holds a {record['paradigm']!r} run, not {args.paradigm!r}")
+        acc.load_state(str(state))
+        start, ema, before = record["step"], record.get("loss_ema"), record.get("seconds", 0.0)
+        acc.print(f"resuming from step {start} in {state}")
+    batches = acc.skip_first_batches(loader, start) if start else loader
+
+    t0 = time.time()
+    bar = tqdm(total=args.steps, initial=start, disable=not acc.is_main_process, desc=f"train {args.paradigm}")
+    step = start
+    for batch in batches:
+        if step >= args.steps:
+            break
+        skipped.update(batch.pop("skipped", []))
+        if "input_ids" not in batch:  # every stream of the batch was skipped
+            continue
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        loss, _ = model(**batch)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}")
+        out_of_time = args.minutes is not None and time.time() - t0 > args.minutes * 60
+        if step % args.save_every == 0 or out_of_time or step == args.steps:
+            acc.save_state(str(state))
+            if acc.is_main_process:
+                rec = {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0, "paradigm": args.paradigm}
+                (state / "step.json").write_text(json.dumps(rec))
+        if out_of_time:
+            acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
+            break
+    bar.close()
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = acc.unwrap_model(model).model
+        final.eval()
+        out.mkdir(parents=True, exist_ok=True)
+        final.to(getattr(torch, args.save_dtype)).save_pretrained(out, safe_serialization=True)
+        vlm.tokenizer.save_pretrained(out)
+        vlm.image_processor.save_pretrained(out)
+        used = step * args.batch_size * acc.num_processes
+        meta = {
+            "paradigm": args.paradigm,
+            "base_model": str(args.model),
+            "trained_steps": step,
+            "batch_size": args.batch_size * acc.num_processes,
+            "split": "train",
+            "train_seeds": [TRAIN_SEEDS[args.seed_start], TRAIN_SEEDS.start + args.seed_start + used],
+            "minutes": round((before + time.time() - t0) / 60, 2),
+            "parameters": sum(p.numel() for p in final.parameters()),
+            "final_loss_ema": ema,
+            "processes": acc.num_processes,
+            "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,
+                     "threshold": args.threshold, "encoder": args.encoder,
+                     "skipped_this_run": dict(skipped)},
+            "format": {"assistant_prefix": ASSISTANT_PREFIX, "answer_prefix": ANSWER_PREFIX, "end_of_step": EOS_STEP,
+                       "streaming_calls": "one reasoning call per frame group" if args.paradigm != "batch" else None},
+        }
+        (out / "training.json").write_text(json.dumps(meta, indent=2))
+        acc.print(json.dumps(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
