@@ -6,10 +6,14 @@ So we register our own attention function, `vstream_sdpa`, for the text decoder 
 
 * the output always comes from transformers' own `sdpa_attention_forward`, so logits (and the
   generated tokens) are exactly those of plain sdpa;
-* when a recorder is attached and the call is a decode step (query length 1), it also computes
-  that one query's softmax row over all keys per head, (H x S) per layer per step, and hands the
-  probability mass on the image-token key positions, an (H, N) tensor, to the recorder.
-  The full (S x S) attention matrix is never materialised; the vision tower stays on sdpa.
+* when a recorder is attached and the call is a decode step (query length 1), it hands the
+  recorder that step's query (already RoPE'd) and a reference to the layer's key cache: no
+  arithmetic on the generation thread. The recorder turns queries into softmax rows over all
+  keys, restricted to the image-token positions ((H, N) per layer per step), lazily and in
+  batches on the consumer's thread (the attribution worker), one matmul per layer for a
+  whole span. The cache only ever grows, so the latest key tensor serves every earlier step
+  (each step is masked to its own key length). The full (S x S) attention matrix is never
+  materialised; the vision tower stays on sdpa.
 
 Registration (transformers 5.23), done once by `install`:
     AttentionInterface.register("vstream_sdpa", fn)       # the attention function
@@ -78,11 +82,16 @@ class AttentionRecorder:
         self.num_layers = int(num_layers)
         self.keep_cpu = bool(keep_cpu)
         self._cond = threading.Condition()
+        self._compute = threading.Lock()  # one consumer materialises pending steps at a time
         self._rows: list[torch.Tensor] = []
         self._cpu_rows: list[torch.Tensor] = []
         self._buf: torch.Tensor | None = None  # the step being filled
         self._filled: list[bool] = [False] * self.num_layers
         self._epoch = 0  # bumped by reset()
+        # deferred path: finished steps whose rows are not computed yet, and the step being filled
+        self._pending: list[_PendingStep] = []
+        self._step: list[Any] = [None] * self.num_layers
+        self._keys: list[torch.Tensor | None] = [None] * self.num_layers  # latest key cache per layer
 
     @classmethod
     def for_vlm(cls, vlm: Any, keep_cpu: bool = False) -> "AttentionRecorder":
@@ -114,15 +123,59 @@ class AttentionRecorder:
                 self._cpu_rows.append(cpu)
             self._cond.notify_all()
 
+    def record_query(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask_row: torch.Tensor | None,
+        scaling: float,
+        positions: torch.Tensor,
+    ) -> None:
+        """Deferred `record_layer`: keep one layer's decode query (H, D), its key cache
+        (Hkv, S, D) and mask row (S,) or None; the (H, N) mass is computed when a consumer asks.
+        Costs a few list operations on the generation thread."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx {layer_idx} outside [0, {self.num_layers})")
+        with self._cond:
+            if self._step[layer_idx] is not None:  # previous step cut short: drop it
+                self._step = [None] * self.num_layers
+            self._step[layer_idx] = (query, int(key.shape[1]), mask_row)
+            self._keys[layer_idx] = key
+            if any(e is None for e in self._step):
+                return
+            self._pending.append(_PendingStep(self._step, float(scaling), positions))
+            self._step = [None] * self.num_layers
+            self._cond.notify_all()
+
+    def _materialise(self, upto: int) -> None:
+        """Compute the rows of pending steps until `upto` rows exist (batched per layer)."""
+        with self._compute:
+            with self._cond:
+                need = upto - len(self._rows)
+                if need <= 0 or not self._pending:
+                    return
+                steps, keys, epoch = list(self._pending), list(self._keys), self._epoch
+            rows = _pending_rows(steps, keys)  # outside _cond: the generation thread goes on
+            cpu = rows.to("cpu") if self.keep_cpu else None
+            with self._cond:
+                if epoch != self._epoch:
+                    return
+                del self._pending[: len(steps)]
+                self._rows.extend(rows.unbind(0))
+                if cpu is not None:
+                    self._cpu_rows.extend(cpu.unbind(0))
+
     # -- consumer side -------------------------------------------------------------------------
     @property
     def tokens(self) -> int:
-        """Number of generated tokens whose row is complete."""
+        """Number of generated tokens whose row is complete (or ready to be computed)."""
         with self._cond:
-            return len(self._rows)
+            return len(self._rows) + len(self._pending)
 
     def per_token(self, i: int, cpu: bool = False) -> torch.Tensor:
         """(L, H, N) row of generated token i (0-based; see the alignment convention)."""
+        self._materialise(i + 1 if i >= 0 else self.tokens)
         with self._cond:
             if cpu:
                 if not self.keep_cpu:
@@ -132,6 +185,7 @@ class AttentionRecorder:
 
     def stack(self, start: int = 0, end: int | None = None, cpu: bool = False) -> torch.Tensor:
         """(T, L, H, N) rows of tokens [start, end)."""
+        self._materialise(self.tokens if end is None or end < 0 else end)
         with self._cond:
             rows = (self._cpu_rows if cpu and self.keep_cpu else self._rows)[start:end]
         if not rows:
@@ -142,7 +196,7 @@ class AttentionRecorder:
     def wait_for(self, n: int, timeout: float | None = None) -> bool:
         """Block until at least n rows are recorded (True) or the timeout passes (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: len(self._rows) >= n, timeout)
+            return self._cond.wait_for(lambda: len(self._rows) + len(self._pending) >= n, timeout)
 
     def reset(self) -> None:
         """Forget all rows (and any half-filled step), e.g. before the next generation."""
@@ -150,7 +204,51 @@ class AttentionRecorder:
             self._rows.clear()
             self._cpu_rows.clear()
             self._buf, self._filled = None, [False] * self.num_layers
+            self._pending.clear()
+            self._step = [None] * self.num_layers
+            self._keys = [None] * self.num_layers
             self._epoch += 1
+
+
+class _PendingStep:
+    """One decode step's per-layer (query (H, D), key length S, mask row) awaiting its row."""
+
+    __slots__ = ("layers", "scaling", "positions")
+
+    def __init__(self, layers: list[Any], scaling: float, positions: torch.Tensor):
+        self.layers, self.scaling, self.positions = layers, scaling, positions
+
+
+def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) -> torch.Tensor:
+    """(T, L, H, N) softmax mass on the image positions for T pending steps: per layer, one
+    batched matmul of the T queries with the latest key cache, each row masked to its own key
+    length (and mask row), softmax in float32 as eager attention does."""
+    out = []
+    positions = steps[0].positions
+    for li, k in enumerate(keys):
+        q = torch.stack([st.layers[li][0] for st in steps])  # (T, H, D)
+        lens = [st.layers[li][1] for st in steps]
+        t, h, d = q.shape
+        hkv, _, _ = k.shape
+        s = max(lens)
+        kk = k[:, :s]
+        scores = torch.matmul(q.reshape(t, hkv, h // hkv, d), kk.transpose(1, 2).unsqueeze(0))  # (T, Hkv, G, S)
+        scores = (scores * steps[0].scaling).reshape(t, h, s).float()
+        idx = torch.arange(s, device=scores.device)
+        valid = idx.unsqueeze(0) < torch.tensor(lens, device=scores.device).unsqueeze(1)  # (T, S)
+        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        for i, st in enumerate(steps):
+            m = st.layers[li][2]
+            if m is None:
+                continue
+            n = min(m.shape[-1], s)
+            if m.dtype == torch.bool:
+                scores[i, :, :n] = scores[i, :, :n].masked_fill(~m[..., :n], float("-inf"))
+            else:
+                scores[i, :, :n] = scores[i, :, :n] + m[..., :n].float()
+        probs = torch.softmax(scores, dim=-1)
+        out.append(probs.index_select(2, positions.to(probs.device)))
+    return torch.stack(out, dim=1)  # (T, L, H, N)
 
 
 class _CaptureState:
@@ -213,11 +311,15 @@ def _vstream_sdpa_forward(
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     state: _CaptureState | None = getattr(module, _STATE_ATTR, None)
     if state is not None and query.shape[2] == 1:
-        with torch.no_grad():
-            mass = _decode_row_mass(
-                module, query, key, attention_mask, kwargs.get("scaling"), state.positions_on(key.device)
-            )
-        state.recorder.record_layer(int(module.layer_idx), mass)
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        s = key.shape[2]
+        mask = None if attention_mask is None else attention_mask[0, :, -1, :s]
+        state.recorder.record_query(
+            int(module.layer_idx), query[0, :, 0, :].detach(), key[0].detach(), mask, scaling,
+            state.positions_on(key.device),
+        )
     return out
 
 

@@ -83,22 +83,43 @@ class TrainCollator(Collator):
 
 
 class WithProbe(torch.nn.Module):
-    """The VLM plus a linear probe on its merged vision tokens; loss = LM + probe CE."""
+    """The VLM plus a probe on its merged vision tokens; loss = LM + probe CE.
 
-    def __init__(self, model, weight: float = 1.0):
+    The probe's class vectors are the language model's own (tied) embeddings of the class
+    words (" red", " circle", " 7", ...), plus one learned "nothing here" vector per head: vision
+    tokens are pulled towards the words the trace will say about them, which makes the
+    text-to-image lookups (which object is "the red one"?) and copying its digit out cheap to learn.
+    """
+
+    def __init__(self, model, tokenizer, weight: float = 1.0):
         super().__init__()
         self.model = model
         self.weight = weight
-        self.probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(PROBE_HEADS))
+        words = (list(COLORS), list(KINDS), [str(d) for d in range(10)])
+        ids = [[tokenizer(" " + w, add_special_tokens=False).input_ids for w in ws] for ws in words]
+        if any(len(i) != 1 for head in ids for i in head):
+            raise ValueError("probe class words must be single tokens of the demo tokenizer")
+        self._ids = [torch.tensor([i[0] for i in head]) for head in ids]
+        hidden = model.config.text_config.hidden_size
+        self.none = torch.nn.Parameter(torch.zeros(len(words), hidden))
+        self.bias = torch.nn.Parameter(torch.zeros(sum(PROBE_HEADS)))
         self._vision = None
         model.model.visual.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output) -> None:
         self._vision = output.pooler_output
 
+    def probe_logits(self, vision: torch.Tensor) -> list[torch.Tensor]:
+        emb = self.model.get_input_embeddings().weight
+        out, b = [], self.bias.split(PROBE_HEADS)
+        for k, ids in enumerate(self._ids):
+            classes = torch.cat([self.none[k : k + 1], emb[ids.to(emb.device)]])  # (1 + C, hidden)
+            out.append(vision.float() @ classes.float().T + b[k])
+        return out
+
     def forward(self, token_targets: torch.Tensor, **batch) -> tuple[torch.Tensor, torch.Tensor]:
         lm = self.model(**batch).loss
-        logits = self.probe(self._vision.float()).split(PROBE_HEADS, dim=-1)
+        logits = self.probe_logits(self._vision)
         probe = sum(torch.nn.functional.cross_entropy(lg, token_targets[:, k]) for k, lg in enumerate(logits))
         self._vision = None
         return lm + self.weight * probe / len(PROBE_HEADS), probe.detach() / len(PROBE_HEADS)
@@ -138,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     tok = make_tokenizer()
     ip = make_image_processor()
-    model = WithProbe(build_demo_model(tok), weight=args.probe_weight)
+    model = WithProbe(build_demo_model(tok), tok, weight=args.probe_weight)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     data = TrainScenes(args.steps * args.batch_size * acc.num_processes)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip))
