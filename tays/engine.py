@@ -13,6 +13,11 @@ Two caches, two writers:
   ingestion thread (``tays-ingest``) writes it: it encodes a frame group with the vision tower,
   runs the group's tokens through the decoder layers attending to [prompt + earlier groups] (and
   causally to itself), never to reasoning, and appends the group's K/V.
+  With ``ingest="process"`` (the default on CPU) the encoding and the decoder-layer pass run in a
+  worker process instead (`tays.ingest`: its own interpreter, so no GIL contention with decoding,
+  and one torch thread), against the worker's own copy of the video cache (same eviction); the
+  ``tays-ingest`` thread then only appends the K/V the worker sends. ``ingest="thread"`` (the
+  default on CUDA, with its own stream) computes in the thread.
 * text cache: per layer K/V of the reasoning tokens (assistant header + generated tokens).
   Only decoding writes it.
 
@@ -45,9 +50,12 @@ the model's `rope_deltas` state and needs no `vlm.lock`.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,11 +66,12 @@ from tays.forward import check_supported, encode_frames, video_interval
 from tays.mask import FRAME, PROMPT, TEXT, Segment
 from tays.positions import frame_position_ids, text_position_ids
 
-__all__ = ["FrameRecord", "StreamingEngine", "TokenEvent", "VideoView", "attend_segments"]
+__all__ = ["INGEST_MODES", "FrameRecord", "StreamingEngine", "TokenEvent", "VideoView", "attend_segments"]
 
 _STOP = object()
 _FLUSH = object()
 THREAD_PREFIX = "tays-"
+INGEST_MODES = ("thread", "process", "inline")  # inline: no concurrency (the worker process's own engine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +209,11 @@ class StreamingEngine:
     visual_window: frame groups a step may see (None: all). fps: frame rate of the stream, for
     the temporal mRoPE spacing (``temporal_patch_size / fps`` seconds per group) and the default
     frame times. reasoning_base: R0 of the reasoning positions (default: prompt length).
+    ingest: where frame groups are encoded and prefilled: "process" (a worker process forked from
+    the `tays.ingest` server when the engine is built; CPU only), "thread" (a thread of this
+    process), or "auto" (the ``TAYS_INGEST`` environment variable if set, else "process" on CPU
+    and "thread" on CUDA; falls back to "thread" with a warning if no worker can be started).
+    ingest_threads: torch threads of the worker process (this process keeps its own setting).
     """
 
     def __init__(
@@ -209,6 +223,8 @@ class StreamingEngine:
         fps: float = 2.0,
         reasoning_base: int | None = None,
         initial_capacity: int = 256,
+        ingest: str = "auto",
+        ingest_threads: int = 1,
     ):
         check_supported(vlm)
         if visual_window is not None and int(visual_window) < 1:
@@ -238,6 +254,37 @@ class StreamingEngine:
         self._started = False
         self._stopped = False
         self._reset_state()
+        self.ingest = self._resolve_ingest(ingest)
+        self._worker = None
+        if self.ingest == "process":
+            self._spawn_worker(ingest, int(ingest_threads))
+
+    def _resolve_ingest(self, ingest: str) -> str:
+        if ingest == "auto":
+            ingest = os.environ.get("TAYS_INGEST", "").strip().lower() or "auto"
+            if ingest == "auto":
+                return "process" if self._device.type == "cpu" else "thread"
+        if ingest not in INGEST_MODES:
+            raise ValueError(f"ingest must be one of auto, {', '.join(INGEST_MODES)}; got {ingest!r}")
+        if ingest == "process" and self._device.type != "cpu":
+            raise ValueError(f"ingest='process' runs on CPU only (the model is on {self._device}); use 'thread'")
+        return ingest
+
+    def _spawn_worker(self, requested: str, threads: int) -> None:
+        from tays import ingest as ingest_mod
+
+        cfg = dict(visual_window=self.visual_window, fps=self.fps, initial_capacity=self._initial_capacity,
+                   threads=max(1, threads))
+        try:
+            self._worker = ingest_mod.spawn_worker(self.vlm, cfg)
+        except ingest_mod.IngestProcessError as e:
+            if requested == "process":
+                raise
+            warnings.warn(f"frame ingestion falls back to a thread: {e}", RuntimeWarning, stacklevel=3)
+            self.ingest = "thread"
+            return
+        # an engine dropped without stop() still takes its worker with it
+        self._worker_finalizer = weakref.finalize(self, self._worker.close, 0.5)
 
     # -- state -----------------------------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -296,6 +343,10 @@ class StreamingEngine:
         """
         if self._started:
             raise RuntimeError("engine already started; create a new StreamingEngine per stream")
+        if self._stopping.is_set():
+            raise RuntimeError("the engine was stopped")
+        if self.ingest == "inline":
+            raise RuntimeError("an ingest='inline' engine is driven by tays.ingest, not started")
         if prompt_ids is None:
             if question is None:
                 raise ValueError("start() needs a question or prompt_ids")
@@ -331,19 +382,47 @@ class StreamingEngine:
             self._ingest_stream = torch.cuda.Stream(device=self._device)
             self._ingest_stream.wait_stream(torch.cuda.current_stream(self._device))
         self._publish()
-        t = threading.Thread(target=self._ingest_loop, name=THREAD_PREFIX + "ingest", daemon=True)
-        self._threads.append(t)
-        t.start()
+        if self.ingest == "process":
+            L = len(self._layers)
+            prompt_kv = torch.stack([self._vk[li][0, :, :P] for li in range(L)] + [self._vv[li][0, :, :P] for li in range(L)])
+            targets = [(self._send_loop, "ingest-send", (prompt_kv,)), (self._recv_loop, "ingest", ())]
+        else:
+            targets = [(self._ingest_loop, "ingest", ())]
+        for fn, name, args in targets:
+            t = threading.Thread(target=fn, args=args, name=THREAD_PREFIX + name, daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _adopt_prompt(self, keys: torch.Tensor, values: torch.Tensor, vision_base: int) -> None:
+        """(ingest="inline", in the worker process) the engine's prompt K/V, (layers, Hkv, P, D)
+        each, as the video cache's start: what start() computes, without computing it."""
+        self.prompt_len = P = int(keys.shape[2])
+        self.vision_base = int(vision_base)
+        cap = max(self._initial_capacity, 2 * P)
+        self._vk, self._vv = _alloc(len(self._layers), self._hkv, cap, self._head_dim, self._dtype, self._device)
+        self._vcap = cap
+        for li in range(len(self._layers)):
+            self._vk[li][0, :, :P] = keys[li]
+            self._vv[li][0, :, :P] = values[li]
+        self._vn = P
+        self._groups, self._n_groups = [], 0
+        self._started = True
+        self._publish()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop ingestion (queued frames are dropped) and the feeder; join every engine thread."""
+        """Stop ingestion (queued frames are dropped) and the feeder; join every engine thread
+        and, in process mode, make sure the worker process is gone."""
         self._stopping.set()
         self._queue.put(_STOP)
         with self._cv:
             self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.shutdown()  # unblocks the engine's ingest threads; the worker exits
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
+        if self._worker is not None:
+            self._worker.close(timeout)
         self._stopped = True
 
     def __enter__(self) -> StreamingEngine:
@@ -439,6 +518,90 @@ class StreamingEngine:
         self._threads.append(th)
         th.start()
         return th
+
+    # -- ingestion in a worker process (ingest="process"; see tays.ingest) ------------------------
+    def _set_error(self, e: BaseException) -> None:
+        with self._cv:
+            if self._error is None and not self._stopping.is_set():
+                self._error = e
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.shutdown()  # the worker exits (no process outlives a failed ingestion)
+
+    def _send_loop(self, prompt_kv: torch.Tensor) -> None:
+        """``tays-ingest-send``: prompt K/V, then the queued frames, to the worker. A frame that
+        does not complete a group counts as done once sent (as the ingestion thread counts it
+        once taken); a completed group counts when the worker's K/V are committed."""
+        from tays import ingest as ingest_mod
+
+        conn, tp, pending = self._worker.conn, self.vlm.temporal_patch_size, 0
+        try:
+            ingest_mod.send(conn, ("prompt", self.vision_base, ingest_mod.pack(prompt_kv)))
+            while True:
+                item = self._queue.get()
+                if item is _STOP or self._stopping.is_set():
+                    break
+                if item is _FLUSH:
+                    if pending:
+                        ingest_mod.send(conn, ("flush",))
+                        pending = 0
+                        continue
+                else:
+                    ingest_mod.send(conn, ("frame", item[0], item[1]))
+                    pending += 1
+                    if pending == tp:
+                        pending = 0
+                        continue
+                with self._cv:
+                    self._done += 1
+                    self._cv.notify_all()
+        except OSError:
+            return  # the worker hung up: `_recv_loop` reports why (its error, or that it died)
+        except BaseException as e:  # e.g. a frame that cannot be pickled
+            self._set_error(e)
+
+    def _recv_loop(self) -> None:
+        """``tays-ingest``: commits each group the worker sends, as `_ingest_group` does."""
+        from tays import ingest as ingest_mod
+
+        conn = self._worker.conn
+        try:
+            while True:
+                try:
+                    msg = ingest_mod.recv(conn)
+                except (EOFError, OSError):
+                    if not self._stopping.is_set():
+                        self._set_error(RuntimeError("the ingestion worker process exited unexpectedly"))
+                    return
+                if msg[0] == "error":
+                    self._set_error(msg[1])
+                    return
+                if msg[0] == "group" and not self._stopping.is_set():
+                    with torch.inference_mode():
+                        self._commit_group(msg[1], msg[2], ingest_mod.unpack(msg[3]))
+                    with self._cv:
+                        self._done += 1
+                        self._cv.notify_all()
+        except BaseException as e:
+            self._set_error(e)
+
+    def _commit_group(self, seg: Segment, rec: FrameRecord, kv: torch.Tensor) -> None:
+        """Append a group ingested elsewhere: kv (2 * layers, Hkv, k, D), keys then values;
+        rec's times are absolute perf_counter stamps of the worker."""
+        g, k, L = seg.index, seg.length, len(self._layers)
+        if g != self._n_groups or kv.shape[0] != 2 * L or kv.shape[2] != k:
+            raise RuntimeError(f"the ingestion worker sent group {g} ({tuple(kv.shape)}), expected group {self._n_groups}")
+        self._ensure_video_capacity(k)
+        n = self._vn
+        for li in range(L):
+            self._vk[li][0, :, n:n + k] = kv[li]
+            self._vv[li][0, :, n:n + k] = kv[L + li]
+        self._vn = n + k
+        self._groups.append((g, n, k, rec.time))
+        self._n_groups = g + 1
+        now = time.perf_counter()
+        t_in = rec.committed_at - rec.ingest_s
+        self._publish(seg, FrameRecord(g, rec.time, k, rec.encode_s, now - t_in, now - self._t0))
 
     # -- ingestion thread ------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
@@ -720,6 +883,14 @@ class StreamingEngine:
 
     def threads(self) -> list[threading.Thread]:
         return [t for t in self._threads if t.is_alive()]
+
+    @property
+    def worker_pid(self) -> int | None:
+        """pid of the ingestion worker process (ingest="process"), None otherwise."""
+        return None if self._worker is None else self._worker.pid
+
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.alive()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check_started(self) -> None:

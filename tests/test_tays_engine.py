@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments
+from tays.ingest import pid_alive
 from tays.forward import StreamingSequence, encode_frames, streaming_forward
 from tays.mask import FRAME, PROMPT, TEXT
 from vstream.shapes_video import make_stream
@@ -48,6 +50,12 @@ def vlm(request):
                                     "demo": "demo_vlm"}[request.param])
 
 
+@pytest.fixture(params=["thread", "process"])
+def ingest(request):
+    """Both ingestion modes: a thread of this process, or a worker process (the CPU default)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def frames():
     """(t, frame) pairs at 2 FPS from a shapes-world stream: 8 frames = 4 frame groups."""
@@ -60,6 +68,11 @@ def _ids(vlm, text: str) -> list[int]:
 
 def _no_engine_threads() -> bool:
     return not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+def _worker_gone(eng: StreamingEngine) -> bool:
+    """No ingestion worker process left (trivially true in thread mode)."""
+    return eng.worker_pid is None or (not eng.worker_alive() and not pid_alive(eng.worker_pid))
 
 
 def _oracle(vlm, eng: StreamingEngine, frames, text_ids: list[list[int]], *, order: str = "history",
@@ -105,10 +118,11 @@ def _oracle(vlm, eng: StreamingEngine, frames, text_ids: list[list[int]], *, ord
 
 
 @pytest.mark.parametrize("order", ["history", "grouped"])
-def test_engine_matches_full_forward(vlm, frames, order):
+def test_engine_matches_full_forward(vlm, frames, order, ingest):
     """prompt -> header (no frame yet) -> group 0 -> 2 tokens -> group 1 -> 2 + 1 tokens."""
     r = _ids(vlm, "The red circle appears. Then it moves to the left.")
-    with StreamingEngine(vlm, fps=2.0) as eng:
+    with StreamingEngine(vlm, fps=2.0, ingest=ingest) as eng:
+        assert eng.ingest == ingest and (eng.worker_pid is not None) == (ingest == "process")
         eng.start("What happens in the video?")
         fed = [eng.header_ids]
         outs = [eng.decode_step(eng.header_ids)]
@@ -131,16 +145,16 @@ def test_engine_matches_full_forward(vlm, frames, order):
     ref = _oracle(vlm, eng, frames, fed, order=order)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-    assert _no_engine_threads()
+    assert _no_engine_threads() and _worker_gone(eng)
 
 
-def test_streaming_mask_hides_later_frames(tiny_qwen2_5_vl, frames):
+def test_streaming_mask_hides_later_frames(tiny_qwen2_5_vl, frames, ingest):
     """The reasoning right after group 0 is unchanged by later frames; later reasoning is not."""
     vlm = tiny_qwen2_5_vl
     r = _ids(vlm, "A red circle appears.")[:3]
     res = {}
     for n_groups in (1, 3):
-        with StreamingEngine(vlm) as eng:
+        with StreamingEngine(vlm, ingest=ingest) as eng:
             eng.start("What happens?")
             eng.push_frames([f for _, f in frames[:2]])
             eng.wait_idle(60)
@@ -179,13 +193,15 @@ def test_batch_layout_sanity(tiny_qwen2_5_vl, frames):
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
-def test_visual_window_eviction_matches_oracle(tiny_qwen2_5_vl, frames):
-    """visual_window=1 with a tiny initial buffer: growth + compaction happen, logits still match
-    the windowed streaming mask, and the video buffer stays bounded."""
+@pytest.mark.parametrize("window", [1, 2])
+def test_visual_window_eviction_matches_oracle(tiny_qwen2_5_vl, frames, ingest, window):
+    """A visual window with a tiny initial buffer: growth + compaction happen (in the engine and,
+    in process mode, in the worker's own copy), logits still match the windowed streaming mask,
+    and the video buffer stays bounded."""
     vlm = tiny_qwen2_5_vl
     r = _ids(vlm, "The red circle appears. Then it moves.")
     fed, outs, caps = [], [], []
-    with StreamingEngine(vlm, visual_window=1, initial_capacity=1) as eng:
+    with StreamingEngine(vlm, visual_window=window, initial_capacity=1, ingest=ingest) as eng:
         eng.start("What happens?")
         fed.append(eng.header_ids)
         outs.append(eng.decode_step(eng.header_ids))
@@ -193,26 +209,27 @@ def test_visual_window_eviction_matches_oracle(tiny_qwen2_5_vl, frames):
             eng.push_frames([f for _, f in frames[2 * gi: 2 * gi + 2]], [t for t, _ in frames[2 * gi: 2 * gi + 2]])
             assert eng.wait_idle(60)
             v = eng.video_view()
-            assert v.n_groups == gi + 1 and v.first_group == gi
+            assert v.n_groups == gi + 1 and v.first_group == max(0, gi + 1 - window)
             caps.append(eng.video_capacity)
             fed.append(r[gi:gi + 1])
             outs.append(eng.decode_step(r[gi]))
         got = torch.cat(outs)
     P, k = eng.prompt_len, 16
-    assert max(caps) <= 2 * (P + 2 * k)  # bounded, not growing with the stream
-    ref = _oracle(vlm, eng, frames, fed, visual_window=1)
+    assert max(caps) <= 2 * (P + (window + 1) * k)  # bounded, not growing with the stream
+    ref = _oracle(vlm, eng, frames, fed, visual_window=window)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
     # without the window the oracle differs (the window really evicts)
     assert not torch.allclose(got, _oracle(vlm, eng, frames, fed), atol=1e-3)
+    assert _worker_gone(eng)
 
 
-def test_concurrent_ingestion_is_consistent(tiny_qwen2_5_vl, frames):
+def test_concurrent_ingestion_is_consistent(tiny_qwen2_5_vl, frames, ingest):
     """Frames are fed from a thread while decode steps run: every step saw one consistent set of
     frame groups (the same on all layers), and matches the oracle built from what it saw."""
     vlm = tiny_qwen2_5_vl
     r = _ids(vlm, "The red circle appears. Then it moves to the left. The blue square turns red.")
     fed, outs = [], []
-    with StreamingEngine(vlm, initial_capacity=8) as eng:
+    with StreamingEngine(vlm, initial_capacity=8, ingest=ingest) as eng:
         eng.start("What happens?")
         eng.play(frames, realtime=False)
         fed.append(eng.header_ids)
@@ -229,7 +246,7 @@ def test_concurrent_ingestion_is_consistent(tiny_qwen2_5_vl, frames):
     assert seen == sorted(seen) and seen[-1] == 4
     ref = _oracle(vlm, eng, frames, fed)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-    assert _no_engine_threads()
+    assert _no_engine_threads() and _worker_gone(eng)
 
 
 def test_decoding_is_not_blocked_by_ingestion(tiny_qwen2_5_vl, frames, monkeypatch):
@@ -250,7 +267,7 @@ def test_decoding_is_not_blocked_by_ingestion(tiny_qwen2_5_vl, frames, monkeypat
 
     monkeypatch.setattr(engine_mod, "attend_segments", held)
     r = _ids(vlm, "A red circle appears.")
-    with StreamingEngine(vlm) as eng:
+    with StreamingEngine(vlm, ingest="thread") as eng:
         eng.start("What happens?")
         eng.push_frames([f for _, f in frames[:2]])
         assert entered.wait(60)
@@ -307,15 +324,17 @@ def test_generate_waits_for_frames_after_wait_tokens(tiny_qwen2_5_vl, frames):
         assert list(gen) == []
 
 
-def test_threads_are_joined_and_stopped_engine_refuses(tiny_qwen2_5_vl, frames):
+def test_threads_are_joined_and_stopped_engine_refuses(tiny_qwen2_5_vl, frames, ingest):
     vlm = tiny_qwen2_5_vl
-    eng = StreamingEngine(vlm)
+    eng = StreamingEngine(vlm, ingest=ingest)
     eng.start("What happens?")
     eng.play(frames, realtime=True, speed=0.5)  # slow feeder, still running at stop()
     eng.decode_step(eng.header_ids)
     assert eng.threads()
+    if ingest == "process":
+        assert eng.worker_alive() and pid_alive(eng.worker_pid)
     eng.stop()
-    assert not eng.threads() and _no_engine_threads()
+    assert not eng.threads() and _no_engine_threads() and _worker_gone(eng)
     eng.stop()  # idempotent
     with pytest.raises(RuntimeError):
         eng.push_frame(frames[0][1])
@@ -325,15 +344,121 @@ def test_threads_are_joined_and_stopped_engine_refuses(tiny_qwen2_5_vl, frames):
         StreamingEngine(vlm).decode_step(1)  # not started
 
 
-def test_ingestion_error_surfaces(tiny_qwen2_5_vl):
-    with StreamingEngine(tiny_qwen2_5_vl) as eng:
+def test_ingestion_error_surfaces(tiny_qwen2_5_vl, ingest):
+    with StreamingEngine(tiny_qwen2_5_vl, ingest=ingest) as eng:
         eng.start("What happens?")
         eng.push_frames(["not an image", "nor this"])
-        with pytest.raises(RuntimeError, match="frame ingestion failed"):
+        with pytest.raises(RuntimeError, match="frame ingestion failed: VLMError: video frame 0"):
             eng.wait_idle(60)
         with pytest.raises(RuntimeError, match="frame ingestion failed"):
             eng.decode_step(eng.header_ids)
-    assert _no_engine_threads()
+        if ingest == "process":  # the worker exits after reporting the error, before stop()
+            deadline = time.monotonic() + 10
+            while eng.worker_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _worker_gone(eng)
+    assert _no_engine_threads() and _worker_gone(eng)
+
+
+def test_bad_frames_leave_earlier_state_intact(tiny_qwen2_5_vl, frames, ingest):
+    """A corrupt frame after good groups: a clear error, the committed groups and the text cache
+    are untouched (the video view still serves the frames that were in), nothing is left running."""
+    vlm = tiny_qwen2_5_vl
+    with StreamingEngine(vlm, ingest=ingest) as eng:
+        eng.start("What happens?")
+        eng.push_frames([f for _, f in frames[:4]])
+        assert eng.wait_idle(60) and eng.frames_ingested == 2
+        eng.decode_step(eng.header_ids)
+        eng.push_frames([frames[4][1], b"\x89PNG corrupt"])
+        with pytest.raises(RuntimeError, match="frame ingestion failed"):
+            eng.wait_idle(60)
+        assert eng.frames_ingested == 2 and eng.video_view().n_groups == 2
+        assert [s.kind for s in eng.segments()] == [PROMPT, FRAME, FRAME, TEXT]
+    assert _no_engine_threads() and _worker_gone(eng)
+
+
+def test_frame_size_change_mid_stream(tiny_qwen2_5_vl, frames, ingest):
+    """Within a group frames must share a size (clear error); a new size from one group to the
+    next is a new token grid, and the logits still match the oracle."""
+    vlm = tiny_qwen2_5_vl
+    small = [(t, f.resize((56, 56))) for t, f in frames]
+    with StreamingEngine(vlm, ingest=ingest) as eng:
+        eng.start("What happens?")
+        eng.push_frames([frames[0][1], small[1][1]])
+        with pytest.raises(RuntimeError, match="same size"):
+            eng.wait_idle(60)
+    assert _no_engine_threads() and _worker_gone(eng)
+    mixed = frames[:2] + small[2:4]
+    with StreamingEngine(vlm, ingest=ingest) as eng:
+        eng.start("What happens?")
+        eng.push_frames([f for _, f in mixed], [t for t, _ in mixed])
+        assert eng.wait_idle(60) and eng.frames_ingested == 2
+        got = eng.decode_step(eng.header_ids)
+    torch.testing.assert_close(got, _oracle(vlm, eng, mixed, [eng.header_ids]), atol=ATOL, rtol=0)
+    assert _no_engine_threads() and _worker_gone(eng)
+
+
+def test_stream_that_stops_early_pads_the_last_group(tiny_qwen2_5_vl, frames, ingest):
+    """end_of_stream() after an odd number of frames: the last group is padded and ingested;
+    the logits match the oracle (which pads the same way)."""
+    vlm = tiny_qwen2_5_vl
+    with StreamingEngine(vlm, ingest=ingest) as eng:
+        eng.start("What happens?")
+        eng.push_frames([f for _, f in frames[:3]], [t for t, _ in frames[:3]])
+        eng.end_of_stream()
+        assert eng.wait_idle(60) and eng.frames_ingested == 2
+        assert eng.wait_frames(3, timeout=1) is False  # the stream is over: no third group
+        got = eng.decode_step(eng.header_ids)
+        hist = eng.segments()
+    assert hist[2].time == frames[2][0]
+    ref = _oracle(vlm, eng, frames[:3], [eng.header_ids])
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert _no_engine_threads() and _worker_gone(eng)
+
+
+def test_worker_process_lifecycle(tiny_qwen2_5_vl, frames):
+    """The worker is gone after stop() without start(), after an engine is dropped without
+    stop(), and a worker that dies under the engine is reported as an ingestion failure."""
+    import gc
+    import os
+    import signal
+
+    vlm = tiny_qwen2_5_vl
+    eng = StreamingEngine(vlm, ingest="process")
+    pid = eng.worker_pid
+    assert pid_alive(pid)
+    eng.stop()
+    assert _worker_gone(eng)
+
+    eng = StreamingEngine(vlm, ingest="process")
+    pid = eng.worker_pid
+    del eng
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not pid_alive(pid)
+
+    with StreamingEngine(vlm, ingest="process") as eng:
+        eng.start("What happens?")
+        eng.push_frames([f for _, f in frames[:2]])
+        assert eng.wait_idle(60) and eng.frames_ingested == 1
+        os.kill(eng.worker_pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            eng.wait_frames(2, timeout=30)
+        with pytest.raises(RuntimeError, match="frame ingestion failed"):
+            eng.push_frame(frames[2][1])
+    assert _no_engine_threads() and _worker_gone(eng)
+
+
+def test_ingest_mode_selection(tiny_qwen2_5_vl, monkeypatch):
+    with StreamingEngine(tiny_qwen2_5_vl) as eng:
+        assert eng.ingest == "process"  # CPU default
+    monkeypatch.setenv("TAYS_INGEST", "thread")
+    with StreamingEngine(tiny_qwen2_5_vl) as eng:
+        assert eng.ingest == "thread" and eng.worker_pid is None
+    with pytest.raises(ValueError, match="ingest must be"):
+        StreamingEngine(tiny_qwen2_5_vl, ingest="fork")
 
 
 def test_qwen3_is_refused(tiny_qwen3_vl):
@@ -380,3 +505,13 @@ def test_streaming_forward_is_differentiable(demo_arch_vlm, frames):
         assert e1.grad is None or e1.grad.abs().sum() == 0
     finally:
         vlm.model.zero_grad(set_to_none=True)
+
+
+def test_prewarm_starts_the_server_and_loads_the_model(tiny_qwen2_5_vl):
+    from tays import ingest
+
+    pid = ingest.prewarm(tiny_qwen2_5_vl)
+    assert pid == ingest.server_pid() and pid_alive(pid)
+    with StreamingEngine(tiny_qwen2_5_vl, ingest="process") as eng:
+        assert eng.worker_pid != pid and eng.worker_alive()
+    assert _worker_gone(eng) and pid_alive(pid)  # the server stays for the next engine
