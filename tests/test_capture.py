@@ -232,6 +232,30 @@ def test_decode_row_matches_eager_kernel(heads, kv_heads, mask):
     torch.testing.assert_close(row, w[0, :, 0][:, pos], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kv_heads", [(2, 2), (2, 1)])  # uniform layers (one batched matmul) or not
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_deferred_rows_match_single_row_kernel(kv_heads, mask):
+    """The recorder's lazy, batched rows equal the per-step computation on each step's own keys."""
+    torch.manual_seed(7)
+    heads, d, s_final, pos = 4, 8, 20, torch.tensor([0, 2, 5, 9])
+    keys = [torch.randn(1, hkv, s_final, d) for hkv in kv_heads]
+    mod = torch.nn.Module()
+    rec = C.AttentionRecorder(num_layers=2)
+    expected = []
+    for s in (15, 16, 17):  # three decode steps; the cache grows by one key per step
+        row = []
+        keep = torch.rand(1, 1, 1, s) > 0.3
+        keep[..., -1] = True
+        m = None if mask == "none" else keep if mask == "bool" else (
+            torch.zeros(1, 1, 1, s).masked_fill(~keep, torch.finfo(torch.float32).min))
+        for li, k in enumerate(keys):
+            q = torch.randn(1, heads, 1, d)
+            row.append(C._decode_row_mass(mod, q, k[:, :, :s], m, d**-0.5, pos))
+            rec.record_query(li, q[0, :, 0], k[0, :, :s], None if m is None else m[0, :, -1, :s], d**-0.5, pos)
+        expected.append(torch.stack(row))
+    torch.testing.assert_close(rec.stack(0, 3), torch.stack(expected), atol=1e-6, rtol=0)
+
+
 def test_region_features_and_accumulator_shapes():
     g = torch.Generator().manual_seed(1)
     att = torch.rand(7, 3, 2, 10, generator=g)

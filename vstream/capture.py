@@ -220,35 +220,39 @@ class _PendingStep:
 
 
 def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) -> torch.Tensor:
-    """(T, L, H, N) softmax mass on the image positions for T pending steps: per layer, one
-    batched matmul of the T queries with the latest key cache, each row masked to its own key
-    length (and mask row), softmax in float32 as eager attention does."""
+    """(T, L, H, N) softmax mass on the image positions for T pending steps: one batched matmul
+    of the T queries with the latest key caches (all layers at once when their shapes agree),
+    each row masked to its own key length (and mask row), softmax in float32 as eager does."""
+    lens = torch.tensor([st.layers[0][1] for st in steps])
+    s = int(lens.max())
+    same = all(k.shape == keys[0].shape for k in keys)
+    if same:
+        q = torch.stack([torch.stack([lay[0] for lay in st.layers]) for st in steps])  # (T, L, H, D)
+        k = torch.stack([kk[:, :s] for kk in keys])  # (L, Hkv, S, D)
+    t = len(steps)
     out = []
-    positions = steps[0].positions
-    for li, k in enumerate(keys):
-        q = torch.stack([st.layers[li][0] for st in steps])  # (T, H, D)
-        lens = [st.layers[li][1] for st in steps]
-        t, h, d = q.shape
-        hkv, _, _ = k.shape
-        s = max(lens)
-        kk = k[:, :s]
-        scores = torch.matmul(q.reshape(t, hkv, h // hkv, d), kk.transpose(1, 2).unsqueeze(0))  # (T, Hkv, G, S)
-        scores = (scores * steps[0].scaling).reshape(t, h, s).float()
-        idx = torch.arange(s, device=scores.device)
-        valid = idx.unsqueeze(0) < torch.tensor(lens, device=scores.device).unsqueeze(1)  # (T, S)
-        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    for li in ([None] if same else range(len(keys))):
+        qq = q if same else torch.stack([st.layers[li][0] for st in steps]).unsqueeze(1)  # (T, L', H, D)
+        kk = k if same else keys[li][:, :s].unsqueeze(0)  # (L', Hkv, S, D)
+        nl, hkv, _, d = kk.shape
+        h = qq.shape[2]
+        scores = torch.matmul(qq.reshape(t, nl, hkv, h // hkv, d), kk.transpose(-1, -2).unsqueeze(0))
+        scores = (scores * steps[0].scaling).reshape(t, nl, h, s).float()  # (T, L', H, S)
+        valid = torch.arange(s).unsqueeze(0) < lens.unsqueeze(1)  # (T, S)
+        scores = scores.masked_fill(~valid.to(scores.device)[:, None, None, :], float("-inf"))
         for i, st in enumerate(steps):
-            m = st.layers[li][2]
-            if m is None:
-                continue
-            n = min(m.shape[-1], s)
-            if m.dtype == torch.bool:
-                scores[i, :, :n] = scores[i, :, :n].masked_fill(~m[..., :n], float("-inf"))
-            else:
-                scores[i, :, :n] = scores[i, :, :n] + m[..., :n].float()
+            for j, lj in enumerate(range(len(keys)) if same else [li]):
+                m = st.layers[lj][2]
+                if m is None:
+                    continue
+                n = min(m.shape[-1], s)
+                if m.dtype == torch.bool:
+                    scores[i, j, :, :n] = scores[i, j, :, :n].masked_fill(~m[..., :n], float("-inf"))
+                else:
+                    scores[i, j, :, :n] = scores[i, j, :, :n] + m[..., :n].float()
         probs = torch.softmax(scores, dim=-1)
-        out.append(probs.index_select(2, positions.to(probs.device)))
-    return torch.stack(out, dim=1)  # (T, L, H, N)
+        out.append(probs.index_select(3, steps[0].positions.to(probs.device)))
+    return out[0] if same else torch.cat(out, dim=1)  # (T, L, H, N)
 
 
 class _CaptureState:
