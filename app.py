@@ -1013,6 +1013,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: --concurrency must be at least 1")
     auth = parse_auth(args.auth)
     demo = build_ui(args.model, args.annotations, args.concurrency)
+    threading.Thread(target=ex.warm_up, args=(args.model,), name="vstream-warm-up", daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         auth_message="Log in with the annotator account you were given." if auth else None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -97,6 +98,20 @@ def get_model(name: Any) -> Any:
     """Load (once, shared by all sessions: weights are read-only, generation takes `vlm.lock`)."""
     with _load_lock:  # two first requests must not load the same model twice
         return _model(model_key(name))
+
+
+def warm_up(name: Any) -> None:
+    """Load the default model and, on CPU, start the TaYS frame-ingestion process with it, so
+    the first user does not wait for either (the ingestion server's imports take seconds).
+    Failures are only logged: the first real request reports them properly."""
+    try:
+        vlm = get_model(name)
+        if vlm.device.type == "cpu":
+            from tays.ingest import prewarm
+
+            prewarm(vlm)
+    except Exception as e:  # noqa: BLE001 - a warm-up must never take the server down
+        print(f"warm-up skipped: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 class RawAttention:
