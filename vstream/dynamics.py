@@ -75,8 +75,11 @@ def label_trace(scores: list[np.ndarray]) -> str:
     """Fixation / Wandering / stable from per-span effect vectors (see module docstring)."""
     if not scores:
         return "stable"
-    conc = np.array([concentration(s) for s in scores])
-    tops = [int(np.argmax(s)) for s in scores]
+    return _label([concentration(s) for s in scores], [int(np.argmax(s)) for s in scores])
+
+
+def _label(conc: list[float], tops: list[int]) -> str:
+    conc = np.asarray(conc)
     switches = sum(a != b for a, b in zip(tops, tops[1:]))
     rate = switches / max(1, len(tops) - 1)
     if conc.mean() >= FIXATION_CONCENTRATION and rate < WANDERING_SWITCH_RATE:
@@ -104,16 +107,24 @@ class DynamicsTracker:
     top: int = TOP_ENTRIES
     raw: list[np.ndarray] = field(default_factory=list)
     _axes: np.ndarray | None = None
+    # per-span pieces kept so each add() costs one SVD, not a pass over every earlier span
+    _kept: list[np.ndarray] = field(default_factory=list)
+    _conc: list[float] = field(default_factory=list)
+    _tops: list[int] = field(default_factory=list)
 
     def add(self, scores: np.ndarray) -> PathPoint:
-        self.raw.append(np.asarray(scores, dtype=np.float64))
-        coords, self._axes = pca_path(np.stack([keep_top(s, self.top) for s in self.raw]), self._axes)
+        v = np.asarray(scores, dtype=np.float64)
+        self.raw.append(v)
+        self._kept.append(keep_top(v, self.top))
+        self._conc.append(concentration(v))
+        self._tops.append(int(np.argmax(v)))
+        coords, self._axes = pca_path(np.stack(self._kept), self._axes)
         return PathPoint(
             span_index=len(self.raw) - 1,
             coords=coords[-1],
             path=coords,
             path_length=path_length(coords),
             tortuosity=tortuosity(coords),
-            concentration=concentration(self.raw[-1]),
-            label=label_trace(self.raw),
+            concentration=self._conc[-1],
+            label=_label(self._conc, self._tops),
         )
