@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import pickle
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -95,31 +96,6 @@ def picklable_error(e: BaseException) -> BaseException:
 # model snapshots
 
 
-_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
-               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
-
-
-class _SnapshotPickler(pickle.Pickler):
-    """Pickles modules without their hooks (callers' closures, e.g. attention capture)."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch.nn.Module) and any(getattr(obj, a, None) for a in _HOOK_ATTRS):
-            rv = obj.__reduce_ex__(2)
-            if len(rv) >= 3 and isinstance(rv[2], dict):
-                state = dict(rv[2])
-                for a in _HOOK_ATTRS:
-                    if state.get(a):
-                        state[a] = collections.OrderedDict()
-                return (rv[0], rv[1], state, *rv[3:])
-        return NotImplemented
-
-
-_pickle_module = types.ModuleType("tays_snapshot_pickle")
-_pickle_module.Pickler = _SnapshotPickler  # type: ignore[attr-defined]
-
-
 def model_key(model: Any) -> str:
     """Identifies a model *and its current weights* (tensor addresses and version counters)."""
     sig = []
@@ -138,16 +114,53 @@ def _snapshot_dir() -> str:
 
 
 def write_snapshot(vlm: Any) -> str:
-    fd, path = tempfile.mkstemp(prefix="tays-ingest-", suffix=".pt", dir=_snapshot_dir())
-    os.close(fd)
+    """The model for the ingestion server as data only: a folder with its weights (safetensors)
+    and a JSON of config, class names (resolved in the `transformers` namespace only), arch and
+    dtype. Nothing in it is unpickled; hooks on the live model are not part of it."""
+    from safetensors.torch import save_model
+
+    path = tempfile.mkdtemp(prefix="tays-ingest-", dir=_snapshot_dir())
     try:
-        torch.save({"model": vlm.model, "image_processor": vlm.image_processor, "arch": vlm.arch,
-                    "dtype": vlm.dtype}, path, pickle_module=_pickle_module)
+        save_model(vlm.model, os.path.join(path, "model.safetensors"))
+        ip = vlm.image_processor
+        meta = {"model_class": type(vlm.model).__name__, "config_class": type(vlm.model.config).__name__,
+                "config": vlm.model.config.to_dict(), "image_processor_class": type(ip).__name__,
+                "image_processor": ip.to_dict(), "arch": vlm.arch, "dtype": str(vlm.dtype).removeprefix("torch.")}
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump(meta, f)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        remove_snapshot(path)
         raise
     return path
+
+
+def remove_snapshot(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _transformers_class(name: str) -> Any:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{name!r} is not a transformers class")
+    return cls
+
+
+def read_snapshot(path: str) -> dict[str, Any]:
+    """Inverse of `write_snapshot` (in the server): build the model from its config, load weights."""
+    from safetensors.torch import load_model
+
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    config = _transformers_class(meta["config_class"]).from_dict(meta["config"])
+    dtype = getattr(torch, meta["dtype"])
+    model = _transformers_class(meta["model_class"])(config).to(dtype)
+    load_model(model, os.path.join(path, "model.safetensors"))
+    model.eval()
+    ip_cls = _transformers_class(meta["image_processor_class"])
+    ip = ip_cls(**{k: v for k, v in meta["image_processor"].items() if k != "image_processor_type"})
+    return {"model": model, "image_processor": ip, "arch": meta["arch"], "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,8 +237,7 @@ def prewarm(vlm: Any | None = None) -> int:
             try:
                 rep = srv.request({"op": "load", "key": key, "path": path})
             finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                remove_snapshot(path)
             if "error" in rep:
                 raise IngestProcessError(f"the ingestion server could not load the model: {rep['error']}")
             _loaded.add(key)
@@ -337,8 +349,7 @@ def spawn_worker(vlm: Any, cfg: dict) -> WorkerHandle:
             try:
                 rep = srv.request({**req, "path": path}, [b.fileno()])
             finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                remove_snapshot(path)
         if "error" in rep:
             raise IngestProcessError(f"the ingestion server could not start a worker: {rep['error']}")
         _loaded.add(key)
@@ -448,7 +459,7 @@ def _server_main(fd: int) -> None:
                     reply({"need_snapshot": True})
                     continue
                 try:
-                    models[key] = torch.load(req["path"], mmap=True, weights_only=False)
+                    models[key] = read_snapshot(req["path"])
                 except BaseException as e:
                     reply({"error": f"{type(e).__name__}: {e}"})
                     continue
