@@ -1,6 +1,7 @@
 """Held-out evaluation of the trained streaming paradigms (issue 5, item 3).
 
     python -m tays evaluate --json --n 200                     # real-time replay at 2 FPS
+    python -m tays evaluate --json --n 200 --workers 8         # 8 streams replayed at once, each in real time
     python -m tays evaluate --json --n 20 --speed 4            # quicker: streams replayed 4x
 
 Each held-out shapes-world stream (`vstream.shapes_video`, held-out seeds only; a checkpoint whose
@@ -21,7 +22,9 @@ is ``{paradigm: {"accuracy", "event_deviation_s", "ttft_s", "delay_s", ...}, "me
   matched to a ground-truth event (`tays.metrics.match_event`), pooled over streams;
 * ttft_s / delay_s: means over streams of the wall seconds from stream start to the first token /
   to the last answer token (`tays.metrics`); with --speed S the stream plays S times faster, the
-  model does not, so only --speed 1 gives the real-time figures.
+  model does not, so only --speed 1 gives the real-time figures. With --workers W, W processes
+  replay different streams at the same time (each still in real time, each with its own models);
+  they share the CPU, so their TTFT and delay include that contention (meta.workers says W).
 """
 from __future__ import annotations
 
@@ -69,53 +72,98 @@ def run_one(vlm: Any, stream: Any, paradigm: str, *, fps: float = 2.0, speed: fl
     )
 
 
+def eval_stream(models: dict[str, Any], stream: Any, **kw: Any) -> dict[str, dict[str, Any]]:
+    """{paradigm: record} for one stream: the raw figures `summarize` pools."""
+    recs: dict[str, dict[str, Any]] = {}
+    for p, vlm in models.items():
+        r = run_one(vlm, stream, p, **kw)
+        m = r.metrics
+        k = m.get("steps_matched") or 0
+        dev = m.get("event_deviation_s")
+        recs[p] = {
+            "seed": stream.seed, "correct": normalize_answer(r.answer) == normalize_answer(stream.answer),
+            "ttft": m.get("ttft_s"), "delay": m.get("delay_s"),
+            "dev_sum": dev * k if k and dev is not None else 0.0, "matched": k if dev is not None else 0,
+            "deviation": dev, "tokens": m.get("tokens") or 0, "steps": len([s for s in r.steps if s.text]),
+            "messages": r.messages[:2],
+            "example": {"seed": stream.seed, "question": stream.question, "truth": stream.answer,
+                        "text": r.text, "answer": r.answer},
+        }
+    return recs
+
+
+def summarize(records: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Pool per-stream records (in stream order) into {paradigm: metrics}."""
+    out: dict[str, Any] = {}
+    for p in (records[0] if records else {}):
+        rs = [r[p] for r in records]
+        matched = sum(r["matched"] for r in rs)
+        out[p] = {
+            "accuracy": sum(r["correct"] for r in rs) / len(rs),
+            "event_deviation_s": sum(r["dev_sum"] for r in rs) / matched if matched else None,
+            "ttft_s": _mean([r["ttft"] for r in rs]),
+            "delay_s": _mean([r["delay"] for r in rs]),
+            "n": len(rs),
+            "steps_matched": matched,
+            "nonempty_steps_per_stream": _mean([float(r["steps"]) for r in rs]),
+            "tokens_per_stream": _mean([float(r["tokens"]) for r in rs]),
+            "examples": [r["example"] for r in rs[:3]],
+            "messages": [m for r in rs for m in r["messages"]][:5],
+        }
+    return out
+
+
+def _progress(i: int, n: int, stream: Any, recs: dict[str, dict[str, Any]]) -> None:
+    for p, r in recs.items():
+        _log(f"[{i + 1}/{n}] {p:14s} seed {stream.seed}: {'ok ' if r['correct'] else 'bad'} answer "
+             f"{r['example']['answer'].strip()!r} (truth {stream.answer!r}); ttft {r['ttft']}, delay {r['delay']}, "
+             f"deviation {r['deviation']}")
+
+
 def evaluate_models(models: dict[str, Any], n: int = 200, start: int = 0, duration: float | None = None,
                     progress: bool = True, **kw: Any) -> dict[str, Any]:
     """{paradigm: metrics} over `n` held-out streams; `models` maps each evaluated paradigm to its
     VLM. kw: run_one's options."""
     from vstream.shapes_video import streams
 
-    per: dict[str, dict[str, list]] = {p: {"correct": [], "ttft": [], "delay": [], "dev": [], "matched": [],
-                                           "tokens": [], "steps": [], "messages": []} for p in models}
-    examples: dict[str, list] = {p: [] for p in models}
+    records = []
     for i, stream in enumerate(streams("heldout", start, n, duration)):
-        for p, vlm in models.items():
-            r = run_one(vlm, stream, p, **kw)
-            m = r.metrics
-            d = per[p]
-            ok = normalize_answer(r.answer) == normalize_answer(stream.answer)
-            d["correct"].append(ok)
-            d["ttft"].append(m.get("ttft_s"))
-            d["delay"].append(m.get("delay_s"))
-            k = m.get("steps_matched") or 0
-            if k and m.get("event_deviation_s") is not None:
-                d["dev"].append(m["event_deviation_s"] * k)
-                d["matched"].append(k)
-            d["tokens"].append(m.get("tokens") or 0)
-            d["steps"].append(len([s for s in r.steps if s.text]))
-            d["messages"] += r.messages[:2]
-            if len(examples[p]) < 3:
-                examples[p].append({"seed": stream.seed, "question": stream.question, "truth": stream.answer,
-                                    "text": r.text, "answer": r.answer})
-            if progress:
-                _log(f"[{i + 1}/{n}] {p:14s} seed {stream.seed}: {'ok ' if ok else 'bad'} answer {r.answer.strip()!r} "
-                     f"(truth {stream.answer!r}); ttft {m.get('ttft_s')}, delay {m.get('delay_s')}, "
-                     f"deviation {m.get('event_deviation_s')}")
-    out: dict[str, Any] = {}
-    for p, d in per.items():
-        out[p] = {
-            "accuracy": sum(d["correct"]) / len(d["correct"]) if d["correct"] else None,
-            "event_deviation_s": (sum(d["dev"]) / sum(d["matched"])) if d["matched"] else None,
-            "ttft_s": _mean(d["ttft"]),
-            "delay_s": _mean(d["delay"]),
-            "n": len(d["correct"]),
-            "steps_matched": sum(d["matched"]),
-            "nonempty_steps_per_stream": _mean([float(x) for x in d["steps"]]),
-            "tokens_per_stream": _mean([float(x) for x in d["tokens"]]),
-            "examples": examples[p],
-            "messages": d["messages"][:5],
-        }
+        records.append(eval_stream(models, stream, **kw))
+        if progress:
+            _progress(i, n, stream, records[-1])
+    return summarize(records)
+
+
+def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
+    """One replay process of --workers: loads its own models, replays streams start+w, +W, ..."""
+    import torch
+
+    from vstream.shapes_video import streams
+
+    torch.set_num_threads(job["threads"] or 1)
+    models = _load_all(job["dirs"], job["paradigms"])
+    kw = job["kw"]
+    _warm_up(models, job["start"], job["duration"], job["warmup"], kw)
+    out = []
+    for i in range(job["worker"], job["n"], job["workers"]):
+        stream = streams("heldout", job["start"] + i, 1, job["duration"])[0]
+        out.append((i, eval_stream(models, stream, **kw)))
+        _progress(i, job["n"], stream, out[-1][1])
     return out
+
+
+def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], n: int, start: int, duration: float | None,
+                      workers: int, threads: int, warmup: int, **kw: Any) -> dict[str, Any]:
+    """evaluate_models over `workers` processes replaying streams concurrently (each in real time;
+    they share the CPU, so timings include that contention)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [{"dirs": dirs, "paradigms": paradigms, "n": n, "start": start, "duration": duration, "worker": w,
+             "workers": workers, "threads": threads, "warmup": warmup, "kw": kw} for w in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_worker, jobs))
+    return summarize([rec for _, rec in sorted((x for part in parts for x in part), key=lambda x: x[0])])
 
 
 def _load(path: str, paradigm: str):
@@ -131,6 +179,30 @@ def _load(path: str, paradigm: str):
         return load_vlm(str(p), device="cpu")
     except VLMError as e:
         raise SystemExit(f"evaluate: {paradigm}: {e}") from None
+
+
+def _load_all(dirs: dict[str, str], paradigms: list[str]) -> dict[str, Any]:
+    """{paradigm: VLM}, each checkpoint folder loaded once."""
+    loaded: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    for p in paradigms:
+        key = str(Path(dirs[p]).resolve())
+        if key not in loaded:
+            loaded[key] = _load(dirs[p], p)
+        models[p] = loaded[key]
+    return models
+
+
+def _warm_up(models: dict[str, Any], start: int, duration: float | None, runs: int, kw: dict[str, Any]) -> None:
+    """Untimed, not-real-time runs first, so the timed ones do not pay for lazy set-up."""
+    from vstream.shapes import HELDOUT_SEEDS
+    from vstream.shapes_video import make_stream
+
+    if runs:
+        ws = make_stream(HELDOUT_SEEDS[start], duration)
+        for p, vlm in models.items():
+            for _ in range(runs):
+                run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,9 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per paradigm (not real time)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
+    ap.add_argument("--workers", type=int, default=1, help="processes replaying streams concurrently, each in real "
+                    "time (they share the CPU: the timings include that)")
     args = ap.parse_args(argv)
     if args.n < 1:
         raise SystemExit("evaluate: --n must be >= 1")
+    if args.workers < 1:
+        raise SystemExit("evaluate: --workers must be >= 1")
 
     import torch
 
@@ -164,33 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
             "batch_no_think": args.no_think or args.batch}
-    loaded: dict[str, Any] = {}
-    models: dict[str, Any] = {}
-    for p in args.paradigms:  # check every folder before the long part starts
-        key = str(Path(dirs[p]).resolve())
-        if key not in loaded:
-            loaded[key] = _load(dirs[p], p)
-        models[p] = loaded[key]
+    dirs = {p: dirs[p] for p in args.paradigms}
+    models = _load_all(dirs, args.paradigms)  # check every folder before the long part starts
     kw = dict(fps=args.fps, speed=args.speed, max_new_tokens=args.max_new_tokens, step_tokens=args.step_tokens,
               answer_tokens=args.answer_tokens, question_at=args.question_at)
-    if args.warmup:
-        from vstream.shapes import HELDOUT_SEEDS
-        from vstream.shapes_video import make_stream
-
-        ws = make_stream(HELDOUT_SEEDS[args.start], args.duration)
-        for p, vlm in models.items():
-            for _ in range(args.warmup):
-                run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})
-    res = evaluate_models(models, args.n, args.start, args.duration, progress=True, **kw)
+    if args.workers > 1:
+        del models
+        res = evaluate_parallel(dirs, args.paradigms, args.n, args.start, args.duration, args.workers,
+                                args.threads, args.warmup, **kw)
+    else:
+        _warm_up(models, args.start, args.duration, args.warmup, kw)
+        res = evaluate_models(models, args.n, args.start, args.duration, progress=True, **kw)
     res["meta"] = {
-        "checkpoints": {p: str(dirs[p]) for p in models}, "n": args.n, "split": "heldout",
+        "checkpoints": {p: str(dirs[p]) for p in args.paradigms}, "n": args.n, "split": "heldout",
         "start": args.start, "fps": args.fps, "speed": args.speed, "duration": args.duration,
         "question_at_s": args.question_at, "max_new_tokens": args.max_new_tokens, "step_tokens": args.step_tokens,
-        "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(),
+        "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(), "workers": args.workers,
         "wall_s": time.perf_counter() - t0,
         "times": "ttft_s / delay_s: wall seconds since stream start; event_deviation_s: stream seconds",
     }
-    for p in models:
+    for p in args.paradigms:
         r = res[p]
         _log(f"{p:14s} accuracy {r['accuracy']}, event deviation {r['event_deviation_s']} s, "
              f"ttft {r['ttft_s']} s, delay {r['delay_s']} s")

@@ -194,20 +194,23 @@ def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, traine
     assert not torch.equal(w, w0)
 
 
-def test_evaluate_prints_json(trained, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_evaluate_prints_json(trained, capsys, workers):
     from tays.__main__ import main
 
     _, out = trained
     rc = main(["evaluate", "--json", "--n", "2", "--tays", str(out), "--batch", str(out), "--interleaved", str(out),
                "--duration", "5", "--speed", "8", "--warmup", "0", "--max-new-tokens", "24", "--step-tokens", "6",
-               "--answer-tokens", "3"])
+               "--answer-tokens", "3", "--workers", workers])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for p in ("tays", "batch", "interleaved", "batch_no_think"):
         assert {"accuracy", "event_deviation_s", "ttft_s", "delay_s"} <= set(res[p]), p
         assert res[p]["n"] == 2 and 0.0 <= res[p]["accuracy"] <= 1.0
         assert res[p]["ttft_s"] is not None and res[p]["delay_s"] >= res[p]["ttft_s"]
-    assert res["meta"]["split"] == "heldout"
+        # records come back in stream order whichever process replayed them
+        assert [e["seed"] for e in res[p]["examples"]] == sorted(e["seed"] for e in res[p]["examples"]), p
+    assert res["meta"]["split"] == "heldout" and res["meta"]["workers"] == int(workers)
 
 
 def test_evaluate_refuses_missing_or_overlapping_checkpoints(trained, tmp_path):
