@@ -21,6 +21,28 @@ def tok():
     return make_tokenizer()
 
 
+def test_probe_targets_name_the_objects_and_the_cells_the_trace_says():
+    import re
+
+    n = 0
+    for scene in scenes("train", 0, 60):
+        if scene.family != "spatial":
+            continue
+        t = train_demo.token_targets(scene)
+        assert t.shape == (64, 5)
+        for obj_text, axis, num in re.findall(r"The (\w+ \w+) is in (row|column) (\d)", scene.trace):
+            color, shape = obj_text.split()
+            i = next(i for i, o in enumerate(scene.objects) if (o.color, o.shape) == (color, shape))
+            o = scene.objects[i]
+            cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2
+            tok_i = (cy // train_demo.TOKEN_PX) * 8 + cx // train_demo.TOKEN_PX
+            assert t[tok_i, 3 if axis == "row" else 4].item() == int(num) - 1  # what the trace says, 0-based
+            assert t[tok_i, 0].item() == list(train_demo.COLORS).index(color) + 1
+            assert t[tok_i, 1].item() == train_demo.KINDS.index(shape) + 1
+            n += 1
+    assert n > 5
+
+
 def test_collator_masks_prompt_and_covers_trace(tok):
     batch = scenes("train", 0, 4)
     out = Collator(tok, make_image_processor())(batch)

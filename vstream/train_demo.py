@@ -7,8 +7,9 @@
 
 Scenes come only from the training seed range; every process reads its own shard of it.
 Besides the language-model loss on the trace, a throw-away linear probe on the vision tokens
-learns each token's object colour, kind and digit from the scene's masks (a dense stage-1 style
-alignment signal). It makes the vision tower useful within minutes on CPU; it is not saved.
+learns each token's object colour, kind and digit from the scene's masks, and its grid row and
+column (a dense stage-1 style alignment signal). It makes the vision tower useful within minutes
+on CPU; it is not saved.
 Checkpoints (accelerate state + step) are written every `--save-every` steps to `--run-dir`;
 rerunning the same command resumes from the latest one.
 """
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
-from .shapes import COLORS, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
+from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
 INVENTORY_SHARE = 4  # out of every 10 training samples: the dense "List every object." task
 
@@ -53,16 +54,21 @@ class TrainScenes(Dataset):
 TOKEN_PX = 28  # one LLM image token of the demo model covers 28x28 pixels
 KINDS = (*SHAPES, "box", "bar")
 PROBE_HEADS = (len(COLORS) + 1, len(KINDS) + 1, 10 + 1)  # colour, kind, digit/value; 0 = none
+POS_HEADS = (GRID, GRID)  # grid row, grid column of the token (the trace's "row 3", "column 2")
 
 
 def token_targets(scene: Scene, min_cover: float = 0.1) -> torch.Tensor:
-    """(64, 3) class ids per image token, raster order: the object covering most of the token."""
+    """(64, 5) class ids per image token, raster order: colour, kind and digit of the object
+    covering most of the token (0 = none), then the token's 0-based grid row and column."""
     side = SIZE // TOKEN_PX
     cover = np.zeros((len(scene.objects), side, side), np.float32)
     for i in range(len(scene.objects)):
         m = scene.mask(i).reshape(side, TOKEN_PX, side, TOKEN_PX)
         cover[i] = m.mean(axis=(1, 3))
-    out = torch.zeros((side * side, 3), dtype=torch.long)
+    out = torch.zeros((side * side, 5), dtype=torch.long)
+    idx = torch.arange(side * side)
+    out[:, 3] = (idx // side) * TOKEN_PX // CELL
+    out[:, 4] = (idx % side) * TOKEN_PX // CELL
     if not len(scene.objects):
         return out
     best, frac = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1)
@@ -89,6 +95,9 @@ class WithProbe(torch.nn.Module):
     words (" red", " circle", " 7", ...), plus one learned "nothing here" vector per head: vision
     tokens are pulled towards the words the trace will say about them, which makes the
     text-to-image lookups (which object is "the red one"?) and copying its digit out cheap to learn.
+    Two more heads with learned class vectors give each token its grid row and column, so "which
+    row is it in" can be read from the token too (the values carry no usable position otherwise:
+    mRoPE only rotates queries and keys).
     """
 
     def __init__(self, model, tokenizer, weight: float = 1.0):
@@ -103,6 +112,8 @@ class WithProbe(torch.nn.Module):
         hidden = model.config.text_config.hidden_size
         self.none = torch.nn.Parameter(torch.zeros(len(words), hidden))
         self.bias = torch.nn.Parameter(torch.zeros(sum(PROBE_HEADS)))
+        self.pos = torch.nn.Parameter(torch.randn(sum(POS_HEADS), hidden) * 0.02)
+        self.pos_bias = torch.nn.Parameter(torch.zeros(sum(POS_HEADS)))
         self._vision = None
         model.model.visual.register_forward_hook(self._keep)
 
@@ -115,14 +126,16 @@ class WithProbe(torch.nn.Module):
         for k, ids in enumerate(self._ids):
             classes = torch.cat([self.none[k : k + 1], emb[ids.to(emb.device)]])  # (1 + C, hidden)
             out.append(vision.float() @ classes.float().T + b[k])
-        return out
+        pos = vision.float() @ self.pos.float().T + self.pos_bias
+        return out + list(pos.split(POS_HEADS, -1))
 
     def forward(self, token_targets: torch.Tensor, **batch) -> tuple[torch.Tensor, torch.Tensor]:
         lm = self.model(**batch).loss
         logits = self.probe_logits(self._vision)
         probe = sum(torch.nn.functional.cross_entropy(lg, token_targets[:, k]) for k, lg in enumerate(logits))
         self._vision = None
-        return lm + self.weight * probe / len(PROBE_HEADS), probe.detach() / len(PROBE_HEADS)
+        probe = probe / len(logits)
+        return lm + self.weight * probe, probe.detach()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100, time_frac: float = 0.0) -> float:
