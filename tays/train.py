@@ -28,7 +28,8 @@ logits against the inference code paths):
   standard mRoPE (each group a vision block at the next free position), as `CausalSequence`.
 * batch: prompt | all groups as one vision block | reasoning and answer, causal.
 
-The vision tower is trained too. Checkpoints (accelerate state + step) go to --run-dir every
+The vision tower is frozen (it already encodes shapes-world frames; it is most of the step time on
+CPU, so freezing it about halves a step); everything else is trained. Checkpoints (accelerate state + step) go to --run-dir every
 --save-every steps; rerunning the same command resumes. The final model is saved as
 safetensors with its tokenizer, image processor and a training.json (paradigm, seeds used,
 steps, minutes, data settings and skip counts).
@@ -279,7 +280,9 @@ class StreamingLM(torch.nn.Module):
         emb = m.get_input_embeddings()(input_ids)
         if pixel_values.numel():
             visual = m.model.visual
-            out = visual(pixel_values.to(dtype=next(visual.parameters()).dtype), grid_thw=grid_thw)
+            frozen = not any(p.requires_grad for p in visual.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                out = visual(pixel_values.to(dtype=next(visual.parameters()).dtype), grid_thw=grid_thw)
             vis = out.pooler_output if hasattr(out, "pooler_output") else out
             emb = emb.masked_scatter(frame_mask[..., None].expand_as(emb), vis.to(emb.dtype))
         mask = torch.zeros(attn.shape, dtype=emb.dtype, device=emb.device)
@@ -329,6 +332,8 @@ class TrainStreams(torch.utils.data.Dataset):
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    """Linear warm-up over min(warmup, total // 10) steps, then cosine to 10% of the peak."""
+    warmup = max(1, min(warmup, total // 10))
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
@@ -384,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         encoder = shapes_encoder() if args.encoder == "tfidf" else make_encoder(args.encoder)
     except EncoderError as e:
         raise SystemExit(f"train: {e}") from None
+    vlm.model.model.visual.requires_grad_(False)
     model = StreamingLM(vlm.model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     n_streams = args.steps * args.batch_size * acc.num_processes
     if args.seed_start + n_streams > len(TRAIN_SEEDS):
         raise SystemExit("train: --seed-start + streams used would leave the training split")
@@ -422,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr_at(step, args.steps, args.lr)
         loss, _ = model(**batch)
         acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
+        acc.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -458,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             "train_seeds": [TRAIN_SEEDS[args.seed_start], TRAIN_SEEDS.start + args.seed_start + used],
             "minutes": round((before + time.time() - t0) / 60, 2),
             "parameters": sum(p.numel() for p in final.parameters()),
+            "trained_parameters": sum(p.numel() for p in trained),
+            "vision_tower": "frozen",
             "final_loss_ema": ema,
             "processes": acc.num_processes,
             "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,

@@ -76,6 +76,22 @@ def test_train_resume_and_load(tmp_path):
     assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
 
 
+def test_position_probe_adds_row_and_column_heads(tok):
+    from vstream.demo_model import build_demo_model
+
+    batch = scenes("train", 0, 2)
+    inputs = train_demo.TrainCollator(tok, make_image_processor())(batch)
+    for position, heads in ((False, 3), (True, 5)):
+        torch.manual_seed(0)
+        m = train_demo.WithProbe(build_demo_model(tok), tok, position=position)
+        loss, probe = m(**inputs)
+        assert len(m.probe_logits(torch.zeros(64, m.none.shape[1]))) == heads
+        assert torch.isfinite(loss) and probe > 0
+        loss.backward()
+        if position:
+            assert m.pos.grad is not None and m.pos.grad.abs().sum() > 0
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_accelerate_data_parallel_on_two_cpu_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` without GPUs = 2 gloo processes on CPU."""

@@ -7,9 +7,9 @@
 
 Scenes come only from the training seed range; every process reads its own shard of it.
 Besides the language-model loss on the trace, a throw-away linear probe on the vision tokens
-learns each token's object colour, kind and digit from the scene's masks, and its grid row and
-column (a dense stage-1 style alignment signal). It makes the vision tower useful within minutes
-on CPU; it is not saved.
+learns each token's object colour, kind and digit from the scene's masks (a dense stage-1 style
+alignment signal; with --position-probe also its grid row and column). It makes the vision tower
+useful within minutes on CPU; it is not saved.
 Checkpoints (accelerate state + step) are written every `--save-every` steps to `--run-dir`;
 rerunning the same command resumes from the latest one.
 """
@@ -95,12 +95,12 @@ class WithProbe(torch.nn.Module):
     words (" red", " circle", " 7", ...), plus one learned "nothing here" vector per head: vision
     tokens are pulled towards the words the trace will say about them, which makes the
     text-to-image lookups (which object is "the red one"?) and copying its digit out cheap to learn.
-    Two more heads with learned class vectors give each token its grid row and column, so "which
-    row is it in" can be read from the token too (the values carry no usable position otherwise:
-    mRoPE only rotates queries and keys).
+    With `position`, two more heads with learned class vectors give each token its grid row and
+    column, so "which row is it in" can be read from the token too (the values carry no usable
+    position otherwise: mRoPE only rotates queries and keys).
     """
 
-    def __init__(self, model, tokenizer, weight: float = 1.0):
+    def __init__(self, model, tokenizer, weight: float = 1.0, position: bool = False):
         super().__init__()
         self.model = model
         self.weight = weight
@@ -112,8 +112,8 @@ class WithProbe(torch.nn.Module):
         hidden = model.config.text_config.hidden_size
         self.none = torch.nn.Parameter(torch.zeros(len(words), hidden))
         self.bias = torch.nn.Parameter(torch.zeros(sum(PROBE_HEADS)))
-        self.pos = torch.nn.Parameter(torch.randn(sum(POS_HEADS), hidden) * 0.02)
-        self.pos_bias = torch.nn.Parameter(torch.zeros(sum(POS_HEADS)))
+        self.pos = torch.nn.Parameter(torch.randn(sum(POS_HEADS), hidden) * 0.02) if position else None
+        self.pos_bias = torch.nn.Parameter(torch.zeros(sum(POS_HEADS))) if position else None
         self._vision = None
         model.model.visual.register_forward_hook(self._keep)
 
@@ -126,6 +126,8 @@ class WithProbe(torch.nn.Module):
         for k, ids in enumerate(self._ids):
             classes = torch.cat([self.none[k : k + 1], emb[ids.to(emb.device)]])  # (1 + C, hidden)
             out.append(vision.float() @ classes.float().T + b[k])
+        if self.pos is None:
+            return out
         pos = vision.float() @ self.pos.float().T + self.pos_bias
         return out + list(pos.split(POS_HEADS, -1))
 
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
+    ap.add_argument("--position-probe", action="store_true", help="also probe each vision token's grid row and "
+                    "column (not used for the shipped model yet)")
     args = ap.parse_args(argv)
 
     # cpu=True without CUDA: then `--multi_gpu --num_processes N` runs N gloo processes on CPU
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     tok = make_tokenizer()
     ip = make_image_processor()
-    model = WithProbe(build_demo_model(tok), tok, weight=args.probe_weight)
+    model = WithProbe(build_demo_model(tok), tok, weight=args.probe_weight, position=args.position_probe)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     data = TrainScenes(args.steps * args.batch_size * acc.num_processes)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip))
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             "final_loss_ema": ema,
             "final_probe_loss_ema": pema,
             "processes": acc.num_processes,
+            "position_probe": args.position_probe,
         }
         (args.out / "training.json").write_text(json.dumps(meta, indent=2))
         acc.print(json.dumps(meta))
