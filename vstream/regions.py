@@ -163,7 +163,7 @@ class DinoV3Backbone:
         image_size: int | None = None,
         normalize: bool = True,
     ):
-        from vstream.vlm import _resolve, read_model_config  # shared folder / hub-id handling
+        from vstream.vlm import _resolve, _resolve_device, read_model_config  # shared folder / hub-id handling
 
         try:
             path = _resolve(str(name_or_path), trust_remote_code=False)
@@ -174,12 +174,7 @@ class DinoV3Backbone:
             raise VLMError(f"{path} is not a DINOv3 ViT (model_type {raw.get('model_type')!r}, expected 'dinov3_vit')")
         if not any(path.glob("*.safetensors")):
             raise VLMError(f"no .safetensors weights in {path}; only safetensors are loaded (never pickled .bin/.pt)")
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise VLMError(f"bad device {device!r}: {e}") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise VLMError(f"device {device!r} requested but CUDA is not available")
+        dev = _resolve_device(device)
 
         from transformers import AutoModel
 
