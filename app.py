@@ -23,6 +23,7 @@ from typing import Any
 
 import gradio as gr
 
+from tays.protocol import TAYS_MODEL_DIR, run_options
 from vstream import explorer as ex
 from vstream import figures
 from vstream.demo_model import DEMO_MODEL_DIR
@@ -30,7 +31,7 @@ from vstream.images import VLMError
 
 MAX_QUESTION_CHARS = ex.MAX_QUESTION_CHARS
 MAX_NEW_TOKENS = 256
-VIDEO_MAX_NEW_TOKENS = 64
+VIDEO_MAX_NEW_TOKENS = 160  # as `python -m tays evaluate`: a step per frame group on 20 s streams
 WEBCAM_IDLE_S = 5.0  # a webcam that sends nothing for this long ends the stream
 DEFAULT_ANNOTATIONS = "annotations/annotations.db"
 ESTIMATOR_DIR = Path("runs") / "estimators"
@@ -348,7 +349,7 @@ def video_run(kind: str, file: Any, fps: float, question: str, model_name: str,
     def work() -> None:
         try:
             box["res"] = run_paradigm(vlm, src, q, "tays", max_new_tokens=VIDEO_MAX_NEW_TOKENS,
-                                      on_token=tokens.put, stop_event=stop)
+                                      on_token=tokens.put, stop_event=stop, **run_options(vlm))
         except BaseException as e:  # shown in the status line; the app keeps serving
             box["error"] = f"{type(e).__name__}: {e}"
 
@@ -448,7 +449,7 @@ def video_compare(file: Any, fps: float, question: str, other: str, model_name: 
         for i, paradigm in enumerate(("tays", other)):
             progress((i, 2), desc=f"running {paradigm} (plays the file in real time)")
             res = run_paradigm(vlm, VideoFileSource(str(file), fps=fps, realtime=True), q, paradigm,
-                               max_new_tokens=VIDEO_MAX_NEW_TOKENS, stop_event=stop)
+                               max_new_tokens=VIDEO_MAX_NEW_TOKENS, stop_event=stop, **run_options(vlm))
             rows.append(dict(res.metrics, paradigm=paradigm, answer=res.answer.strip()))
             if stop.is_set():
                 break
@@ -766,9 +767,16 @@ CSS = """
 """
 
 
+def default_video_model() -> str:
+    """The shipped TaYS checkpoint when present, else the image demo model."""
+    return str(TAYS_MODEL_DIR) if (TAYS_MODEL_DIR / "config.json").is_file() else str(DEMO_MODEL_DIR)
+
+
 def build_ui(default_model: str = str(DEMO_MODEL_DIR), annotations: str | None = None,
-             concurrency: int = 2) -> gr.Blocks:
-    """The whole explorer. `annotations`: SQLite path of the annotation store."""
+             concurrency: int = 2, video_model: str | None = None) -> gr.Blocks:
+    """The whole explorer. `annotations`: SQLite path of the annotation store; `video_model`:
+    the Video tab's model (default: `default_video_model()`)."""
+    video_model = video_model or default_video_model()
     db_path = str(annotations or os.environ.get("VSTREAM_ANNOTATIONS") or DEFAULT_ANNOTATIONS)
     annotate, show_records, export = make_annotation_handlers(db_path)
     model_limit = dict(concurrency_limit=concurrency, concurrency_id="model")
@@ -834,6 +842,8 @@ def build_ui(default_model: str = str(DEMO_MODEL_DIR), annotations: str | None =
                                           elem_id="video-fps")
                         v_question = gr.Textbox(label="Question", value="How many objects appeared?",
                                                 elem_id="video-question")
+                        v_model = gr.Textbox(label="Video model (folder or Hugging Face id; the default is our "
+                                             "TaYS-trained demo model)", value=video_model, elem_id="video-model")
                         with gr.Row():
                             v_run = gr.Button("Run TaYS", variant="primary", elem_id="video-run")
                             v_stop = gr.Button("Stop", variant="stop", elem_id="video-stop")
@@ -936,13 +946,13 @@ def build_ui(default_model: str = str(DEMO_MODEL_DIR), annotations: str | None =
         r_stop.click(stop_reasoning, [state], [r_status], api_name="stop", concurrency_limit=None)
         r_plain_run.click(reason, [r_image, r_question, r_model], r_plain_out, api_name="reason", **model_limit)
 
-        v_ev = v_run.click(video_run, [v_source, v_file, v_fps, v_question, r_model, state],
+        v_ev = v_run.click(video_run, [v_source, v_file, v_fps, v_question, v_model, state],
                            [state, v_text, v_ttft, v_delay, v_status], api_name="video", **model_limit)
         v_ev.failure(_error_status("video"), [state], [v_status], api_visibility="private")
         v_stop.click(stop_video, [state], [v_status], api_name="video_stop", concurrency_limit=None)
         v_cam.stream(push_webcam_frame, [v_cam, state], None, stream_every=0.25, concurrency_limit=None,
                      api_visibility="private")
-        c_ev = v_compare.click(video_compare, [v_file, v_fps, v_question, v_other, r_model, state],
+        c_ev = v_compare.click(video_compare, [v_file, v_fps, v_question, v_other, v_model, state],
                                [v_compare_out, v_compare_plot], api_name="video_compare", **model_limit)
         c_ev.failure(_error_status("video"), [state], [v_status], api_visibility="private")
 
@@ -998,6 +1008,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--share", action="store_true", default=env("VSTREAM_SHARE") == "1",
                     help="public gradio.live link (env VSTREAM_SHARE=1)")
     ap.add_argument("--model", default=env("VSTREAM_MODEL", str(DEMO_MODEL_DIR)), help="env VSTREAM_MODEL")
+    ap.add_argument("--video-model", default=env("TAYS_MODEL", default_video_model()),
+                    help="the Video tab's model (env TAYS_MODEL; default: assets/tays-model if shipped)")
     ap.add_argument("--auth", default=env("VSTREAM_AUTH"),
                     help="login for annotator links: user:pass[,user2:pass2] (env VSTREAM_AUTH)")
     ap.add_argument("--annotations", default=env("VSTREAM_ANNOTATIONS", DEFAULT_ANNOTATIONS),
@@ -1012,8 +1024,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.concurrency < 1:
         raise SystemExit("error: --concurrency must be at least 1")
     auth = parse_auth(args.auth)
-    demo = build_ui(args.model, args.annotations, args.concurrency)
-    threading.Thread(target=ex.warm_up, args=(args.model,), name="vstream-warm-up", daemon=True).start()
+    demo = build_ui(args.model, args.annotations, args.concurrency, args.video_model)
+    threading.Thread(target=ex.warm_up, args=(args.model, args.video_model), name="vstream-warm-up",
+                     daemon=True).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         auth_message="Log in with the annotator account you were given." if auth else None,

@@ -194,6 +194,20 @@ def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, traine
     assert not torch.equal(w, w0)
 
 
+def test_run_options_follow_the_checkpoint(trained, tiny_qwen2_5_vl_dir, tmp_path):
+    import shutil
+
+    from tays.protocol import TRAINED, run_options
+    from vstream.vlm import load_vlm
+
+    _, out = trained
+    assert run_options(load_vlm(str(out), device="cpu")) == TRAINED  # a tays.train checkpoint
+    assert run_options(load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")) == {}  # any other model: defaults
+    bad = Path(shutil.copytree(out, tmp_path / "bad"))
+    (bad / "training.json").write_text("{not json")
+    assert run_options(load_vlm(str(bad), device="cpu")) == {}  # unreadable metadata: defaults, no crash
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_evaluate_prints_json(trained, capsys, workers):
     from tays.__main__ import main

@@ -100,12 +100,15 @@ def get_model(name: Any) -> Any:
         return _model(model_key(name))
 
 
-def warm_up(name: Any) -> None:
-    """Load the default model and, on CPU, start the TaYS frame-ingestion process with it, so
-    the first user does not wait for either (the ingestion server's imports take seconds).
-    Failures are only logged: the first real request reports them properly."""
+def warm_up(name: Any, video: Any = None) -> None:
+    """Load the default model and the video model (`video`, default: the same) and, on CPU,
+    start the TaYS frame-ingestion process with the video model, so the first user does not
+    wait for either (the ingestion server's imports take seconds). Failures are only logged:
+    the first real request reports them properly."""
     try:
         vlm = get_model(name)
+        if video is not None and model_key(video) != model_key(name):
+            vlm = get_model(video)
         if vlm.device.type == "cpu":
             from tays.ingest import prewarm
 

@@ -180,6 +180,7 @@ class VLM:
     dtype: torch.dtype
     # serialises generate/forward on this model (the model caches rope_deltas between calls)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    path: Path | None = None  # the folder it was loaded from (training.json etc. live there)
 
     def __repr__(self) -> str:  # the default dumps the whole module tree
         return f"VLM(arch={self.arch!r}, device={str(self.device)!r}, dtype={self.dtype}, layers={self.num_layers})"
@@ -564,7 +565,7 @@ def load_vlm(
             raise VLMError(f"{path}: preprocessor_config {name}={have} does not match the model's {want}")
 
     return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor,
-               arch=model_type, device=dev, dtype=dt)
+               arch=model_type, device=dev, dtype=dt, path=path)
 
 
 def read_model_config(path: Path, what: str = "model") -> dict:
