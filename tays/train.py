@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from tays.data import EncoderError, make_encoder, shapes_encoder
+    from vstream.checkpoints import read_step, resume, save_final, save_step
     from vstream.shapes import TRAIN_SEEDS
     from vstream.vlm import VLMError, load_vlm
 
@@ -405,15 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     skipped: Counter = Counter()
     model, opt, loader = acc.prepare(model, opt, loader)
 
-    start, ema, before = 0, None, 0.0
     state = run_dir / "latest"
-    if (state / "step.json").exists():
-        record = json.loads((state / "step.json").read_text())
-        if record.get("paradigm", args.paradigm) != args.paradigm:
-            raise SystemExit(f"train: {state} holds a {record['paradigm']!r} run, not {args.paradigm!r}")
-        acc.load_state(str(state))
-        start, ema, before = record["step"], record.get("loss_ema"), record.get("seconds", 0.0)
-        acc.print(f"resuming from step {start} in {state}")
+    held = read_step(state)
+    if held is not None and held.get("paradigm", args.paradigm) != args.paradigm:
+        raise SystemExit(f"train: {state} holds a {held['paradigm']!r} run, not {args.paradigm!r}")
+    record = resume(acc, state)
+    start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
     batches = acc.skip_first_batches(loader, start) if start else loader
 
     t0 = time.time()
@@ -438,10 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{ema:.3f}")
         out_of_time = args.minutes is not None and time.time() - t0 > args.minutes * 60
         if step % args.save_every == 0 or out_of_time or step == args.steps:
-            acc.save_state(str(state))
-            if acc.is_main_process:
-                rec = {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0, "paradigm": args.paradigm}
-                (state / "step.json").write_text(json.dumps(rec))
+            save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0,
+                                   "paradigm": args.paradigm})
         if out_of_time:
             acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
@@ -450,11 +446,6 @@ def main(argv: list[str] | None = None) -> int:
     acc.wait_for_everyone()
     if acc.is_main_process:
         final = acc.unwrap_model(model).model
-        final.eval()
-        out.mkdir(parents=True, exist_ok=True)
-        final.to(getattr(torch, args.save_dtype)).save_pretrained(out, safe_serialization=True)
-        vlm.tokenizer.save_pretrained(out)
-        vlm.image_processor.save_pretrained(out)
         used = step * args.batch_size * acc.num_processes
         meta = {
             "paradigm": args.paradigm,
@@ -475,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "format": {"assistant_prefix": ASSISTANT_PREFIX, "answer_prefix": ANSWER_PREFIX, "end_of_step": EOS_STEP,
                        "streaming_calls": "one reasoning call per frame group" if args.paradigm != "batch" else None},
         }
-        (out / "training.json").write_text(json.dumps(meta, indent=2))
+        save_final(final, vlm.tokenizer, vlm.image_processor, out, meta, getattr(torch, args.save_dtype))
         acc.print(json.dumps(meta))
     return 0
 

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .checkpoints import resume, save_final, save_step
 from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
 from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
@@ -182,13 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip))
     model, opt, loader = acc.prepare(model, opt, loader)
 
-    start, ema, pema, before = 0, None, None, 0.0
     state = args.run_dir / "latest"
-    if (state / "step.json").exists():
-        acc.load_state(str(state))
-        record = json.loads((state / "step.json").read_text())
-        start, ema, before = record["step"], record.get("loss_ema"), record.get("seconds", 0.0)
-        acc.print(f"resuming from step {start} in {state}")
+    record = resume(acc, state)
+    start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
+    pema = None
     batches = acc.skip_first_batches(loader, start) if start else loader
 
     t0 = time.time()
@@ -214,10 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(loss=f"{ema:.3f}", probe=f"{pema:.3f}")
         out_of_time = args.minutes is not None and spent > args.minutes * 60
         if step % args.save_every == 0 or out_of_time or step == args.steps:
-            acc.save_state(str(state))
-            if acc.is_main_process:
-                record = {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0}
-                (state / "step.json").write_text(json.dumps(record))
+            save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0})
         if out_of_time:
             acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
@@ -226,12 +221,6 @@ def main(argv: list[str] | None = None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         final = acc.unwrap_model(model).model
-        final.eval()
-        args.out.mkdir(parents=True, exist_ok=True)
-        # float16 on disk keeps the shipped weights small; loading upcasts to the chosen dtype.
-        final.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
-        tok.save_pretrained(args.out)
-        ip.save_pretrained(args.out)
         meta = {
             "trained_steps": step,
             "batch_size": args.batch_size * acc.num_processes,
@@ -243,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             "processes": acc.num_processes,
             "position_probe": args.position_probe,
         }
-        (args.out / "training.json").write_text(json.dumps(meta, indent=2))
+        save_final(final, tok, ip, args.out, meta)
         acc.print(json.dumps(meta))
 
 

@@ -1,0 +1,52 @@
+"""Resumable training state and final model folders, shared by the demo and TaYS trainers.
+
+A run folder holds `latest/`: the accelerate state (model, optimizer, RNG) plus `step.json`
+(step, loss EMA, seconds spent and whatever else the trainer records). Rerunning the same
+command resumes from it. The final model is saved as safetensors beside its tokenizer, image
+processor and a training.json, so `load_vlm(folder)` works offline.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["read_step", "resume", "save_final", "save_step"]
+
+
+def read_step(state: Path) -> dict[str, Any] | None:
+    """The step record of a run's `latest/` folder, or None when there is none yet."""
+    f = Path(state) / "step.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def resume(acc: Any, state: Path) -> dict[str, Any]:
+    """Load the accelerate state when one was saved; returns its record ({} for a fresh run)."""
+    record = read_step(state)
+    if record is None:
+        return {}
+    acc.load_state(str(state))
+    acc.print(f"resuming from step {record['step']} in {state}")
+    return record
+
+
+def save_step(acc: Any, state: Path, record: dict[str, Any]) -> None:
+    """Save the accelerate state, then (main process) the step record beside it."""
+    acc.save_state(str(state))
+    if acc.is_main_process:
+        (Path(state) / "step.json").write_text(json.dumps(record))
+
+
+def save_final(model: Any, tokenizer: Any, image_processor: Any, out: Path, meta: dict[str, Any],
+               dtype: torch.dtype = torch.float16) -> None:
+    """The trained model as a loadable folder. float16 on disk keeps shipped weights small;
+    loading upcasts to the chosen dtype."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(meta, indent=2))
