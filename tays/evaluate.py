@@ -38,6 +38,7 @@ from typing import Any
 
 from tays.data import normalize_answer
 from tays.metrics import finite_json
+from tays.protocol import TRAINED
 
 __all__ = ["EVAL_PARADIGMS", "evaluate_models", "main"]
 
@@ -56,19 +57,19 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def run_one(vlm: Any, stream: Any, paradigm: str, *, fps: float = 2.0, speed: float = 1.0, realtime: bool = True,
-            max_new_tokens: int = 160, step_tokens: int = 24, answer_tokens: int = 6, question_at: float = 0.0):
-    """One stream through one evaluated paradigm; returns the RunResult."""
+            max_new_tokens: int = 160, step_tokens: int = TRAINED["step_tokens"],
+            answer_tokens: int = TRAINED["answer_tokens"], question_at: float = 0.0):
+    """One stream through one evaluated paradigm, with the SFT protocol; returns the RunResult."""
     from tays.paradigms import run_paradigm
     from tays.sources import ShapesSource
 
     src = ShapesSource(stream, fps=fps, realtime=realtime, speed=speed)
     no_think = paradigm == "batch_no_think"
+    opts = dict(TRAINED, step_tokens=step_tokens, answer_tokens=answer_tokens)
     return run_paradigm(
         vlm, src, stream.question, RUNNER[paradigm],
-        max_new_tokens=answer_tokens if no_think else max_new_tokens,
-        step_tokens=step_tokens, answer_tokens=answer_tokens, question_at=question_at,
-        assistant_prefix="<think>", answer_prefix="</think>",
-        period_ends_step=False, model_ends_reasoning=paradigm == "batch",
+        max_new_tokens=answer_tokens if no_think else max_new_tokens, question_at=question_at,
+        model_ends_reasoning=paradigm == "batch", **opts,
     )
 
 
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
     ap.add_argument("--question-at", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--step-tokens", type=int, default=24)
-    ap.add_argument("--answer-tokens", type=int, default=6)
+    ap.add_argument("--step-tokens", type=int, default=TRAINED["step_tokens"])
+    ap.add_argument("--answer-tokens", type=int, default=TRAINED["answer_tokens"])
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per paradigm (not real time)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
     ap.add_argument("--workers", type=int, default=1, help="processes replaying streams concurrently, each in real "

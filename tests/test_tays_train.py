@@ -256,3 +256,16 @@ def test_eot_protocol_in_the_runner(tiny_qwen2_5_vl):
                      paradigm="tays", max_new_tokens=24, step_tokens=3, answer_tokens=2, period_ends_step=False,
                      assistant_prefix="<think>", answer_prefix="</think>")
     assert r.steps and all(s.closed_by in ("eot", "cap", "budget") for s in r.steps)
+
+
+def test_shipped_weights_fit_and_the_tays_checkpoint_loads():
+    from tays.protocol import TAYS_MODEL_DIR, TRAINED, run_options
+    from vstream.eval_model import check_heldout
+    from vstream.vlm import load_vlm
+
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    assert sum(p.stat().st_size for p in assets.rglob("*.safetensors")) <= 25_000_000
+    meta = json.loads((TAYS_MODEL_DIR / "training.json").read_text())
+    assert meta["paradigm"] == "tays" and meta["split"] == "train"
+    check_heldout(TAYS_MODEL_DIR)  # trained on training seeds only
+    assert run_options(load_vlm(str(TAYS_MODEL_DIR), device="cpu")) == TRAINED
