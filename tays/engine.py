@@ -520,6 +520,12 @@ class StreamingEngine:
         return th
 
     # -- ingestion in a worker process (ingest="process"; see tays.ingest) ------------------------
+    def _count_done(self) -> None:
+        """One queue item fully handled (what wait_ingested() counts)."""
+        with self._cv:
+            self._done += 1
+            self._cv.notify_all()
+
     def _set_error(self, e: BaseException) -> None:
         with self._cv:
             if self._error is None and not self._stopping.is_set():
@@ -552,9 +558,7 @@ class StreamingEngine:
                     if pending == tp:
                         pending = 0
                         continue
-                with self._cv:
-                    self._done += 1
-                    self._cv.notify_all()
+                self._count_done()
         except OSError:
             return  # the worker hung up: `_recv_loop` reports why (its error, or that it died)
         except BaseException as e:  # e.g. a frame that cannot be pickled
@@ -579,9 +583,7 @@ class StreamingEngine:
                 if msg[0] == "group" and not self._stopping.is_set():
                     with torch.inference_mode():
                         self._commit_group(msg[1], msg[2], ingest_mod.unpack(msg[3]))
-                    with self._cv:
-                        self._done += 1
-                        self._cv.notify_all()
+                    self._count_done()
         except BaseException as e:
             self._set_error(e)
 
@@ -623,9 +625,7 @@ class StreamingEngine:
                         if len(pending) == tp:
                             self._ingest_group(pending)
                             pending = []
-                    with self._cv:
-                        self._done += 1
-                        self._cv.notify_all()
+                    self._count_done()
         except BaseException as e:  # re-raised by the next push/decode/wait
             with self._cv:
                 self._error = e

@@ -196,11 +196,10 @@ def _load_all(dirs: dict[str, str], paradigms: list[str]) -> dict[str, Any]:
 
 def _warm_up(models: dict[str, Any], start: int, duration: float | None, runs: int, kw: dict[str, Any]) -> None:
     """Untimed, not-real-time runs first, so the timed ones do not pay for lazy set-up."""
-    from vstream.shapes import HELDOUT_SEEDS
-    from vstream.shapes_video import make_stream
+    from vstream.shapes_video import streams
 
     if runs:
-        ws = make_stream(HELDOUT_SEEDS[start], duration)
+        ws = streams("heldout", start, 1, duration)[0]
         for p, vlm in models.items():
             for _ in range(runs):
                 run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})

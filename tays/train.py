@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from tays.data import EncoderError, make_encoder, shapes_encoder
-    from vstream.checkpoints import read_step, resume, save_final, save_step
+    from vstream.checkpoints import resume, save_final, save_step
     from vstream.shapes import TRAIN_SEEDS
     from vstream.vlm import VLMError, load_vlm
 
@@ -407,10 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     model, opt, loader = acc.prepare(model, opt, loader)
 
     state = run_dir / "latest"
-    held = read_step(state)
-    if held is not None and held.get("paradigm", args.paradigm) != args.paradigm:
-        raise SystemExit(f"train: {state} holds a {held['paradigm']!r} run, not {args.paradigm!r}")
-    record = resume(acc, state)
+    try:
+        record = resume(acc, state, match={"paradigm": args.paradigm})
+    except ValueError as e:
+        raise SystemExit(f"train: {e}") from None
     start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
     batches = acc.skip_first_batches(loader, start) if start else loader
 

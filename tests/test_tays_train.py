@@ -269,3 +269,23 @@ def test_shipped_weights_fit_and_the_tays_checkpoint_loads():
     assert meta["paradigm"] == "tays" and meta["split"] == "train"
     check_heldout(TAYS_MODEL_DIR)  # trained on training seeds only
     assert run_options(load_vlm(str(TAYS_MODEL_DIR), device="cpu")) == TRAINED
+
+
+def test_resume_refuses_a_run_of_another_paradigm(tmp_path):
+    from vstream.checkpoints import resume
+
+    class Acc:
+        loaded = False
+
+        def load_state(self, path):
+            self.loaded = True
+
+        def print(self, *a):
+            pass
+
+    (tmp_path / "step.json").write_text(json.dumps({"step": 3, "paradigm": "batch"}))
+    acc = Acc()
+    with pytest.raises(ValueError, match="paradigm 'batch'"):
+        resume(acc, tmp_path, match={"paradigm": "tays"})
+    assert not acc.loaded  # refused before any state is loaded
+    assert resume(acc, tmp_path, match={"paradigm": "batch"})["step"] == 3 and acc.loaded

@@ -225,24 +225,23 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
     each row masked to its own key length (and mask row), softmax in float32 as eager does."""
     lens = torch.tensor([st.layers[0][1] for st in steps])
     s = int(lens.max())
+    n_layers = len(keys)
     same = all(k.shape == keys[0].shape for k in keys)
-    if same:
-        q = torch.stack([torch.stack([lay[0] for lay in st.layers]) for st in steps])  # (T, L, H, D)
-        k = torch.stack([kk[:, :s] for kk in keys])  # (L, Hkv, S, D)
+    groups = [list(range(n_layers))] if same else [[li] for li in range(n_layers)]
+    valid = torch.arange(s).unsqueeze(0) < lens.unsqueeze(1)  # (T, S)
     t = len(steps)
     out = []
-    for li in ([None] if same else range(len(keys))):
-        qq = q if same else torch.stack([st.layers[li][0] for st in steps]).unsqueeze(1)  # (T, L', H, D)
-        kk = k if same else keys[li][:, :s].unsqueeze(0)  # (L', Hkv, S, D)
+    for group in groups:
+        qq = torch.stack([torch.stack([st.layers[li][0] for li in group]) for st in steps])  # (T, L', H, D)
+        kk = torch.stack([keys[li][:, :s] for li in group])  # (L', Hkv, S, D)
         nl, hkv, _, d = kk.shape
         h = qq.shape[2]
         scores = torch.matmul(qq.reshape(t, nl, hkv, h // hkv, d), kk.transpose(-1, -2).unsqueeze(0))
         scores = (scores * steps[0].scaling).reshape(t, nl, h, s).float()  # (T, L', H, S)
-        valid = torch.arange(s).unsqueeze(0) < lens.unsqueeze(1)  # (T, S)
         scores = scores.masked_fill(~valid.to(scores.device)[:, None, None, :], float("-inf"))
         for i, st in enumerate(steps):
-            for j, lj in enumerate(range(len(keys)) if same else [li]):
-                m = st.layers[lj][2]
+            for j, li in enumerate(group):
+                m = st.layers[li][2]
                 if m is None:
                     continue
                 n = min(m.shape[-1], s)
@@ -252,7 +251,7 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
                     scores[i, j, :, :n] = scores[i, j, :, :n] + m[..., :n].float()
         probs = torch.softmax(scores, dim=-1)
         out.append(probs.index_select(3, steps[0].positions.to(probs.device)))
-    return out[0] if same else torch.cat(out, dim=1)  # (T, L, H, N)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (T, L, H, N)
 
 
 class _CaptureState:

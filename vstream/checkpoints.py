@@ -22,11 +22,15 @@ def read_step(state: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def resume(acc: Any, state: Path) -> dict[str, Any]:
-    """Load the accelerate state when one was saved; returns its record ({} for a fresh run)."""
+def resume(acc: Any, state: Path, match: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the accelerate state when one was saved; returns its record ({} for a fresh run).
+    `match`: record fields that must agree with this run (ValueError before loading if not)."""
     record = read_step(state)
     if record is None:
         return {}
+    for key, want in (match or {}).items():
+        if record.get(key, want) != want:
+            raise ValueError(f"{state} holds a {key} {record[key]!r} run, not {want!r}")
     acc.load_state(str(state))
     acc.print(f"resuming from step {record['step']} in {state}")
     return record
