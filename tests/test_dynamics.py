@@ -59,3 +59,19 @@ def test_labels():
     assert concentration(wander[0]) < 0.3
     assert label_trace(wander) == "Wandering"
     assert label_trace([]) == "stable"
+
+
+def test_pca_matches_svd_projection_up_to_sign():
+    """Oracle: the eigen-decomposition route gives the SVD's top-3 coordinates, for both the
+    Gram (n <= K) and the scatter (n > K) branch; rank-deficient axes are zero."""
+    rng = np.random.default_rng(2)
+    for n, k in ((6, 16), (20, 16), (40, 8)):
+        x = rng.random((n, k))
+        coords, axes = pca_path(x)
+        centred = x - x.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        np.testing.assert_allclose(np.abs(coords), np.abs(centred @ vt[:3].T), atol=1e-9)
+        np.testing.assert_allclose(axes @ axes.T, np.eye(3), atol=1e-9)
+    coords, axes = pca_path(np.array([[0.0, 1, 2, 3], [1, 1, 2, 3]]))  # two points: rank 1
+    assert np.allclose(axes[1:], 0) and np.allclose(np.linalg.norm(axes[0]), 1)
+    assert np.isclose(np.linalg.norm(coords[1] - coords[0]), 1.0)

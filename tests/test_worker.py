@@ -19,6 +19,7 @@ from PIL import Image
 
 from vstream.capture import region_features
 from vstream.demo_model import ASSETS, DEMO_MODEL_DIR
+from vstream.estimator import LinearEstimator
 from vstream.images import VLMError
 from vstream.spans import Span
 from vstream.vlm import load_vlm
@@ -103,10 +104,20 @@ def _split(events):
     return kinds
 
 
-@pytest.mark.parametrize("which", ["tiny", "tiny3"])
-def test_events_order_types_and_values(which, request):
+def _linear(vlm, seed: int = 0) -> LinearEstimator:
+    """A real LinearEstimator (the worker scores it with numpy) with random weights and bias."""
+    est = LinearEstimator(vlm.num_layers, vlm.num_heads)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        est.weight.copy_(torch.randn(est.num_features, generator=g))
+        est.region_bias.fill_(0.25)
+    return est
+
+
+@pytest.mark.parametrize("which,kind", [("tiny", "stand-in"), ("tiny3", "stand-in"), ("tiny", "linear")])
+def test_events_order_types_and_values(which, kind, request):
     vlm = request.getfixturevalue(which)
-    est = _est(vlm)
+    est = _est(vlm) if kind == "stand-in" else _linear(vlm)
     image = _noise(120, 100)
     session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=EveryN(4))
     events = list(session)
@@ -136,7 +147,7 @@ def test_events_order_types_and_values(which, request):
         assert s.latency_ms == pytest.approx((s.emitted_time - s.span_end_time) * 1000)
         assert 0 <= s.compute_ms <= s.latency_ms
         lo, hi = s.span.token_start, min(s.span.token_end, rec.tokens)
-        want = est.predict(region_features(rec.stack(lo, hi), reg.regions.assignment)).numpy()
+        want = est.predict(region_features(rec.stack(lo, hi), reg.regions.assignment)).detach().numpy()
         np.testing.assert_allclose(s.scores, want, rtol=1e-5, atol=1e-6)
         assert s.rows == (lo, hi) and s.n_rows == hi - lo
         np.testing.assert_array_equal(session.compute_span(lo, hi)[0], s.scores)  # replayable

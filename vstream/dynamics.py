@@ -40,22 +40,26 @@ def concentration(scores: np.ndarray) -> float:
 
 
 def pca_path(vectors: np.ndarray, previous_axes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, K) vectors -> (n, 3) coordinates and the (3, K) axes used (zero-padded when n or K < 3)."""
+    """(n, K) vectors -> (n, 3) coordinates and the (3, K) axes used (zero-padded when n or K < 3).
+
+    The top-3 principal axes come from the eigen-decomposition of whichever second-moment
+    matrix is smaller, the (n, n) Gram matrix or the (K, K) scatter matrix: a trace has tens of
+    spans, so this is a tiny symmetric problem instead of an SVD of the (n, K) data."""
     x = np.asarray(vectors, dtype=np.float64)
     n, k = x.shape
     axes = np.zeros((3, k))
-    if n >= 2:
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        m = min(3, vt.shape[0])
-        axes[:m] = vt[:m]
-        if previous_axes is not None:
-            signs = np.sign(np.sum(axes * previous_axes, axis=1))
-            axes *= np.where(signs == 0, 1.0, signs)[:, None]
-        coords = centred @ axes.T
-    else:
-        coords = np.zeros((n, 3))
-    return coords, axes
+    if n < 2:
+        return np.zeros((n, 3)), axes
+    centred = x - x.mean(axis=0)
+    gram = n <= k
+    evals, vecs = np.linalg.eigh(centred @ centred.T if gram else centred.T @ centred)  # ascending
+    evals, vecs = evals[::-1][:3], vecs[:, ::-1][:, :3]
+    m = int((evals > max(float(evals[0]), 0.0) * 1e-12).sum())  # rank-deficient axes stay zero
+    axes[:m] = (centred.T @ vecs[:, :m] / np.sqrt(evals[:m])).T if gram else vecs[:, :m].T
+    if previous_axes is not None:
+        signs = np.sign(np.sum(axes * previous_axes, axis=1))
+        axes *= np.where(signs == 0, 1.0, signs)[:, None]
+    return centred @ axes.T, axes
 
 
 def path_length(coords: np.ndarray) -> float:

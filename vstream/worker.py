@@ -186,6 +186,17 @@ def _estimator_target(estimator: Any) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def _linear_on_cpu(estimator: Any) -> tuple[np.ndarray, np.float32] | None:
+    """(w, c) of a CPU `LinearEstimator` as numpy, so a span's scores are one small matmul
+    (torch's per-call dispatch costs more than the arithmetic at these sizes); else None."""
+    from vstream.estimator import LinearEstimator
+
+    if type(estimator) is not LinearEstimator or estimator.weight.device.type != "cpu":
+        return None
+    w = estimator.weight.detach().float().numpy().copy()
+    return w, np.float32(estimator.region_bias.detach().float().item())
+
+
 # ----------------------------------------------------------------------------------------------
 # the session
 
@@ -228,9 +239,10 @@ class _Run:
         self._assign_np = self._assignment.numpy() if self._assignment.device.type == "cpu" else None
         self._pixel_labels = self.regions.pixel_labels(self.image_size)  # (H, W) region id per pixel
         self._est_device, self._est_dtype = _estimator_target(estimator)
+        self._linear_np = _linear_on_cpu(estimator)
         self.feature_dim = int(vlm.num_layers) * int(vlm.num_heads)
         try:
-            self._predict(torch.zeros(self.regions.k, self.feature_dim))
+            self._predict(np.zeros((self.regions.k, self.feature_dim), dtype=np.float32))
         except VLMError as e:
             raise VLMError(f"the estimator does not fit this model: {e}") from e
         except Exception as e:
@@ -410,7 +422,7 @@ class _Run:
                 for ev in events:
                     self._out.put(ev)
 
-    def _features(self, lo: int, hi: int) -> torch.Tensor:
+    def _features(self, lo: int, hi: int) -> torch.Tensor | np.ndarray:
         """(K, L*H) region features of rows [lo, hi): the same numbers as
         `capture.region_features(rows, assignment)` / `SpanAccumulator`, in as few torch calls
         as possible (each one hands the GIL back and forth with the generation thread).
@@ -423,11 +435,17 @@ class _Run:
         if self._assign_np is not None:  # CPU: numpy's BLAS call is ~free at these sizes, while
             # torch.mm hands tiny matrices to a threaded BLAS that stalls when cores are busy
             f = self._assign_np @ total.reshape(l * h, n).numpy().T
-            return torch.from_numpy(f / np.float32(hi - lo))
+            return f / np.float32(hi - lo)
         return torch.mm(self._assignment, total.reshape(l * h, n).T).div_(hi - lo)
 
-    def _predict(self, features: torch.Tensor) -> np.ndarray:
+    def _predict(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         k = features.shape[0]
+        if self._linear_np is not None and isinstance(features, np.ndarray):
+            w, c = self._linear_np  # the same map as LinearEstimator.predict, without torch's dispatch
+            if features.shape[-1] != w.shape[0]:
+                raise VLMError(f"features have {features.shape[-1]} columns but this estimator expects L*H = {w.shape[0]}")
+            return (features @ w + c).astype(np.float32, copy=False)
+        features = torch.as_tensor(features)
         if features.device != self._est_device or features.dtype != self._est_dtype:
             features = features.to(self._est_device, self._est_dtype)
         with torch.no_grad():
