@@ -1,11 +1,14 @@
-"""THE ablation operator (vstream.ablation) against its oracle: physical deletion.
+"""THE ablation operator (vstream.ablation) against its oracle: the model's own forward pass
+on the painted image.
 
-Masking a token set out of attention as keys, with the unablated mRoPE positions passed
-explicitly, must equal deleting those tokens from the sequence while every other token keeps
-its position id (within 1e-4 on per-token log-probabilities). Ablating nothing must give
-exactly the unablated model, which must equal a plain forward pass of the model.
+Ablating image tokens = painting their patches with the image's mean colour and re-running the
+vision encoder, with the unablated mRoPE positions passed explicitly. That must equal the
+model's plain forward on prompt + trace with the painted `pixel_values` (within 1e-4 on per-token
+log-probabilities), whatever the batching. Ablating nothing must give exactly the unablated model.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -65,29 +68,14 @@ def _plain_logprobs(vlm: VLM, inputs, gen: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[p - 1 : p + t - 1], -1).gather(-1, gen[:, None])[:, 0]
 
 
-def _deleted_logprobs(vlm: VLM, inputs, gen: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Oracle: the ablated image tokens physically removed; the others keep their positions
-    (and, on Qwen3-VL, their DeepStack features)."""
-    tf = A.prepare(vlm, inputs, gen)
-    inner = vlm.model.model
-    with vlm.lock, torch.no_grad():
-        emb = inner.get_input_embeddings()(tf.input_ids).clone()
-        enc = tf.encoder_outputs["image"]
-        pos = inputs.image_token_positions
-        emb[0, pos] = torch.cat(enc.pooler_output).to(emb.dtype)
-        keep = torch.ones(tf.input_ids.shape[1], dtype=torch.bool)
-        keep[pos[token_mask]] = False
-        kw = {}
-        ds = getattr(enc, "deepstack_features", None)
-        if ds:
-            vis = torch.zeros(1, keep.numel(), dtype=torch.bool)
-            vis[0, pos] = True
-            kw = dict(visual_pos_masks=vis[:, keep], deepstack_visual_embeds=[torch.cat(f)[~token_mask] for f in ds])
-        out = inner.language_model(inputs_embeds=emb[:, keep], position_ids=tf.position_ids[:, :, keep],
-                                   attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long), **kw)
-        t = gen.numel()
-        logits = vlm.model.lm_head(out.last_hidden_state[0, -t - 1 : -1]).float()
-    return torch.log_softmax(logits, -1).gather(-1, gen[:, None])[:, 0]
+def _painted_logprobs(vlm: VLM, inputs, gen: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Oracle: paint the ablated tokens' patches by hand, then the model's own forward: (T,)."""
+    kw = dict(inputs.model_kwargs)
+    n, m2 = token_mask.numel(), vlm.merge_size**2
+    pv = kw["pixel_values"].reshape(n, m2, 3, -1).clone()  # token, patch in token, channel, pixels
+    pv[token_mask] = pv.mean(dim=(0, 1, 3))[None, :, None]
+    inputs = dataclasses.replace(inputs, model_kwargs={**kw, "pixel_values": pv.reshape(n * m2, -1)})
+    return _plain_logprobs(vlm, inputs, gen)
 
 
 def _masks(n: int) -> torch.Tensor:
@@ -98,7 +86,7 @@ def _masks(n: int) -> torch.Tensor:
     return m
 
 
-def test_masking_equals_deletion(case):
+def test_ablation_equals_forward_on_painted_image(case):
     vlm, inputs, gen, _ = case
     n = inputs.image_token_positions.numel()
     masks = _masks(n)
@@ -107,7 +95,7 @@ def test_masking_equals_deletion(case):
     # unablated == the model's own forward with its own positions
     torch.testing.assert_close(lp[0], _plain_logprobs(vlm, inputs, gen), atol=ATOL, rtol=0)
     for m in range(4):
-        torch.testing.assert_close(lp[m], _deleted_logprobs(vlm, inputs, gen, masks[m]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(lp[m], _painted_logprobs(vlm, inputs, gen, masks[m]), atol=ATOL, rtol=0)
     # ablating everything changes the prediction (the operator really does something)
     assert (lp[3] - lp[0]).abs().max() > 1e-4
     # batching does not matter

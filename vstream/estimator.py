@@ -7,10 +7,10 @@ Model. For a span S and region k with features f_k in R^{L*H} (`vstream.capture`
 predicted ablation effect of region k is s_k = w . f_k + c (`predict`; w and the region bias c
 are shared by all regions), and the predicted effect of ablating a region set v is
 sum_{k in v} s_k + b (`predict_subsets`; the calibration intercept b once per set). The region
-scores s_k are the attribution map. c matters because, under key masking, every ablated region
-costs the span something (removing half of an image is itself a shift), so measured effects
-grow with the number of ablated regions |v|; c|v| models that part, w . f the region-specific
-part. c shifts all regions of a span equally, so it never changes a map's ranking.
+scores s_k are the attribution map. c matters because every ablated region costs the span
+something on average (painting over half of an image is itself a shift, even where it held
+background), so measured effects grow with the number of ablated regions |v|; c|v| models that
+part, w . f the region-specific part. c shifts all regions of a span equally, so it never changes a map's ranking.
 
 Training (`train`). Labels from `vstream.labels` (32 random masks per example, keep p = 0.5).
 Loss: minus the Pearson correlation, across the masks of each span, between predicted and
