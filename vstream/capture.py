@@ -236,7 +236,10 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
         kk = torch.stack([keys[li][:, :s] for li in group])  # (L', Hkv, S, D)
         nl, hkv, _, d = kk.shape
         h = qq.shape[2]
-        scores = torch.matmul(qq.reshape(t, nl, hkv, h // hkv, d), kk.transpose(-1, -2).unsqueeze(0))
+        g = h // hkv
+        # the T steps go into each GEMM's rows: L'*Hkv products of (T*G, D) x (D, S), not T times more
+        q = qq.reshape(t, nl, hkv, g, d).permute(1, 2, 0, 3, 4).reshape(nl, hkv, t * g, d)
+        scores = torch.matmul(q, kk.transpose(-1, -2)).reshape(nl, hkv, t, g, s).permute(2, 0, 1, 3, 4)
         scores = (scores * steps[0].scaling).reshape(t, nl, h, s).float()  # (T, L', H, S)
         scores = scores.masked_fill(~valid.to(scores.device)[:, None, None, :], float("-inf"))
         for i, st in enumerate(steps):
