@@ -34,9 +34,9 @@ def keep_top(scores: np.ndarray, k: int = TOP_ENTRIES) -> np.ndarray:
 
 def concentration(scores: np.ndarray) -> float:
     """Share of the positive effect mass on the top region (0 when there is none)."""
-    pos = np.clip(np.asarray(scores, dtype=np.float64), 0, None)
-    total = pos.sum()
-    return float(pos.max() / total) if total > 0 else 0.0
+    pos = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
+    total = float(pos.sum())
+    return float(pos.max()) / total if total > 0 else 0.0
 
 
 def pca_path(vectors: np.ndarray, previous_axes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -63,16 +63,23 @@ def pca_path(vectors: np.ndarray, previous_axes: np.ndarray | None = None) -> tu
 
 
 def path_length(coords: np.ndarray) -> float:
-    c = np.asarray(coords, dtype=np.float64)
-    return float(np.linalg.norm(np.diff(c, axis=0), axis=1).sum()) if len(c) > 1 else 0.0
+    return path_shape(coords)[0]
 
 
 def tortuosity(coords: np.ndarray) -> float | None:
+    return path_shape(coords)[1]
+
+
+def path_shape(coords: np.ndarray) -> tuple[float, float | None]:
+    """(path length, tortuosity) of an (n, 3) path, from one pass over its steps."""
     c = np.asarray(coords, dtype=np.float64)
     if len(c) < 2:
-        return None
-    net = float(np.linalg.norm(c[-1] - c[0]))
-    return path_length(c) / net if net > 1e-12 else None
+        return 0.0, None
+    steps = np.diff(c, axis=0)
+    length = float(np.sqrt(np.einsum("ij,ij->i", steps, steps)).sum())
+    end = c[-1] - c[0]
+    net = float(np.sqrt(end @ end))
+    return length, (length / net if net > 1e-12 else None)
 
 
 def label_trace(scores: list[np.ndarray]) -> str:
@@ -83,12 +90,14 @@ def label_trace(scores: list[np.ndarray]) -> str:
 
 
 def _label(conc: list[float], tops: list[int]) -> str:
-    conc = np.asarray(conc)
     switches = sum(a != b for a, b in zip(tops, tops[1:]))
-    rate = switches / max(1, len(tops) - 1)
-    if conc.mean() >= FIXATION_CONCENTRATION and rate < WANDERING_SWITCH_RATE:
+    return _label_from(sum(conc) / len(conc), switches / max(1, len(tops) - 1))
+
+
+def _label_from(mean_concentration: float, switch_rate: float) -> str:
+    if mean_concentration >= FIXATION_CONCENTRATION and switch_rate < WANDERING_SWITCH_RATE:
         return "Fixation"
-    if conc.mean() < WANDERING_CONCENTRATION and rate >= WANDERING_SWITCH_RATE:
+    if mean_concentration < WANDERING_CONCENTRATION and switch_rate >= WANDERING_SWITCH_RATE:
         return "Wandering"
     return "stable"
 
@@ -111,24 +120,30 @@ class DynamicsTracker:
     top: int = TOP_ENTRIES
     raw: list[np.ndarray] = field(default_factory=list)
     _axes: np.ndarray | None = None
-    # per-span pieces kept so each add() costs one SVD, not a pass over every earlier span
+    # running pieces, so each add() costs one small eigenproblem, not a pass over every earlier span
     _kept: list[np.ndarray] = field(default_factory=list)
-    _conc: list[float] = field(default_factory=list)
-    _tops: list[int] = field(default_factory=list)
+    _conc_sum: float = 0.0
+    _switches: int = 0
+    _last_top: int = -1
 
     def add(self, scores: np.ndarray) -> PathPoint:
         v = np.asarray(scores, dtype=np.float64)
         self.raw.append(v)
         self._kept.append(keep_top(v, self.top))
-        self._conc.append(concentration(v))
-        self._tops.append(int(np.argmax(v)))
+        conc = concentration(v)
+        top = int(v.argmax())
+        self._conc_sum += conc
+        self._switches += len(self.raw) > 1 and top != self._last_top
+        self._last_top = top
+        n = len(self.raw)
         coords, self._axes = pca_path(np.stack(self._kept), self._axes)
+        length, tort = path_shape(coords)
         return PathPoint(
-            span_index=len(self.raw) - 1,
+            span_index=n - 1,
             coords=coords[-1],
             path=coords,
-            path_length=path_length(coords),
-            tortuosity=tortuosity(coords),
-            concentration=self._conc[-1],
-            label=_label(self._conc, self._tops),
+            path_length=length,
+            tortuosity=tort,
+            concentration=conc,
+            label=_label_from(self._conc_sum / n, self._switches / max(1, n - 1)),
         )
