@@ -1,6 +1,6 @@
 """Benchmark live attribution: decode overhead, span latency, and speed against occlusion.
 
-    python -m vstream bench --json [--n 8] [--model PATH] [--estimator PATH]
+    python -m vstream bench --json [--n 24] [--model PATH] [--estimator PATH]
 
 On the demo model and held-out shapes-world scenes (offset --start, disjoint from eval-model's
 and evaluate's offsets), per prompt and in the same run:
@@ -155,7 +155,7 @@ def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, flo
     return total, scores_only
 
 
-def bench(vlm: Any, estimator: Any, n: int = 8, start: int = DEFAULT_START, max_new_tokens: int = 128,
+def bench(vlm: Any, estimator: Any, n: int = 24, start: int = DEFAULT_START, max_new_tokens: int = 128,
           k: int | None = None, warmup: int = 1, occlusion: bool = True, progress: bool = True) -> dict:
     from .shapes import scenes
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
     ap.add_argument("--estimator", default=None,
                     help=f"estimator .safetensors (default {DEFAULT_ESTIMATOR.name}; random stand-in if absent)")
-    ap.add_argument("--n", type=int, default=8, help="held-out prompts measured (plus one warm-up)")
+    ap.add_argument("--n", type=int, default=24, help="held-out prompts measured (plus one warm-up); the decode-speed ratio is noisy on shared CPUs, so not too few")
     ap.add_argument("--start", type=int, default=DEFAULT_START, help="offset into the held-out seed range")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=None, help="regions (default: auto)")

@@ -142,7 +142,7 @@ class AttentionRecorder:
                 self._step = [None] * self.num_layers
             self._step[layer_idx] = (query, int(key.shape[1]), mask_row)
             self._keys[layer_idx] = key
-            if any(e is None for e in self._step):
+            if None in self._step:  # (C-level scan: this runs per layer per token)
                 return
             self._pending.append(_PendingStep(self._step, float(scaling), positions))
             self._step = [None] * self.num_layers
@@ -303,6 +303,19 @@ def _decode_row_mass(
     return probs.index_select(1, positions)
 
 
+_SDPA: Any = None
+
+
+def _sdpa() -> Any:
+    """transformers' sdpa attention function, imported once (this runs per layer per token)."""
+    global _SDPA
+    if _SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _SDPA = sdpa_attention_forward
+    return _SDPA
+
+
 def _vstream_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -312,9 +325,7 @@ def _vstream_sdpa_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' sdpa for the output; plus, on decode steps under capture, one score row."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = _sdpa()(module, query, key, value, attention_mask, **kwargs)
     state: _CaptureState | None = getattr(module, _STATE_ATTR, None)
     if state is not None and query.shape[2] == 1:
         scaling = kwargs.get("scaling")
