@@ -152,6 +152,7 @@ def test_events_order_types_and_values(which, kind, request):
         assert s.rows == (lo, hi) and s.n_rows == hi - lo
         np.testing.assert_array_equal(session.compute_span(lo, hi)[0], s.scores)  # replayable
         assert set(np.unique(s.heatmap)) <= set(s.scores.tolist())
+        np.testing.assert_array_equal(s.heatmap, reg.regions.scores_to_heatmap(s.scores, (120, 100)))
     assert [s.n_rows for s in spans] == [4, 4, 4, 4, 4, 3]
     assert spans[-1].note and not any(s.note for s in spans[:-1])
 

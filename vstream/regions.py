@@ -331,11 +331,18 @@ class Regions:
 
     def pixel_labels(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """(H, W) region id per pixel of an image of `size` (w, h), default `image_size`."""
+        row_labels, cols = self.pixel_index(size)
+        return row_labels[:, cols]
+
+    def pixel_index(self, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The pixel map in separable form: (H, w) region ids of each pixel row at the grid's
+        columns, and the (W,) grid column of each pixel column, so `values[row_labels][:, cols]`
+        paints an (H, W) map with a third of the memory traffic of indexing with `pixel_labels`."""
         w_px, h_px = size or self.image_size
         h, w = self.grid
         rows = np.minimum(((np.arange(h_px) + 0.5) * h / h_px).astype(np.int64), h - 1)
         cols = np.minimum(((np.arange(w_px) + 0.5) * w / w_px).astype(np.int64), w - 1)
-        return self.labels[rows[:, None], cols[None, :]]
+        return self.labels[rows], cols
 
     def outlines(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """(H, W) bool: pixels on a region boundary (label differs from the right/lower pixel)."""

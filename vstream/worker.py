@@ -17,9 +17,10 @@ Producer-consumer, two threads, one output queue:
   recorder holds the attention rows of the span's tokens, and turns them into region scores:
   mean of the span's (L, H, N) rows x assignment (N, K) -> (K, L*H) features (the numbers of
   `capture.region_features`, in fewer calls) -> `estimator.predict` -> (K,) scores; then the
-  heatmap (a lookup of precomputed per-pixel region ids) and one `DynamicsTracker.add`. On the
-  demo model that is ~0.3-0.6 ms of CPU per span. (`vlm.stream` is not used because its
-  generation thread takes `vlm.lock` itself, after our capture would already be attached.)
+  heatmap (a separable lookup of precomputed region ids, `Regions.pixel_index`) and one
+  `DynamicsTracker.add`. On the demo model that is ~0.5 ms of CPU per span. (`vlm.stream` is
+  not used because its generation thread takes `vlm.lock` itself, after our capture would
+  already be attached.)
 * the consumer iterates the session; the output queue is filled by both threads as things
   happen, so events arrive in time order. After generation ends the generation thread closes
   the open span, waits for the worker and emits the `DoneEvent` last.
@@ -237,7 +238,7 @@ class _Run:
         self.image_size = tuple(int(v) for v in self.regions.image_size)
         self._assignment = self.regions.assignment.to(vlm.device, torch.float32)
         self._assign_np = self._assignment.numpy() if self._assignment.device.type == "cpu" else None
-        self._pixel_labels = self.regions.pixel_labels(self.image_size)  # (H, W) region id per pixel
+        self._row_labels, self._cols = self.regions.pixel_index(self.image_size)  # heatmap painting
         self._est_device, self._est_dtype = _estimator_target(estimator)
         self._linear_np = _linear_on_cpu(estimator)
         self.feature_dim = int(vlm.num_layers) * int(vlm.num_heads)
@@ -468,7 +469,7 @@ class _Run:
         else:
             scores = np.zeros(self.regions.k, dtype=np.float32)
         t_scores = time.perf_counter()
-        heatmap = np.take(scores, self._pixel_labels)
+        heatmap = scores[self._row_labels][:, self._cols]
         top = [int(i) for i in np.argsort(-scores, kind="stable")[: min(TOP_REGIONS, scores.size)]]
         point = tracker.add(scores) if tracker is not None else None
         return scores, heatmap, top, point, t_scores
