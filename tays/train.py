@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from tays.data import EncoderError, make_encoder, shapes_encoder
-    from vstream.checkpoints import resume, save_final, save_step
+    from vstream.checkpoints import agreed_seconds, resume, save_final, save_step
     from vstream.shapes import TRAIN_SEEDS
     from vstream.vlm import VLMError, load_vlm
 
@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
-        out_of_time = args.minutes is not None and time.time() - t0 > args.minutes * 60
+        # the budget counts earlier runs of a resumed training too, and all processes agree on it
+        out_of_time = args.minutes is not None and agreed_seconds(acc, before + time.time() - t0) > args.minutes * 60
         if step % args.save_every == 0 or out_of_time or step == args.steps:
             save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0,
                                    "paradigm": args.paradigm})

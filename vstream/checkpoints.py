@@ -54,3 +54,11 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, out: Path, meta
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(meta, indent=2))
+
+
+def agreed_seconds(acc: Any, seconds: float) -> float:
+    """The largest elapsed time over all processes, so every process takes the same LR and
+    stops at the same step (a process leaving the loop alone would hang the others)."""
+    if acc.num_processes == 1:
+        return seconds
+    return acc.gather(torch.tensor([seconds], device=acc.device)).max().item()

@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoints import resume, save_final, save_step
+from .checkpoints import agreed_seconds, resume, save_final, save_step
 from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
 from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
@@ -150,12 +150,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100, time_frac: floa
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _agreed_seconds(acc: Accelerator, seconds: float) -> float:
-    if acc.num_processes == 1:
-        return seconds
-    return acc.gather(torch.tensor([seconds], device=acc.device)).max().item()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vstream train-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (the LR schedule spans these)")
@@ -196,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     for batch in batches:
         if step >= args.steps:
             break
-        spent = _agreed_seconds(acc, before + time.time() - t0)  # same LR and stop step everywhere
+        spent = agreed_seconds(acc, before + time.time() - t0)  # same LR and stop step everywhere
         time_frac = spent / (args.minutes * 60) if args.minutes else 0.0
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, time_frac=time_frac)
