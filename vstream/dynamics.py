@@ -130,12 +130,12 @@ class DynamicsTracker:
         v = np.asarray(scores, dtype=np.float64)
         self.raw.append(v)
         self._kept.append(keep_top(v, self.top))
+        n = len(self.raw)
         conc = concentration(v)
         top = int(v.argmax())
         self._conc_sum += conc
-        self._switches += len(self.raw) > 1 and top != self._last_top
+        self._switches += n > 1 and top != self._last_top
         self._last_top = top
-        n = len(self.raw)
         coords, self._axes = pca_path(np.stack(self._kept), self._axes)
         length, tort = path_shape(coords)
         return PathPoint(

@@ -240,7 +240,7 @@ class _Run:
         self._assign_np = self._assignment.numpy() if self._assignment.device.type == "cpu" else None
         self._row_labels, self._cols = self.regions.pixel_index(self.image_size)  # heatmap painting
         self._est_device, self._est_dtype = _estimator_target(estimator)
-        self._linear_np = _linear_on_cpu(estimator)
+        self._linear_np = None  # the probe goes through estimator.predict and its own checks
         self.feature_dim = int(vlm.num_layers) * int(vlm.num_heads)
         try:
             self._predict(np.zeros((self.regions.k, self.feature_dim), dtype=np.float32))
@@ -251,6 +251,7 @@ class _Run:
                 f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
                 f"{vlm.num_layers} layers x {vlm.num_heads} heads features): {type(e).__name__}: {e}"
             ) from e
+        self._linear_np = _linear_on_cpu(estimator)  # shapes checked by the probe above
 
         self.recorder = AttentionRecorder.for_vlm(vlm)
         self.tracker = DynamicsTracker()
@@ -443,8 +444,6 @@ class _Run:
         k = features.shape[0]
         if self._linear_np is not None and isinstance(features, np.ndarray):
             w, c = self._linear_np  # the same map as LinearEstimator.predict, without torch's dispatch
-            if features.shape[-1] != w.shape[0]:
-                raise VLMError(f"features have {features.shape[-1]} columns but this estimator expects L*H = {w.shape[0]}")
             return (features @ w + c).astype(np.float32, copy=False)
         features = torch.as_tensor(features)
         if features.device != self._est_device or features.dtype != self._est_dtype:
