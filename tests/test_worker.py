@@ -246,6 +246,49 @@ def test_two_sessions_on_one_model_do_not_mix(tiny):
     assert _no_threads_left()
 
 
+class ThreadCounting(EveryN):
+    """EveryN that notes torch's thread count on the thread that feeds it (generation)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.seen: set[int] = set()
+
+    def push(self, i: int, piece: str) -> list[Span]:
+        self.seen.add(torch.get_num_threads())
+        return super().push(i, piece)
+
+
+class ThreadCountingEstimator(StandIn):
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.seen: set[int] = set()
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        if threading.current_thread().name == "vstream-attr-worker":
+            self.seen.add(torch.get_num_threads())
+        return super().predict(features)
+
+
+def test_worker_runs_one_torch_thread_and_generation_keeps_the_default(tiny):
+    default = torch.get_num_threads()
+    if default < 2:
+        torch.set_num_threads(2)
+    try:
+        want = torch.get_num_threads()
+        split = ThreadCounting(3)
+        est = ThreadCountingEstimator(tiny.num_layers * tiny.num_heads)
+        done = list(attribute_stream(tiny, _noise(120, 100), "What?", est, max_new_tokens=10, splitter=split))[-1]
+        assert done.error is None and done.n_spans >= 2
+        assert est.seen == {1}  # the worker's own ops
+        assert split.seen == {want}  # generation keeps all threads
+        later = []  # threads started afterwards still get the process default
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start(), t.join()
+        assert later == [want] and torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(default)
+
+
 def test_no_sentence_end_still_yields_one_span(tiny_qwen2_5_vl_dir):
     vlm = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
     tok = vlm.tokenizer

@@ -18,7 +18,9 @@ Producer-consumer, two threads, one output queue:
   mean of the span's (L, H, N) rows x assignment (N, K) -> (K, L*H) features (the numbers of
   `capture.region_features`, in fewer calls) -> `estimator.predict` -> (K,) scores; then the
   heatmap (a separable lookup of precomputed region ids, `Regions.pixel_index`) and one
-  `DynamicsTracker.add`. On the demo model that is ~0.5 ms of CPU per span. (`vlm.stream` is
+  `DynamicsTracker.add`. On the demo model that is ~0.5 ms of CPU per span. The worker runs
+  its torch ops on one thread (`_one_torch_thread_here`), so it never waits for, or holds up,
+  the cores generation uses. (`vlm.stream` is
   not used because its generation thread takes `vlm.lock` itself, after our capture would
   already be attached.)
 * the consumer iterates the session; the output queue is filled by both threads as things
@@ -187,6 +189,27 @@ def _estimator_target(estimator: Any) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+_threads_lock = threading.Lock()
+
+
+def _one_torch_thread_here() -> None:
+    """Run this thread's torch ops on one core, leaving the process default alone.
+
+    The worker's ops are tiny. With torch's default OpenMP team (all cores) each one waits at a
+    barrier for a core the generation thread holds: on 2 busy cores, materialising 6 attention
+    rows took 1.3-3 ms of CPU and 5-9 ms of wall time instead of 0.4 ms, and slowed decoding.
+    `torch.set_num_threads` is per-thread for OpenMP and MKL, but it also sets the default that
+    threads starting later adopt, so a short-lived thread puts the default back."""
+    with _threads_lock:
+        default = torch.get_num_threads()  # this thread's count, initialised from the default
+        if default == 1:
+            return
+        torch.set_num_threads(1)
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="vstream-threads")
+        restore.start()
+        restore.join()
+
+
 def _linear_on_cpu(estimator: Any) -> tuple[np.ndarray, np.float32] | None:
     """(w, c) of a CPU `LinearEstimator` as numpy, so a span's scores are one small matmul
     (torch's per-call dispatch costs more than the arithmetic at these sizes); else None."""
@@ -260,6 +283,7 @@ class _Run:
         self._stop = threading.Event()  # cancel(): stop generating, still score what closed
         self._abort = threading.Event()  # close(): stop everything, drop queued spans
         self._gen_done = threading.Event()
+        self._worker_ready = threading.Event()
         self._out: queue.Queue = queue.Queue()
         self._spans: queue.Queue = queue.Queue()
         self.row_timeout = float(row_timeout)
@@ -284,6 +308,7 @@ class _Run:
         self._worker_thread = threading.Thread(target=self._work, name="vstream-attr-worker", daemon=True)
         self._gen_thread = threading.Thread(target=self._generate, name="vstream-attr-generate", daemon=True)
         self._worker_thread.start()
+        self._worker_ready.wait(5.0)  # its thread setting is done before generation starts
         self._gen_thread.start()
         return self
 
@@ -406,6 +431,10 @@ class _Run:
 
     # -- worker thread -------------------------------------------------------------------------
     def _work(self) -> None:
+        try:
+            _one_torch_thread_here()
+        finally:
+            self._worker_ready.set()
         while True:
             item = self._spans.get()
             if item is _END:
