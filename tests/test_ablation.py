@@ -140,3 +140,14 @@ def test_model_state_untouched(tiny_qwen2_5_vl):
     with pytest.raises(ValueError):
         A.ablation_effects(vlm, inputs, [276, 279], [Span(0, "thought", "x", 0, 5)], torch.ones(1, 2, dtype=torch.bool),
                            torch.ones(2, inputs.image_token_positions.numel()))
+
+
+def test_trace_with_an_image_placeholder_is_refused_clearly(tiny_qwen2_5_vl):
+    """A (random) model may write <|image_pad|>; teacher-forced it would be one more image slot."""
+    vlm = tiny_qwen2_5_vl
+    inputs = vlm.build_inputs("What is in the image?", image=_noise(64, 64))
+    n = inputs.image_token_positions.numel()
+    with pytest.raises(A.PlaceholderInTrace, match="1 image/video placeholder"):
+        A.ablation_effects(vlm, inputs, [276, vlm.image_token_id, 23], [Span(0, "thought", "x", 0, 3)],
+                           torch.ones(1, 1, dtype=torch.bool), torch.ones(1, n))
+    assert A.span_logprobs(vlm, inputs, [276, 279, 23], torch.zeros(1, n, dtype=torch.bool)).shape == (1, 3)

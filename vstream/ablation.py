@@ -41,6 +41,7 @@ import torch
 
 __all__ = [
     "OPERATOR",
+    "PlaceholderInTrace",
     "TeacherForced",
     "ablation_effects",
     "paint",
@@ -56,6 +57,19 @@ OPERATOR = (
     "from the unablated input) unchanged; teacher-forced on the generated trace"
 )
 LOGIT_CHUNK = 256  # trace positions per vocabulary projection
+
+
+class PlaceholderInTrace(ValueError):
+    """The generated trace contains an image/video placeholder token. Teacher-forced, the model
+    would read each one as another image slot (and refuse the input): no effects for this trace."""
+
+
+def _check_trace(vlm: Any, gen: torch.Tensor) -> None:
+    ids = {int(getattr(vlm, name)) for name in ("image_token_id", "video_token_id") if hasattr(vlm, name)}
+    bad = sum(int((gen == i).sum()) for i in ids)
+    if bad:
+        raise PlaceholderInTrace(f"the generated trace contains {bad} image/video placeholder token(s); "
+                                 "it cannot be teacher-forced, so it has no ablation effects")
 
 
 @dataclass
@@ -100,6 +114,7 @@ def prepare(vlm: Any, inputs: Any, generated_ids: Any) -> TeacherForced:
         raise ValueError("region ablation needs an image input")
     dev = kw["input_ids"].device
     gen = _as_generated(generated_ids, dev)
+    _check_trace(vlm, gen)
     p = int(kw["input_ids"].shape[1])
     ids = torch.cat([kw["input_ids"], gen[None]], dim=1)
     mm = torch.cat([kw["mm_token_type_ids"], torch.zeros(1, gen.numel(), dtype=kw["mm_token_type_ids"].dtype, device=dev)], dim=1)

@@ -185,7 +185,7 @@ def evaluate(
     """Run the evaluation on held-out scenes [start, start + n); see the module docstring.
 
     `slow_n`: run input_x_gradient and occlusion only on the first slow_n scenes (default all)."""
-    from .ablation import OPERATOR, ablation_effects
+    from .ablation import OPERATOR, PlaceholderInTrace, ablation_effects
     from .labels import draw_masks, thought_spans, trace_with_attention
     from .regions import regions_for
 
@@ -209,7 +209,8 @@ def evaluate(
     cal_a: list[np.ndarray] = []
     fam_lds: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     counts = dict(n_spans=0, n_spans_matched=0, n_pointing_spans=0, n_spans_constant=0,
-                  n_spans_lds=0, n_spans_lds_slow=0, n_examples_without_spans=0)
+                  n_spans_lds=0, n_spans_lds_slow=0, n_examples_without_spans=0,
+                  n_examples_unteacherable=0)
     ks: list[int] = []
     gen_tokens, gen_secs, gt_secs = 0, 0.0, 0.0
 
@@ -232,8 +233,12 @@ def evaluate(
 
         ablated = draw_masks(k, n_masks, keep_prob, mask_seed, scene.seed).numpy()  # True = ablated
         t0 = time.perf_counter()
-        actual = ablation_effects(vlm, inputs, gen, spans, torch.from_numpy(ablated),
-                                  regions.assignment).numpy()  # (M, S)
+        try:
+            actual = ablation_effects(vlm, inputs, gen, spans, torch.from_numpy(ablated),
+                                      regions.assignment).numpy()  # (M, S)
+        except PlaceholderInTrace:
+            counts["n_examples_unteacherable"] += 1
+            continue
         gt_secs += time.perf_counter() - t0
 
         n_const = int(constant_spans(actual).sum())

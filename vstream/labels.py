@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vstream.ablation import PlaceholderInTrace
 from vstream.images import VLMError
 
 __all__ = [
@@ -425,9 +426,13 @@ def collect(
     try:
         for idx in todo:
             scene = scenes(split, idx, 1)[0]
-            ex = label_example(vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds)
+            try:
+                ex = label_example(vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds)
+                why = "no thinking span in the trace"
+            except PlaceholderInTrace as e:
+                ex, why = None, str(e)
             if ex is None:
-                skipped.append({"index": idx, "seed": int(scene.seed), "why": "no thinking span in the trace"})
+                skipped.append({"index": idx, "seed": int(scene.seed), "why": why})
             else:
                 results.append(ex)
                 buf.append(ex)
