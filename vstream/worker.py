@@ -18,11 +18,11 @@ Producer-consumer, two threads, one output queue:
   mean of the span's (L, H, N) rows x assignment (N, K) -> (K, L*H) features (the numbers of
   `capture.region_features`, in fewer calls) -> `estimator.predict` -> (K,) scores; then the
   heatmap (a separable lookup of precomputed region ids, `Regions.pixel_index`) and one
-  `DynamicsTracker.add`. On the demo model that is ~0.5 ms of CPU per span. The worker runs
-  its torch ops on one thread (`_one_torch_thread_here`), so it never waits for, or holds up,
-  the cores generation uses. (`vlm.stream` is
-  not used because its generation thread takes `vlm.lock` itself, after our capture would
-  already be attached.)
+  `DynamicsTracker.add`. On the demo model that is ~1.4 ms of CPU per span (bench:
+  `vstream_inflight_cpu_s_per_span`). The worker runs its torch ops on one thread
+  (`_one_torch_thread_here`), so they do not wait at OpenMP barriers for the cores generation
+  holds. (`vlm.stream` is not used because its generation thread takes `vlm.lock` itself, after
+  our capture would already be attached.)
 * the consumer iterates the session; the output queue is filled by both threads as things
   happen, so events arrive in time order. After generation ends the generation thread closes
   the open span, waits for the worker and emits the `DoneEvent` last.
