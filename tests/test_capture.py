@@ -251,7 +251,7 @@ def test_deferred_rows_match_single_row_kernel(kv_heads, mask):
         for li, k in enumerate(keys):
             q = torch.randn(1, heads, 1, d)
             row.append(C._decode_row_mass(mod, q, k[:, :, :s], m, d**-0.5, pos))
-            rec.record_query(li, q[0, :, 0], k[0, :, :s], None if m is None else m[0, :, -1, :s], d**-0.5, pos)
+            rec.record_query(li, q, k[:, :, :s], m, d**-0.5, pos)
         expected.append(torch.stack(row))
     torch.testing.assert_close(rec.stack(0, 3), torch.stack(expected), atol=1e-6, rtol=0)
 

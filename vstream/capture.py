@@ -128,19 +128,21 @@ class AttentionRecorder:
         layer_idx: int,
         query: torch.Tensor,
         key: torch.Tensor,
-        mask_row: torch.Tensor | None,
+        mask: torch.Tensor | None,
         scaling: float,
         positions: torch.Tensor,
     ) -> None:
-        """Deferred `record_layer`: keep one layer's decode query (H, D), its key cache
-        (Hkv, S, D) and mask row (S,) or None; the (H, N) mass is computed when a consumer asks.
-        Costs a few list operations on the generation thread."""
+        """Deferred `record_layer`: keep references to one layer's decode query (B, H, 1, D),
+        key cache (B, Hkv, S, D) and attention mask (B, 1 or H, 1, S') or None, as the attention
+        function got them; batch row 0's (H, N) mass is computed when a consumer asks. Costs a
+        few list operations on the generation thread (no tensor op: even slicing one costs
+        decode speed at the sizes of the demo model)."""
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {layer_idx} outside [0, {self.num_layers})")
         with self._cond:
             if self._step[layer_idx] is not None:  # previous step cut short: drop it
                 self._step = [None] * self.num_layers
-            self._step[layer_idx] = (query, int(key.shape[1]), mask_row)
+            self._step[layer_idx] = (query, key.shape[2], mask)
             self._keys[layer_idx] = key
             if None in self._step:  # (C-level scan: this runs per layer per token)
                 return
@@ -211,7 +213,8 @@ class AttentionRecorder:
 
 
 class _PendingStep:
-    """One decode step's per-layer (query (H, D), key length S, mask row) awaiting its row."""
+    """One decode step's per-layer (query (B, H, 1, D), key length S, mask (B, ., 1, S') or
+    None) awaiting its row."""
 
     __slots__ = ("layers", "scaling", "positions")
 
@@ -232,8 +235,9 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
     t = len(steps)
     out = []
     for group in groups:
-        qq = torch.stack([torch.stack([st.layers[li][0] for li in group]) for st in steps])  # (T, L', H, D)
-        kk = torch.stack([keys[li][:, :s] for li in group])  # (L', Hkv, S, D)
+        qq = torch.stack([torch.stack([st.layers[li][0] for li in group]) for st in steps])  # (T, L', B, H, 1, D)
+        qq = qq[:, :, 0, :, 0]  # (T, L', H, D): batch row 0
+        kk = torch.stack([keys[li][0, :, :s] for li in group])  # (L', Hkv, S, D)
         nl, hkv, _, d = kk.shape
         h = qq.shape[2]
         g = h // hkv
@@ -247,6 +251,7 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
                 m = st.layers[li][2]
                 if m is None:
                     continue
+                m = m[0, :, -1]  # (1 or H, S')
                 n = min(m.shape[-1], s)
                 if m.dtype == torch.bool:
                     scores[i, j, :, :n] = scores[i, j, :, :n].masked_fill(~m[..., :n], float("-inf"))
@@ -331,12 +336,7 @@ def _vstream_sdpa_forward(
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        s = key.shape[2]
-        mask = None if attention_mask is None else attention_mask[0, :, -1, :s]
-        state.recorder.record_query(
-            int(module.layer_idx), query[0, :, 0, :].detach(), key[0].detach(), mask, scaling,
-            state.positions_on(key.device),
-        )
+        state.recorder.record_query(module.layer_idx, query, key, attention_mask, scaling, state.positions_on(key.device))
     return out
 
 
