@@ -44,7 +44,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,17 +73,14 @@ class RandomLinearEstimator:
 
 def load_estimator(path: str | None, vlm: Any) -> tuple[Any, str]:
     """The trained estimator from `path` (default: the shipped demo file), else the stand-in."""
-    from . import estimator as est_mod
+    from .estimator import load
 
-    loader = getattr(est_mod, "load", None) or est_mod.LinearEstimator.load
-    if path:
-        if not Path(path).is_file():
-            raise VLMError(f"estimator file not found: {path}")
-        return loader(path, vlm), path
+    if path:  # load() refuses a missing or foreign file with a one-line VLMError
+        return load(path, vlm), path
     why = "not found"
     if DEFAULT_ESTIMATOR.is_file():
         try:
-            return loader(str(DEFAULT_ESTIMATOR), vlm), str(DEFAULT_ESTIMATOR)
+            return load(DEFAULT_ESTIMATOR, vlm), str(DEFAULT_ESTIMATOR)
         except VLMError as e:  # another model than the demo one
             why = f"does not fit this model ({e})"
     print(f"bench: {DEFAULT_ESTIMATOR.name} {why}; using a random linear stand-in estimator", file=sys.stderr)
