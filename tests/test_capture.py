@@ -234,9 +234,18 @@ def test_decode_row_matches_eager_kernel(heads, kv_heads, mask):
 
 @pytest.mark.parametrize("kv_heads", [(2, 2), (2, 1)])  # uniform layers (one batched matmul) or not
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
-def test_deferred_rows_match_single_row_kernel(kv_heads, mask):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # numpy path, torch path
+def test_deferred_rows_match_single_row_kernel(kv_heads, mask, dtype):
     """The recorder's lazy, batched rows equal the per-step computation on each step's own keys."""
     torch.manual_seed(7)
+    torch.set_default_dtype(dtype)
+    try:
+        _deferred_rows_case(kv_heads, mask, numpy_rows=dtype == torch.float32)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _deferred_rows_case(kv_heads, mask, numpy_rows):
     heads, d, s_final, pos = 4, 8, 20, torch.tensor([0, 2, 5, 9])
     keys = [torch.randn(1, hkv, s_final, d) for hkv in kv_heads]
     mod = torch.nn.Module()
@@ -253,7 +262,11 @@ def test_deferred_rows_match_single_row_kernel(kv_heads, mask):
             row.append(C._decode_row_mass(mod, q, k[:, :, :s], m, d**-0.5, pos))
             rec.record_query(li, q, k[:, :, :s], m, d**-0.5, pos)
         expected.append(torch.stack(row))
-    torch.testing.assert_close(rec.stack(0, 3), torch.stack(expected), atol=1e-6, rtol=0)
+    expected = torch.stack(expected).float()
+    torch.testing.assert_close(rec.stack(0, 3).float(), expected, atol=1e-6, rtol=0)
+    assert isinstance(rec.row_sum(0, 3), np.ndarray) == numpy_rows
+    torch.testing.assert_close(torch.as_tensor(rec.row_sum(1, 3)).float(), expected[1:].sum(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rec.per_token(2).float(), expected[2], atol=1e-6, rtol=0)
 
 
 def test_region_features_and_accumulator_shapes():

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -74,6 +75,8 @@ class AttentionRecorder:
     thread (`tokens`, `per_token`, `stack`, `wait_for`). Rows are float32 on the model's device;
     with `keep_cpu=True` a CPU copy of each finished row is kept too (for consumers that must not
     touch the accelerator). A finished row is never modified afterwards, so readers may keep it.
+    Rows computed from float32 CPU tensors are held as numpy arrays (see `_pending_rows`);
+    `per_token` and `stack` still hand out tensors, `row_sum` hands out what is held.
     """
 
     def __init__(self, num_layers: int, keep_cpu: bool = False):
@@ -159,14 +162,15 @@ class AttentionRecorder:
                     return
                 steps, keys, epoch = list(self._pending), list(self._keys), self._epoch
             rows = _pending_rows(steps, keys)  # outside _cond: the generation thread goes on
-            cpu = rows.to("cpu") if self.keep_cpu else None
+            numpy_rows = isinstance(rows, np.ndarray)  # already on the CPU
+            cpu = (rows if numpy_rows else rows.to("cpu")) if self.keep_cpu else None
             with self._cond:
                 if epoch != self._epoch:
                     return
                 del self._pending[: len(steps)]
-                self._rows.extend(rows.unbind(0))
+                self._rows.extend(rows if numpy_rows else rows.unbind(0))
                 if cpu is not None:
-                    self._cpu_rows.extend(cpu.unbind(0))
+                    self._cpu_rows.extend(cpu if numpy_rows else cpu.unbind(0))
 
     # -- consumer side -------------------------------------------------------------------------
     @property
@@ -179,21 +183,40 @@ class AttentionRecorder:
         """(L, H, N) row of generated token i (0-based; see the alignment convention)."""
         self._materialise(i + 1 if i >= 0 else self.tokens)
         with self._cond:
-            if cpu:
-                if not self.keep_cpu:
-                    return self._rows[i].to("cpu")
-                return self._cpu_rows[i]
-            return self._rows[i]
+            row = _tensor(self._cpu_rows[i] if cpu and self.keep_cpu else self._rows[i])
+        return row.to("cpu") if cpu else row
 
     def stack(self, start: int = 0, end: int | None = None, cpu: bool = False) -> torch.Tensor:
         """(T, L, H, N) rows of tokens [start, end)."""
+        rows = self._rows_between(start, end, cpu)
+        if all(isinstance(r, np.ndarray) for r in rows):
+            return torch.from_numpy(np.stack(rows))
+        out = torch.stack([_tensor(r) for r in rows])
+        return out.to("cpu") if cpu else out
+
+    def row_sum(self, start: int, end: int) -> np.ndarray | torch.Tensor:
+        """(L, H, N) float32 sum of the rows of tokens [start, end), in the form they are held
+        (numpy for the CPU path: no torch call, so no GIL hand-over with the generation thread,
+        which torch's small ops cost), summed in place so memory stays one row."""
+        rows = self._rows_between(start, end)
+        if all(isinstance(r, np.ndarray) for r in rows):
+            total = rows[0].copy()
+            for r in rows[1:]:
+                total += r
+            return total
+        total = None
+        for i in range(0, len(rows), _ROW_BLOCK):
+            part = torch.stack([_tensor(r) for r in rows[i : i + _ROW_BLOCK]]).sum(0)
+            total = part if total is None else total + part
+        return total
+
+    def _rows_between(self, start: int, end: int | None, cpu: bool = False) -> list:
         self._materialise(self.tokens if end is None or end < 0 else end)
         with self._cond:
             rows = (self._cpu_rows if cpu and self.keep_cpu else self._rows)[start:end]
         if not rows:
             raise ValueError(f"no recorded tokens in [{start}, {end})")
-        out = torch.stack(rows)
-        return out.to("cpu") if cpu else out
+        return rows
 
     def wait_for(self, n: int, timeout: float | None = None) -> bool:
         """Block until at least n rows are recorded (True) or the timeout passes (False)."""
@@ -222,10 +245,25 @@ class _PendingStep:
         self.layers, self.scaling, self.positions = layers, scaling, positions
 
 
-def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) -> torch.Tensor:
+_ROW_BLOCK = 16  # rows summed per torch op (bounded memory on long spans)
+
+
+def _tensor(row: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(row) if isinstance(row, np.ndarray) else row
+
+
+def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) -> np.ndarray | torch.Tensor:
     """(T, L, H, N) softmax mass on the image positions for T pending steps: one batched matmul
     of the T queries with the latest key caches (all layers at once when their shapes agree),
-    each row masked to its own key length (and mask row), softmax in float32 as eager does."""
+    each row masked to its own key length (and mask row), softmax in float32 as eager does.
+
+    Float32 CPU tensors are computed in numpy on views of the same memory: every torch call
+    releases and re-takes the GIL, and at a small model's sizes each such hand-over lets the
+    worker hold up the generation thread, while numpy keeps the GIL through its small calls."""
+    if all(k is not None and k.device.type == "cpu" and k.dtype == torch.float32 for k in keys) and all(
+        q.dtype == torch.float32 for q, _, _ in steps[0].layers
+    ):
+        return _pending_rows_numpy(steps, keys)
     lens = torch.tensor([st.layers[0][1] for st in steps])
     s = int(lens.max())
     n_layers = len(keys)
@@ -260,6 +298,45 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
         probs = torch.softmax(scores, dim=-1)
         out.append(probs.index_select(3, steps[0].positions.to(probs.device)))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (T, L, H, N)
+
+
+def _pending_rows_numpy(steps: list[_PendingStep], keys: list[torch.Tensor]) -> np.ndarray:
+    """`_pending_rows` for float32 CPU tensors: numpy for the glue and the GEMMs, two torch calls
+    (gather the queries, softmax) where numpy's loops are slower than a GIL hand-over.
+    (T, L, H, N) float32."""
+    lens = np.array([st.layers[0][1] for st in steps])
+    s, t, n_layers = int(lens.max()), len(steps), len(keys)
+    k_np = [k.numpy()[0, :, :s] for k in keys]  # (Hkv, S, D) views
+    same = all(k.shape == k_np[0].shape for k in k_np)
+    groups = [list(range(n_layers))] if same else [[li] for li in range(n_layers)]
+    length_bias = np.where(np.arange(s)[None, :] < lens[:, None], np.float32(0), np.float32(-np.inf))  # (T, S)
+    positions = steps[0].positions.numpy()
+    out = []
+    for group in groups:
+        flat = [st.layers[li][0] for st in steps for li in group]  # T*L' of (B, H, 1, D)
+        b, h, _, d = flat[0].shape
+        qq = torch.cat(flat).numpy().reshape(t, len(group), b, h, d)[:, :, 0]  # (T, L', H, D)
+        kk = np.stack([k_np[li] for li in group])  # (L', Hkv, S, D)
+        nl, hkv = kk.shape[:2]
+        g = h // hkv
+        q = qq.reshape(t, nl, hkv, g, d).transpose(1, 2, 0, 3, 4).reshape(nl, hkv, t * g, d)
+        scores = np.matmul(q, kk.transpose(0, 1, 3, 2)).reshape(nl, hkv, t, g, s).transpose(2, 0, 1, 3, 4)
+        scores = scores.reshape(t, nl, h, s) * np.float32(steps[0].scaling) + length_bias[:, None, None, :]
+        for i, st in enumerate(steps):
+            for j, li in enumerate(group):
+                m = st.layers[li][2]
+                if m is None:
+                    continue
+                m = m.numpy()[0, :, -1]  # (1 or H, S')
+                n = min(m.shape[-1], s)
+                if m.dtype == np.bool_:
+                    scores[i, j, :, :n] = np.where(m[..., :n], scores[i, j, :, :n], -np.inf)
+                else:
+                    scores[i, j, :, :n] += m[..., :n].astype(np.float32)
+        probs = torch.softmax(torch.from_numpy(scores), dim=-1).numpy()
+        out.append(probs[..., positions])
+    rows = out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+    return np.ascontiguousarray(rows, dtype=np.float32)
 
 
 class _CaptureState:

@@ -76,7 +76,6 @@ __all__ = [
 
 TOP_REGIONS = 5  # SpanEvent.top_regions length (at most K)
 _END = object()
-_ROW_BLOCK = 16  # attention rows summed per torch op in the worker
 _POLL_S = 0.01  # how often a worker waiting for rows re-checks "generation over / aborted"
 
 
@@ -455,18 +454,16 @@ class _Run:
 
     def _features(self, lo: int, hi: int) -> torch.Tensor | np.ndarray:
         """(K, L*H) region features of rows [lo, hi): the same numbers as
-        `capture.region_features(rows, assignment)` / `SpanAccumulator`, in as few torch calls
-        as possible (each one hands the GIL back and forth with the generation thread).
-        Rows are summed a block at a time, so memory stays bounded on long spans."""
-        total = None
-        for i in range(lo, hi, _ROW_BLOCK):
-            part = self.recorder.stack(i, min(hi, i + _ROW_BLOCK)).sum(0)
-            total = part if total is None else total + part
+        `capture.region_features(rows, assignment)` / `SpanAccumulator`. On the CPU path this is
+        numpy end to end (see `AttentionRecorder.row_sum`)."""
+        total = self.recorder.row_sum(lo, hi)
         l, h, n = total.shape
         if self._assign_np is not None:  # CPU: numpy's BLAS call is ~free at these sizes, while
             # torch.mm hands tiny matrices to a threaded BLAS that stalls when cores are busy
-            f = self._assign_np @ total.reshape(l * h, n).numpy().T
+            total = total if isinstance(total, np.ndarray) else total.numpy()
+            f = self._assign_np @ total.reshape(l * h, n).T
             return f / np.float32(hi - lo)
+        total = torch.as_tensor(total).to(self._assignment.device)
         return torch.mm(self._assignment, total.reshape(l * h, n).T).div_(hi - lo)
 
     def _predict(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
