@@ -109,7 +109,8 @@ def reasoning_tokens(traj: Trajectory, tok: Any, paradigm: str) -> tuple[list[in
 @dataclass
 class Layout:
     """One training sequence: segments in order, each ('prompt', ids) / ('frame', group) /
-    ('text', ids, labels, frames_seen)."""
+    ('text', ids, labels, frames_seen, empty_step_flags) (the flags mark labels that are an empty
+    step's end-of-step, see `--empty-step-weight`)."""
 
     paradigm: str
     items: list[tuple]
@@ -127,47 +128,54 @@ def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
     fed = R[:-1]
     labels = [R[j + 1] if j + 1 >= H else IGNORE for j in range(len(fed))]
     fed_fs = [gen_fs[max(0, j + 1 - H)] for j in range(len(fed))]
+    eot = tok.convert_tokens_to_ids(EOS_STEP)
+    # an empty step ("nothing new"): an end-of-step that opens the body or follows another one
+    empty = [j + 1 >= H and R[j + 1] == eot and (j + 1 == H or R[j] == eot) for j in range(len(fed))]
     # runs of fed tokens with the same visible frame groups = the decode calls
-    runs: list[tuple[list[int], list[int], int]] = []
-    for i, l, f in zip(fed, labels, fed_fs):
+    runs: list[tuple[list[int], list[int], int, list[bool]]] = []
+    for i, l, f, e in zip(fed, labels, fed_fs, empty):
         if runs and runs[-1][2] == f:
             runs[-1][0].append(i)
             runs[-1][1].append(l)
+            runs[-1][3].append(e)
         else:
-            runs.append(([i], [l], f))
+            runs.append(([i], [l], f, [e]))
     G = traj.n_groups
     items: list[tuple] = [("prompt", list(prompt))]
     if paradigm == "batch":
         items += [("frame", g) for g in range(G)]
-        items += [("text", a, b, f) for a, b, f in runs]
+        items += [("text", *run) for run in runs]
     else:
         shown = 0
-        for a, b, f in runs:
-            while shown < f:
+        for run in runs:
+            while shown < run[2]:
                 items.append(("frame", shown))
                 shown += 1
-            items.append(("text", a, b, f))
+            items.append(("text", *run))
         items += [("frame", g) for g in range(shown, G)]
     return Layout(paradigm, items, G, [traj.group_time(g) for g in range(G)])
 
 
 def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch.Tensor
-                   ) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int]]:
+                   ) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int], list[bool]]:
     """(input ids (0 at frame tokens), frame-token flags, (3, L) positions, (L, L) bool mask,
-    labels) of a layout, frame group g having token grid grids[g]."""
+    labels, empty-step label flags) of a layout, frame group g having token grid grids[g]."""
     ids: list[int] = []
     is_frame: list[bool] = []
     labels: list[int] = []
+    empty: list[bool] = []
     for it in layout.items:
         if it[0] == "frame":
             th, tw = grids[it[1]]
             ids += [0] * (th * tw)
             is_frame += [True] * (th * tw)
             labels += [IGNORE] * (th * tw)
+            empty += [False] * (th * tw)
         else:
             ids += it[1]
             is_frame += [False] * len(it[1])
             labels += it[2] if it[0] == "text" else [IGNORE] * len(it[1])
+            empty += it[4] if it[0] == "text" else [False] * len(it[1])
     if layout.paradigm == "tays":
         segs = []
         for it in layout.items:
@@ -183,7 +191,7 @@ def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch
                 segs.append(Segment(TEXT, len(it[1]), time=t, frames_seen=f))
         pos = streaming_position_ids(segs, interval)
         mask = streaming_mask(segs)
-        return ids, is_frame, pos, mask, labels
+        return ids, is_frame, pos, mask, labels, empty
     # batch / interleaved: one causal sequence, standard mRoPE (as tays.paradigms.CausalSequence)
     parts, nxt = [], 0
     block_base = None
@@ -203,7 +211,7 @@ def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch
     pos = torch.cat(parts, dim=1)
     L = pos.shape[1]
     mask = torch.ones(L, L, dtype=torch.bool).tril()
-    return ids, is_frame, pos, mask, labels
+    return ids, is_frame, pos, mask, labels, empty
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,12 +225,15 @@ class TrajectoryCollator:
     (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
     the batch; a batch with no usable trajectory holds only that list."""
 
-    def __init__(self, vlm: Any, paradigm: str, fps: float = DEFAULT_FPS):
+    def __init__(self, vlm: Any, paradigm: str, fps: float = DEFAULT_FPS, empty_step_weight: float = 1.0):
         from dataclasses import replace
 
         from tays.forward import video_interval
 
+        if not empty_step_weight >= 0:
+            raise ValueError(f"empty_step_weight must be >= 0, got {empty_step_weight}")
         self.paradigm = paradigm
+        self.empty_step_weight = float(empty_step_weight)
         self.interval = video_interval(vlm, fps)
         self.vlm = replace(vlm, model=None)
         self.skipped: Counter = Counter()
@@ -253,16 +264,21 @@ class TrajectoryCollator:
         pos = torch.zeros(3, B, L, dtype=torch.long)
         attn = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1, 1).view(B, 1, L, L)  # pads: self only
         labels = torch.full((B, L), IGNORE, dtype=torch.long)
-        for b, (i, f, p, mk, lab) in enumerate(seqs):
+        empty = torch.zeros(B, L, dtype=torch.bool)
+        for b, (i, f, p, mk, lab, e) in enumerate(seqs):
             n = len(i)
             ids[b, :n] = torch.tensor(i)
             fmask[b, :n] = torch.tensor(f)
             pos[:, b, :n] = p
             attn[b, 0, :n, :n] = mk
             labels[b, :n] = torch.tensor(lab)
-        return {"input_ids": ids, "frame_mask": fmask, "pixel_values": torch.cat(pvs),
-                "grid_thw": torch.tensor(grid_rows, dtype=torch.long), "position_ids": pos,
-                "attn": attn, "labels": labels, "skipped": skipped}
+            empty[b, :n] = torch.tensor(e)
+        out = {"input_ids": ids, "frame_mask": fmask, "pixel_values": torch.cat(pvs),
+               "grid_thw": torch.tensor(grid_rows, dtype=torch.long), "position_ids": pos,
+               "attn": attn, "labels": labels, "skipped": skipped}
+        if self.empty_step_weight != 1.0 and bool(empty.any()):  # else: the plain mean, bit for bit
+            out["loss_weights"] = torch.where(empty, self.empty_step_weight, 1.0)
+        return out
 
 
 class StreamingLM(torch.nn.Module):
@@ -275,7 +291,8 @@ class StreamingLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, frame_mask, pixel_values, grid_thw, position_ids, attn, labels=None, skipped=None):
+    def forward(self, input_ids, frame_mask, pixel_values, grid_thw, position_ids, attn, labels=None,
+                loss_weights=None, skipped=None):
         m = self.model
         emb = m.get_input_embeddings()(input_ids)
         if pixel_values.numel():
@@ -293,9 +310,14 @@ class StreamingLM(torch.nn.Module):
                use_cache=False).last_hidden_state
         logits = m.lm_head(h)
         loss = None
-        if labels is not None:
+        if labels is not None and loss_weights is None:
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                      labels.reshape(-1), ignore_index=IGNORE)
+        elif labels is not None:  # weighted mean over the labelled tokens
+            ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                   labels.reshape(-1), ignore_index=IGNORE, reduction="none")
+            w = loss_weights.reshape(-1).float() * (labels.reshape(-1) != IGNORE)
+            loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
         return loss, logits
 
 
@@ -364,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (render + preprocess frames)")
+    ap.add_argument("--empty-step-weight", type=float, default=1.0,
+                    help="loss weight of an empty step's end-of-step token (\"nothing new\"), against 1 for every "
+                    "other token. The streaming layouts are mostly such steps; batch traces have none, so "
+                    "batch training is the same whatever this is")
     args = ap.parse_args(argv)
 
     from accelerate import Accelerator
@@ -400,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("train: --seed-start + streams used would leave the training split")
     data = TrainStreams(n_streams, args.seed_start, args.duration, args.threshold, encoder,
                         vlm.temporal_patch_size)
-    collate = TrajectoryCollator(vlm, args.paradigm)
+    try:
+        collate = TrajectoryCollator(vlm, args.paradigm, empty_step_weight=args.empty_step_weight)
+    except ValueError as e:
+        raise SystemExit(f"train: {e}") from None
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
                                          num_workers=args.workers)
     skipped: Counter = Counter()
@@ -408,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = run_dir / "latest"
     try:
-        record = resume(acc, state, match={"paradigm": args.paradigm})
+        record = resume(acc, state, match={"paradigm": args.paradigm, "empty_step_weight": args.empty_step_weight})
     except ValueError as e:
         raise SystemExit(f"train: {e}") from None
     start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
@@ -438,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         out_of_time = args.minutes is not None and agreed_seconds(acc, before + time.time() - t0) > args.minutes * 60
         if step % args.save_every == 0 or out_of_time or step == args.steps:
             save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0,
-                                   "paradigm": args.paradigm})
+                                   "paradigm": args.paradigm, "empty_step_weight": args.empty_step_weight})
         if out_of_time:
             acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
@@ -461,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "vision_tower": "frozen",
             "final_loss_ema": ema,
             "processes": acc.num_processes,
+            "empty_step_weight": args.empty_step_weight,
             "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,
                      "threshold": args.threshold, "encoder": args.encoder,
                      "skipped_this_run": dict(skipped)},

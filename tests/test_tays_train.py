@@ -127,6 +127,38 @@ def test_training_forward_matches_inference(tiny_qwen2_5_vl, traj, paradigm):
     assert lab.count(IGNORE) == header - 1  # only inside the (fed, not generated) assistant header
 
 
+@pytest.mark.parametrize("paradigm", PARADIGMS)
+def test_empty_step_weight(tiny_qwen2_5_vl, traj, paradigm):
+    """Empty steps (an end-of-step opening the body or following another) are flagged and weighed;
+    batch traces have none, so its batches and loss stay exactly the plain mean."""
+    vlm = tiny_qwen2_5_vl
+    eot = vlm.tokenizer.convert_tokens_to_ids("<|eot|>")
+    plain = TrajectoryCollator(vlm, paradigm)([traj])
+    batch = TrajectoryCollator(vlm, paradigm, empty_step_weight=0.25)([traj])
+    labels = plain["labels"][0]
+    body, _ = reasoning_tokens(traj, vlm.tokenizer, paradigm)
+    n_empty = sum(t == eot and (j == 0 or body[j - 1] == eot) for j, t in enumerate(body))
+    if paradigm == "batch":
+        assert n_empty == 0 and "loss_weights" not in batch
+    else:
+        w = batch["loss_weights"][0]
+        assert n_empty > 0 and int((w == 0.25).sum()) == n_empty
+        assert bool((labels[w == 0.25] == eot).all())
+    model = StreamingLM(vlm.model)
+    with torch.no_grad():
+        loss_plain, logits = model(**plain)
+        loss_w, _ = model(**batch)
+    ce = torch.nn.functional.cross_entropy(logits[0], labels, ignore_index=IGNORE, reduction="none")
+    w = batch.get("loss_weights", torch.ones_like(labels, dtype=torch.float))[0] * (labels != IGNORE)
+    torch.testing.assert_close(loss_w, (ce * w).sum() / w.sum())
+    if paradigm == "batch":
+        assert torch.equal(loss_w, loss_plain)
+    else:
+        assert not torch.isclose(loss_w, loss_plain)
+    with pytest.raises(ValueError):
+        TrajectoryCollator(vlm, paradigm, empty_step_weight=-1.0)
+
+
 def test_padded_batch_equals_single(tiny_qwen2_5_vl, traj):
     vlm = tiny_qwen2_5_vl
     short = build_trajectory(shapes_sample(make_stream(5, duration=5.0)), TfidfEncoder())
