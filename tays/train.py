@@ -60,6 +60,7 @@ PARADIGMS = ("tays", "batch", "interleaved")
 IGNORE = -100
 ASSISTANT_PREFIX = "<think>"
 ANSWER_PREFIX = "</think>"
+OTHER, EMPTY_STEP, ANSWER = 0, 1, 2  # label roles, for the loss weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +110,9 @@ def reasoning_tokens(traj: Trajectory, tok: Any, paradigm: str) -> tuple[list[in
 @dataclass
 class Layout:
     """One training sequence: segments in order, each ('prompt', ids) / ('frame', group) /
-    ('text', ids, labels, frames_seen, empty_step_flags) (the flags mark labels that are an empty
-    step's end-of-step, see `--empty-step-weight`)."""
+    ('text', ids, labels, frames_seen, roles); a label's role is OTHER, EMPTY_STEP (an empty step's
+    end-of-step) or ANSWER (the answer after ``</think>`` and the final end), which
+    `--empty-step-weight` and `--answer-weight` weigh."""
 
     paradigm: str
     items: list[tuple]
@@ -129,11 +131,18 @@ def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
     labels = [R[j + 1] if j + 1 >= H else IGNORE for j in range(len(fed))]
     fed_fs = [gen_fs[max(0, j + 1 - H)] for j in range(len(fed))]
     eot = tok.convert_tokens_to_ids(EOS_STEP)
-    # an empty step ("nothing new"): an end-of-step that opens the body or follows another one
-    empty = [j + 1 >= H and R[j + 1] == eot and (j + 1 == H or R[j] == eot) for j in range(len(fed))]
+    answer_from = len(R) - 1 - R[::-1].index(tok.convert_tokens_to_ids(ANSWER_PREFIX)) + 1
+    roles = []
+    for j in range(len(fed)):
+        if j + 1 >= answer_from:
+            roles.append(ANSWER)
+        elif j + 1 >= H and R[j + 1] == eot and (j + 1 == H or R[j] == eot):
+            roles.append(EMPTY_STEP)  # "nothing new": an end-of-step opening the body or following another
+        else:
+            roles.append(OTHER)
     # runs of fed tokens with the same visible frame groups = the decode calls
-    runs: list[tuple[list[int], list[int], int, list[bool]]] = []
-    for i, l, f, e in zip(fed, labels, fed_fs, empty):
+    runs: list[tuple[list[int], list[int], int, list[int]]] = []
+    for i, l, f, e in zip(fed, labels, fed_fs, roles):
         if runs and runs[-1][2] == f:
             runs[-1][0].append(i)
             runs[-1][1].append(l)
@@ -157,25 +166,25 @@ def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
 
 
 def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch.Tensor
-                   ) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int], list[bool]]:
+                   ) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int], list[int]]:
     """(input ids (0 at frame tokens), frame-token flags, (3, L) positions, (L, L) bool mask,
-    labels, empty-step label flags) of a layout, frame group g having token grid grids[g]."""
+    labels, label roles) of a layout, frame group g having token grid grids[g]."""
     ids: list[int] = []
     is_frame: list[bool] = []
     labels: list[int] = []
-    empty: list[bool] = []
+    roles: list[int] = []
     for it in layout.items:
         if it[0] == "frame":
             th, tw = grids[it[1]]
             ids += [0] * (th * tw)
             is_frame += [True] * (th * tw)
             labels += [IGNORE] * (th * tw)
-            empty += [False] * (th * tw)
+            roles += [OTHER] * (th * tw)
         else:
             ids += it[1]
             is_frame += [False] * len(it[1])
             labels += it[2] if it[0] == "text" else [IGNORE] * len(it[1])
-            empty += it[4] if it[0] == "text" else [False] * len(it[1])
+            roles += it[4] if it[0] == "text" else [OTHER] * len(it[1])
     if layout.paradigm == "tays":
         segs = []
         for it in layout.items:
@@ -191,7 +200,7 @@ def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch
                 segs.append(Segment(TEXT, len(it[1]), time=t, frames_seen=f))
         pos = streaming_position_ids(segs, interval)
         mask = streaming_mask(segs)
-        return ids, is_frame, pos, mask, labels, empty
+        return ids, is_frame, pos, mask, labels, roles
     # batch / interleaved: one causal sequence, standard mRoPE (as tays.paradigms.CausalSequence)
     parts, nxt = [], 0
     block_base = None
@@ -211,7 +220,7 @@ def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch
     pos = torch.cat(parts, dim=1)
     L = pos.shape[1]
     mask = torch.ones(L, L, dtype=torch.bool).tril()
-    return ids, is_frame, pos, mask, labels, empty
+    return ids, is_frame, pos, mask, labels, roles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,15 +234,17 @@ class TrajectoryCollator:
     (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
     the batch; a batch with no usable trajectory holds only that list."""
 
-    def __init__(self, vlm: Any, paradigm: str, fps: float = DEFAULT_FPS, empty_step_weight: float = 1.0):
+    def __init__(self, vlm: Any, paradigm: str, fps: float = DEFAULT_FPS, empty_step_weight: float = 1.0,
+                 answer_weight: float = 1.0):
         from dataclasses import replace
 
         from tays.forward import video_interval
 
-        if not empty_step_weight >= 0:
-            raise ValueError(f"empty_step_weight must be >= 0, got {empty_step_weight}")
+        for name, w in (("empty_step_weight", empty_step_weight), ("answer_weight", answer_weight)):
+            if not w >= 0:
+                raise ValueError(f"{name} must be >= 0, got {w}")
         self.paradigm = paradigm
-        self.empty_step_weight = float(empty_step_weight)
+        self.role_weights = torch.tensor([1.0, float(empty_step_weight), float(answer_weight)])
         self.interval = video_interval(vlm, fps)
         self.vlm = replace(vlm, model=None)
         self.skipped: Counter = Counter()
@@ -264,20 +275,21 @@ class TrajectoryCollator:
         pos = torch.zeros(3, B, L, dtype=torch.long)
         attn = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1, 1).view(B, 1, L, L)  # pads: self only
         labels = torch.full((B, L), IGNORE, dtype=torch.long)
-        empty = torch.zeros(B, L, dtype=torch.bool)
-        for b, (i, f, p, mk, lab, e) in enumerate(seqs):
+        roles = torch.zeros(B, L, dtype=torch.long)
+        for b, (i, f, p, mk, lab, r) in enumerate(seqs):
             n = len(i)
             ids[b, :n] = torch.tensor(i)
             fmask[b, :n] = torch.tensor(f)
             pos[:, b, :n] = p
             attn[b, 0, :n, :n] = mk
             labels[b, :n] = torch.tensor(lab)
-            empty[b, :n] = torch.tensor(e)
+            roles[b, :n] = torch.tensor(r)
         out = {"input_ids": ids, "frame_mask": fmask, "pixel_values": torch.cat(pvs),
                "grid_thw": torch.tensor(grid_rows, dtype=torch.long), "position_ids": pos,
                "attn": attn, "labels": labels, "skipped": skipped}
-        if self.empty_step_weight != 1.0 and bool(empty.any()):  # else: the plain mean, bit for bit
-            out["loss_weights"] = torch.where(empty, self.empty_step_weight, 1.0)
+        w = self.role_weights[roles]
+        if bool((w != 1.0).any()):  # else: the plain mean, bit for bit
+            out["loss_weights"] = w
         return out
 
 
@@ -390,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="loss weight of an empty step's end-of-step token (\"nothing new\"), against 1 for every "
                     "other token. The streaming layouts are mostly such steps; batch traces have none, so "
                     "batch training is the same whatever this is")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="loss weight of the answer tokens (after </think>, with the final end), against 1. "
+                    "They are a few tokens of each trace, yet they are what accuracy measures")
     args = ap.parse_args(argv)
 
     from accelerate import Accelerator
@@ -427,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     data = TrainStreams(n_streams, args.seed_start, args.duration, args.threshold, encoder,
                         vlm.temporal_patch_size)
     try:
-        collate = TrajectoryCollator(vlm, args.paradigm, empty_step_weight=args.empty_step_weight)
+        collate = TrajectoryCollator(vlm, args.paradigm, empty_step_weight=args.empty_step_weight,
+                                     answer_weight=args.answer_weight)
     except ValueError as e:
         raise SystemExit(f"train: {e}") from None
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
@@ -436,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     model, opt, loader = acc.prepare(model, opt, loader)
 
     state = run_dir / "latest"
+    recipe = {"paradigm": args.paradigm, "empty_step_weight": args.empty_step_weight,
+              "answer_weight": args.answer_weight}
     try:
-        record = resume(acc, state, match={"paradigm": args.paradigm, "empty_step_weight": args.empty_step_weight})
+        record = resume(acc, state, match=recipe)
     except ValueError as e:
         raise SystemExit(f"train: {e}") from None
     start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
@@ -466,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         # the budget counts earlier runs of a resumed training too, and all processes agree on it
         out_of_time = args.minutes is not None and agreed_seconds(acc, before + time.time() - t0) > args.minutes * 60
         if step % args.save_every == 0 or out_of_time or step == args.steps:
-            save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0,
-                                   "paradigm": args.paradigm, "empty_step_weight": args.empty_step_weight})
+            save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0, **recipe})
         if out_of_time:
             acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
@@ -491,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             "final_loss_ema": ema,
             "processes": acc.num_processes,
             "empty_step_weight": args.empty_step_weight,
+            "answer_weight": args.answer_weight,
             "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,
                      "threshold": args.threshold, "encoder": args.encoder,
                      "skipped_this_run": dict(skipped)},

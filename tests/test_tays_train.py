@@ -128,35 +128,47 @@ def test_training_forward_matches_inference(tiny_qwen2_5_vl, traj, paradigm):
 
 
 @pytest.mark.parametrize("paradigm", PARADIGMS)
-def test_empty_step_weight(tiny_qwen2_5_vl, traj, paradigm):
-    """Empty steps (an end-of-step opening the body or following another) are flagged and weighed;
-    batch traces have none, so its batches and loss stay exactly the plain mean."""
+def test_label_weights(tiny_qwen2_5_vl, traj, paradigm):
+    """Empty steps (an end-of-step opening the body or following another) and the answer (after
+    </think>, with the final end) are flagged and weighed; batch traces have no empty steps, so
+    with only that weight set its batches and loss stay exactly the plain mean."""
     vlm = tiny_qwen2_5_vl
-    eot = vlm.tokenizer.convert_tokens_to_ids("<|eot|>")
+    tok = vlm.tokenizer
+    eot = tok.convert_tokens_to_ids("<|eot|>")
     plain = TrajectoryCollator(vlm, paradigm)([traj])
-    batch = TrajectoryCollator(vlm, paradigm, empty_step_weight=0.25)([traj])
+    assert "loss_weights" not in plain
     labels = plain["labels"][0]
-    body, _ = reasoning_tokens(traj, vlm.tokenizer, paradigm)
+    body, _ = reasoning_tokens(traj, tok, paradigm)
     n_empty = sum(t == eot and (j == 0 or body[j - 1] == eot) for j, t in enumerate(body))
-    if paradigm == "batch":
-        assert n_empty == 0 and "loss_weights" not in batch
-    else:
-        w = batch["loss_weights"][0]
-        assert n_empty > 0 and int((w == 0.25).sum()) == n_empty
-        assert bool((labels[w == 0.25] == eot).all())
+    answer = tok(" " + traj.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     model = StreamingLM(vlm.model)
     with torch.no_grad():
         loss_plain, logits = model(**plain)
-        loss_w, _ = model(**batch)
     ce = torch.nn.functional.cross_entropy(logits[0], labels, ignore_index=IGNORE, reduction="none")
-    w = batch.get("loss_weights", torch.ones_like(labels, dtype=torch.float))[0] * (labels != IGNORE)
-    torch.testing.assert_close(loss_w, (ce * w).sum() / w.sum())
+
+    empty_only = TrajectoryCollator(vlm, paradigm, empty_step_weight=0.25)([traj])
+    both = TrajectoryCollator(vlm, paradigm, empty_step_weight=0.25, answer_weight=4.0)([traj])
     if paradigm == "batch":
-        assert torch.equal(loss_w, loss_plain)
+        assert n_empty == 0 and "loss_weights" not in empty_only
     else:
-        assert not torch.isclose(loss_w, loss_plain)
-    with pytest.raises(ValueError):
-        TrajectoryCollator(vlm, paradigm, empty_step_weight=-1.0)
+        w = empty_only["loss_weights"][0]
+        assert n_empty > 0 and int((w == 0.25).sum()) == n_empty
+        assert bool((labels[w == 0.25] == eot).all())
+    w = both["loss_weights"][0]
+    assert labels[w == 4.0].tolist() == answer  # exactly the answer and the end, in order
+    assert int((w == 0.25).sum()) == n_empty
+    for batch in (empty_only, both):
+        with torch.no_grad():
+            loss_w, _ = model(**batch)
+        w = batch.get("loss_weights", torch.ones_like(labels, dtype=torch.float))[0] * (labels != IGNORE)
+        torch.testing.assert_close(loss_w, (ce * w).sum() / w.sum())
+        if "loss_weights" in batch:
+            assert not torch.isclose(loss_w, loss_plain)
+        else:
+            assert torch.equal(loss_w, loss_plain)
+    for bad in ({"empty_step_weight": -1.0}, {"answer_weight": -0.5}, {"answer_weight": float("nan")}):
+        with pytest.raises(ValueError):
+            TrajectoryCollator(vlm, paradigm, **bad)
 
 
 def test_padded_batch_equals_single(tiny_qwen2_5_vl, traj):
@@ -205,12 +217,16 @@ def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, traine
         tmp, out = trained
     else:
         tmp = tmp_path
-        _train(tmp, tiny_qwen2_5_vl_dir, paradigm, "--minutes", "0")  # --minutes 0: stops after 1 step
+        weights = ("--answer-weight", "3")
+        _train(tmp, tiny_qwen2_5_vl_dir, paradigm, "--minutes", "0", *weights)  # --minutes 0: stops after 1 step
         state = json.loads((tmp / f"{paradigm}.run" / "latest" / "step.json").read_text())
-        assert state["step"] == 1 and state["paradigm"] == paradigm
+        assert state["step"] == 1 and state["paradigm"] == paradigm and state["answer_weight"] == 3
+        with pytest.raises(SystemExit, match="answer_weight 3.0"):  # another recipe does not resume it
+            _train(tmp, tiny_qwen2_5_vl_dir, paradigm)
         capsys.readouterr()
-        out = _train(tmp, tiny_qwen2_5_vl_dir, paradigm)
+        out = _train(tmp, tiny_qwen2_5_vl_dir, paradigm, *weights)
         assert "resuming from step 1" in capsys.readouterr().out
+        assert json.loads((out / "training.json").read_text())["answer_weight"] == 3
     meta = json.loads((out / "training.json").read_text())
     assert meta["paradigm"] == paradigm and meta["trained_steps"] == 2 and meta["split"] == "train"
     lo, hi = meta["train_seeds"]
