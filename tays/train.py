@@ -131,7 +131,7 @@ def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
     labels = [R[j + 1] if j + 1 >= H else IGNORE for j in range(len(fed))]
     fed_fs = [gen_fs[max(0, j + 1 - H)] for j in range(len(fed))]
     eot = tok.convert_tokens_to_ids(EOS_STEP)
-    answer_from = len(R) - 1 - R[::-1].index(tok.convert_tokens_to_ids(ANSWER_PREFIX)) + 1
+    answer_from = len(R) - R[::-1].index(tok.convert_tokens_to_ids(ANSWER_PREFIX))  # just after the last </think>
     roles = []
     for j in range(len(fed)):
         if j + 1 >= answer_from:
