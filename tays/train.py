@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         final = acc.unwrap_model(model).model
         used = step * args.batch_size * acc.num_processes
         meta = {
-            "paradigm": args.paradigm,
+            **recipe,
             "base_model": str(args.model),
             "trained_steps": step,
             "batch_size": args.batch_size * acc.num_processes,
@@ -507,8 +507,6 @@ def main(argv: list[str] | None = None) -> int:
             "vision_tower": "frozen",
             "final_loss_ema": ema,
             "processes": acc.num_processes,
-            "empty_step_weight": args.empty_step_weight,
-            "answer_weight": args.answer_weight,
             "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,
                      "threshold": args.threshold, "encoder": args.encoder,
                      "skipped_this_run": dict(skipped)},

@@ -226,9 +226,9 @@ def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, traine
         capsys.readouterr()
         out = _train(tmp, tiny_qwen2_5_vl_dir, paradigm, *weights)
         assert "resuming from step 1" in capsys.readouterr().out
-        assert json.loads((out / "training.json").read_text())["answer_weight"] == 3
     meta = json.loads((out / "training.json").read_text())
     assert meta["paradigm"] == paradigm and meta["trained_steps"] == 2 and meta["split"] == "train"
+    assert meta["answer_weight"] == (1 if paradigm == "tays" else 3) and meta["empty_step_weight"] == 1
     lo, hi = meta["train_seeds"]
     assert TRAIN_SEEDS.start <= lo < hi <= TRAIN_SEEDS.stop and hi <= HELDOUT_SEEDS.start
     assert meta["final_loss_ema"] is not None and meta["final_loss_ema"] == meta["final_loss_ema"]
