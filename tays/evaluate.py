@@ -3,9 +3,11 @@
     python -m tays evaluate --json --n 200                     # real-time replay at 2 FPS
     python -m tays evaluate --json --n 200 --workers 8         # 8 streams replayed at once, each in real time
     python -m tays evaluate --json --n 20 --speed 4            # quicker: streams replayed 4x
+    python -m tays evaluate --json --split val                 # validation streams, for choosing settings
 
 Each held-out shapes-world stream (`vstream.shapes_video`, held-out seeds only; a checkpoint whose
-training.json overlaps them is refused) is replayed at 2 FPS through `tays.paradigms.run_paradigm`
+training.json overlaps them is refused; `--split val` takes validation streams instead, which no
+training run uses, so that training settings can be chosen without looking at held-out) is replayed at 2 FPS through `tays.paradigms.run_paradigm`
 for every paradigm, with the checkpoint trained for it (`python -m tays train`):
 
 * ``tays``: the StreamingEngine (dual KV cache) on the TaYS checkpoint;
@@ -122,13 +124,13 @@ def _progress(i: int, n: int, stream: Any, recs: dict[str, dict[str, Any]]) -> N
 
 
 def evaluate_models(models: dict[str, Any], n: int = 200, start: int = 0, duration: float | None = None,
-                    progress: bool = True, **kw: Any) -> dict[str, Any]:
-    """{paradigm: metrics} over `n` held-out streams; `models` maps each evaluated paradigm to its
-    VLM. kw: run_one's options."""
+                    progress: bool = True, split: str = "heldout", **kw: Any) -> dict[str, Any]:
+    """{paradigm: metrics} over `n` streams of `split` (held-out by default; "val" for choosing
+    training settings); `models` maps each evaluated paradigm to its VLM. kw: run_one's options."""
     from vstream.shapes_video import streams
 
     records = []
-    for i, stream in enumerate(streams("heldout", start, n, duration)):
+    for i, stream in enumerate(streams(split, start, n, duration)):
         records.append(eval_stream(models, stream, **kw))
         if progress:
             _progress(i, n, stream, records[-1])
@@ -142,32 +144,32 @@ def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
     from vstream.shapes_video import streams
 
     torch.set_num_threads(job["threads"] or 1)
-    models = _load_all(job["dirs"], job["paradigms"])
+    models = _load_all(job["dirs"], job["paradigms"], job["split"])
     kw = job["kw"]
-    _warm_up(models, job["start"], job["duration"], job["warmup"], kw)
+    _warm_up(models, job["split"], job["start"], job["duration"], job["warmup"], kw)
     out = []
     for i in range(job["worker"], job["n"], job["workers"]):
-        stream = streams("heldout", job["start"] + i, 1, job["duration"])[0]
+        stream = streams(job["split"], job["start"] + i, 1, job["duration"])[0]
         out.append((i, eval_stream(models, stream, **kw)))
         _progress(i, job["n"], stream, out[-1][1])
     return out
 
 
-def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], n: int, start: int, duration: float | None,
-                      workers: int, threads: int, warmup: int, **kw: Any) -> dict[str, Any]:
+def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n: int, start: int,
+                      duration: float | None, workers: int, threads: int, warmup: int, **kw: Any) -> dict[str, Any]:
     """evaluate_models over `workers` processes replaying streams concurrently (each in real time;
     they share the CPU, so timings include that contention)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [{"dirs": dirs, "paradigms": paradigms, "n": n, "start": start, "duration": duration, "worker": w,
+    jobs = [{"dirs": dirs, "paradigms": paradigms, "split": split, "n": n, "start": start, "duration": duration, "worker": w,
              "workers": workers, "threads": threads, "warmup": warmup, "kw": kw} for w in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_worker, jobs))
     return summarize([rec for _, rec in sorted((x for part in parts for x in part), key=lambda x: x[0])])
 
 
-def _load(path: str, paradigm: str):
+def _load(path: str, paradigm: str, split: str):
     from vstream.eval_model import check_heldout
     from vstream.vlm import VLMError, load_vlm
 
@@ -176,30 +178,31 @@ def _load(path: str, paradigm: str):
         raise SystemExit(f"evaluate: no checkpoint for {paradigm!r} at {p} (train one with: python -m tays train "
                          f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)")
     try:
-        check_heldout(p)
+        check_heldout(p, split)
         return load_vlm(str(p), device="cpu")
     except VLMError as e:
         raise SystemExit(f"evaluate: {paradigm}: {e}") from None
 
 
-def _load_all(dirs: dict[str, str], paradigms: list[str]) -> dict[str, Any]:
+def _load_all(dirs: dict[str, str], paradigms: list[str], split: str) -> dict[str, Any]:
     """{paradigm: VLM}, each checkpoint folder loaded once."""
     loaded: dict[str, Any] = {}
     models: dict[str, Any] = {}
     for p in paradigms:
         key = str(Path(dirs[p]).resolve())
         if key not in loaded:
-            loaded[key] = _load(dirs[p], p)
+            loaded[key] = _load(dirs[p], p, split)
         models[p] = loaded[key]
     return models
 
 
-def _warm_up(models: dict[str, Any], start: int, duration: float | None, runs: int, kw: dict[str, Any]) -> None:
+def _warm_up(models: dict[str, Any], split: str, start: int, duration: float | None, runs: int,
+             kw: dict[str, Any]) -> None:
     """Untimed, not-real-time runs first, so the timed ones do not pay for lazy set-up."""
     from vstream.shapes_video import streams
 
     if runs:
-        ws = streams("heldout", start, 1, duration)[0]
+        ws = streams(split, start, 1, duration)[0]
         for p, vlm in models.items():
             for _ in range(runs):
                 run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})
@@ -210,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "TTFT and delay of the trained paradigms on held-out shapes-world streams")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     ap.add_argument("--n", type=int, default=200, help="held-out streams")
-    ap.add_argument("--start", type=int, default=0, help="first held-out stream index")
+    ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
+    ap.add_argument("--split", default="heldout", choices=("heldout", "val"), help="held-out streams (the reported "
+                    "figures) or validation streams (never trained on: for choosing training settings)")
     ap.add_argument("--tays", default="runs/tays/tays", help="TaYS checkpoint folder")
     ap.add_argument("--batch", default="runs/tays/batch", help="batch-SFT checkpoint folder")
     ap.add_argument("--interleaved", default="runs/tays/interleaved", help="interleaved-SFT checkpoint folder")
@@ -241,18 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
             "batch_no_think": args.no_think or args.batch}
     dirs = {p: dirs[p] for p in args.paradigms}
-    models = _load_all(dirs, args.paradigms)  # check every folder before the long part starts
+    models = _load_all(dirs, args.paradigms, args.split)  # check every folder before the long part starts
     kw = dict(fps=args.fps, speed=args.speed, max_new_tokens=args.max_new_tokens, step_tokens=args.step_tokens,
               answer_tokens=args.answer_tokens, question_at=args.question_at)
     if args.workers > 1:
         del models
-        res = evaluate_parallel(dirs, args.paradigms, args.n, args.start, args.duration, args.workers,
+        res = evaluate_parallel(dirs, args.paradigms, args.split, args.n, args.start, args.duration, args.workers,
                                 args.threads, args.warmup, **kw)
     else:
-        _warm_up(models, args.start, args.duration, args.warmup, kw)
-        res = evaluate_models(models, args.n, args.start, args.duration, progress=True, **kw)
+        _warm_up(models, args.split, args.start, args.duration, args.warmup, kw)
+        res = evaluate_models(models, args.n, args.start, args.duration, progress=True, split=args.split, **kw)
     res["meta"] = {
-        "checkpoints": {p: str(dirs[p]) for p in args.paradigms}, "n": args.n, "split": "heldout",
+        "checkpoints": {p: str(dirs[p]) for p in args.paradigms}, "n": args.n, "split": args.split,
         "start": args.start, "fps": args.fps, "speed": args.speed, "duration": args.duration,
         "question_at_s": args.question_at, "max_new_tokens": args.max_new_tokens, "step_tokens": args.step_tokens,
         "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(), "workers": args.workers,

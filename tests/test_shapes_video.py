@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from vstream.shapes import CELL, COLORS, HELDOUT_SEEDS, SHAPES, SIZE, TRAIN_SEEDS, background
+from vstream.shapes import CELL, COLORS, HELDOUT_SEEDS, SHAPES, SIZE, TRAIN_SEEDS, VAL_SEEDS, background
 from vstream.shapes_video import (
     EVENT_SPAN,
     MIN_GAP,
@@ -276,7 +276,12 @@ def test_splits():
     assert [s.seed for s in ho] == [HELDOUT_SEEDS[5], HELDOUT_SEEDS[6]]
     assert ho[0].to_dict() == make_stream(HELDOUT_SEEDS[5]).to_dict()
     with pytest.raises(ValueError):
-        streams("train", len(TRAIN_SEEDS) - 1, 2)  # would cross into heldout
+        streams("train", len(TRAIN_SEEDS) - 1, 2)  # would cross into validation
+    va = streams("val", 0, 2)
+    assert [s.seed for s in va] == [VAL_SEEDS[0], VAL_SEEDS[1]] and VAL_SEEDS[0] == TRAIN_SEEDS.stop
+    assert VAL_SEEDS.stop == HELDOUT_SEEDS.start  # three disjoint, adjacent ranges
+    with pytest.raises(ValueError):
+        streams("val", len(VAL_SEEDS) - 1, 2)  # would cross into heldout
     with pytest.raises(ValueError):
         streams("heldout", -1, 2)
     with pytest.raises(ValueError):

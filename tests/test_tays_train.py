@@ -21,7 +21,7 @@ from tays.train import (
     build_layout,
     reasoning_tokens,
 )
-from vstream.shapes import HELDOUT_SEEDS, TRAIN_SEEDS
+from vstream.shapes import HELDOUT_SEEDS, TRAIN_SEEDS, VAL_SEEDS, split_of
 from vstream.shapes_video import make_stream
 
 ATOL = 1e-4
@@ -256,14 +256,14 @@ def test_run_options_follow_the_checkpoint(trained, tiny_qwen2_5_vl_dir, tmp_pat
     assert run_options(load_vlm(str(bad), device="cpu")) == {}  # unreadable metadata: defaults, no crash
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_evaluate_prints_json(trained, capsys, workers):
+@pytest.mark.parametrize("workers,split", [("1", "heldout"), ("2", "val")])
+def test_evaluate_prints_json(trained, capsys, workers, split):
     from tays.__main__ import main
 
     _, out = trained
     rc = main(["evaluate", "--json", "--n", "2", "--tays", str(out), "--batch", str(out), "--interleaved", str(out),
                "--duration", "5", "--speed", "8", "--warmup", "0", "--max-new-tokens", "24", "--step-tokens", "6",
-               "--answer-tokens", "3", "--workers", workers])
+               "--answer-tokens", "3", "--workers", workers, "--split", split])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for p in ("tays", "batch", "interleaved", "batch_no_think"):
@@ -271,8 +271,9 @@ def test_evaluate_prints_json(trained, capsys, workers):
         assert res[p]["n"] == 2 and 0.0 <= res[p]["accuracy"] <= 1.0
         assert res[p]["ttft_s"] is not None and res[p]["delay_s"] >= res[p]["ttft_s"]
         # records come back in stream order whichever process replayed them
-        assert [e["seed"] for e in res[p]["examples"]] == sorted(e["seed"] for e in res[p]["examples"]), p
-    assert res["meta"]["split"] == "heldout" and res["meta"]["workers"] == int(workers)
+        seeds = [e["seed"] for e in res[p]["examples"]]
+        assert seeds == sorted(seeds) and all(split_of(s) == split for s in seeds), p
+    assert res["meta"]["split"] == split and res["meta"]["workers"] == int(workers)
 
 
 def test_evaluate_refuses_missing_or_overlapping_checkpoints(trained, tmp_path):
@@ -293,6 +294,11 @@ def test_evaluate_refuses_missing_or_overlapping_checkpoints(trained, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--json", "--n", "1", "--paradigms", "tays", "--tays", str(bad)])
     assert "overlap the held-out split" in str(e.value)
+    meta["train_seeds"] = [VAL_SEEDS.start - 5, VAL_SEEDS.start + 5]  # leaks into validation only
+    (bad / "training.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--json", "--n", "1", "--split", "val", "--paradigms", "tays", "--tays", str(bad)])
+    assert "overlap the validation split" in str(e.value)
 
 
 def test_eot_protocol_in_the_runner(tiny_qwen2_5_vl):

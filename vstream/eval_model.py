@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .demo_model import DEMO_MODEL_DIR, Collator
-from .shapes import FAMILIES, HELDOUT_SEEDS, Scene, scenes
+from .shapes import FAMILIES, HELDOUT_SEEDS, SPLITS, Scene, scenes
 from .vlm import VLM, VLMError, load_vlm
 
 
@@ -32,13 +32,16 @@ def parse_answer(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", ans.lower()).strip()
 
 
-def check_heldout(model_dir: Path) -> None:
+def check_heldout(model_dir: Path, split: str = "heldout") -> None:
+    """Refuse a checkpoint whose training.json says it was trained on seeds of `split`."""
     record = model_dir / "training.json"
     if not record.exists():
         return
     lo, hi = json.loads(record.read_text()).get("train_seeds", [0, 0])
-    if hi > HELDOUT_SEEDS.start and lo < HELDOUT_SEEDS.stop:
-        raise VLMError(f"{model_dir} was trained on seeds {lo}..{hi}, which overlap the held-out split")
+    r = SPLITS[split]
+    if hi > r.start and lo < r.stop:
+        name = {"heldout": "held-out", "val": "validation"}.get(split, split)
+        raise VLMError(f"{model_dir} was trained on seeds {lo}..{hi}, which overlap the {name} split")
 
 
 @torch.inference_mode()

@@ -5,8 +5,8 @@ plus that object's ground-truth box and mask, so attributions can be checked aga
 Five task families mirror the paper's General/Math/Science/Document/Code spread, and a sixth,
 `existence`, asks about absent objects (hallucination probes).
 
-Seeds decide everything. Training and held-out scenes come from disjoint seed ranges, and
-`scenes()` refuses to hand out a range that crosses into the other split.
+Seeds decide everything. Training, validation and held-out scenes come from disjoint seed
+ranges, and `scenes()` refuses to hand out a range that crosses into another split.
 """
 from __future__ import annotations
 
@@ -40,9 +40,11 @@ PAPER_CATEGORY = {
     "existence": "Hallucination probe",
 }
 
-TRAIN_SEEDS = range(0, 1_000_000_000)
+TRAIN_SEEDS = range(0, 900_000_000)
+# Never trained on and never reported: for choosing training settings without looking at held-out.
+VAL_SEEDS = range(900_000_000, 1_000_000_000)
 HELDOUT_SEEDS = range(1_000_000_000, 2_000_000_000)
-SPLITS = {"train": TRAIN_SEEDS, "heldout": HELDOUT_SEEDS}
+SPLITS = {"train": TRAIN_SEEDS, "val": VAL_SEEDS, "heldout": HELDOUT_SEEDS}
 
 CHART_UNIT = 28  # one bar unit is one token row
 CHART_BASE = 196
