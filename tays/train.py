@@ -365,15 +365,6 @@ class TrainStreams(torch.utils.data.Dataset):
             return e.reason
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
-    """Linear warm-up over min(warmup, total // 10) steps, then cosine to 10% of the peak."""
-    warmup = max(1, min(warmup, total // 10))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
 # ----------------------------------------------------------------------------------------------
 # the command
 
@@ -412,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from tays.data import EncoderError, make_encoder, shapes_encoder
-    from vstream.checkpoints import agreed_seconds, resume, save_final, save_step
+    from vstream.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
     from vstream.shapes import TRAIN_SEEDS
     from vstream.vlm import VLMError, load_vlm
 
@@ -471,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if "input_ids" not in batch:  # every stream of the batch was skipped
             continue
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
+            g["lr"] = lr_at(step, args.steps, args.lr, 50)
         loss, _ = model(**batch)
         acc.backward(loss)
         acc.clip_grad_norm_(trained, 1.0)

@@ -106,6 +106,17 @@ def test_accelerate_data_parallel_on_two_cpu_processes(tmp_path):
     assert meta["processes"] == 2 and meta["batch_size"] == 4 and meta["train_seeds"] == [0, 8]
 
 
+def test_lr_schedule_warms_up_anneals_and_follows_the_time_budget():
+    from vstream.checkpoints import lr_at
+
+    lrs = [lr_at(s, 200, 1.0, 50) for s in range(200)]
+    assert lrs[0] == pytest.approx(1 / 20) and lrs[19] == pytest.approx(1.0)  # warm-up capped at total // 10
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    # a run that has spent 90% of its minutes is annealed that far, whatever its step count says
+    assert lr_at(30, 200, 1.0, 10, time_frac=0.9) == pytest.approx(lr_at(181, 200, 1.0, 10))
+    assert lr_at(10_000, 200, 1.0, 10) == pytest.approx(0.1)  # past the end: the floor
+
+
 def test_heldout_overlap_is_refused(tmp_path):
     (tmp_path / "training.json").write_text(json.dumps({"train_seeds": [0, HELDOUT_SEEDS.start + 5]}))
     with pytest.raises(VLMError, match="held-out"):

@@ -1,4 +1,5 @@
-"""Resumable training state and final model folders, shared by the demo and TaYS trainers.
+"""Resumable training state, the learning-rate schedule and final model folders, shared by the
+demo and TaYS trainers.
 
 A run folder holds `latest/`: the accelerate state (model, optimizer, RNG) plus `step.json`
 (step, loss EMA, seconds spent and whatever else the trainer records). Rerunning the same
@@ -8,12 +9,24 @@ processor and a training.json, so `load_vlm(folder)` works offline.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["read_step", "resume", "save_final", "save_step"]
+__all__ = ["lr_at", "read_step", "resume", "save_final", "save_step"]
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, time_frac: float = 0.0) -> float:
+    """Linear warm-up over min(warmup, total // 10) steps, then cosine to 10% of the peak over
+    whichever runs out first: the steps or the time budget (`time_frac`, the share of --minutes
+    spent), so a run cut short on a slow or busy machine still ends annealed."""
+    warmup = max(1, min(warmup, total // 10))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = max((step - warmup) / max(1, total - warmup), time_frac)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def read_step(state: Path) -> dict[str, Any] | None:

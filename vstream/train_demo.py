@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoints import agreed_seconds, resume, save_final, save_step
+from .checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
 from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
 from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
@@ -141,15 +140,6 @@ class WithProbe(torch.nn.Module):
         return lm + self.weight * probe, probe.detach()
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 100, time_frac: float = 0.0) -> float:
-    """Warm-up, then cosine to 10% over whichever runs out first: the steps or the time budget,
-    so a run cut by `--minutes` on a slow or busy machine still ends annealed."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = max((step - warmup) / max(1, total - warmup), time_frac)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vstream train-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (the LR schedule spans these)")
@@ -193,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         spent = agreed_seconds(acc, before + time.time() - t0)  # same LR and stop step everywhere
         time_frac = spent / (args.minutes * 60) if args.minutes else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, time_frac=time_frac)
+            g["lr"] = lr_at(step, args.steps, args.lr, 100, time_frac)
         loss, probe = model(**batch)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
