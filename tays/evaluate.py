@@ -7,8 +7,9 @@
 
 Each held-out shapes-world stream (`vstream.shapes_video`, held-out seeds only; a checkpoint whose
 training.json overlaps them is refused; `--split val` takes validation streams instead, which no
-training run uses, so that training settings can be chosen without looking at held-out) is replayed at 2 FPS through `tays.paradigms.run_paradigm`
-for every paradigm, with the checkpoint trained for it (`python -m tays train`):
+training run uses, so that training settings can be chosen without looking at held-out) is
+replayed at 2 FPS through `tays.paradigms.run_paradigm` for every paradigm, with the checkpoint
+trained for it (`python -m tays train`):
 
 * ``tays``: the StreamingEngine (dual KV cache) on the TaYS checkpoint;
 * ``interleaved``: one causal sequence, frames and steps alternating, on the interleaved checkpoint;
@@ -162,8 +163,8 @@ def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [{"dirs": dirs, "paradigms": paradigms, "split": split, "n": n, "start": start, "duration": duration, "worker": w,
-             "workers": workers, "threads": threads, "warmup": warmup, "kw": kw} for w in range(workers)]
+    jobs = [{"dirs": dirs, "paradigms": paradigms, "split": split, "n": n, "start": start, "duration": duration,
+             "worker": w, "workers": workers, "threads": threads, "warmup": warmup, "kw": kw} for w in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_worker, jobs))
     return summarize([rec for _, rec in sorted((x for part in parts for x in part), key=lambda x: x[0])])
