@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tays evaluate", description="accuracy, reasoning-event deviation, "
                                  "TTFT and delay of the trained paradigms on held-out shapes-world streams")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
-    ap.add_argument("--n", type=int, default=200, help="held-out streams")
+    ap.add_argument("--n", type=int, default=200, help="streams to replay (from --split)")
     ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
     ap.add_argument("--split", default="heldout", choices=("heldout", "val"), help="held-out streams (the reported "
                     "figures) or validation streams (never trained on: for choosing training settings)")
