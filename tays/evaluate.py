@@ -145,7 +145,7 @@ def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
     from vstream.shapes_video import streams
 
     torch.set_num_threads(job["threads"] or 1)
-    models = _load_all(job["dirs"], job["paradigms"], job["split"])
+    models = _load_all(job["dirs"], job["paradigms"], job["split"], job["device"])
     kw = job["kw"]
     _warm_up(models, job["split"], job["start"], job["duration"], job["warmup"], kw)
     out = []
@@ -157,20 +157,22 @@ def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
 
 
 def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n: int, start: int,
-                      duration: float | None, workers: int, threads: int, warmup: int, **kw: Any) -> dict[str, Any]:
+                      duration: float | None, workers: int, threads: int, warmup: int, device: str = "cpu",
+                      **kw: Any) -> dict[str, Any]:
     """evaluate_models over `workers` processes replaying streams concurrently (each in real time;
     they share the CPU, so timings include that contention)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [{"dirs": dirs, "paradigms": paradigms, "split": split, "n": n, "start": start, "duration": duration,
-             "worker": w, "workers": workers, "threads": threads, "warmup": warmup, "kw": kw} for w in range(workers)]
+             "worker": w, "workers": workers, "threads": threads, "warmup": warmup, "device": device, "kw": kw}
+            for w in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_worker, jobs))
     return summarize([rec for _, rec in sorted((x for part in parts for x in part), key=lambda x: x[0])])
 
 
-def _load(path: str, paradigm: str, split: str):
+def _load(path: str, paradigm: str, split: str, device: str = "cpu"):
     from vstream.eval_model import check_heldout
     from vstream.vlm import VLMError, load_vlm
 
@@ -180,19 +182,19 @@ def _load(path: str, paradigm: str, split: str):
                          f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)")
     try:
         check_heldout(p, split)
-        return load_vlm(str(p), device="cpu")
+        return load_vlm(str(p), device=device)
     except VLMError as e:
         raise SystemExit(f"evaluate: {paradigm}: {e}") from None
 
 
-def _load_all(dirs: dict[str, str], paradigms: list[str], split: str) -> dict[str, Any]:
+def _load_all(dirs: dict[str, str], paradigms: list[str], split: str, device: str = "cpu") -> dict[str, Any]:
     """{paradigm: VLM}, each checkpoint folder loaded once."""
     loaded: dict[str, Any] = {}
     models: dict[str, Any] = {}
     for p in paradigms:
         key = str(Path(dirs[p]).resolve())
         if key not in loaded:
-            loaded[key] = _load(dirs[p], p, split)
+            loaded[key] = _load(dirs[p], p, split, device)
         models[p] = loaded[key]
     return models
 
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-think", default=None, help="checkpoint for batch_no_think (default: --batch)")
     ap.add_argument("--paradigms", nargs="+", default=list(EVAL_PARADIGMS), choices=EVAL_PARADIGMS)
     ap.add_argument("--fps", type=float, default=2.0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (models load in their default dtype: "
+                    "bfloat16 on CUDA)")
     ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
     ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
     ap.add_argument("--question-at", type=float, default=0.0)
@@ -247,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
             "batch_no_think": args.no_think or args.batch}
     dirs = {p: dirs[p] for p in args.paradigms}
-    models = _load_all(dirs, args.paradigms, args.split)  # check every folder before the long part starts
+    models = _load_all(dirs, args.paradigms, args.split, args.device)  # check every folder before the long part
     kw = dict(fps=args.fps, speed=args.speed, max_new_tokens=args.max_new_tokens, step_tokens=args.step_tokens,
               answer_tokens=args.answer_tokens, question_at=args.question_at)
     if args.workers > 1:
         del models
         res = evaluate_parallel(dirs, args.paradigms, args.split, args.n, args.start, args.duration, args.workers,
-                                args.threads, args.warmup, **kw)
+                                args.threads, args.warmup, args.device, **kw)
     else:
         _warm_up(models, args.split, args.start, args.duration, args.warmup, kw)
         res = evaluate_models(models, args.n, args.start, args.duration, progress=True, split=args.split, **kw)
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "start": args.start, "fps": args.fps, "speed": args.speed, "duration": args.duration,
         "question_at_s": args.question_at, "max_new_tokens": args.max_new_tokens, "step_tokens": args.step_tokens,
         "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(), "workers": args.workers,
+        "device": args.device,
         "wall_s": time.perf_counter() - t0,
         "times": "ttft_s / delay_s: wall seconds since stream start; event_deviation_s: stream seconds",
     }

@@ -12,7 +12,7 @@ import torch
 from vstream import train_demo
 from vstream.demo_model import DEMO_MODEL_DIR, Collator, make_image_processor, make_tokenizer
 from vstream.eval_model import check_heldout, evaluate, parse_answer
-from vstream.shapes import HELDOUT_SEEDS, scenes
+from vstream.shapes import HELDOUT_SEEDS, VAL_SEEDS, scenes
 from vstream.vlm import VLMError, load_vlm
 
 
@@ -67,13 +67,16 @@ def test_train_resume_and_load(tmp_path):
     args = ["--batch-size", "2", "--out", str(out), "--run-dir", str(run), "--save-every", "1"]
     train_demo.main(["--steps", "2", *args])
     assert json.loads((run / "latest" / "step.json").read_text())["step"] == 2
-    train_demo.main(["--steps", "3", *args])  # resumes at step 2, does one more
+    train_demo.main(["--steps", "3", "--workers", "1", *args])  # resumes at step 2, does one more (loader process)
     meta = json.loads((out / "training.json").read_text())
     assert meta["trained_steps"] == 3 and meta["train_seeds"][1] <= HELDOUT_SEEDS.start
     vlm = load_vlm(str(out))
     assert vlm.model.dtype == torch.float32  # float16 on disk, float32 on CPU
     res = evaluate(vlm, n=6, batch_size=6, progress=False)
     assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    assert res["split"] == "heldout" and res["seeds"] == [HELDOUT_SEEDS[0], HELDOUT_SEEDS[5]]
+    res = evaluate(vlm, n=6, start=10, batch_size=6, progress=False, split="val")
+    assert res["split"] == "val" and res["seeds"] == [VAL_SEEDS[10], VAL_SEEDS[15]]
 
 
 def test_position_probe_adds_row_and_column_heads(tok):
@@ -121,6 +124,10 @@ def test_heldout_overlap_is_refused(tmp_path):
     (tmp_path / "training.json").write_text(json.dumps({"train_seeds": [0, HELDOUT_SEEDS.start + 5]}))
     with pytest.raises(VLMError, match="held-out"):
         check_heldout(tmp_path)
+    (tmp_path / "training.json").write_text(json.dumps({"train_seeds": [0, VAL_SEEDS.start + 5]}))
+    check_heldout(tmp_path)  # leaks into validation only
+    with pytest.raises(VLMError, match="validation"):
+        check_heldout(tmp_path, "val")
 
 
 def test_parse_answer():

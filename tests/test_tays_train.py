@@ -274,6 +274,7 @@ def test_evaluate_prints_json(trained, capsys, workers, split):
         seeds = [e["seed"] for e in res[p]["examples"]]
         assert seeds == sorted(seeds) and all(split_of(s) == split for s in seeds), p
     assert res["meta"]["split"] == split and res["meta"]["workers"] == int(workers)
+    assert res["meta"]["device"] == "cpu"
 
 
 def test_evaluate_refuses_missing_or_overlapping_checkpoints(trained, tmp_path):
@@ -299,6 +300,9 @@ def test_evaluate_refuses_missing_or_overlapping_checkpoints(trained, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--json", "--n", "1", "--split", "val", "--paradigms", "tays", "--tays", str(bad)])
     assert "overlap the validation split" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # a device this machine lacks: one line, before any replay
+        main(["evaluate", "--json", "--n", "1", "--paradigms", "tays", "--tays", str(out), "--device", "gpu"])
+    assert str(e.value).startswith("evaluate: tays: bad device 'gpu'") and "\n" not in str(e.value)
 
 
 def test_eot_protocol_in_the_runner(tiny_qwen2_5_vl):

@@ -1,6 +1,7 @@
 """Evaluate a model on held-out shapes-world scenes.
 
     python -m vstream eval-model --json            # the shipped demo model, 600 scenes
+    python -m vstream eval-model --split val --model DIR   # validation scenes, to choose a recipe
 
 Scenes come from the held-out seed range only (`shapes.scenes("heldout", ...)`), and a model
 whose training record claims seeds from that range is refused. The last output line is JSON.
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .demo_model import DEMO_MODEL_DIR, Collator
-from .shapes import FAMILIES, HELDOUT_SEEDS, SPLITS, Scene, scenes
+from .shapes import FAMILIES, SPLITS, Scene, scenes
 from .vlm import VLM, VLMError, load_vlm
 
 
@@ -59,8 +60,10 @@ def generate_batch(vlm: VLM, batch: list[Scene], max_new_tokens: int = 64) -> li
     return [vlm.tokenizer.decode(row, skip_special_tokens=False).replace("<|endoftext|>", "") for row in new]
 
 
-def evaluate(vlm: VLM, n: int = 600, start: int = 0, batch_size: int = 50, progress: bool = True) -> dict:
-    items = scenes("heldout", start, n)
+def evaluate(
+    vlm: VLM, n: int = 600, start: int = 0, batch_size: int = 50, progress: bool = True, split: str = "heldout"
+) -> dict:
+    items = scenes(split, start, n)
     per_family: dict[str, list[bool]] = defaultdict(list)
     per_kind: dict[str, list[bool]] = defaultdict(list)
     wrong: Counter = Counter()
@@ -83,7 +86,8 @@ def evaluate(vlm: VLM, n: int = 600, start: int = 0, batch_size: int = 50, progr
         "per_family": {f: acc(per_family[f]) for f in FAMILIES if f in per_family},
         "per_kind": {k: acc(v) for k, v in sorted(per_kind.items())},
         "n": n,
-        "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]],
+        "split": split,
+        "seeds": [SPLITS[split][start], SPLITS[split][start + n - 1]],
         "seconds": round(time.time() - t0, 1),
         "top_confusions": [
             {"family": f, "truth": t, "predicted": p, "count": c} for (f, t, p), c in wrong.most_common(8)
@@ -95,23 +99,25 @@ def evaluate(vlm: VLM, n: int = 600, start: int = 0, batch_size: int = 50, progr
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vstream eval-model", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
-    ap.add_argument("--n", type=int, default=600, help="held-out scenes (families cycle, so 600 = 100 each)")
-    ap.add_argument("--start", type=int, default=0, help="offset into the held-out seed range")
+    ap.add_argument("--n", type=int, default=600, help="scenes of --split (families cycle, so 600 = 100 each)")
+    ap.add_argument("--start", type=int, default=0, help="offset into the split's seed range")
+    ap.add_argument("--split", choices=("heldout", "val"), default="heldout",
+                    help="held-out scenes for reporting; validation scenes for choosing a recipe")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--json", action="store_true", help="print only the summary JSON as the last line")
     args = ap.parse_args(argv)
     try:
         if Path(args.model).is_dir():
-            check_heldout(Path(args.model))
+            check_heldout(Path(args.model), args.split)
         vlm = load_vlm(args.model)
-        res = evaluate(vlm, args.n, args.start, args.batch_size, progress=True)
+        res = evaluate(vlm, args.n, args.start, args.batch_size, progress=True, split=args.split)
     except (VLMError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.json:
         for ex in res["failed_examples"]:
             print(f"[{ex['seed']}] {ex['question']}\n  truth:  {ex['truth']}\n  output: {ex['output']}")
-        print(f"accuracy {res['accuracy']:.3f} on {res['n']} held-out scenes")
+        print(f"accuracy {res['accuracy']:.3f} on {res['n']} {args.split} scenes")
         for f, a in res["per_family"].items():
             print(f"  {f:10s} {a:.3f}")
     print(json.dumps(res))

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="checkpoints for resuming")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="data-loader processes per training process "
+                    "(0: render scenes in the training process; use a few on a GPU, where rendering is the bottleneck)")
     ap.add_argument("--probe-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
     ap.add_argument("--position-probe", action="store_true", help="also probe each vision token's grid row and "
                     "column (not used for the shipped model yet)")
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     model = WithProbe(build_demo_model(tok), tok, weight=args.probe_weight, position=args.position_probe)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     data = TrainScenes(args.steps * args.batch_size * acc.num_processes)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip))
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip),
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
     model, opt, loader = acc.prepare(model, opt, loader)
 
     state = args.run_dir / "latest"
