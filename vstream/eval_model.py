@@ -3,8 +3,9 @@
     python -m vstream eval-model --json            # the shipped demo model, 600 scenes
     python -m vstream eval-model --split val --model DIR   # validation scenes, to choose a recipe
 
-Scenes come from the held-out seed range only (`shapes.scenes("heldout", ...)`), and a model
-whose training record claims seeds from that range is refused. The last output line is JSON.
+Scenes come from one split only: held-out (`shapes.scenes("heldout", ...)`, the reported figures)
+or, with --split val, validation (for choosing a recipe without looking at held-out). A model whose
+training record claims seeds from the chosen split is refused. The last output line is JSON.
 """
 from __future__ import annotations
 
