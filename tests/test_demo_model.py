@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from vstream import train_demo
-from vstream.demo_model import DEMO_MODEL_DIR, Collator, make_image_processor, make_tokenizer
+from vstream.demo_model import DEMO_MODEL_DIR, PATCH, Collator, make_image_processor, make_tokenizer
 from vstream.eval_model import check_heldout, evaluate, parse_answer
-from vstream.shapes import HELDOUT_SEEDS, VAL_SEEDS, scenes
+from vstream.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
 from vstream.vlm import VLMError, load_vlm
+
+SIDE = SIZE // train_demo.TOKEN_PX  # image tokens per side
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +31,13 @@ def test_probe_targets_name_the_objects_and_the_cells_the_trace_says():
         if scene.family != "spatial":
             continue
         t = train_demo.token_targets(scene)
-        assert t.shape == (64, 5)
+        assert t.shape == (SIDE * SIDE, 5)
         for obj_text, axis, num in re.findall(r"The (\w+ \w+) is in (row|column) (\d)", scene.trace):
             color, shape = obj_text.split()
             i = next(i for i, o in enumerate(scene.objects) if (o.color, o.shape) == (color, shape))
             o = scene.objects[i]
             cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2
-            tok_i = (cy // train_demo.TOKEN_PX) * 8 + cx // train_demo.TOKEN_PX
+            tok_i = (cy // train_demo.TOKEN_PX) * SIDE + cx // train_demo.TOKEN_PX
             assert t[tok_i, 3 if axis == "row" else 4].item() == int(num) - 1  # what the trace says, 0-based
             assert t[tok_i, 0].item() == list(train_demo.COLORS).index(color) + 1
             assert t[tok_i, 1].item() == train_demo.KINDS.index(shape) + 1
@@ -46,12 +48,12 @@ def test_probe_targets_name_the_objects_and_the_cells_the_trace_says():
 def test_collator_masks_prompt_and_covers_trace(tok):
     batch = scenes("train", 0, 4)
     out = Collator(tok, make_image_processor())(batch)
-    assert out["pixel_values"].shape == (4 * 256, 1176)
+    assert out["pixel_values"].shape == (4 * 4 * SIDE * SIDE, 3 * 2 * PATCH * PATCH)  # 2x2 patches per token
     for i, s in enumerate(batch):
         lab = out["labels"][i]
         text = tok.decode(lab[lab != -100])
         assert text == s.trace + "<|im_end|>"
-        assert int(out["mm_token_type_ids"][i].sum()) == 64  # 8x8 image tokens
+        assert int(out["mm_token_type_ids"][i].sum()) == SIDE * SIDE  # one per 56 px cell
     left = Collator(tok, make_image_processor(), padding_side="left")(batch, with_targets=False)
     assert "labels" not in left and (left["attention_mask"][:, -1] == 1).all()
 
@@ -88,7 +90,7 @@ def test_position_probe_adds_row_and_column_heads(tok):
         torch.manual_seed(0)
         m = train_demo.WithProbe(build_demo_model(tok), tok, position=position)
         loss, probe = m(**inputs)
-        assert len(m.probe_logits(torch.zeros(64, m.none.shape[1]))) == heads
+        assert len(m.probe_logits(torch.zeros(SIDE * SIDE, m.none.shape[1]))) == heads
         assert torch.isfinite(loss) and probe > 0
         loss.backward()
         if position:
@@ -144,8 +146,8 @@ def test_shipped_demo_model_reads_the_image():
     vlm = load_vlm(str(DEMO_MODEL_DIR))
     batch = Collator(vlm.tokenizer, vlm.image_processor)(scenes("heldout", 60_000, 24))
     shuffled = dict(batch)
-    pv = batch["pixel_values"].view(24, 256, -1)
-    shuffled["pixel_values"] = pv.roll(1, 0).reshape(24 * 256, -1)
+    pv = batch["pixel_values"].view(24, -1, batch["pixel_values"].shape[-1])
+    shuffled["pixel_values"] = pv.roll(1, 0).flatten(0, 1)
     with torch.inference_mode():
         true_loss = vlm.model(**batch).loss.item()
         wrong_loss = vlm.model(**shuffled).loss.item()

@@ -30,17 +30,18 @@ def demo_vlm():
 
 @pytest.fixture(scope="module")
 def demo_arch_vlm(tmp_path_factory, tiny_tokenizer):
-    """The demo model's architecture (4 layers, 6 heads / 3 kv, tied embeddings, 224 px frames ->
-    8x8 tokens per group), randomly initialised and saved in float16 like the shipped one, so
-    the oracle covers that shape even before the demo model is trained."""
+    """The shipped TaYS model's shape: the demo architecture (4 layers, 6 heads / 3 kv, tied
+    embeddings) with its earlier 14 px patches, so 224 px frames -> 8x8 tokens per group (the
+    demo model itself now has 4x4). Randomly initialised and saved in float16 like the shipped
+    ones, so the oracle covers that shape whether or not the models are there."""
     from vstream.demo_model import build_demo_model, make_image_processor
 
     path = tmp_path_factory.mktemp("demo_arch")
     torch.manual_seed(0)
-    model = build_demo_model(tiny_tokenizer).eval()
+    model = build_demo_model(tiny_tokenizer, patch=14).eval()
     model.to(torch.float16).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
-    make_image_processor().save_pretrained(path)
+    make_image_processor(patch=14).save_pretrained(path)
     return load_vlm(str(path), device="cpu")
 
 

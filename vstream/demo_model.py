@@ -1,7 +1,7 @@
 """The embedded demo model: a tiny Qwen2.5-VL-architecture thinking model for the shapes world.
 
 No weights can be downloaded here, so we train our own: same architecture and processor as
-Qwen2.5-VL (patch 14, 2x2 merge, 3-D mRoPE), scaled down to a few million parameters.
+Qwen2.5-VL (2x2 merge, 3-D mRoPE; 28 px patches instead of 14), scaled down to a few million parameters.
 This module holds what training and evaluation share: the tokenizer corpus, the config,
 and turning scenes into model batches.
 """
@@ -34,12 +34,17 @@ def make_tokenizer(vocab_size: int = 640):
     return build_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
 
 
-def make_image_processor() -> Qwen2VLImageProcessorPil:
-    # Fixed 224x224 input: every image becomes 16x16 patches -> 8x8 LLM tokens.
-    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE)
+PATCH = 28  # vision patch side in pixels; 2x2 patches merge into one 56 px LLM token
 
 
-def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6) -> Qwen2_5_VLConfig:
+def make_image_processor(patch: int = PATCH) -> Qwen2VLImageProcessorPil:
+    # Fixed 224x224 input: every image becomes 8x8 patches -> 4x4 = 16 LLM tokens, one per
+    # 56 px grid cell pair. Fewer, coarser tokens trained better in our CPU hour than 64.
+    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch)
+
+
+def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6,
+                patch: int = PATCH) -> Qwen2_5_VLConfig:
     ids = special_ids(tokenizer)
     head_dim = hidden // heads
     t = head_dim // 2  # mRoPE sections (t, h, w) split the rotary half-dimension
@@ -65,7 +70,7 @@ def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6) -
         out_hidden_size=hidden,
         fullatt_block_indexes=[1, 3],
         window_size=112,
-        patch_size=14,
+        patch_size=patch,
         spatial_merge_size=2,
         temporal_patch_size=2,
     )

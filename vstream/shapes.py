@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SIZE = 224  # 8x8 LLM tokens for Qwen2.5-VL (28 px each)
+SIZE = 224  # 4x4 LLM tokens for the demo Qwen2.5-VL (56 px each)
 GRID = 4  # objects sit in a 4x4 grid of 56 px cells (2x2 tokens each)
 CELL = SIZE // GRID
 

@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
-from .demo_model import DEMO_MODEL_DIR, Collator, build_demo_model, make_image_processor, make_tokenizer
+from .demo_model import DEMO_MODEL_DIR, PATCH, Collator, build_demo_model, make_image_processor, make_tokenizer
 from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
-INVENTORY_SHARE = 4  # out of every 10 training samples: the dense "List every object." task
+INVENTORY_SHARE = 2  # out of every 10 training samples: the dense "List every object." task
 
 
 class TrainScenes(Dataset):
-    """Index i -> training sample with seed i: a scene of the six families, or (4 in 10) the
+    """Index i -> training sample with seed i: a scene of the six families, or (2 in 10) the
     dense inventory task. Built lazily, so the data set costs no memory."""
 
     def __init__(self, n: int):
@@ -51,14 +51,14 @@ class TrainScenes(Dataset):
         return make_inventory(seed) if i % 10 < INVENTORY_SHARE else make_scene(seed)
 
 
-TOKEN_PX = 28  # one LLM image token of the demo model covers 28x28 pixels
+TOKEN_PX = 2 * PATCH  # one LLM image token of the demo model covers 56x56 pixels
 KINDS = (*SHAPES, "box", "bar")
 PROBE_HEADS = (len(COLORS) + 1, len(KINDS) + 1, 10 + 1)  # colour, kind, digit/value; 0 = none
 POS_HEADS = (GRID, GRID)  # grid row, grid column of the token (the trace's "row 3", "column 2")
 
 
 def token_targets(scene: Scene, min_cover: float = 0.1) -> torch.Tensor:
-    """(64, 5) class ids per image token, raster order: colour, kind and digit of the object
+    """(16, 5) class ids per image token, raster order: colour, kind and digit of the object
     covering most of the token (0 = none), then the token's 0-based grid row and column."""
     side = SIZE // TOKEN_PX
     cover = np.zeros((len(scene.objects), side, side), np.float32)
