@@ -1,7 +1,8 @@
 """The embedded demo model: a tiny Qwen2.5-VL-architecture thinking model for the shapes world.
 
 No weights can be downloaded here, so we train our own: same architecture and processor as
-Qwen2.5-VL (2x2 merge, 3-D mRoPE; 28 px patches instead of 14), scaled down to a few million parameters.
+Qwen2.5-VL (2x2 merge, 3-D mRoPE; 28 px patches instead of 14), scaled down to a few million
+parameters.
 This module holds what training and evaluation share: the tokenizer corpus, the config,
 and turning scenes into model batches.
 """
@@ -39,7 +40,7 @@ PATCH = 28  # vision patch side in pixels; 2x2 patches merge into one 56 px LLM 
 
 def make_image_processor(patch: int = PATCH) -> Qwen2VLImageProcessorPil:
     # Fixed 224x224 input: every image becomes 8x8 patches -> 4x4 = 16 LLM tokens, one per
-    # 56 px grid cell pair. Fewer, coarser tokens trained better in our CPU hour than 64.
+    # 56 px grid cell. Fewer, coarser tokens trained better in our CPU hour than 64.
     return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch)
 
 

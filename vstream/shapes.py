@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 224  # 4x4 LLM tokens for the demo Qwen2.5-VL (56 px each)
-GRID = 4  # objects sit in a 4x4 grid of 56 px cells (2x2 tokens each)
+GRID = 4  # objects sit in a 4x4 grid of 56 px cells (one demo-model token each)
 CELL = SIZE // GRID
 
 COLORS: dict[str, tuple[int, int, int]] = {
