@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vstream import train_demo
-from vstream.demo_model import DEMO_MODEL_DIR, PATCH, Collator, make_image_processor, make_tokenizer
+from vstream.demo_model import DEMO_MODEL_DIR, MERGE, PATCH, Collator, make_image_processor, make_tokenizer
 from vstream.eval_model import check_heldout, evaluate, parse_answer
 from vstream.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
 from vstream.vlm import VLMError, load_vlm
@@ -48,7 +48,7 @@ def test_probe_targets_name_the_objects_and_the_cells_the_trace_says():
 def test_collator_masks_prompt_and_covers_trace(tok):
     batch = scenes("train", 0, 4)
     out = Collator(tok, make_image_processor())(batch)
-    assert out["pixel_values"].shape == (4 * 4 * SIDE * SIDE, 3 * 2 * PATCH * PATCH)  # 2x2 patches per token
+    assert out["pixel_values"].shape == (4 * MERGE**2 * SIDE * SIDE, 3 * 2 * PATCH * PATCH)  # 4 images, 3 channels, 2 frames
     for i, s in enumerate(batch):
         lab = out["labels"][i]
         text = tok.decode(lab[lab != -100])

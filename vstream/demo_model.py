@@ -35,13 +35,15 @@ def make_tokenizer(vocab_size: int = 640):
     return build_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
 
 
-PATCH = 28  # vision patch side in pixels; 2x2 patches merge into one 56 px LLM token
+PATCH = 28  # vision patch side in pixels
+MERGE = 2  # MERGE x MERGE patches make one LLM token (56 px)
 
 
 def make_image_processor(patch: int = PATCH) -> Qwen2VLImageProcessorPil:
     # Fixed 224x224 input: every image becomes 8x8 patches -> 4x4 = 16 LLM tokens, one per
     # 56 px grid cell. Fewer, coarser tokens trained better in our CPU hour than 64.
-    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch)
+    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch,
+                                    merge_size=MERGE)
 
 
 def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6,
@@ -72,7 +74,7 @@ def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6,
         fullatt_block_indexes=[1, 3],
         window_size=112,
         patch_size=patch,
-        spatial_merge_size=2,
+        spatial_merge_size=MERGE,
         temporal_patch_size=2,
     )
     return Qwen2_5_VLConfig(

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
-from .demo_model import DEMO_MODEL_DIR, PATCH, Collator, build_demo_model, make_image_processor, make_tokenizer
+from .demo_model import DEMO_MODEL_DIR, MERGE, PATCH, Collator, build_demo_model, make_image_processor, make_tokenizer
 from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
 INVENTORY_SHARE = 2  # out of every 10 training samples: the dense "List every object." task
@@ -51,7 +51,7 @@ class TrainScenes(Dataset):
         return make_inventory(seed) if i % 10 < INVENTORY_SHARE else make_scene(seed)
 
 
-TOKEN_PX = 2 * PATCH  # one LLM image token of the demo model covers 56x56 pixels
+TOKEN_PX = MERGE * PATCH  # one LLM image token of the demo model covers 56x56 pixels
 KINDS = (*SHAPES, "box", "bar")
 PROBE_HEADS = (len(COLORS) + 1, len(KINDS) + 1, 10 + 1)  # colour, kind, digit/value; 0 = none
 POS_HEADS = (GRID, GRID)  # grid row, grid column of the token (the trace's "row 3", "column 2")
