@@ -48,7 +48,7 @@ def test_probe_targets_name_the_objects_and_the_cells_the_trace_says():
 def test_collator_masks_prompt_and_covers_trace(tok):
     batch = scenes("train", 0, 4)
     out = Collator(tok, make_image_processor())(batch)
-    assert out["pixel_values"].shape == (4 * MERGE**2 * SIDE * SIDE, 3 * 2 * PATCH * PATCH)  # 4 images, 3 channels, 2 frames
+    assert out["pixel_values"].shape == (4 * MERGE**2 * SIDE * SIDE, 3 * 2 * PATCH * PATCH)  # 4 images; RGB x 2 frames
     for i, s in enumerate(batch):
         lab = out["labels"][i]
         text = tok.decode(lab[lab != -100])
