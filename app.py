@@ -23,11 +23,11 @@ from typing import Any
 
 import gradio as gr
 
-from tays.protocol import TAYS_MODEL_DIR, run_options
-from vstream import explorer as ex
-from vstream import figures
-from vstream.demo_model import DEMO_MODEL_DIR
-from vstream.images import VLMError
+from tays.protocol import run_options
+from ui import explorer as ex
+from ui import figures
+from vstream.world.assets import DEMO_MODEL_DIR, TAYS_MODEL_DIR
+from vstream.model.images import VLMError
 
 MAX_QUESTION_CHARS = ex.MAX_QUESTION_CHARS
 MAX_NEW_TOKENS = 256
@@ -144,8 +144,8 @@ def attribute(image: Any, question: str, model_name: str, st: Session | None = N
 
     Yields (state, text, heatmaps, path plot, dynamics, status, raw JSON). Closing the
     generator (Stop, a closed tab, a dropped client) closes the attribution session."""
-    from vstream.spans import SpanSplitter
-    from vstream.worker import DoneEvent, PathEvent, RegionsEvent, SpanEvent, TokenEvent, attribute_stream
+    from vstream.attr.spans import SpanSplitter
+    from vstream.attr.worker import DoneEvent, PathEvent, RegionsEvent, SpanEvent, TokenEvent, attribute_stream
 
     st = _session(st, request)
     try:
@@ -483,7 +483,7 @@ def _lab_begin(st: Session) -> None:
 def lab_collect(model_name: str, n: float, masks: float, start: float, st: Session | None = None,
                 request: gr.Request = None, progress=gr.Progress()):
     """Cell 1: label n training scenes with region ablations (api_name="lab_collect")."""
-    from vstream.labels import collect
+    from vstream.attr.labels import collect
 
     st = _session(st, request)
     try:
@@ -520,7 +520,7 @@ def lab_collect(model_name: str, n: float, masks: float, start: float, st: Sessi
 def lab_train(epochs: float, lr: float, st: Session | None = None, request: gr.Request = None,
               progress=gr.Progress(track_tqdm=True)):
     """Cell 2: fit the linear estimator on the session's labels (api_name="lab_train")."""
-    from vstream.estimator import train
+    from vstream.attr.estimator import train
 
     st = _session(st, request)
     try:
@@ -537,7 +537,7 @@ def lab_train(epochs: float, lr: float, st: Session | None = None, request: gr.R
         progress(0, desc="train estimator")
         est, report = train(list(st.lab_examples), epochs=epochs, lr=lr, progress=True,
                             num_layers=int(vlm.num_layers), num_heads=int(vlm.num_heads))
-        from vstream.labels import model_identity
+        from vstream.attr.labels import model_identity
 
         est.meta.update(model_identity(vlm))
         st.lab_estimator = est
@@ -559,7 +559,7 @@ def lab_train(epochs: float, lr: float, st: Session | None = None, request: gr.R
 def lab_evaluate(model_name: str, n: float, methods: list[str], which: str, st: Session | None = None,
                  request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
     """Cell 3: LDS / R^2 against the baselines on held-out scenes (api_name="lab_evaluate")."""
-    from vstream.evaluate import evaluate
+    from vstream.attr.evaluate import evaluate
 
     st = _session(st, request)
     try:
@@ -611,7 +611,7 @@ def lab_save(name: str, st: Session | None = None, request: gr.Request = None):
 
 def lab_load(file: Any, model_name: str, st: Session | None = None, request: gr.Request = None) -> str:
     """Cell 4b: load an estimator file (.safetensors only) as this session's estimator."""
-    from vstream.estimator import load
+    from vstream.attr.estimator import load
 
     st = _session(st, request)
     try:
@@ -635,7 +635,7 @@ _STORES_LOCK = threading.Lock()
 
 def _store(path: str) -> Any:
     """One AnnotationStore per path (it opens a connection per call, so sharing it is safe)."""
-    from vstream.annotations import AnnotationError, AnnotationStore
+    from ui.annotations import AnnotationError, AnnotationStore
 
     with _STORES_LOCK:
         if path not in _STORES:
@@ -695,7 +695,7 @@ def make_annotation_handlers(db_path: str):
                  request: gr.Request = None):
         """Save one verdict for a span of this session's last run (api_name="annotate")."""
         st = _session(st, request)
-        from vstream.annotations import AnnotationError
+        from ui.annotations import AnnotationError
 
         try:
             name = str(name or "").strip()

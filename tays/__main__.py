@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from tays.metrics import finite_json
+from vstream.world.assets import DEMO_MODEL_DIR, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "assets" / "demo-model"
+DEFAULT_MODEL = DEMO_MODEL_DIR
 METRIC_KEYS = ("ttft_s", "ttft_question_s", "delay_s", "decode_tokens_per_s", "frames_per_s",
                "event_deviation_s", "steps_matched", "tokens", "answer_tokens", "reasoning_steps", "frames",
                "frame_groups", "ingest_lag_max_s", "stream_end_s", "decode_step_ms_p50", "decode_step_ms_p95")
@@ -42,7 +42,7 @@ def _log(msg: str) -> None:
 
 
 def _load(model: str | None):
-    from vstream.vlm import load_vlm
+    from vstream.model.vlm import load_vlm
 
     path = Path(model) if model else DEFAULT_MODEL
     if model is None and not (path / "config.json").is_file():
@@ -62,8 +62,8 @@ def _fmt(x: Any, nd: int = 3) -> str:
 
 
 def _stream(seed_index: int, duration: float):
-    from vstream.shapes import HELDOUT_SEEDS
-    from vstream.shapes_video import make_stream
+    from vstream.world.shapes import HELDOUT_SEEDS
+    from vstream.world.shapes_video import make_stream
 
     return make_stream(HELDOUT_SEEDS[seed_index], duration=duration)
 

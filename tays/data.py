@@ -37,7 +37,7 @@ The four steps of the TaYS write-up:
    CLS pooling, L2-normalised, as BGE-M3's dense retrieval) when it can be loaded, else raises a
    one-line `EncoderError`. A sample whose every step is dropped is skipped.
 4. The end-of-step token `EOS_STEP` (``<|eot|>``, already a special token of our tokenizers,
-   see `vstream.tokenizer`) follows every reasoning sentence when the trajectory is tokenised
+   see `vstream.world.tokenizer`) follows every reasoning sentence when the trajectory is tokenised
    (`tays.train`).
 
 Bad input never stops a run: a sample with missing annotation fields, keyframes out of order, a
@@ -103,7 +103,7 @@ __all__ = [
     "SkipSample",
 ]
 
-EOS_STEP = "<|eot|>"  # end of a reasoning step (vstream.tokenizer.SPECIAL_TOKENS)
+EOS_STEP = "<|eot|>"  # end of a reasoning step (vstream.world.tokenizer.SPECIAL_TOKENS)
 DEFAULT_FPS = 2.0
 DEFAULT_THRESHOLD = 0.4  # TF-IDF cosine: shapes-world triplets score >= 0.5, another object ~0.2-0.35, unrelated 0
 EPS = 1e-6
@@ -493,7 +493,7 @@ def build_trajectories(samples: Iterable[VideoSample | SkipSample], encoder: Any
 
 
 def shapes_sample(stream: Any) -> VideoSample:
-    """A `vstream.shapes_video.Stream` as an annotated video. Keyframes are its events: interval =
+    """A `vstream.world.shapes_video.Stream` as an annotated video. Keyframes are its events: interval =
     the event's keyframe interval; timestamp = the event time (the state changes then), except
     for a move, whose keyframe is the half-way frame (the direction shows; the move lasts the
     whole interval). Frames are rendered at any time (no native frame grid)."""
@@ -510,7 +510,7 @@ def shapes_sample(stream: Any) -> VideoSample:
 
 
 def shapes_samples(split: str, start: int, n: int, duration: float | None = None) -> list[VideoSample]:
-    from vstream.shapes_video import streams
+    from vstream.world.shapes_video import streams
 
     return [shapes_sample(s) for s in streams(split, start, n, duration)]
 

@@ -204,7 +204,7 @@ def chat_ids(vlm: Any, question: str, system: str | None = None, assistant_prefi
 
 
 class StreamingEngine:
-    """Think-as-you-see decoding on a Qwen2.5-VL `vstream.vlm.VLM` (see the module docstring).
+    """Think-as-you-see decoding on a Qwen2.5-VL `vstream.model.vlm.VLM` (see the module docstring).
 
     visual_window: frame groups a step may see (None: all). fps: frame rate of the stream, for
     the temporal mRoPE spacing (``temporal_patch_size / fps`` seconds per group) and the default
@@ -486,7 +486,7 @@ class StreamingEngine:
     def play(self, frames: Iterable[Any], realtime: bool = True, speed: float = 1.0,
              end: bool = True) -> threading.Thread:
         """Feed frames from a thread (``tays-feeder``): items are (t, frame) pairs (as
-        `vstream.shapes_video.Stream.frames` yields) or bare frames (t = count / fps). With
+        `vstream.world.shapes_video.Stream.frames` yields) or bare frames (t = count / fps). With
         realtime, each frame is pushed at its time (wall clock since this call, / speed).
         Calls end_of_stream() at the end unless end=False."""
         self._check_running()
@@ -793,7 +793,7 @@ class StreamingEngine:
         frame group before decoding on (think as you see: one step per new evidence), unless
         the stream has ended.
         """
-        from vstream.vlm import _IncrementalDecoder
+        from vstream.model.vlm import _IncrementalDecoder
 
         self._check_running()
         eos = set(self.vlm.eos_token_ids if eos_token_ids is None else eos_token_ids)

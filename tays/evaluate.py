@@ -5,7 +5,7 @@
     python -m tays evaluate --json --n 20 --speed 4            # quicker: streams replayed 4x
     python -m tays evaluate --json --split val                 # validation streams, for choosing settings
 
-Each held-out shapes-world stream (`vstream.shapes_video`, held-out seeds only; a checkpoint whose
+Each held-out shapes-world stream (`vstream.world.shapes_video`, held-out seeds only; a checkpoint whose
 training.json overlaps them is refused; `--split val` takes validation streams instead, which no
 training run uses, so that training settings can be chosen without looking at held-out) is
 replayed at 2 FPS through `tays.paradigms.run_paradigm` for every paradigm, with the checkpoint
@@ -45,7 +45,6 @@ from tays.protocol import TRAINED
 
 __all__ = ["EVAL_PARADIGMS", "evaluate_models", "main"]
 
-ROOT = Path(__file__).resolve().parents[1]
 EVAL_PARADIGMS = ("tays", "batch", "interleaved", "batch_no_think")
 RUNNER = {"tays": "tays", "batch": "batch", "interleaved": "interleaved", "batch_no_think": "batch"}
 
@@ -128,7 +127,7 @@ def evaluate_models(models: dict[str, Any], n: int = 200, start: int = 0, durati
                     progress: bool = True, split: str = "heldout", **kw: Any) -> dict[str, Any]:
     """{paradigm: metrics} over `n` streams of `split` (held-out by default; "val" for choosing
     training settings); `models` maps each evaluated paradigm to its VLM. kw: run_one's options."""
-    from vstream.shapes_video import streams
+    from vstream.world.shapes_video import streams
 
     records = []
     for i, stream in enumerate(streams(split, start, n, duration)):
@@ -142,7 +141,7 @@ def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
     """One replay process of --workers: loads its own models, replays streams start+w, +W, ..."""
     import torch
 
-    from vstream.shapes_video import streams
+    from vstream.world.shapes_video import streams
 
     torch.set_num_threads(job["threads"] or 1)
     models = _load_all(job["dirs"], job["paradigms"], job["split"], job["device"])
@@ -173,8 +172,8 @@ def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n:
 
 
 def _load(path: str, paradigm: str, split: str, device: str = "cpu"):
-    from vstream.eval_model import check_heldout
-    from vstream.vlm import VLMError, load_vlm
+    from vstream.world.eval_model import check_heldout
+    from vstream.model.vlm import VLMError, load_vlm
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -202,7 +201,7 @@ def _load_all(dirs: dict[str, str], paradigms: list[str], split: str, device: st
 def _warm_up(models: dict[str, Any], split: str, start: int, duration: float | None, runs: int,
              kw: dict[str, Any]) -> None:
     """Untimed, not-real-time runs first, so the timed ones do not pay for lazy set-up."""
-    from vstream.shapes_video import streams
+    from vstream.world.shapes_video import streams
 
     if runs:
         ws = streams(split, start, 1, duration)[0]

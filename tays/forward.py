@@ -27,7 +27,7 @@ SUPPORTED_ARCHS = ("qwen2_5_vl",)
 
 
 def check_supported(vlm: Any) -> None:
-    from vstream.vlm import VLMError
+    from vstream.model.vlm import VLMError
 
     if vlm.arch not in SUPPORTED_ARCHS:
         raise VLMError(

@@ -44,14 +44,14 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from vstream.world.assets import ROOT
+
 __all__ = ["IngestProcessError", "WorkerHandle", "prewarm", "server_pid", "shutdown_server", "spawn_worker"]
 
-ROOT = Path(__file__).resolve().parents[1]
 _MAX_MODELS = 4  # model snapshots the server keeps
 _REPLY_TIMEOUT_S = 600.0  # the first request waits for the server's imports (slow on a busy machine)
 
@@ -370,7 +370,7 @@ def _worker_main(fd: int, snap: dict, cfg: dict) -> None:
     conn = Connection(fd)
     try:
         from tays.engine import StreamingEngine
-        from vstream.vlm import VLM
+        from vstream.model.vlm import VLM
 
         vlm = VLM(model=snap["model"], tokenizer=None, image_processor=snap["image_processor"],
                   arch=snap["arch"], device=torch.device("cpu"), dtype=snap["dtype"])
@@ -432,7 +432,7 @@ def _server_main(fd: int) -> None:
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (what workers run)
 
     import tays.engine  # noqa: F401
-    import vstream.vlm  # noqa: F401
+    import vstream.model.vlm  # noqa: F401
 
     sock = socket.socket(fileno=fd)
     models: collections.OrderedDict[str, dict] = collections.OrderedDict()

@@ -195,7 +195,7 @@ class _Writer:
                  reasoning_budget: int, answer_tokens: int, answer_prefix_ids: list[int],
                  on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool],
                  period_ends_step: bool = True, model_ends_reasoning: bool = False):
-        from vstream.vlm import _IncrementalDecoder
+        from vstream.model.vlm import _IncrementalDecoder
 
         tok = vlm.tokenizer
         self.res, self.t0, self._forward = res, t0, forward

@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TAYS_MODEL_DIR", "TRAINED", "run_options"]
+__all__ = ["TRAINED", "run_options"]
 
-TAYS_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tays-model"
 
 # the SFT protocol of `tays.train` (its ASSISTANT_PREFIX / ANSWER_PREFIX / EOS_STEP), and the
 # step and answer lengths `python -m tays evaluate` runs it with

@@ -19,7 +19,7 @@ consumer applies back-pressure). `PushSource` is live by nature: frames come whe
 Bounded memory: files are decoded in small chunks and synthetic frames rendered on demand, so
 an hour-long source never holds more than a few frames.
 
-Errors are `StreamError`s (a `vstream.images.VLMError`, so the message is one line) naming the
+Errors are `StreamError`s (a `vstream.model.images.VLMError`, so the message is one line) naming the
 file and what went wrong: missing, empty (0 bytes), corrupt or unsupported codec (checked when the
 source is opened, by decoding its first frame), a decode failure mid-file ("ended early"), a frame
 of a different size or type than the stream's first one (rejected, the stream goes on), and a live
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vstream.images import VLMError, normalize_image_with_size
+from vstream.model.images import VLMError, normalize_image_with_size
 
 __all__ = [
     "EventTruth",
@@ -193,11 +193,11 @@ def _check_speed(speed: float) -> float:
 
 
 class ShapesSource(FrameSource):
-    """A shapes-world stream (`vstream.shapes_video.Stream` or a seed), rendered frame by frame
+    """A shapes-world stream (`vstream.world.shapes_video.Stream` or a seed), rendered frame by frame
     at `fps`; its events are the ground truth for the reasoning-event deviation."""
 
     def __init__(self, stream: Any, fps: float = 2.0, realtime: bool = True, speed: float = 1.0):
-        from vstream.shapes_video import make_stream
+        from vstream.world.shapes_video import make_stream
 
         self.stream = make_stream(int(stream)) if isinstance(stream, (int, np.integer)) else stream
         self.fps = _check_fps(fps)
@@ -218,7 +218,7 @@ class ShapesSource(FrameSource):
 
 
 def _color_words() -> tuple[str, ...]:
-    from vstream.shapes import COLORS
+    from vstream.world.shapes import COLORS
 
     return tuple(COLORS)
 

@@ -50,12 +50,12 @@ import torch
 from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EOS_STEP, SkipSample, Trajectory, build_trajectory
 from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
+from vstream.world.assets import DEMO_MODEL_DIR
 
 __all__ = ["IGNORE", "PARADIGMS", "Layout", "StreamingLM", "TrajectoryCollator", "build_layout", "main",
            "reasoning_tokens"]
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "assets" / "demo-model"
+DEFAULT_MODEL = DEMO_MODEL_DIR
 PARADIGMS = ("tays", "batch", "interleaved")
 IGNORE = -100
 ASSISTANT_PREFIX = "<think>"
@@ -229,7 +229,7 @@ def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch
 
 class TrajectoryCollator:
     """Trajectories -> a padded batch for `StreamingLM` (frames rendered and preprocessed here,
-    so DataLoader workers can do it). `vlm` is a `vstream.vlm.VLM`: only its tokenizer, image
+    so DataLoader workers can do it). `vlm` is a `vstream.model.vlm.VLM`: only its tokenizer, image
     processor and config are used (the collator keeps no reference to the model). Skip markers
     (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
     the batch; a batch with no usable trajectory holds only that list."""
@@ -343,7 +343,7 @@ class TrainStreams(torch.utils.data.Dataset):
 
     def __init__(self, n: int, start: int = 0, duration: float | None = None,
                  threshold: float = DEFAULT_THRESHOLD, encoder: Any = None, group_size: int = 2):
-        from vstream.shapes import TRAIN_SEEDS
+        from vstream.world.shapes import TRAIN_SEEDS
 
         if start < 0 or start + n > len(TRAIN_SEEDS):
             raise ValueError("more streams asked for than the training split holds")
@@ -355,8 +355,8 @@ class TrainStreams(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         from tays.data import shapes_encoder, shapes_sample
-        from vstream.shapes import TRAIN_SEEDS
-        from vstream.shapes_video import make_stream
+        from vstream.world.shapes import TRAIN_SEEDS
+        from vstream.world.shapes_video import make_stream
 
         s = shapes_sample(make_stream(TRAIN_SEEDS[self.start + i], self.duration))
         try:
@@ -403,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from tays.data import EncoderError, make_encoder, shapes_encoder
-    from vstream.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
-    from vstream.shapes import TRAIN_SEEDS
-    from vstream.vlm import VLMError, load_vlm
+    from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
+    from vstream.world.shapes import TRAIN_SEEDS
+    from vstream.model.vlm import VLMError, load_vlm
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vstream.tokenizer import build_tokenizer, special_ids  # noqa: E402
+from vstream.world.tokenizer import build_tokenizer, special_ids  # noqa: E402
 
 TINY_TEXTS = [
     "What is in the image? A red square next to a blue circle.",
@@ -126,13 +126,13 @@ def tiny_qwen3_vl_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tiny_qwen2_5_vl_dir):
     """Loaded through the public adapter (CPU, float32). Shared: do not mutate."""
-    from vstream.vlm import load_vlm
+    from vstream.model.vlm import load_vlm
 
     return load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tiny_qwen3_vl_dir):
-    from vstream.vlm import load_vlm
+    from vstream.model.vlm import load_vlm
 
     return load_vlm(str(tiny_qwen3_vl_dir), device="cpu")

@@ -1,4 +1,4 @@
-"""THE ablation operator (vstream.ablation) against its oracle: the model's own forward pass
+"""THE ablation operator (vstream.attr.ablation) against its oracle: the model's own forward pass
 on the painted image.
 
 Ablating image tokens = painting their patches with the image's mean colour and re-running the
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vstream import ablation as A
-from vstream.demo_model import DEMO_MODEL_DIR
-from vstream.spans import Span
-from vstream.vlm import VLM, load_vlm
+from vstream.attr import ablation as A
+from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.attr.spans import Span
+from vstream.model.vlm import VLM, load_vlm
 
 ATOL = 1e-4
 
@@ -38,7 +38,7 @@ def _demo_vlm() -> VLM:
 def case(request):
     """(vlm, inputs, generated ids): a real greedy trace for the demo, random ids otherwise."""
     if request.param == "demo":
-        from vstream.shapes import make_scene
+        from vstream.world.shapes import make_scene
 
         vlm = _demo_vlm()
         scene = make_scene(5)

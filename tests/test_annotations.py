@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vstream.annotations import VERDICTS, AnnotationError, AnnotationStore  # noqa: E402
+from ui.annotations import VERDICTS, AnnotationError, AnnotationStore  # noqa: E402
 
 
 @pytest.fixture()
@@ -320,7 +320,7 @@ def test_concurrent_processes_and_threads_lose_nothing(tmp_path):
 _KILLED_WRITER = r"""
 import sqlite3, sys
 sys.path.insert(0, sys.argv[1])
-from vstream.annotations import AnnotationStore
+from ui.annotations import AnnotationStore
 s = AnnotationStore(sys.argv[2])
 hold = sqlite3.connect(sys.argv[2])  # keeps the WAL from being checkpointed away on close
 hold.execute("SELECT 1").fetchall()

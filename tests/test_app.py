@@ -141,7 +141,7 @@ def test_bad_input_gives_clear_error_and_server_keeps_serving(url, tmp_path, cas
 
 def test_two_concurrent_clients_get_their_own_results(url):
     """A shapes scene and a real photo (scikit-learn's china.jpg) at the same time."""
-    from vstream.explorer import photo_examples
+    from ui.explorer import photo_examples
 
     photo = photo_examples()[0]
     a, b = _client(url), _client(url)
@@ -158,7 +158,7 @@ def test_two_concurrent_clients_get_their_own_results(url):
 
 
 def test_annotations_are_per_session(server):
-    pytest.importorskip("vstream.annotations")
+    pytest.importorskip("ui.annotations")
     url, db = server
     a, b = _client(url), _client(url)
     _attribute(a, 4)
@@ -266,7 +266,7 @@ def test_webcam_that_stops_ends_the_run_with_a_message(monkeypatch):
     import numpy as np
 
     import app
-    from vstream.shapes_video import make_stream
+    from vstream.world.shapes_video import make_stream
 
     monkeypatch.setattr(app, "WEBCAM_IDLE_S", 1.0)
     st = app.Session()
@@ -303,9 +303,9 @@ def test_pure_helpers_overlay_path_and_checks():
     import numpy as np
     from PIL import Image
 
-    from vstream import figures
-    from vstream.explorer import check_question, load_image
-    from vstream.images import VLMError
+    from ui import figures
+    from ui.explorer import check_question, load_image
+    from vstream.model.images import VLMError
 
     img = Image.new("RGB", (40, 30), (10, 20, 30))
     heat = np.zeros((30, 40), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Attribution baselines (vstream.baselines) and the evaluation (vstream.evaluate), on tiny
+"""Attribution baselines (vstream.attr.baselines) and the evaluation (vstream.attr.evaluate), on tiny
 random Qwen2.5-VL / Qwen3-VL models with a stand-in estimator."""
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from vstream import evaluate as E
-from vstream.ablation import ablation_effects
-from vstream.baselines import (
+from vstream.attr import evaluate as E
+from vstream.attr.ablation import ablation_effects
+from vstream.attr.baselines import (
     METHODS,
     AttributionContext,
     _language_model,
     attribute,
     teacher_forced_kwargs,
 )
-from vstream.capture import region_features
-from vstream.labels import trace_with_attention
-from vstream.regions import regions_for
-from vstream.shapes import Scene, Step, make_scene
-from vstream.spans import Span
-from vstream.vlm import load_vlm
+from vstream.attr.capture import region_features
+from vstream.attr.labels import trace_with_attention
+from vstream.attr.regions import regions_for
+from vstream.world.shapes import Scene, Step, make_scene
+from vstream.attr.spans import Span
+from vstream.model.vlm import load_vlm
 
 N_NEW = 10
 
@@ -169,7 +169,7 @@ def test_lds_of_exact_predictions_is_one():
     lds3, _, const3 = E.span_scores(E.subset_predictions(np.zeros((s_n, k)), ablated), actual2)
     assert const3 == 1 and len(lds3) == s_n - 1 and np.allclose(lds3, 0.0)
     # same numbers as the estimator's own LDS where nothing is constant
-    from vstream.estimator import lds as est_lds
+    from vstream.attr.estimator import lds as est_lds
 
     noisy = actual + rng.normal(scale=0.5, size=actual.shape)
     mine, _, _ = E.span_scores(E.subset_predictions(truth, ablated), noisy)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from vstream.bench import TARGETS, main
+from vstream.attr.bench import TARGETS, main
 
 
 def test_bench_json_last_line(tiny_qwen2_5_vl_dir, capsys):

@@ -1,4 +1,4 @@
-"""Attention capture (vstream.capture) against eager attention, the oracle.
+"""Attention capture (vstream.attr.capture) against eager attention, the oracle.
 
 Capture runs inside `model.generate` on the registered `vstream_sdpa` attention; the oracle is
 ONE full forward pass over prompt + generated tokens on a second copy of the model switched to
@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vstream import capture as C
-from vstream.demo_model import DEMO_MODEL_DIR
-from vstream.vlm import VLM, load_vlm
+from vstream.attr import capture as C
+from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.model.vlm import VLM, load_vlm
 
 N_NEW = 12
 ATOL = 1e-4
@@ -54,7 +54,7 @@ def pair(request) -> tuple[VLM, VLM, str]:
 
 def _inputs(vlm: VLM, name: str):
     if name == "demo":
-        from vstream.shapes import make_scene
+        from vstream.world.shapes import make_scene
 
         scene = make_scene(3)
         return vlm.build_inputs(scene.question, image=scene.image())

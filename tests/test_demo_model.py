@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vstream import train_demo
-from vstream.demo_model import DEMO_MODEL_DIR, MERGE, PATCH, Collator, make_image_processor, make_tokenizer
-from vstream.eval_model import check_heldout, evaluate, parse_answer
-from vstream.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
-from vstream.vlm import VLMError, load_vlm
+from vstream.world import train_demo
+from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.demo_model import MERGE, PATCH, Collator, make_image_processor, make_tokenizer
+from vstream.world.eval_model import check_heldout, evaluate, parse_answer
+from vstream.world.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
+from vstream.model.vlm import VLMError, load_vlm
 
 SIDE = SIZE // train_demo.TOKEN_PX  # image tokens per side
 
@@ -82,7 +83,7 @@ def test_train_resume_and_load(tmp_path):
 
 
 def test_position_probe_adds_row_and_column_heads(tok):
-    from vstream.demo_model import build_demo_model
+    from vstream.world.demo_model import build_demo_model
 
     batch = scenes("train", 0, 2)
     inputs = train_demo.TrainCollator(tok, make_image_processor())(batch)
@@ -112,7 +113,7 @@ def test_accelerate_data_parallel_on_two_cpu_processes(tmp_path):
 
 
 def test_lr_schedule_warms_up_anneals_and_follows_the_time_budget():
-    from vstream.checkpoints import lr_at
+    from vstream.world.checkpoints import lr_at
 
     lrs = [lr_at(s, 200, 1.0, 50) for s in range(200)]
     assert lrs[0] == pytest.approx(1 / 20) and lrs[19] == pytest.approx(1.0)  # warm-up capped at total // 10

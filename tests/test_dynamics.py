@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vstream.dynamics import (
+from vstream.attr.dynamics import (
     DynamicsTracker, concentration, keep_top, label_trace, path_length, pca_path, tortuosity,
 )
 

@@ -1,4 +1,4 @@
-"""Labels (vstream.labels) and the linear estimator (vstream.estimator)."""
+"""Labels (vstream.attr.labels) and the linear estimator (vstream.attr.estimator)."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vstream import estimator as E
-from vstream import labels as LB
-from vstream.images import VLMError
-from vstream.vlm import load_vlm
+from vstream.attr import estimator as E
+from vstream.attr import labels as LB
+from vstream.model.images import VLMError
+from vstream.model.vlm import load_vlm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_cli_collect_and_train(tiny_qwen2_5_vl_dir, tmp_path, capsys):
 
 def test_shipped_estimator(tiny_qwen2_5_vl):
     """The shipped demo estimator reads the demo model and refuses another model's layout."""
-    from vstream.demo_model import DEMO_MODEL_DIR
+    from vstream.world.assets import DEMO_MODEL_DIR
 
     path = Path(__file__).resolve().parents[1] / "assets" / "estimator-demo.safetensors"
     if not path.is_file() or not (DEMO_MODEL_DIR / "model.safetensors").is_file():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from vstream.regions import (
+from vstream.attr.regions import (
     K_MAX,
     K_MIN,
     Backbone,
@@ -25,7 +25,7 @@ from vstream.regions import (
     regions_for,
     rgb_to_lab,
 )
-from vstream.shapes import SIZE, make_scene
+from vstream.world.shapes import SIZE, make_scene
 
 BB = PixelBackbone()
 

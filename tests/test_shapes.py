@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from vstream.shapes import (
+from vstream.world.shapes import (
     CELL, COLORS, FAMILIES, HELDOUT_SEEDS, SHAPES, SIZE, TRAIN_SEEDS, make_scene, scenes, split_of,
 )
 

@@ -1,4 +1,4 @@
-"""Tests for the shapes-world video streams (vstream.shapes_video)."""
+"""Tests for the shapes-world video streams (vstream.world.shapes_video)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from vstream.shapes import CELL, COLORS, HELDOUT_SEEDS, SHAPES, SIZE, TRAIN_SEEDS, VAL_SEEDS, background
-from vstream.shapes_video import (
+from vstream.world.shapes import CELL, COLORS, HELDOUT_SEEDS, SHAPES, SIZE, TRAIN_SEEDS, VAL_SEEDS, background
+from vstream.world.shapes_video import (
     EVENT_SPAN,
     MIN_GAP,
     QUESTION_KINDS,

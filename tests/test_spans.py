@@ -1,4 +1,4 @@
-from vstream.spans import SpanSplitter
+from vstream.attr.spans import SpanSplitter
 
 
 def feed(pieces):

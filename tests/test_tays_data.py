@@ -30,7 +30,7 @@ from tays.data import (
     shapes_sample,
     shapes_samples,
 )
-from vstream.shapes_video import make_stream
+from vstream.world.shapes_video import make_stream
 
 DATA = Path(__file__).resolve().parent / "data" / "videoespresso"
 

@@ -14,8 +14,8 @@ from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments
 from tays.ingest import pid_alive
 from tays.forward import StreamingSequence, encode_frames, streaming_forward
 from tays.mask import FRAME, PROMPT, TEXT
-from vstream.shapes_video import make_stream
-from vstream.vlm import VLMError, load_vlm
+from vstream.world.shapes_video import make_stream
+from vstream.model.vlm import VLMError, load_vlm
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 ATOL = 1e-4
@@ -34,7 +34,7 @@ def demo_arch_vlm(tmp_path_factory, tiny_tokenizer):
     embeddings) with its earlier 14 px patches, so 224 px frames -> 8x8 tokens per group (the
     demo model itself now has 4x4). Randomly initialised and saved in float16 like the shipped
     ones, so the oracle covers that shape whether or not the models are there."""
-    from vstream.demo_model import build_demo_model, make_image_processor
+    from vstream.world.demo_model import build_demo_model, make_image_processor
 
     path = tmp_path_factory.mktemp("demo_arch")
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from tays.metrics import (
 )
 from tays.paradigms import PARADIGMS, CausalSequence, chat_ids, measure_decode_contention, run_paradigm
 from tays.sources import EventTruth, IterableSource, PushSource, ShapesSource, StreamError
-from vstream.shapes_video import make_stream
+from vstream.world.shapes_video import make_stream
 
 SPEED = 5.0  # 5 s streams replayed in 1 s
 

@@ -19,7 +19,7 @@ from tays.sources import (
     VideoFileSource,
     decord_available,
 )
-from vstream.shapes_video import make_stream
+from vstream.world.shapes_video import make_stream
 
 needs_decord = pytest.mark.skipif(not decord_available(), reason="decord is not installed")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vstream.images import normalize_image
-from vstream.vlm import VLM, VLMError, _IncrementalDecoder, load_vlm
+from vstream.model.images import normalize_image
+from vstream.model.vlm import VLM, VLMError, _IncrementalDecoder, load_vlm
 
 ARCHS = ["tiny_qwen2_5_vl", "tiny_qwen3_vl"]
 

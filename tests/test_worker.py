@@ -1,4 +1,4 @@
-"""Live attribution worker (vstream.worker): events, timing, cancellation, bad input.
+"""Live attribution worker (vstream.attr.worker): events, timing, cancellation, bad input.
 
 Runs on own copies of the tiny random models (capture switches their attention implementation)
 with a stand-in estimator (a random L*H weight vector, the LinearEstimator interface), and on
@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vstream.capture import region_features
-from vstream.demo_model import ASSETS, DEMO_MODEL_DIR
-from vstream.estimator import LinearEstimator
-from vstream.images import VLMError
-from vstream.spans import Span
-from vstream.vlm import load_vlm
-from vstream.worker import (
+from vstream.attr.capture import region_features
+from vstream.world.assets import ASSETS, DEMO_MODEL_DIR
+from vstream.attr.estimator import LinearEstimator
+from vstream.model.images import VLMError
+from vstream.attr.spans import Span
+from vstream.model.vlm import load_vlm
+from vstream.attr.worker import (
     DoneEvent,
     PathEvent,
     RegionsEvent,
@@ -385,12 +385,12 @@ def _demo():
 
 
 def test_demo_model_live_sentences():
-    from vstream.shapes import scenes
+    from vstream.world.shapes import scenes
 
     vlm = _demo()
     est_file = ASSETS / "estimator-demo.safetensors"
     if est_file.is_file():
-        from vstream.estimator import load
+        from vstream.attr.estimator import load
 
         est = load(str(est_file), vlm)
     else:

@@ -5,13 +5,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train-demo": ("vstream.train_demo", "train the demo thinking model on the shapes world"),
-    "eval-model": ("vstream.eval_model", "evaluate a model on held-out shapes-world scenes"),
-    "render-examples": ("vstream.examples", "render shapes-world samples to examples/"),
-    "bench": ("vstream.bench", "live attribution: decode overhead, span latency, speed vs occlusion"),
-    "collect": ("vstream.labels", "collect estimator labels: span features + region-ablation effects"),
-    "train-estimator": ("vstream.estimator", "train the linear vSTREAM estimator on collected labels"),
-    "evaluate": ("vstream.evaluate", "faithfulness of vSTREAM vs baselines (LDS, R^2, top-5 drop, pointing)"),
+    "train-demo": ("vstream.world.train_demo", "train the demo thinking model on the shapes world"),
+    "eval-model": ("vstream.world.eval_model", "evaluate a model on held-out shapes-world scenes"),
+    "render-examples": ("vstream.world.examples", "render shapes-world samples to examples/"),
+    "bench": ("vstream.attr.bench", "live attribution: decode overhead, span latency, speed vs occlusion"),
+    "collect": ("vstream.attr.labels", "collect estimator labels: span features + region-ablation effects"),
+    "train-estimator": ("vstream.attr.estimator", "train the linear vSTREAM estimator on collected labels"),
+    "evaluate": ("vstream.attr.evaluate", "faithfulness of vSTREAM vs baselines (LDS, R^2, top-5 drop, pointing)"),
 }
 
 

@@ -128,7 +128,7 @@ def latency_figure(rows: Sequence[dict[str, Any]]) -> Any:
 
 
 def eval_rows(res: dict[str, Any]) -> list[list[Any]]:
-    """`vstream.evaluate.evaluate` result -> table rows [method, LDS, R^2, top-5 drop, pointing, s/span]."""
+    """`vstream.attr.evaluate.evaluate` result -> table rows [method, LDS, R^2, top-5 drop, pointing, s/span]."""
     rows = []
     for m in res.get("lds", {}):
         rows.append([m, res["lds"].get(m), res.get("r2", {}).get(m), res.get("top5_drop", {}).get(m),

@@ -3,7 +3,7 @@
     python -m vstream train-estimator --labels runs/labels --out assets/estimator-demo.safetensors \
         --eval runs/labels-heldout
 
-Model. For a span S and region k with features f_k in R^{L*H} (`vstream.capture`), the
+Model. For a span S and region k with features f_k in R^{L*H} (`vstream.attr.capture`), the
 predicted ablation effect of region k is s_k = w . f_k + c (`predict`; w and the region bias c
 are shared by all regions), and the predicted effect of ablating a region set v is
 sum_{k in v} s_k + b (`predict_subsets`; the calibration intercept b once per set). The region
@@ -12,7 +12,7 @@ something on average (painting over half of an image is itself a shift, even whe
 background), so measured effects grow with the number of ablated regions |v|; c|v| models that
 part, w . f the region-specific part. c shifts all regions of a span equally, so it never changes a map's ranking.
 
-Training (`train`). Labels from `vstream.labels` (32 random masks per example, keep p = 0.5).
+Training (`train`). Labels from `vstream.attr.labels` (32 random masks per example, keep p = 0.5).
 Loss: minus the Pearson correlation, across the masks of each span, between predicted and
 measured effects, averaged over spans (`pearson_loss`); spans whose measured effects do not
 vary are left out. AdamW on mini-batches of spans; a validation share of the examples picks
@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.images import VLMError
+from vstream.model.images import VLMError
 
 __all__ = [
     "FORMAT",
@@ -136,7 +136,7 @@ class LinearEstimator(torch.nn.Module):
 
     def check_compatible(self, vlm: Any, allow_model_mismatch: bool = False, where: str = "estimator") -> None:
         """Raise a one-line VLMError if this estimator cannot read `vlm`'s attention features."""
-        from vstream.labels import model_name
+        from vstream.attr.labels import model_name
 
         name, arch = model_name(vlm), str(vlm.arch)
         mine = self.meta.get("model", "?")
@@ -345,7 +345,7 @@ def train(
     best epoch and are reported (with the raw-attention baseline); with `refit` the final
     estimator is then trained on all examples for that many epochs. `region_bias`: learn the
     per-region constant c (else c = 0)."""
-    from vstream.labels import load_labels
+    from vstream.attr.labels import load_labels
 
     if isinstance(label_dirs, (str, Path)) or (
         isinstance(label_dirs, (list, tuple)) and label_dirs and isinstance(label_dirs[0], (str, Path))
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-refit", action="store_true", help="keep the model trained without the validation share")
     ap.add_argument("--no-region-bias", action="store_true", help="region score = w . f only (no shared constant)")
     args = ap.parse_args(argv)
-    from vstream.labels import load_labels
+    from vstream.attr.labels import load_labels
 
     try:
         est, report = train(args.labels, args.epochs, args.lr, args.val_fraction, args.seed, refit=not args.no_refit,

@@ -10,7 +10,7 @@ M (K x N): each token belongs to the region covering most of its area.
 The backbone is pluggable because DINOv3 (the paper's choice) has gated weights:
 
 * `PixelBackbone` ("pixels", the default): colour statistics of the image itself, offline,
-  deterministic and fast. Enough for flat-colour worlds such as `vstream.shapes`.
+  deterministic and fast. Enough for flat-colour worlds such as `vstream.world.shapes`.
 * `DinoV3Backbone`: DINOv3 ViT patch tokens through transformers, from a local folder or a hub
   id (safetensors only). Its image processor needs torchvision, so we preprocess with PIL.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vstream.images import VLMError, normalize_image_with_size
+from vstream.model.images import VLMError, normalize_image_with_size
 
 __all__ = [
     "K_MAX",
@@ -163,7 +163,7 @@ class DinoV3Backbone:
         image_size: int | None = None,
         normalize: bool = True,
     ):
-        from vstream.vlm import _resolve, _resolve_device, read_model_config  # shared folder / hub-id handling
+        from vstream.model.vlm import _resolve, _resolve_device, read_model_config  # shared folder / hub-id handling
 
         try:
             path = _resolve(str(name_or_path), trust_remote_code=False)
@@ -504,7 +504,7 @@ def compute_regions(
     that own no token are merged into a neighbour; when that leaves fewer than K we cut the
     same Ward tree finer and try again, so K is met whenever the image allows. Anything that
     changed K is said in `Regions.notes` (and logged). `image` is anything
-    `vstream.images.normalize_image` takes; tiny images are upscaled by it first.
+    `vstream.model.images.normalize_image` takes; tiny images are upscaled by it first.
     """
     try:
         th, tw = (int(v) for v in token_grid)

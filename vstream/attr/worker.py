@@ -7,7 +7,7 @@
 Producer-consumer, two threads, one output queue:
 
 * the generation thread (`vstream-attr-generate`) runs `model.generate` under `vlm.lock` with
-  attention capture on (`vstream.capture`). A streamer callback, called synchronously inside
+  attention capture on (`vstream.attr.capture`). A streamer callback, called synchronously inside
   `generate` for every new token, decodes its text, emits a `TokenEvent` and feeds the
   `SpanSplitter`; every span the token closes goes, with its close time, onto the span queue.
   Holding `vlm.lock` around both the capture and the generation is what keeps a concurrent
@@ -27,7 +27,7 @@ Producer-consumer, two threads, one output queue:
   happen, so events arrive in time order. After generation ends the generation thread closes
   the open span, waits for the worker and emits the `DoneEvent` last.
 
-Which attention rows a span uses (see `vstream.capture`'s alignment convention): row i is the
+Which attention rows a span uses (see `vstream.attr.capture`'s alignment convention): row i is the
 attention of generated token i's own query, recorded at the decode step that feeds token i back,
 i.e. one step after the token itself. So a span closed by token t waits for one more decode step
 (row t) before it is scored: span latency = that step + the compute. The last generated token is
@@ -57,11 +57,11 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from vstream.capture import AttentionRecorder, capturing, install
-from vstream.dynamics import DynamicsTracker, PathPoint, label_trace
-from vstream.images import VLMError
-from vstream.regions import Backbone, Regions, regions_for
-from vstream.spans import Span, SpanSplitter
+from vstream.attr.capture import AttentionRecorder, capturing, install
+from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
+from vstream.model.images import VLMError
+from vstream.attr.regions import Backbone, Regions, regions_for
+from vstream.attr.spans import Span, SpanSplitter
 
 __all__ = [
     "AttributionSession",
@@ -130,7 +130,7 @@ class DoneEvent:
 
     text: str
     answer: str  # text after </think> ("" if thinking never ended; all text for non-thinking output)
-    label: str  # Fixation / Wandering / stable (vstream.dynamics.label_trace over all spans)
+    label: str  # Fixation / Wandering / stable (vstream.attr.dynamics.label_trace over all spans)
     n_tokens: int
     n_spans: int
     tokens_per_s: float
@@ -152,7 +152,7 @@ Event = Union[RegionsEvent, TokenEvent, SpanEvent, PathEvent, DoneEvent]
 
 def _callback_streamer(fn):
     """transformers streamer calling fn(list of new token ids), synchronously in generate();
-    the prompt (the first put) is skipped. Subclassed lazily, like vstream.vlm's streamer."""
+    the prompt (the first put) is skipped. Subclassed lazily, like vstream.model.vlm's streamer."""
     from transformers.generation.streamers import BaseStreamer
 
     class _CallbackStreamer(BaseStreamer):
@@ -212,7 +212,7 @@ def _one_torch_thread_here() -> None:
 def _linear_on_cpu(estimator: Any) -> tuple[np.ndarray, np.float32] | None:
     """(w, c) of a CPU `LinearEstimator` as numpy, so a span's scores are one small matmul
     (torch's per-call dispatch costs more than the arithmetic at these sizes); else None."""
-    from vstream.estimator import LinearEstimator
+    from vstream.attr.estimator import LinearEstimator
 
     if type(estimator) is not LinearEstimator or estimator.weight.device.type != "cpu":
         return None
@@ -357,7 +357,7 @@ class _Run:
     def _generate(self) -> None:
         from transformers import StoppingCriteriaList
 
-        from vstream.vlm import _IncrementalDecoder, _make_event_stop
+        from vstream.model.vlm import _IncrementalDecoder, _make_event_stop
 
         self._decoder = _IncrementalDecoder(self.vlm.tokenizer)
         kw = dict(self._gen_kwargs)

@@ -9,7 +9,7 @@ streaming viewer first sees evidence of it) and one reasoning step naming the ob
 
 Frames are rendered on demand with PIL from the event list (`frame_at(t)`), so a stream is a few
 hundred bytes until it is looked at. Drawing primitives, colours, shapes, the 4x4 grid and the
-seed splits all come from `vstream.shapes`; train and held-out streams come from the same
+seed splits all come from `vstream.world.shapes`; train and held-out streams come from the same
 disjoint seed ranges as the still scenes, and `streams()` refuses a range that crosses them.
 
 Conventions (what the rest of the project may rely on):
@@ -35,7 +35,7 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image
 
-from vstream.shapes import CELL, COLORS, GRID, SHAPES, SIZE, SPLITS, Obj, render
+from vstream.world.shapes import CELL, COLORS, GRID, SHAPES, SIZE, SPLITS, Obj, render
 
 EVENT_KINDS = ("appear", "move", "recolor", "disappear")
 QUESTION_KINDS = ("count", "recolor", "disappear", "move", "last_shape")

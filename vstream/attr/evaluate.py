@@ -5,13 +5,13 @@
 Scenes come from the HELD-OUT seed range only (`shapes.scenes("heldout", start, n)`), starting
 at offset 100_000 by default, disjoint from `eval-model` (offsets 0..599) and from anything
 trained (the train split). Per scene, exactly as the estimator's labels are made
-(`vstream.labels.trace_with_attention`, `thought_spans`, `draw_masks`): generate the trace
+(`vstream.attr.labels.trace_with_attention`, `thought_spans`, `draw_masks`): generate the trace
 greedily with attention capture, compute regions (`regions_for`), cut the thinking spans, then
 
 * ground truth: 32 random region subsets (each region kept with probability 0.5, seeded by
   (mask seed, scene seed); True = ablated), their measured effects on every span with THE ablation operator
-  (`vstream.ablation.ablation_effects`);
-* every method's (n_spans, K) scores via `vstream.baselines.attribute`, timed.
+  (`vstream.attr.ablation.ablation_effects`);
+* every method's (n_spans, K) scores via `vstream.attr.baselines.attribute`, timed.
 
 Metrics (per method; "span" = a thinking span of the generated trace, the answer after
 `</think>` excluded, as in the estimator's labels):
@@ -54,17 +54,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .baselines import METHODS, AttributionContext, attribute_timed
-from .shapes import HELDOUT_SEEDS, Scene, scenes
-from .spans import Span
-from .vlm import VLM, VLMError
+from vstream.attr.baselines import METHODS, AttributionContext, attribute_timed
+from vstream.world.shapes import HELDOUT_SEEDS, Scene, scenes
+from vstream.attr.spans import Span
+from vstream.model.vlm import VLM, VLMError
+from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR
 
 DEFAULT_START = 100_000  # disjoint from eval-model's held-out offsets (0..599)
 N_MASKS = 32
 KEEP_PROB = 0.5
 TOP = 5
 CONSTANT_TOL = 1e-4  # nats: a span whose measured subset effects span less is "constant"
-DEFAULT_ESTIMATOR = Path(__file__).resolve().parent.parent / "assets" / "estimator-demo.safetensors"
+DEFAULT_ESTIMATOR = DEMO_ESTIMATOR
 ALL_METHODS = ("vstream", "raw_attention", "input_x_gradient", "occlusion")
 SLOW_METHODS = ("input_x_gradient", "occlusion")
 
@@ -107,9 +108,9 @@ def span_scores(predicted: np.ndarray, actual: np.ndarray, tol: float = CONSTANT
     """Per-span LDS (Spearman) and R^2 (squared Pearson) across subsets, over non-constant spans.
 
     predicted, actual: (M, S). Returns (lds list, r2 list, number of constant spans skipped).
-    The Spearman part is `vstream.estimator.lds` (the one LDS implementation: average ranks,
+    The Spearman part is `vstream.attr.estimator.lds` (the one LDS implementation: average ranks,
     constant predictions score 0), applied to the spans that are not constant within `tol`."""
-    from .estimator import lds as lds_fn
+    from vstream.attr.estimator import lds as lds_fn
 
     p = np.asarray(predicted, dtype=np.float64)
     a = np.asarray(actual, dtype=np.float64)
@@ -164,7 +165,7 @@ def match_steps(spans: list[Span], scene: Scene) -> list[int | None]:
 
 
 def load_estimator(path: str | Path, vlm: VLM) -> Any:
-    from .estimator import load
+    from vstream.attr.estimator import load
 
     return load(str(path), vlm)
 
@@ -185,9 +186,9 @@ def evaluate(
     """Run the evaluation on held-out scenes [start, start + n); see the module docstring.
 
     `slow_n`: run input_x_gradient and occlusion only on the first slow_n scenes (default all)."""
-    from .ablation import OPERATOR, PlaceholderInTrace, ablation_effects
-    from .labels import draw_masks, thought_spans, trace_with_attention
-    from .regions import regions_for
+    from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
+    from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
+    from vstream.attr.regions import regions_for
 
     for m in methods:
         if m not in METHODS:
@@ -329,9 +330,8 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .demo_model import DEMO_MODEL_DIR
-    from .eval_model import check_heldout
-    from .vlm import load_vlm
+    from vstream.world.eval_model import check_heldout
+    from vstream.model.vlm import load_vlm
 
     ap = argparse.ArgumentParser(prog="python -m vstream evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")

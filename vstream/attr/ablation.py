@@ -236,9 +236,9 @@ def ablation_effects(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Effects (M, n_spans) of ablating each region set on each span.
 
-    `spans`: `vstream.spans.Span`s (or (token_start, token_end) pairs) over generated-token
+    `spans`: `vstream.attr.spans.Span`s (or (token_start, token_end) pairs) over generated-token
     indices; `region_masks` (M, K) bool, True = region ablated; `assignment` (K, N) from
-    `vstream.regions`. effect[m, s] = sum over span s's tokens of log p(orig) - log p(ablated m).
+    `vstream.attr.regions`. effect[m, s] = sum over span s's tokens of log p(orig) - log p(ablated m).
     The unablated pass runs in the same batch as the first masks. With `return_base`, also
     the (n_spans,) unablated span log-probabilities.
     """

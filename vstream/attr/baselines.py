@@ -3,7 +3,7 @@
 Every method answers the same question as vSTREAM's estimator: how much does thinking span S
 rely on image region k, in units of the ablation effect (the drop of the span's teacher-forced
 log-prob sum when the region is removed; positive = the span relied on it). A subset's effect is
-predicted as the sum of its regions' scores, which is how `vstream.evaluate` scores them all.
+predicted as the sum of its regions' scores, which is how `vstream.attr.evaluate` scores them all.
 
     ctx = AttributionContext(vlm, inputs, generated_ids, spans, assignment,
                              token_attn=rows, estimator=est)
@@ -22,7 +22,7 @@ Methods (Captum style: one function each, registered by name in `METHODS`):
   estimate of log p(x) - log p(x with the region's embeddings zeroed), so its sign matches the
   ablation effect. On Qwen3-VL the DeepStack features injected inside the decoder are held fixed.
 * ``occlusion``: leave-one-region-out: the measured effect of ablating region k alone, with the
-  one ablation operator (`vstream.ablation.ablation_effects`, K one-region masks, batched).
+  one ablation operator (`vstream.attr.ablation.ablation_effects`, K one-region masks, batched).
 
 The library never imports gradio.
 """
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.capture import region_features
+from vstream.attr.capture import region_features
 
 __all__ = [
     "METHODS",
@@ -69,22 +69,22 @@ class AttributionContext:
     """Everything any method may need about one generated trace.
 
     `generated_ids`: (T,) the visible generated tokens (eos dropped), the teacher-forced target.
-    `spans`: `vstream.spans.Span`s whose token_start/token_end index `generated_ids`.
+    `spans`: `vstream.attr.spans.Span`s whose token_start/token_end index `generated_ids`.
     `assignment`: (K, N) region -> image token matrix (`Regions.assignment`).
     `token_attn`: (T', L, H, N) recorded attention rows (row i = generated token i, see
-    `vstream.capture`); or give `features` (n_spans, K, L*H) directly.
+    `vstream.attr.capture`); or give `features` (n_spans, K, L*H) directly.
     `estimator`: anything with `predict(features (K, L*H)) -> (K,)` (vSTREAM only).
     """
 
     vlm: Any
-    inputs: Any  # vstream.vlm.VLMInputs
+    inputs: Any  # vstream.model.vlm.VLMInputs
     generated_ids: torch.Tensor
     spans: Sequence[Any]
     assignment: torch.Tensor
     token_attn: torch.Tensor | None = None
     features: torch.Tensor | None = None
     estimator: Any = None
-    regions: Any = None  # vstream.regions.Regions, optional (drawing, pointing)
+    regions: Any = None  # vstream.attr.regions.Regions, optional (drawing, pointing)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -150,7 +150,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 def vstream_scores(ctx: AttributionContext) -> np.ndarray:
     """The linear estimator's predicted per-region ablation effect, one span at a time."""
     if ctx.estimator is None:
-        raise ValueError("the vstream method needs ctx.estimator (see vstream.estimator.load)")
+        raise ValueError("the vstream method needs ctx.estimator (see vstream.attr.estimator.load)")
     feats = ctx.span_features()
     return np.stack([_to_numpy(ctx.estimator.predict(f)).reshape(-1) for f in feats])
 
@@ -231,7 +231,7 @@ def input_x_gradient(ctx: AttributionContext) -> np.ndarray:
 @register("occlusion")
 def occlusion(ctx: AttributionContext) -> np.ndarray:
     """Leave-one-region-out: effect of ablating each region alone (K masks, one batched call)."""
-    from vstream.ablation import ablation_effects
+    from vstream.attr.ablation import ablation_effects
 
     masks = torch.eye(ctx.k, dtype=torch.bool)
     eff = ablation_effects(ctx.vlm, ctx.inputs, ctx.generated_ids, list(ctx.spans), masks, ctx.assignment)

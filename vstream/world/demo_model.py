@@ -8,17 +8,14 @@ and turning scenes into model batches.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .shapes import COLORS, FAMILIES, SHAPES, SIZE, Scene, scenes
-from .tokenizer import build_tokenizer, special_ids
+from vstream.world.shapes import COLORS, FAMILIES, SHAPES, SIZE, Scene, scenes
+from vstream.world.tokenizer import build_tokenizer, special_ids
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_MODEL_DIR = ASSETS / "demo-model"
 SYSTEM = None  # the demo model needs no system prompt
 IGNORE = -100
 

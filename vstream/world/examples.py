@@ -8,10 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .shapes import FAMILIES, scenes
-from .shapes_video import streams
+from vstream.world.assets import EXAMPLES_DIR
+from vstream.world.shapes import FAMILIES, scenes
+from vstream.world.shapes_video import streams
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 
 def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: int = 2, fps: int = 10) -> dict:

@@ -4,13 +4,13 @@
     python -m vstream collect --n 200 --split heldout --out runs/labels-heldout
     accelerate launch --multi_gpu --num_processes 2 -m vstream collect --n 2000 --out runs/labels  # 2 CPU procs (gloo)
 
-For each shapes-world scene: generate the trace greedily while `vstream.capture` records the
+For each shapes-world scene: generate the trace greedily while `vstream.attr.capture` records the
 attention of every generated token on the image tokens; cut it into thinking spans
-(`vstream.spans`, thought spans only); cluster the image into K regions (`vstream.regions`);
+(`vstream.attr.spans`, thought spans only); cluster the image into K regions (`vstream.attr.regions`);
 per span, pool the recorded rows into (K, L*H) features (`capture.region_features`); draw
 `masks_per_example` random region masks (each region kept with probability `keep_prob`,
 True = ablated, seeded by (seed, scene seed)); measure every mask's effect on every span with
-THE ablation operator (`vstream.ablation`, all masks + the unablated pass in one batched
+THE ablation operator (`vstream.attr.ablation`, all masks + the unablated pass in one batched
 forward).
 
 Storage (never pickle): shards `labels-<first index>.safetensors` holding, per example i,
@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.ablation import PlaceholderInTrace
-from vstream.images import VLMError
+from vstream.attr.ablation import PlaceholderInTrace
+from vstream.model.images import VLMError
 
 __all__ = [
     "FORMAT",
@@ -62,7 +62,7 @@ __all__ = [
 FORMAT = "vstream-labels/1"
 FEATURES = (
     "per (layer, head), layer-major: mean over the span's generated tokens of the attention mass of "
-    "the token's own decode query on the region's image tokens (vstream.capture convention)"
+    "the token's own decode query on the region's image tokens (vstream.attr.capture convention)"
 )
 # config keys that must agree for shards to be mixed / resumed in one folder
 _CONFIG_KEYS = ("format", "model", "model_type", "num_layers", "num_heads", "split", "backbone", "k_rule",
@@ -96,7 +96,7 @@ def model_identity(vlm: Any) -> dict[str, Any]:
 
 
 def k_rule(k: int | None) -> str:
-    from vstream.regions import K_MAX, K_MIN, TOKENS_PER_REGION
+    from vstream.attr.regions import K_MAX, K_MIN, TOKENS_PER_REGION
 
     if k is None:
         return f"auto: one region per {TOKENS_PER_REGION} image tokens, clamped to [{K_MIN}, {K_MAX}]"
@@ -158,7 +158,7 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
     when generation was cut by `max_new_tokens` the last token's row is completed by
     `capture.finalize`, so every visible token has one.
     """
-    from vstream import capture as C
+    from vstream.attr import capture as C
 
     rec = C.AttentionRecorder.for_vlm(vlm, keep_cpu=True)
     gc = vlm._generate_kwargs(max_new_tokens, False, 1.0)["generation_config"]
@@ -183,8 +183,8 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
 
 def thought_spans(vlm: Any, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Any], str]:
     """Split the trace like the live pipeline does (token by token); keep spans of `kinds`."""
-    from vstream.spans import SpanSplitter
-    from vstream.vlm import _IncrementalDecoder
+    from vstream.attr.spans import SpanSplitter
+    from vstream.model.vlm import _IncrementalDecoder
 
     dec = _IncrementalDecoder(vlm.tokenizer)
     sp = SpanSplitter()
@@ -217,9 +217,9 @@ def label_example(
     batch_size: int | None = None,
 ) -> LabeledExample | None:
     """Label one scene (see the module doc). None when its trace has no span of `span_kinds`."""
-    from vstream.ablation import ablation_effects
-    from vstream.capture import region_features
-    from vstream.regions import regions_for
+    from vstream.attr.ablation import ablation_effects
+    from vstream.attr.capture import region_features
+    from vstream.attr.regions import regions_for
 
     inputs = vlm.build_inputs(scene.question, image=scene.image())
     tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)
@@ -360,7 +360,7 @@ def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any]
 def run_config(vlm: Any, split: str, masks_per_example: int, keep_prob: float, k: int | None,
                backbone_name: str, seed: int, max_new_tokens: int,
                span_kinds: Sequence[str] = ("thought",)) -> dict[str, Any]:
-    from vstream.ablation import OPERATOR
+    from vstream.attr.ablation import OPERATOR
 
     return {
         "format": FORMAT, **model_identity(vlm), "split": split, "backbone": backbone_name,
@@ -395,8 +395,8 @@ def collect(
     """
     from tqdm.auto import tqdm
 
-    from vstream.regions import load_backbone
-    from vstream.shapes import scenes
+    from vstream.attr.regions import load_backbone
+    from vstream.world.shapes import scenes
 
     if not 0 < float(keep_prob) < 1:
         raise VLMError(f"keep_prob must be in (0, 1), got {keep_prob}")
@@ -446,7 +446,7 @@ def collect(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vstream.demo_model import DEMO_MODEL_DIR
+    from vstream.world.assets import DEMO_MODEL_DIR
 
     ap = argparse.ArgumentParser(prog="python -m vstream collect", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or hub id (default: the demo model)")
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    from vstream.vlm import load_vlm
+    from vstream.model.vlm import load_vlm
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     try:

@@ -27,9 +27,10 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
-from .demo_model import DEMO_MODEL_DIR, MERGE, PATCH, Collator, build_demo_model, make_image_processor, make_tokenizer
-from .shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
+from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
+from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.demo_model import MERGE, PATCH, Collator, build_demo_model, make_image_processor, make_tokenizer
+from vstream.world.shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
 
 INVENTORY_SHARE = 2  # out of every 10 training samples: the dense "List every object." task
 

@@ -49,11 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ablation import PlaceholderInTrace
-from .demo_model import ASSETS, DEMO_MODEL_DIR
-from .images import VLMError
+from vstream.attr.ablation import PlaceholderInTrace
+from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR
+from vstream.model.images import VLMError
 
-DEFAULT_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
+DEFAULT_ESTIMATOR = DEMO_ESTIMATOR
 DEFAULT_START = 200_000  # held-out offset, disjoint from eval-model (0..) and evaluate (100_000..)
 TARGETS = {"overhead_ratio": (">=", 0.90), "span_latency_ms_p95": ("<=", 50.0), "speedup_vs_occlusion": (">=", 100.0)}
 
@@ -73,7 +73,7 @@ class RandomLinearEstimator:
 
 def load_estimator(path: str | None, vlm: Any) -> tuple[Any, str]:
     """The trained estimator from `path` (default: the shipped demo file), else the stand-in."""
-    from .estimator import load
+    from vstream.attr.estimator import load
 
     if path:  # load() refuses a missing or foreign file with a one-line VLMError
         return load(path, vlm), path
@@ -93,7 +93,7 @@ def _decode(times: list[float]) -> tuple[int, float]:
 
 
 def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], list[float], list[float]]:
-    from .capture import uninstall
+    from vstream.attr.capture import uninstall
 
     uninstall(vlm)
     ids, times, cpu = [], [], []
@@ -105,7 +105,7 @@ def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], li
 
 
 def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None, max_new_tokens: int) -> dict:
-    from .worker import DoneEvent, SpanEvent, TokenEvent, attribute_stream
+    from vstream.attr.worker import DoneEvent, SpanEvent, TokenEvent, attribute_stream
 
     t0 = time.perf_counter()
     session = attribute_stream(vlm, image, question, estimator, k=k, max_new_tokens=max_new_tokens)
@@ -126,8 +126,8 @@ def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None,
 
 
 def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[Any]) -> float:
-    from .ablation import ablation_effects
-    from .capture import uninstall
+    from vstream.attr.ablation import ablation_effects
+    from vstream.attr.capture import uninstall
 
     uninstall(vlm)
     k = session.regions.k
@@ -145,7 +145,7 @@ def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[
 def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, float]:
     """The worker's per-span computation replayed alone on the recorded rows, wall clock:
     (all of it, scores only)."""
-    from .dynamics import DynamicsTracker
+    from vstream.attr.dynamics import DynamicsTracker
 
     tracker = DynamicsTracker()
     total = scores_only = 0.0
@@ -161,7 +161,7 @@ def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, flo
 
 def bench(vlm: Any, estimator: Any, n: int = 24, start: int = DEFAULT_START, max_new_tokens: int = 128,
           k: int | None = None, warmup: int = 1, occlusion: bool = True, progress: bool = True) -> dict:
-    from .shapes import scenes
+    from vstream.world.shapes import scenes
 
     items = scenes("heldout", start, n + warmup)
     plain_iv = plain_s = live_iv = live_s = plain_cpu = live_cpu = 0
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         ap.error("--n must be >= 1")
     try:
-        from .vlm import load_vlm
+        from vstream.model.vlm import load_vlm
 
         vlm = load_vlm(args.model)
         est, est_name = load_estimator(args.estimator, vlm)

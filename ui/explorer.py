@@ -19,12 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vstream.demo_model import DEMO_MODEL_DIR
-from vstream.examples import EXAMPLES_DIR
-from vstream.images import VLMError, normalize_image_with_size
+from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, EXAMPLES_DIR
+from vstream.model.images import VLMError, normalize_image_with_size
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_ESTIMATOR = ROOT / "assets" / "estimator-demo.safetensors"
+SHIPPED_ESTIMATOR = DEMO_ESTIMATOR
 MAX_QUESTION_CHARS = 2000
 _load_lock = threading.Lock()
 
@@ -89,7 +87,7 @@ def model_key(name: Any) -> str:
 
 @lru_cache(maxsize=2)
 def _model(name: str) -> Any:
-    from vstream.vlm import load_vlm
+    from vstream.model.vlm import load_vlm
 
     return load_vlm(name)
 
@@ -123,14 +121,14 @@ class RawAttention:
     meta = {"model": "raw attention"}
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        from vstream.estimator import raw_attention_scores
+        from vstream.attr.estimator import raw_attention_scores
 
         return raw_attention_scores(features)
 
 
 @lru_cache(maxsize=4)
 def _shipped(path: str, model: str) -> Any:
-    from vstream.estimator import load
+    from vstream.attr.estimator import load
 
     return load(path, get_model(model))
 
@@ -200,7 +198,7 @@ class RunRecord:
     _files: dict[int, str] = field(default_factory=dict)
 
     def set_regions(self, regions: Any, image_size: tuple[int, int]) -> None:
-        from vstream.figures import region_centres
+        from ui.figures import region_centres
 
         self.regions = regions
         self.pixel_labels = regions.pixel_labels(image_size)
@@ -217,7 +215,7 @@ class RunRecord:
         return int(self.pixel_labels[y, x])
 
     def overlay(self, i: int, point: tuple[float, float] | None = None) -> Image.Image:
-        from vstream.figures import overlay
+        from ui.figures import overlay
 
         s = self.spans[i]
         return overlay(self.image, s.heatmap, self.outlines, s.top_regions, self.centres, point=point)

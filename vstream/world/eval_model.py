@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .demo_model import DEMO_MODEL_DIR, Collator
-from .shapes import FAMILIES, SPLITS, Scene, scenes
-from .vlm import VLM, VLMError, load_vlm
+from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.demo_model import Collator
+from vstream.world.shapes import FAMILIES, SPLITS, Scene, scenes
+from vstream.model.vlm import VLM, VLMError, load_vlm
 
 
 def parse_answer(text: str) -> str:

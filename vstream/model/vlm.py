@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vstream.images import VLMError, normalize_image, normalize_image_with_size
+from vstream.model.images import VLMError, normalize_image, normalize_image_with_size
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

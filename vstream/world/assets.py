@@ -1,0 +1,12 @@
+"""Where the repository keeps what ships with it: weights in `assets/`, rendered `examples/`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "assets"
+EXAMPLES_DIR = ROOT / "examples"
+DEMO_MODEL_DIR = ASSETS / "demo-model"
+TAYS_MODEL_DIR = ASSETS / "tays-model"
+DEMO_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
+RUNS_DIR = ROOT / "runs"
