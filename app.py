@@ -27,7 +27,7 @@ from tays.protocol import run_options
 from ui import explorer as ex
 from ui import figures
 from vstream.world.assets import DEMO_MODEL_DIR, TAYS_MODEL_DIR
-from vstream.model.images import VLMError
+from vstream.model import VLMError
 
 MAX_QUESTION_CHARS = ex.MAX_QUESTION_CHARS
 MAX_NEW_TOKENS = 256

@@ -42,7 +42,7 @@ def _log(msg: str) -> None:
 
 
 def _load(model: str | None):
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     path = Path(model) if model else DEFAULT_MODEL
     if model is None and not (path / "config.json").is_file():

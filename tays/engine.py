@@ -204,7 +204,7 @@ def chat_ids(vlm: Any, question: str, system: str | None = None, assistant_prefi
 
 
 class StreamingEngine:
-    """Think-as-you-see decoding on a Qwen2.5-VL `vstream.model.vlm.VLM` (see the module docstring).
+    """Think-as-you-see decoding on a Qwen2.5-VL `vstream.model.VLM` (see the module docstring).
 
     visual_window: frame groups a step may see (None: all). fps: frame rate of the stream, for
     the temporal mRoPE spacing (``temporal_patch_size / fps`` seconds per group) and the default
@@ -793,7 +793,7 @@ class StreamingEngine:
         frame group before decoding on (think as you see: one step per new evidence), unless
         the stream has ended.
         """
-        from vstream.model.vlm import _IncrementalDecoder
+        from vstream.model import IncrementalDecoder
 
         self._check_running()
         eos = set(self.vlm.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -808,7 +808,7 @@ class StreamingEngine:
         else:
             logits = self._last_logits
         self._pending = None
-        decoder = _IncrementalDecoder(self.vlm.tokenizer)
+        decoder = IncrementalDecoder(self.vlm.tokenizer)
         for i in range(int(max_new_tokens)):
             if stop_event is not None and stop_event.is_set():
                 return

@@ -173,7 +173,7 @@ def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n:
 
 def _load(path: str, paradigm: str, split: str, device: str = "cpu"):
     from vstream.world.eval_model import check_heldout
-    from vstream.model.vlm import VLMError, load_vlm
+    from vstream.model import VLMError, load_vlm
 
     p = Path(path)
     if not (p / "config.json").is_file():

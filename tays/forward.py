@@ -27,7 +27,7 @@ SUPPORTED_ARCHS = ("qwen2_5_vl",)
 
 
 def check_supported(vlm: Any) -> None:
-    from vstream.model.vlm import VLMError
+    from vstream.model import VLMError
 
     if vlm.arch not in SUPPORTED_ARCHS:
         raise VLMError(
@@ -54,7 +54,7 @@ def encode_frames(vlm: Any, frames: Sequence[Any]) -> tuple[torch.Tensor, tuple[
     frames = list(frames)
     if not 1 <= len(frames) <= vlm.temporal_patch_size:
         raise ValueError(f"a frame group holds 1..{vlm.temporal_patch_size} frames, got {len(frames)}")
-    pv, grid, *_ = vlm._video_patches(frames)
+    pv, grid, *_ = vlm.video_patches(frames)
     g, th, tw = grid
     visual = vlm.model.model.visual
     grid_thw = torch.tensor([[g, th * vlm.merge_size, tw * vlm.merge_size]], dtype=torch.long, device=vlm.device)

@@ -370,7 +370,7 @@ def _worker_main(fd: int, snap: dict, cfg: dict) -> None:
     conn = Connection(fd)
     try:
         from tays.engine import StreamingEngine
-        from vstream.model.vlm import VLM
+        from vstream.model import VLM
 
         vlm = VLM(model=snap["model"], tokenizer=None, image_processor=snap["image_processor"],
                   arch=snap["arch"], device=torch.device("cpu"), dtype=snap["dtype"])
@@ -432,7 +432,7 @@ def _server_main(fd: int) -> None:
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (what workers run)
 
     import tays.engine  # noqa: F401
-    import vstream.model.vlm  # noqa: F401
+    import vstream.model  # noqa: F401
 
     sock = socket.socket(fileno=fd)
     models: collections.OrderedDict[str, dict] = collections.OrderedDict()

@@ -195,7 +195,7 @@ class _Writer:
                  reasoning_budget: int, answer_tokens: int, answer_prefix_ids: list[int],
                  on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool],
                  period_ends_step: bool = True, model_ends_reasoning: bool = False):
-        from vstream.model.vlm import _IncrementalDecoder
+        from vstream.model import IncrementalDecoder
 
         tok = vlm.tokenizer
         self.res, self.t0, self._forward = res, t0, forward
@@ -210,7 +210,7 @@ class _Writer:
         self.eot = _single_id(tok, "<|eot|>")
         self.no_reasoning = self.eos | ({think_end} if think_end is not None else set())
         self.no_answer = {think_end} if think_end is not None else set()
-        self._dec = _IncrementalDecoder(tok)
+        self._dec = IncrementalDecoder(tok)
         self.pending: list[int] = []  # fed before the next token is picked
         self.logits: torch.Tensor | None = None
         self.seen, self.seen_time = 0, -math.inf

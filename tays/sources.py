@@ -19,7 +19,7 @@ consumer applies back-pressure). `PushSource` is live by nature: frames come whe
 Bounded memory: files are decoded in small chunks and synthetic frames rendered on demand, so
 an hour-long source never holds more than a few frames.
 
-Errors are `StreamError`s (a `vstream.model.images.VLMError`, so the message is one line) naming the
+Errors are `StreamError`s (a `vstream.model.VLMError`, so the message is one line) naming the
 file and what went wrong: missing, empty (0 bytes), corrupt or unsupported codec (checked when the
 source is opened, by decoding its first frame), a decode failure mid-file ("ended early"), a frame
 of a different size or type than the stream's first one (rejected, the stream goes on), and a live
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vstream.model.images import VLMError, normalize_image_with_size
+from vstream.model import VLMError, normalize_image_with_size
 
 __all__ = [
     "EventTruth",

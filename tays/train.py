@@ -229,7 +229,7 @@ def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch
 
 class TrajectoryCollator:
     """Trajectories -> a padded batch for `StreamingLM` (frames rendered and preprocessed here,
-    so DataLoader workers can do it). `vlm` is a `vstream.model.vlm.VLM`: only its tokenizer, image
+    so DataLoader workers can do it). `vlm` is a `vstream.model.VLM`: only its tokenizer, image
     processor and config are used (the collator keeps no reference to the model). Skip markers
     (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
     the batch; a batch with no usable trajectory holds only that list."""
@@ -261,7 +261,7 @@ class TrajectoryCollator:
             frames = [f for _, f in traj.frames()]
             grids = []
             for g in range(traj.n_groups):
-                pv, (_, th, tw), *_ = vlm._video_patches(frames[g * tp:(g + 1) * tp])
+                pv, (_, th, tw), *_ = vlm.video_patches(frames[g * tp:(g + 1) * tp])
                 pvs.append(pv)
                 grids.append((th, tw))
                 grid_rows.append([1, th * m, tw * m])
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     from tays.data import EncoderError, make_encoder, shapes_encoder
     from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
     from vstream.world.shapes import TRAIN_SEEDS
-    from vstream.model.vlm import VLMError, load_vlm
+    from vstream.model import VLMError, load_vlm
 
     if args.threads:
         torch.set_num_threads(args.threads)

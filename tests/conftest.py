@@ -126,13 +126,13 @@ def tiny_qwen3_vl_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tiny_qwen2_5_vl_dir):
     """Loaded through the public adapter (CPU, float32). Shared: do not mutate."""
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     return load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tiny_qwen3_vl_dir):
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     return load_vlm(str(tiny_qwen3_vl_dir), device="cpu")

@@ -18,7 +18,7 @@ from PIL import Image
 from vstream.attr import ablation as A
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.attr.spans import Span
-from vstream.model.vlm import VLM, load_vlm
+from vstream.model import VLM, load_vlm
 
 ATOL = 1e-4
 
@@ -43,7 +43,7 @@ def case(request):
         vlm = _demo_vlm()
         scene = make_scene(5)
         inputs = vlm.build_inputs(scene.question, image=scene.image())
-        gc = vlm._generate_kwargs(24, False, 1.0)["generation_config"]
+        gc = vlm.generation_kwargs(24, False, 1.0)["generation_config"]
         with vlm.lock, torch.no_grad():
             out = vlm.model.generate(**inputs.model_kwargs, generation_config=gc)
         gen = out[0, inputs.prompt_len :]

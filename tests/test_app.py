@@ -305,7 +305,7 @@ def test_pure_helpers_overlay_path_and_checks():
 
     from ui import figures
     from ui.explorer import check_question, load_image
-    from vstream.model.images import VLMError
+    from vstream.model import VLMError
 
     img = Image.new("RGB", (40, 30), (10, 20, 30))
     heat = np.zeros((30, 40), dtype=np.float32)

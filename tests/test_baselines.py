@@ -22,7 +22,7 @@ from vstream.attr.labels import trace_with_attention
 from vstream.attr.regions import regions_for
 from vstream.world.shapes import Scene, Step, make_scene
 from vstream.attr.spans import Span
-from vstream.model.vlm import load_vlm
+from vstream.model import load_vlm
 
 N_NEW = 10
 

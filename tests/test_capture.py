@@ -21,7 +21,7 @@ from PIL import Image
 
 from vstream.attr import capture as C
 from vstream.world.assets import DEMO_MODEL_DIR
-from vstream.model.vlm import VLM, load_vlm
+from vstream.model import VLM, load_vlm
 
 N_NEW = 12
 ATOL = 1e-4
@@ -62,7 +62,7 @@ def _inputs(vlm: VLM, name: str):
 
 
 def _gen_config(vlm: VLM, n: int = N_NEW, cache: bool = False):
-    gc = vlm._generate_kwargs(n, False, 1.0)["generation_config"]
+    gc = vlm.generation_kwargs(n, False, 1.0)["generation_config"]
     gc.min_new_tokens = n  # exactly n tokens, also for a trained model that would stop early
     if cache:
         gc.return_dict_in_generate = True

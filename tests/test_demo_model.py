@@ -14,7 +14,7 @@ from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.demo_model import MERGE, PATCH, Collator, make_image_processor, make_tokenizer
 from vstream.world.eval_model import check_heldout, evaluate, parse_answer
 from vstream.world.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
-from vstream.model.vlm import VLMError, load_vlm
+from vstream.model import VLMError, load_vlm
 
 SIDE = SIZE // train_demo.TOKEN_PX  # image tokens per side
 

@@ -12,8 +12,8 @@ import torch
 
 from vstream.attr import estimator as E
 from vstream.attr import labels as LB
-from vstream.model.images import VLMError
-from vstream.model.vlm import load_vlm
+from vstream.model import VLMError
+from vstream.model import load_vlm
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tays.ingest import pid_alive
 from tays.forward import StreamingSequence, encode_frames, streaming_forward
 from tays.mask import FRAME, PROMPT, TEXT
 from vstream.world.shapes_video import make_stream
-from vstream.model.vlm import VLMError, load_vlm
+from vstream.model import VLMError, load_vlm
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 ATOL = 1e-4

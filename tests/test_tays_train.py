@@ -211,7 +211,7 @@ def trained(tmp_path_factory, tiny_qwen2_5_vl_dir):
 
 @pytest.mark.parametrize("paradigm", PARADIGMS)
 def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, trained, paradigm, capsys):
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     if paradigm == "tays":
         tmp, out = trained
@@ -246,7 +246,7 @@ def test_run_options_follow_the_checkpoint(trained, tiny_qwen2_5_vl_dir, tmp_pat
     import shutil
 
     from tays.protocol import TRAINED, run_options
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     _, out = trained
     assert run_options(load_vlm(str(out), device="cpu")) == TRAINED  # a tays.train checkpoint
@@ -320,7 +320,7 @@ def test_shipped_weights_fit_and_the_tays_checkpoint_loads():
     from tays.protocol import TRAINED, run_options
     from vstream.world.assets import TAYS_MODEL_DIR
     from vstream.world.eval_model import check_heldout
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     assets = Path(__file__).resolve().parents[1] / "assets"
     assert sum(p.stat().st_size for p in assets.rglob("*.safetensors")) <= 25_000_000

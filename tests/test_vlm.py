@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vstream.model.images import normalize_image
-from vstream.model.vlm import VLM, VLMError, _IncrementalDecoder, load_vlm
+from vstream.model import normalize_image
+from vstream.model import VLM, VLMError, IncrementalDecoder, load_vlm
 
 ARCHS = ["tiny_qwen2_5_vl", "tiny_qwen3_vl"]
 
@@ -229,7 +229,7 @@ def test_incremental_decoder_keeps_multibyte_characters(tiny_tokenizer):
     text = "naïve café: 日本語 🙂 ok"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text.split())  # byte-level pieces split the characters
-    dec = _IncrementalDecoder(tiny_tokenizer)
+    dec = IncrementalDecoder(tiny_tokenizer)
     pieces = [dec.push(i) for i in ids]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)

@@ -20,9 +20,9 @@ from PIL import Image
 from vstream.attr.capture import region_features
 from vstream.world.assets import ASSETS, DEMO_MODEL_DIR
 from vstream.attr.estimator import LinearEstimator
-from vstream.model.images import VLMError
+from vstream.model import VLMError
 from vstream.attr.spans import Span
-from vstream.model.vlm import load_vlm
+from vstream.model import load_vlm
 from vstream.attr.worker import (
     DoneEvent,
     PathEvent,

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, EXAMPLES_DIR
-from vstream.model.images import VLMError, normalize_image_with_size
+from vstream.model import VLMError, normalize_image_with_size
 
 SHIPPED_ESTIMATOR = DEMO_ESTIMATOR
 MAX_QUESTION_CHARS = 2000
@@ -87,7 +87,7 @@ def model_key(name: Any) -> str:
 
 @lru_cache(maxsize=2)
 def _model(name: str) -> Any:
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     return load_vlm(name)
 

@@ -51,7 +51,7 @@ import torch
 
 from vstream.attr.ablation import PlaceholderInTrace
 from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR
-from vstream.model.images import VLMError
+from vstream.model import VLMError
 
 DEFAULT_ESTIMATOR = DEMO_ESTIMATOR
 DEFAULT_START = 200_000  # held-out offset, disjoint from eval-model (0..) and evaluate (100_000..)
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         ap.error("--n must be >= 1")
     try:
-        from vstream.model.vlm import load_vlm
+        from vstream.model import load_vlm
 
         vlm = load_vlm(args.model)
         est, est_name = load_estimator(args.estimator, vlm)

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.model.images import VLMError
+from vstream.model import VLMError
 
 __all__ = [
     "FORMAT",

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from vstream.attr.baselines import METHODS, AttributionContext, attribute_timed
 from vstream.world.shapes import HELDOUT_SEEDS, Scene, scenes
 from vstream.attr.spans import Span
-from vstream.model.vlm import VLM, VLMError
+from vstream.model import VLM, VLMError
 from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR
 
 DEFAULT_START = 100_000  # disjoint from eval-model's held-out offsets (0..599)
@@ -331,7 +331,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     from vstream.world.eval_model import check_heldout
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     ap = argparse.ArgumentParser(prog="python -m vstream evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")

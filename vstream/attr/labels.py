@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from vstream.attr.ablation import PlaceholderInTrace
-from vstream.model.images import VLMError
+from vstream.model import VLMError
 
 __all__ = [
     "FORMAT",
@@ -161,7 +161,7 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
     from vstream.attr import capture as C
 
     rec = C.AttentionRecorder.for_vlm(vlm, keep_cpu=True)
-    gc = vlm._generate_kwargs(max_new_tokens, False, 1.0)["generation_config"]
+    gc = vlm.generation_kwargs(max_new_tokens, False, 1.0)["generation_config"]
     gc.return_dict_in_generate = True
     pos = inputs.image_token_positions
     stop = set(vlm.eos_token_ids) | {int(gc.pad_token_id)}
@@ -184,9 +184,9 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
 def thought_spans(vlm: Any, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Any], str]:
     """Split the trace like the live pipeline does (token by token); keep spans of `kinds`."""
     from vstream.attr.spans import SpanSplitter
-    from vstream.model.vlm import _IncrementalDecoder
+    from vstream.model import IncrementalDecoder
 
-    dec = _IncrementalDecoder(vlm.tokenizer)
+    dec = IncrementalDecoder(vlm.tokenizer)
     sp = SpanSplitter()
     text = ""
     for i, t in enumerate(tokens):
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    from vstream.model.vlm import load_vlm
+    from vstream.model import load_vlm
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     try:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vstream.model.images import VLMError, normalize_image_with_size
+from vstream.model import VLMError, normalize_image_with_size
 
 __all__ = [
     "K_MAX",
@@ -163,10 +163,10 @@ class DinoV3Backbone:
         image_size: int | None = None,
         normalize: bool = True,
     ):
-        from vstream.model.vlm import _resolve, _resolve_device, read_model_config  # shared folder / hub-id handling
+        from vstream.model import resolve_model_path, resolve_device, read_model_config  # shared folder / hub-id handling
 
         try:
-            path = _resolve(str(name_or_path), trust_remote_code=False)
+            path = resolve_model_path(str(name_or_path), trust_remote_code=False)
         except VLMError as e:
             raise VLMError(f"DINOv3 backbone: {e}") from e
         raw = read_model_config(path, "DINOv3 model")
@@ -174,7 +174,7 @@ class DinoV3Backbone:
             raise VLMError(f"{path} is not a DINOv3 ViT (model_type {raw.get('model_type')!r}, expected 'dinov3_vit')")
         if not any(path.glob("*.safetensors")):
             raise VLMError(f"no .safetensors weights in {path}; only safetensors are loaded (never pickled .bin/.pt)")
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
 
         from transformers import AutoModel
 
@@ -504,7 +504,7 @@ def compute_regions(
     that own no token are merged into a neighbour; when that leaves fewer than K we cut the
     same Ward tree finer and try again, so K is met whenever the image allows. Anything that
     changed K is said in `Regions.notes` (and logged). `image` is anything
-    `vstream.model.images.normalize_image` takes; tiny images are upscaled by it first.
+    `vstream.model.normalize_image` takes; tiny images are upscaled by it first.
     """
     try:
         th, tw = (int(v) for v in token_grid)

@@ -59,7 +59,7 @@ import torch
 
 from vstream.attr.capture import AttentionRecorder, capturing, install
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
-from vstream.model.images import VLMError
+from vstream.model import VLMError
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.spans import Span, SpanSplitter
 
@@ -152,7 +152,7 @@ Event = Union[RegionsEvent, TokenEvent, SpanEvent, PathEvent, DoneEvent]
 
 def _callback_streamer(fn):
     """transformers streamer calling fn(list of new token ids), synchronously in generate();
-    the prompt (the first put) is skipped. Subclassed lazily, like vstream.model.vlm's streamer."""
+    the prompt (the first put) is skipped. Subclassed lazily, like vstream.model.decoding's streamer."""
     from transformers.generation.streamers import BaseStreamer
 
     class _CallbackStreamer(BaseStreamer):
@@ -251,7 +251,7 @@ class _Run:
         self.vlm = vlm
         self.estimator = estimator
         self.max_new_tokens = int(max_new_tokens)
-        self._gen_kwargs = vlm._generate_kwargs(self.max_new_tokens, False, 1.0)  # validates
+        self._gen_kwargs = vlm.generation_kwargs(self.max_new_tokens, False, 1.0)  # validates
         self.inputs = vlm.build_inputs(question, image=image, system=system)
         self.regions = regions if regions is not None else regions_for(self.inputs, k=k, backbone=backbone)
         n = int(self.inputs.image_token_positions.numel())
@@ -357,11 +357,11 @@ class _Run:
     def _generate(self) -> None:
         from transformers import StoppingCriteriaList
 
-        from vstream.model.vlm import _IncrementalDecoder, _make_event_stop
+        from vstream.model import IncrementalDecoder, event_stop
 
-        self._decoder = _IncrementalDecoder(self.vlm.tokenizer)
+        self._decoder = IncrementalDecoder(self.vlm.tokenizer)
         kw = dict(self._gen_kwargs)
-        kw["stopping_criteria"] = StoppingCriteriaList([_make_event_stop(self._stop, self._user_stop)])
+        kw["stopping_criteria"] = StoppingCriteriaList([event_stop(self._stop, self._user_stop)])
         kw["streamer"] = _callback_streamer(self._on_tokens)
         try:
             if not self._stopped():

@@ -1,0 +1,27 @@
+"""The model adapter: the ground floor both libraries stand on.
+
+Load a supported VLM (`load_vlm`), build its chat inputs with the position and pixel box of every
+vision token (`VLM.build_inputs`), stream tokens (`VLM.stream`); every user-facing failure is a
+one-line `VLMError`.
+"""
+from vstream.model.decoding import IncrementalDecoder, event_stop
+from vstream.model.errors import VLMError
+from vstream.model.images import normalize_image, normalize_image_with_size
+from vstream.model.inputs import VLMInputs
+from vstream.model.loading import load_vlm, read_model_config, resolve_device, resolve_model_path
+from vstream.model.vlm import SUPPORTED_MODEL_TYPES, VLM
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "VLM",
+    "IncrementalDecoder",
+    "VLMError",
+    "VLMInputs",
+    "event_stop",
+    "load_vlm",
+    "normalize_image",
+    "normalize_image_with_size",
+    "read_model_config",
+    "resolve_device",
+    "resolve_model_path",
+]

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vstream.model.errors import VLMError
+
 MIN_SIDE = 28  # one Qwen2.5-VL token; smaller images cannot be tiled into patches
 MAX_SIDE = 2048  # long side cap before the processor (keeps its resize cheap)
 MAX_ASPECT = 50.0  # beyond this the processor's smart_resize degenerates (1-token strips)
@@ -26,14 +28,6 @@ MAX_PIXELS = 100_000_000  # refuse decompression bombs and absurd scans
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_BIT_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _RESIZE_FIRST = {"RGB", "RGBA", "L", "LA", "RGBX", "CMYK"}  # modes PIL resamples properly
-
-
-class VLMError(Exception):
-    """Bad input for the VLM adapter (path, model, image). The message is always one line,
-    because it is shown verbatim in the UI."""
-
-    def __init__(self, message: Any):
-        super().__init__(" ".join(str(message).split()))
 
 
 def normalize_image(img: Any) -> Image.Image:

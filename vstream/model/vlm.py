@@ -18,8 +18,6 @@ The library never imports gradio and only loads safetensors weights.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,16 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vstream.model.images import VLMError, normalize_image, normalize_image_with_size
-
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "VLM",
-    "VLMError",
-    "VLMInputs",
-    "load_vlm",
-    "normalize_image",
-]
+from vstream.model.decoding import IncrementalDecoder, event_stop, queue_streamer
+from vstream.model.errors import VLMError
+from vstream.model.images import normalize_image_with_size
+from vstream.model.inputs import VLMInputs, group_timestamps, token_boxes
 
 # model_type -> transformers class name (resolved lazily: not every version has all of them)
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -50,118 +42,6 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 _QWEN3_FAMILY = {"qwen3_vl", "qwen3_vl_moe"}
-_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-
-
-# ----------------------------------------------------------------------------------------------
-# inputs
-
-
-@dataclass
-class VLMInputs:
-    """A tokenized prompt plus where every vision token sits, for one forward/generate call.
-
-    `model_kwargs` goes straight into `model(**...)` / `model.generate(**...)`. Boxes are
-    x0, y0, x1, y1 in the ORIGINAL (pre-normalisation) image's pixel coordinates, row-major,
-    in the same order as the positions, so attribution over tokens can be drawn on the image.
-    """
-
-    model_kwargs: dict[str, torch.Tensor]
-    prompt: str  # chat-templated text before pad expansion (for display/debugging)
-    image_token_positions: torch.Tensor  # (N,) long, sequence positions of image pads
-    token_grid: tuple[int, int] | None = None  # (tokens high, tokens wide)
-    token_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
-    resized_size: tuple[int, int] | None = None  # (w, h) the processor resized to
-    image: Image.Image | None = None  # normalised RGB image
-    original_size: tuple[int, int] | None = None  # (w, h) of the image as given
-    # video (all empty / None without a video)
-    video_token_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    video_frame_groups: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    video_grid: tuple[int, int, int] | None = None  # (frame groups, tokens high, tokens wide)
-    video_token_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
-    video_resized_size: tuple[int, int] | None = None
-    video_original_size: tuple[int, int] | None = None
-    frames: list[Image.Image] = field(default_factory=list)  # normalised frames (before padding)
-    video_timestamps: list[float] = field(default_factory=list)  # seconds, one per frame group
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.model_kwargs["input_ids"]
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.model_kwargs["input_ids"].shape[1])
-
-
-# ----------------------------------------------------------------------------------------------
-# generation plumbing
-
-
-class _QueueStreamer:
-    """transformers streamer that forwards new token ids to a queue (the prompt is skipped)."""
-
-    def __init__(self, q: queue.Queue):
-        self.q = q
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first puts the whole prompt
-            self.prompt_seen = True
-            return
-        self.q.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass  # the worker thread signals the end itself, also on errors
-
-
-def _make_streamer(q: queue.Queue):
-    # subclass lazily so importing this module does not import the generation stack
-    from transformers.generation.streamers import BaseStreamer
-
-    cls = type("QueueStreamer", (_QueueStreamer, BaseStreamer), {})
-    return cls(q)
-
-
-def _make_event_stop(*events: threading.Event | None):
-    """StoppingCriteria that ends generation as soon as any of `events` is set."""
-    from transformers import StoppingCriteria
-
-    evs = [e for e in events if e is not None]
-
-    class EventStop(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs) -> torch.BoolTensor:
-            stop = any(e.is_set() for e in evs)
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-    return EventStop()
-
-
-class _IncrementalDecoder:
-    """Decode token by token without splitting multi-byte characters.
-
-    A token may end in the middle of a UTF-8 character (byte-level BPE); decoding it alone gives
-    U+FFFD. We decode a short window and only emit text once it no longer ends in U+FFFD
-    (the prefix/read offset scheme used by text-generation-inference), which is O(n) overall.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        dec = lambda ids: self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        prefix_text = dec(self.ids[self.prefix : self.read])
-        new_text = dec(self.ids[self.prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-
-_END = object()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,13 +181,13 @@ class VLM:
             kwargs["pixel_values"] = proc["pixel_values"]
             kwargs["image_grid_thw"] = proc["image_grid_thw"].long()
             out.token_grid, out.resized_size, out.image, out.original_size = (th, tw), resized, img, orig
-            out.token_boxes = _token_boxes(th, tw, self.pixels_per_token, resized, orig)
+            out.token_boxes = token_boxes(th, tw, self.pixels_per_token, resized, orig)
 
         if video is not None:
-            pv, grid, frames, vorig, vresized = self._video_patches(video)
+            pv, grid, frames, vorig, vresized = self.video_patches(video)
             g, th, tw = grid
             per_group = th * tw
-            times = _group_timestamps(len(frames), fps, self.temporal_patch_size)
+            times = group_timestamps(len(frames), fps, self.temporal_patch_size)
             k = ids.index(self.video_token_id)
             if self.arch in _QWEN3_FAMILY:
                 # Qwen3-VL: each frame group is "<t seconds><vision_start>pads<vision_end>", and
@@ -331,7 +211,7 @@ class VLM:
             out.video_grid, out.frames, out.video_timestamps = grid, frames, times
             out.video_original_size, out.video_resized_size = vorig, vresized
             out.video_frame_groups = torch.arange(g).repeat_interleave(per_group)
-            out.video_token_boxes = _token_boxes(th, tw, self.pixels_per_token, vresized, vorig).repeat(g, 1)
+            out.video_token_boxes = token_boxes(th, tw, self.pixels_per_token, vresized, vorig).repeat(g, 1)
 
         input_ids = torch.tensor([ids], dtype=torch.long)
         mm = torch.zeros_like(input_ids)
@@ -348,7 +228,7 @@ class VLM:
         out.model_kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
         return out
 
-    def _video_patches(
+    def video_patches(
         self, video: Sequence[Any]
     ) -> tuple[torch.Tensor, tuple[int, int, int], list[Image.Image], tuple[int, int], tuple[int, int]]:
         """pixel_values_videos without torchvision.
@@ -383,7 +263,7 @@ class VLM:
         return torch.from_numpy(np.ascontiguousarray(pv)), grid, frames, sizes[0][1], resized
 
     # -- generation ----------------------------------------------------------------------------
-    def _generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float) -> dict[str, Any]:
+    def generation_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float) -> dict[str, Any]:
         """One GenerationConfig (the model's own, e.g. its repetition_penalty, with our overrides);
         transformers 5 deprecates mixing a config object with loose generation kwargs."""
         if int(max_new_tokens) < 1:
@@ -421,13 +301,13 @@ class VLM:
         """
         if stop_event is not None and stop_event.is_set():
             return
-        kw = self._generate_kwargs(max_new_tokens, do_sample, temperature)
+        kw = self.generation_kwargs(max_new_tokens, do_sample, temperature)
         q: queue.Queue = queue.Queue()
         closed = threading.Event()
         from transformers import StoppingCriteriaList
 
-        kw["stopping_criteria"] = StoppingCriteriaList([_make_event_stop(closed, stop_event)])
-        kw["streamer"] = _make_streamer(q)
+        kw["stopping_criteria"] = StoppingCriteriaList([event_stop(closed, stop_event)])
+        kw["streamer"] = queue_streamer(q)
 
         def work() -> None:
             try:
@@ -440,7 +320,7 @@ class VLM:
 
         worker = threading.Thread(target=work, name="vstream-generate", daemon=True)
         worker.start()
-        decoder = _IncrementalDecoder(self.tokenizer)
+        decoder = IncrementalDecoder(self.tokenizer)
         eos = set(self.eos_token_ids)
         try:
             while True:
@@ -459,7 +339,7 @@ class VLM:
 
     def generate_text(self, inputs: VLMInputs, max_new_tokens: int = 256) -> str:
         """Greedy-decode and return the new text (special tokens kept, eos dropped)."""
-        kw = self._generate_kwargs(max_new_tokens, False, 1.0)
+        kw = self.generation_kwargs(max_new_tokens, False, 1.0)
         with self.lock:
             out = self.model.generate(**inputs.model_kwargs, **kw)
         new = out[0, inputs.prompt_len :].tolist()
@@ -469,200 +349,5 @@ class VLM:
         return self.tokenizer.decode(new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _token_boxes(
-    th: int, tw: int, ppt: int, resized: tuple[int, int], orig: tuple[int, int]
-) -> torch.Tensor:
-    """Row-major (th*tw, 4) boxes of each LLM token, mapped from resized to original pixels."""
-    sx, sy = orig[0] / resized[0], orig[1] / resized[1]
-    ys, xs = torch.meshgrid(torch.arange(th), torch.arange(tw), indexing="ij")
-    xs, ys = xs.flatten().float(), ys.flatten().float()
-    boxes = torch.stack([xs * ppt * sx, ys * ppt * sy, (xs + 1) * ppt * sx, (ys + 1) * ppt * sy], dim=1)
-    return boxes
 
-
-def _group_timestamps(n_frames: int, fps: float, tp: int) -> list[float]:
-    """Mid time (s) of each temporal group of `tp` frames, as Qwen3-VL's processor computes it."""
-    if not fps > 0:
-        raise VLMError(f"fps must be > 0, got {fps}")
-    idx = list(range(n_frames))
-    idx += [idx[-1]] * (-n_frames % tp)
-    t = [i / fps for i in idx]
-    return [(t[i] + t[i + tp - 1]) / 2 for i in range(0, len(t), tp)]
-
-
-# ----------------------------------------------------------------------------------------------
-# loading
-
-
-def load_vlm(
-    name_or_path: str,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device = "auto",
-    trust_remote_code: bool = False,
-) -> VLM:
-    """Load a supported VLM from a local folder or a Hugging Face id (safetensors only).
-
-    dtype "auto" = bfloat16 on CUDA, float32 otherwise; device "auto" = cuda if available.
-    Every user-facing failure (missing path, offline hub id, unsupported architecture, no
-    safetensors) is a one-line VLMError.
-    """
-    path = _resolve(str(name_or_path), trust_remote_code)
-    raw = read_model_config(path)
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise VLMError(
-            f"unsupported architecture {model_type!r} in {path}; supported model_types: "
-            + ", ".join(SUPPORTED_MODEL_TYPES)
-        )
-    if not any(path.glob("*.safetensors")):
-        found = sorted({p.name for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(pat)})
-        raise VLMError(
-            f"no .safetensors weights in {path}"
-            + (f" (found {', '.join(found[:3])})" if found else "")
-            + "; only safetensors are loaded (never pickled .bin/.pt): convert the checkpoint first"
-        )
-    if not (path / "preprocessor_config.json").is_file():
-        raise VLMError(f"{path} has no preprocessor_config.json (the image processor settings)")
-
-    dev = _resolve_device(device)
-    dt = _resolve_dtype(dtype, dev)
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
-
-    import transformers
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    cls_name = SUPPORTED_MODEL_TYPES[model_type]
-    cls = getattr(transformers, cls_name, None)
-    if trust_remote_code and raw.get("auto_map"):
-        cls = transformers.AutoModelForImageTextToText
-    if cls is None:
-        raise VLMError(f"transformers {transformers.__version__} has no {cls_name}; upgrade transformers")
-    load_kw: dict[str, Any] = dict(dtype=dt, attn_implementation="sdpa", use_safetensors=True, **remote)
-    if dev.type == "cuda":
-        load_kw["device_map"] = str(dev)
-    try:
-        model = cls.from_pretrained(str(path), **load_kw)
-        if dev.type != "cuda":
-            model = model.to(dev)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise VLMError(f"could not load model weights from {path}: {type(e).__name__}: {_first_line(e)}") from e
-    model.eval()
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **remote)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise VLMError(f"could not load tokenizer/image processor from {path}: {_first_line(e)}") from e
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = _find_chat_template(path)
-
-    vc = model.config.vision_config
-    for name, want in (("patch_size", vc.patch_size), ("merge_size", vc.spatial_merge_size),
-                       ("temporal_patch_size", vc.temporal_patch_size)):
-        have = getattr(image_processor, name)
-        if int(have) != int(want):
-            raise VLMError(f"{path}: preprocessor_config {name}={have} does not match the model's {want}")
-
-    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor,
-               arch=model_type, device=dev, dtype=dt, path=path)
-
-
-def read_model_config(path: Path, what: str = "model") -> dict:
-    """config.json of a model folder as a dict, or a one-line VLMError."""
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise VLMError(f"{path} has no config.json: not a {what} folder")
-    try:
-        return json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise VLMError(f"could not read {cfg_file}: {e}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def _resolve(name: str, trust_remote_code: bool) -> Path:
-    """Local folder as is; otherwise a hub id downloaded (or found in the cache) to a folder."""
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise VLMError(f"model path is not a folder: {p}")
-        return p
-    looks_like_path = (
-        name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") != 1 or name.endswith("/")
-    )
-    if not looks_like_path:
-        from huggingface_hub.utils import validate_repo_id
-
-        try:
-            validate_repo_id(name)
-        except Exception:
-            looks_like_path = True
-    if looks_like_path:
-        raise VLMError(f"model path does not exist: {name}")
-    return _download(name, trust_remote_code)
-
-
-def _download(repo_id: str, trust_remote_code: bool) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
-        "1", "true", "yes", "on"
-    } or os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    patterns = _WEIGHT_PATTERNS + (["*.py"] if trust_remote_code else [])
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
-    except (GatedRepoError, RepositoryNotFoundError) as e:
-        raise VLMError(f"could not download {repo_id}: no such model on the Hugging Face Hub, or it is "
-                       f"gated/private ({type(e).__name__}); pass a local path") from e
-    except Exception as e:  # offline, no network, DNS, timeouts, cache misses
-        why = "offline mode (HF_HUB_OFFLINE)" if offline else "no network"
-        raise VLMError(f"could not download {repo_id}: {why} / not in local cache; pass a local path "
-                       f"({type(e).__name__})") from e
-
-
-def _find_chat_template(path: Path) -> str | None:
-    """Real Qwen repos sometimes keep the template only for the processor."""
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    js = path / "chat_template.json"
-    if js.is_file():
-        try:
-            return json.loads(js.read_text()).get("chat_template")
-        except ValueError:
-            return None
-    return None
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise VLMError(f"bad device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VLMError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-_DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
-
-def _resolve_dtype(dtype: str | torch.dtype, dev: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise VLMError(f"unsupported dtype {dtype!r}; use auto, bfloat16, float16 or float32")
-    return _DTYPES[dtype]
+_END = object()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.demo_model import Collator
 from vstream.world.shapes import FAMILIES, SPLITS, Scene, scenes
-from vstream.model.vlm import VLM, VLMError, load_vlm
+from vstream.model import VLM, VLMError, load_vlm
 
 
 def parse_answer(text: str) -> str:
