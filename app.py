@@ -27,7 +27,7 @@ from tays.protocol import run_options
 from ui import explorer as ex
 from ui import figures
 from vstream.world.assets import DEMO_MODEL_DIR, TAYS_MODEL_DIR
-from vstream.model import VLMError
+from vstream.model import VLMError, split_thinking
 
 MAX_QUESTION_CHARS = ex.MAX_QUESTION_CHARS
 MAX_NEW_TOKENS = 256
@@ -273,8 +273,7 @@ def reason(image: Any, question: str, model_name: str):
 
 
 def _format(text: str, done: bool) -> str:
-    thinking, _, answer = text.partition("</think>")
-    thinking = thinking.replace("<think>", "").strip()
+    thinking, answer = split_thinking(text)
     out = f"**Thinking**\n\n{thinking}{'' if done or answer else ' ▍'}"
     if answer or done:
         out += f"\n\n**Answer:** {answer.strip() or '(none)'}"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vstream.model import THINK_CLOSE, THINK_OPEN
+
 TERMINATORS = ".!?"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass

@@ -59,7 +59,7 @@ import torch
 
 from vstream.attr.capture import AttentionRecorder, capturing, install
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
-from vstream.model import VLMError
+from vstream.model import VLMError, split_thinking
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.spans import Span, SpanSplitter
 
@@ -169,14 +169,6 @@ def _callback_streamer(fn):
             pass
 
     return _CallbackStreamer()
-
-
-def _answer(text: str) -> str:
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].strip()
-    if "<think>" in text:
-        return ""
-    return text.strip()
 
 
 def _estimator_target(estimator: Any) -> tuple[torch.device, torch.dtype]:
@@ -414,7 +406,7 @@ class _Run:
         rate = (len(tt) - 1) / (tt[-1] - tt[0]) if len(tt) >= 2 and tt[-1] > tt[0] else 0.0
         return DoneEvent(
             text=text,
-            answer=_answer(text),
+            answer=split_thinking(text)[1],
             label=label_trace(self.tracker.raw),
             n_tokens=len(self.token_ids),
             n_spans=self._n_spans,

@@ -9,9 +9,13 @@ from vstream.model.errors import VLMError
 from vstream.model.images import normalize_image, normalize_image_with_size
 from vstream.model.inputs import VLMInputs
 from vstream.model.loading import load_vlm, read_model_config, resolve_device, resolve_model_path
+from vstream.model.thinking import END_OF_STEP, THINK_CLOSE, THINK_OPEN, normalize_answer, split_thinking
 from vstream.model.vlm import SUPPORTED_MODEL_TYPES, VLM
 
 __all__ = [
+    "END_OF_STEP",
+    "THINK_CLOSE",
+    "THINK_OPEN",
     "SUPPORTED_MODEL_TYPES",
     "VLM",
     "IncrementalDecoder",
@@ -19,9 +23,11 @@ __all__ = [
     "VLMInputs",
     "event_stop",
     "load_vlm",
+    "normalize_answer",
     "normalize_image",
     "normalize_image_with_size",
     "read_model_config",
     "resolve_device",
     "resolve_model_path",
+    "split_thinking",
 ]

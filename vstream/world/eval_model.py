@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -23,16 +22,14 @@ from tqdm.auto import tqdm
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.demo_model import Collator
 from vstream.world.shapes import FAMILIES, SPLITS, Scene, scenes
-from vstream.model import VLM, VLMError, load_vlm
+from vstream.model import THINK_CLOSE, VLM, VLMError, load_vlm, normalize_answer, split_thinking
 
 
 def parse_answer(text: str) -> str:
-    """The answer after `</think>`, lower-cased, without punctuation; '' if there is none."""
-    if "</think>" not in text:
+    """The normalised answer after `</think>`; '' if thinking never ended."""
+    if THINK_CLOSE not in text:
         return ""
-    ans = text.split("</think>", 1)[1]
-    ans = ans.split("<|im_end|>")[0]
-    return re.sub(r"[^a-z0-9 ]", "", ans.lower()).strip()
+    return normalize_answer(split_thinking(text)[1])
 
 
 def check_heldout(model_dir: Path, split: str = "heldout") -> None:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vstream.model.thinking import END_OF_STEP, THINK_CLOSE, THINK_OPEN
+
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -18,9 +20,9 @@ SPECIAL_TOKENS = [
     "<|vision_end|>",
     "<|image_pad|>",
     "<|video_pad|>",
-    "<think>",
-    "</think>",
-    "<|eot|>",  # end of a reasoning step (TaYS)
+    THINK_OPEN,
+    THINK_CLOSE,
+    END_OF_STEP,  # end of a reasoning step (TaYS)
 ]
 
 # The same layout as Qwen2.5-VL's template: images/videos become one pad token that the
