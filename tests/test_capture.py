@@ -135,11 +135,9 @@ def test_oracle_matches_eager(pair):
         # layer-major flattening, by hand: column l*H + h
         by_hand = torch.einsum("tlhn,kn->klh", want[lo:hi], assign).reshape(k, l * h) / (hi - lo)
         torch.testing.assert_close(f, by_hand, atol=ATOL, rtol=0)
-        acc = C.SpanAccumulator()
-        for i in range(lo, hi):
-            acc.add(rec.per_token(i))
-        torch.testing.assert_close(acc.close(assign), f, atol=1e-6, rtol=0)
-        assert acc.count == 0
+        # the live path: running sum of the recorder's rows, same features
+        live_f = torch.as_tensor(C.span_features(rec, lo, hi, assign.numpy())).float()
+        torch.testing.assert_close(live_f, f, atol=1e-6, rtol=0)
 
 
 def test_capture_off_records_nothing(tiny_qwen2_5_vl_dir):
@@ -186,6 +184,18 @@ def test_stream_in_background_thread(tiny_qwen3_vl_dir):
 def test_recorder_threads_and_partial_steps():
     rec = C.AttentionRecorder(num_layers=3)
     got: list[int] = []
+    torch.manual_seed(3)
+    d, pos = 4, torch.tensor([0, 1, 2, 3])
+    keys = torch.randn(1, 2, 12, d)
+
+    def step(s: int, layers=range(3)) -> torch.Tensor:
+        """Report one decode step (key length s) for `layers`; the expected (L, H, N) row."""
+        row = []
+        for layer in layers:
+            q = torch.randn(1, 2, 1, d)
+            rec.record_query(layer, q, keys[:, :, :s], None, d**-0.5, pos)
+            row.append(_decode_row_mass(torch.nn.Module(), q, keys[:, :, :s], None, d**-0.5, pos))
+        return torch.stack(row)
 
     def consumer() -> None:
         assert rec.wait_for(5, timeout=30)
@@ -193,20 +203,17 @@ def test_recorder_threads_and_partial_steps():
 
     th = threading.Thread(target=consumer)
     th.start()
-    for s in range(5):
-        for layer in range(3):
-            rec.record_layer(layer, torch.full((2, 4), float(s * 10 + layer)))
+    rows = [step(5 + s) for s in range(5)]
     th.join(timeout=30)
     assert got == [5]
-    assert rec.per_token(4)[2, 0, 0] == 42
+    torch.testing.assert_close(torch.as_tensor(rec.per_token(4)).float(), rows[4], atol=1e-6, rtol=0)
     # an interrupted step (layers 0, 1 only) is dropped when the next step starts
-    rec.record_layer(0, torch.zeros(2, 4))
-    rec.record_layer(1, torch.zeros(2, 4))
-    for layer in range(3):
-        rec.record_layer(layer, torch.ones(2, 4))
-    assert rec.tokens == 6 and torch.equal(rec.per_token(5), torch.ones(3, 2, 4))
+    step(10, layers=(0, 1))
+    last = step(11)
+    assert rec.tokens == 6
+    torch.testing.assert_close(torch.as_tensor(rec.per_token(5)).float(), last, atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
-        rec.record_layer(3, torch.zeros(2, 4))
+        rec.record_query(3, torch.zeros(1, 2, 1, d), keys, None, 1.0, pos)
     rec.reset()
     assert rec.tokens == 0 and not rec.wait_for(1, timeout=0.01)
 
@@ -228,7 +235,7 @@ def test_decode_row_matches_eager_kernel(heads, kv_heads, mask):
     float_mask = None if mask == "none" else torch.zeros(1, 1, 1, s).masked_fill(~keep, torch.finfo(torch.float32).min)
     _, w = eager_attention_forward(mod, q, k, v, float_mask, scaling=d**-0.5)
     pos = torch.tensor([0, 3, 4, 5, 10, 22])
-    row = C._decode_row_mass(mod, q, k, bool_mask if mask == "bool" else float_mask, d**-0.5, pos)
+    row = _decode_row_mass(mod, q, k, bool_mask if mask == "bool" else float_mask, d**-0.5, pos)
     torch.testing.assert_close(row, w[0, :, 0][:, pos], atol=1e-6, rtol=0)
 
 
@@ -259,7 +266,7 @@ def _deferred_rows_case(kv_heads, mask, numpy_rows):
             torch.zeros(1, 1, 1, s).masked_fill(~keep, torch.finfo(torch.float32).min))
         for li, k in enumerate(keys):
             q = torch.randn(1, heads, 1, d)
-            row.append(C._decode_row_mass(mod, q, k[:, :, :s], m, d**-0.5, pos))
+            row.append(_decode_row_mass(mod, q, k[:, :, :s], m, d**-0.5, pos))
             rec.record_query(li, q, k[:, :, :s], m, d**-0.5, pos)
         expected.append(torch.stack(row))
     expected = torch.stack(expected).float()
@@ -269,25 +276,23 @@ def _deferred_rows_case(kv_heads, mask, numpy_rows):
     torch.testing.assert_close(rec.per_token(2).float(), expected[2], atol=1e-6, rtol=0)
 
 
-def test_region_features_and_accumulator_shapes():
+def test_region_features_and_running_sum_shapes():
     g = torch.Generator().manual_seed(1)
     att = torch.rand(7, 3, 2, 10, generator=g)
     soft = torch.rand(4, 10, generator=g)
     f = C.region_features(att, soft)
     assert f.shape == (4, 6)
     torch.testing.assert_close(f[2, 1 * 2 + 1], (att[:, 1, 1] @ soft[2]).mean())
-    acc = C.SpanAccumulator()
-    acc.add(att[:3])
-    acc.add(att[3])
-    acc.add(att[4:])
-    assert acc.count == 7
-    torch.testing.assert_close(acc.features(soft), f)
+    # a running sum in pieces (torch or numpy) gives the same features
+    total = att[:3].sum(0) + att[3] + att[4:].sum(0)
+    torch.testing.assert_close(C.features_from_sum(total, 7, soft), f)
+    np.testing.assert_allclose(C.features_from_sum(total.numpy(), 7, soft.numpy()), f.numpy(), atol=1e-6)
     with pytest.raises(ValueError):
         C.region_features(att[:0], soft)
     with pytest.raises(ValueError):
         C.region_features(att, soft[:, :9])
     with pytest.raises(ValueError):
-        C.SpanAccumulator().features(soft)
+        C.features_from_sum(total, 0, soft)
 
 
 def test_capturing_guards(tiny_qwen2_5_vl_dir):
@@ -304,3 +309,20 @@ def test_capturing_guards(tiny_qwen2_5_vl_dir):
             with C.capturing(live, pos, C.AttentionRecorder.for_vlm(live)):
                 pass
     assert not any(hasattr(m, C._STATE_ATTR) for m in C.text_attention_modules(live))
+
+
+def _decode_row_mass(module, query, key, attention_mask, scaling, positions) -> torch.Tensor:
+    """Reference for one decode step's row: softmax attention of the single query (batch row 0)
+    over all keys, per head, as eager attention computes it (scores in the model dtype, softmax
+    in float32), restricted to `positions`: (H, N). GQA groups query heads per kv head, the
+    same pairing as `repeat_kv`. Itself checked against transformers' eager kernel below."""
+    q = query[0, :, 0, :]  # (H, D)
+    k = key[0]  # (Hkv, S, D)
+    h, d = q.shape
+    hkv, s, _ = k.shape
+    scores = torch.matmul(q.reshape(hkv, h // hkv, d), k.transpose(1, 2)) * scaling  # (Hkv, G, S)
+    scores = scores.reshape(h, s).float()
+    if attention_mask is not None:
+        m = attention_mask[0, :, -1, :s]  # (1 or H, S)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    return torch.softmax(scores, dim=-1).index_select(1, positions)

@@ -50,11 +50,12 @@ import torch
 __all__ = [
     "ATTN_NAME",
     "AttentionRecorder",
-    "SpanAccumulator",
     "capturing",
+    "features_from_sum",
     "finalize",
     "install",
     "region_features",
+    "span_features",
     "text_attention_modules",
     "uninstall",
 ]
@@ -71,7 +72,7 @@ _register_lock = threading.Lock()
 class AttentionRecorder:
     """Per generated token, the (L, H, N) attention mass of its query on the N image tokens.
 
-    Filled layer by layer from the generation thread (`record_layer`), read from any other
+    Filled layer by layer from the generation thread (`record_query`), read from any other
     thread (`tokens`, `per_token`, `stack`, `wait_for`). Rows are float32 on the model's device;
     with `keep_cpu=True` a CPU copy of each finished row is kept too (for consumers that must not
     touch the accelerator). A finished row is never modified afterwards, so readers may keep it.
@@ -88,8 +89,6 @@ class AttentionRecorder:
         self._compute = threading.Lock()  # one consumer materialises pending steps at a time
         self._rows: list[torch.Tensor] = []
         self._cpu_rows: list[torch.Tensor] = []
-        self._buf: torch.Tensor | None = None  # the step being filled
-        self._filled: list[bool] = [False] * self.num_layers
         self._epoch = 0  # bumped by reset()
         # deferred path: finished steps whose rows are not computed yet, and the step being filled
         self._pending: list[_PendingStep] = []
@@ -101,31 +100,6 @@ class AttentionRecorder:
         return cls(int(vlm.num_layers), keep_cpu=keep_cpu)
 
     # -- producer side (generation thread) -----------------------------------------------------
-    def record_layer(self, layer_idx: int, mass: torch.Tensor) -> None:
-        """Store one layer's (H, N) mass for the current decode step; the step's row is published
-        once all layers have reported. A layer reporting twice means the previous step was cut
-        short (an exception mid-forward): that partial step is dropped."""
-        if not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"layer_idx {layer_idx} outside [0, {self.num_layers})")
-        with self._cond:  # a consumer may reset() concurrently
-            if self._buf is None or self._filled[layer_idx] or self._buf.shape[1:] != mass.shape:
-                self._buf = torch.empty((self.num_layers, *mass.shape), dtype=torch.float32, device=mass.device)
-                self._filled = [False] * self.num_layers
-            self._buf[layer_idx] = mass
-            self._filled[layer_idx] = True
-            if not all(self._filled):
-                return
-            row, epoch = self._buf, self._epoch
-            self._buf, self._filled = None, [False] * self.num_layers
-        cpu = row.to("cpu") if self.keep_cpu else None  # outside the lock: may wait for the device
-        with self._cond:
-            if epoch != self._epoch:  # reset() while this step ran: it belongs to the old record
-                return
-            self._rows.append(row)
-            if cpu is not None:
-                self._cpu_rows.append(cpu)
-            self._cond.notify_all()
-
     def record_query(
         self,
         layer_idx: int,
@@ -135,7 +109,7 @@ class AttentionRecorder:
         scaling: float,
         positions: torch.Tensor,
     ) -> None:
-        """Deferred `record_layer`: keep references to one layer's decode query (B, H, 1, D),
+        """Keep references to one layer's decode query (B, H, 1, D),
         key cache (B, Hkv, S, D) and attention mask (B, 1 or H, 1, S') or None, as the attention
         function got them; batch row 0's (H, N) mass is computed when a consumer asks. Costs a
         few list operations on the generation thread (no tensor op: even slicing one costs
@@ -228,7 +202,6 @@ class AttentionRecorder:
         with self._cond:
             self._rows.clear()
             self._cpu_rows.clear()
-            self._buf, self._filled = None, [False] * self.num_layers
             self._pending.clear()
             self._step = [None] * self.num_layers
             self._keys = [None] * self.num_layers
@@ -353,36 +326,6 @@ class _CaptureState:
         if pos is None:
             pos = self._on_device[device] = self.positions.to(device)
         return pos
-
-
-def _decode_row_mass(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    positions: torch.Tensor,
-) -> torch.Tensor:
-    """Softmax attention of the single decode query (batch row 0) over all keys, per head, as
-    eager attention computes it (scores in the model dtype, softmax in float32), restricted to
-    `positions`: (H, N) float32. GQA is handled by grouping query heads per kv head (the same
-    pairing as `repeat_kv`), without copying the keys."""
-    q = query[0, :, 0, :]  # (H, D)
-    k = key[0]  # (Hkv, S, D), already RoPE'd (as stored in the cache)
-    h, d = q.shape
-    hkv, s, _ = k.shape
-    if scaling is None:
-        scaling = d**-0.5
-    scores = torch.matmul(q.reshape(hkv, h // hkv, d), k.transpose(1, 2)) * scaling  # (Hkv, G, S)
-    scores = scores.reshape(h, s).float()
-    if attention_mask is not None:
-        m = attention_mask[0, :, -1, :s]  # (1 or H, S)
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, float("-inf"))
-        else:
-            scores = scores + m.float()
-    probs = torch.softmax(scores, dim=-1)
-    return probs.index_select(1, positions)
 
 
 _SDPA: Any = None
@@ -541,67 +484,37 @@ def finalize(
 # features
 
 
-def _as_assignment(assignment: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    a = torch.as_tensor(assignment)
-    if a.ndim != 2 or a.shape[1] != n:
-        raise ValueError(f"assignment must be (K, {n}), got {tuple(a.shape)}")
-    return a.to(device=like.device, dtype=like.dtype)
+def features_from_sum(
+    total: np.ndarray | torch.Tensor, count: int, assignment: np.ndarray | torch.Tensor
+) -> np.ndarray | torch.Tensor:
+    """(L, H, N) attention summed over a span's `count` tokens, (K, N) region assignment ->
+    (K, L*H) span features, layer-major (column l*H + h is layer l, head h).
 
-
-def _features_from_mean(mean: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
-    """(L, H, N) mean attention x (K, N) assignment -> (K, L*H), layer-major."""
-    l, h, n = mean.shape
-    a = _as_assignment(assignment, n, mean)
-    return (mean.reshape(l * h, n) @ a.T).T.contiguous()
+    The one place span features are computed. Numpy in, numpy out: the live worker's CPU path
+    stays in numpy (no torch call, so no GIL hand-over with the generation thread, and no tiny
+    matrix handed to a threaded BLAS that stalls when the cores are busy)."""
+    if count < 1:
+        raise ValueError("a span needs at least one recorded token")
+    l, h, n = total.shape
+    if tuple(assignment.shape[1:]) != (n,) or assignment.ndim != 2:
+        raise ValueError(f"assignment must be (K, {n}), got {tuple(assignment.shape)}")
+    if isinstance(total, np.ndarray) and isinstance(assignment, np.ndarray):
+        return (assignment @ total.reshape(l * h, n).T) / np.float32(count)
+    t = torch.as_tensor(total).float()
+    a = torch.as_tensor(assignment).to(device=t.device, dtype=torch.float32)
+    return torch.mm(a, t.reshape(l * h, n).T).div_(count)
 
 
 def region_features(token_attn: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
-    """Span features: (T, L, H, N) per-token attention, (K, N) region assignment -> (K, L*H).
-
-    Mean over the span's T tokens, summed over each region's tokens (a matmul with the
-    assignment, so soft assignments work too); column l*H + h is layer l, head h.
-    """
+    """Span features from its tokens' rows: (T, L, H, N) attention, (K, N) region assignment
+    (one-hot or soft) -> (K, L*H): the mean over the T tokens of each region's summed mass."""
     if token_attn.ndim != 4:
         raise ValueError(f"token_attn must be (T, L, H, N), got {tuple(token_attn.shape)}")
-    if token_attn.shape[0] == 0:
-        raise ValueError("a span needs at least one recorded token")
-    return _features_from_mean(token_attn.float().mean(0), assignment)
+    return features_from_sum(token_attn.float().sum(0), token_attn.shape[0], torch.as_tensor(assignment))
 
 
-class SpanAccumulator:
-    """Running sum of one open span's (L, H, N) rows, so its features are ready the moment it
-    closes: O(L*H*N) memory whatever the span length."""
-
-    def __init__(self) -> None:
-        self._sum: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, token_attn: torch.Tensor) -> None:
-        """Add one token's (L, H, N) row (or a (T, L, H, N) block)."""
-        t = token_attn.float()
-        if t.ndim == 4:
-            self.count += t.shape[0]
-            t = t.sum(0)
-        elif t.ndim == 3:
-            self.count += 1
-        else:
-            raise ValueError(f"expected (L, H, N) or (T, L, H, N), got {tuple(token_attn.shape)}")
-        self._sum = t.clone() if self._sum is None else self._sum + t
-
-    def mean(self) -> torch.Tensor:
-        if self._sum is None or self.count == 0:
-            raise ValueError("empty span: no recorded tokens")
-        return self._sum / self.count
-
-    def features(self, assignment: torch.Tensor) -> torch.Tensor:
-        """(K, L*H) features of the tokens added so far (same as `region_features`)."""
-        return _features_from_mean(self.mean(), assignment)
-
-    def close(self, assignment: torch.Tensor) -> torch.Tensor:
-        """Features of the span, then start a new empty span."""
-        out = self.features(assignment)
-        self.reset()
-        return out
-
-    def reset(self) -> None:
-        self._sum, self.count = None, 0
+def span_features(
+    recorder: AttentionRecorder, lo: int, hi: int, assignment: np.ndarray | torch.Tensor
+) -> np.ndarray | torch.Tensor:
+    """Features of recorded rows [lo, hi), in the form the recorder holds them (see `row_sum`)."""
+    return features_from_sum(recorder.row_sum(lo, hi), hi - lo, assignment)

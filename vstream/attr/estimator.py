@@ -43,7 +43,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,14 @@ class LinearEstimator(torch.nn.Module):
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """(..., K, L*H) features -> (..., K) per-region predicted effects (the attribution)."""
         return self._check(features) @ self.weight + self.region_bias
+
+    def numpy_predictor(self) -> Callable[[np.ndarray], np.ndarray]:
+        """`predict` as a numpy function of (K, L*H) float32 features, on a snapshot of the
+        weights: the live worker's CPU path, where torch's per-call dispatch costs more than the
+        arithmetic (and each torch call hands the GIL back and forth with generation)."""
+        w = self.weight.detach().float().cpu().numpy().copy()
+        c = np.float32(self.region_bias.detach().float().item())
+        return lambda features: (features @ w + c).astype(np.float32, copy=False)
 
     def predict_subsets(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """(K, L*H) features, (M, K) masks (True = ablated) -> (M,) predicted subset effects."""

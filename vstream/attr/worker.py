@@ -57,8 +57,9 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from vstream.attr.capture import AttentionRecorder, capturing, install
+from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
+from vstream.attr.estimator import LinearEstimator
 from vstream.model import VLMError, split_thinking
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.spans import Span, SpanSplitter
@@ -201,17 +202,6 @@ def _one_torch_thread_here() -> None:
         restore.join()
 
 
-def _linear_on_cpu(estimator: Any) -> tuple[np.ndarray, np.float32] | None:
-    """(w, c) of a CPU `LinearEstimator` as numpy, so a span's scores are one small matmul
-    (torch's per-call dispatch costs more than the arithmetic at these sizes); else None."""
-    from vstream.attr.estimator import LinearEstimator
-
-    if type(estimator) is not LinearEstimator or estimator.weight.device.type != "cpu":
-        return None
-    w = estimator.weight.detach().float().numpy().copy()
-    return w, np.float32(estimator.region_bias.detach().float().item())
-
-
 # ----------------------------------------------------------------------------------------------
 # the session
 
@@ -250,8 +240,9 @@ class _Run:
         if tuple(self.regions.assignment.shape) != (self.regions.k, n):
             raise VLMError(f"regions map onto {self.regions.assignment.shape[1]} tokens, the inputs have {n}")
         self.image_size = tuple(int(v) for v in self.regions.image_size)
-        self._assignment = self.regions.assignment.to(vlm.device, torch.float32)
-        self._assign_np = self._assignment.numpy() if self._assignment.device.type == "cpu" else None
+        assignment = self.regions.assignment.to(vlm.device, torch.float32)  # (K, N)
+        # numpy on the CPU: the span's features and scores then need no torch call at all
+        self._assignment = assignment.numpy() if assignment.device.type == "cpu" else assignment
         self._row_labels, self._cols = self.regions.pixel_index(self.image_size)  # heatmap painting
         self._est_device, self._est_dtype = _estimator_target(estimator)
         self._linear_np = None  # the probe goes through estimator.predict and its own checks
@@ -265,7 +256,8 @@ class _Run:
                 f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
                 f"{vlm.num_layers} layers x {vlm.num_heads} heads features): {type(e).__name__}: {e}"
             ) from e
-        self._linear_np = _linear_on_cpu(estimator)  # shapes checked by the probe above
+        if type(estimator) is LinearEstimator and estimator.weight.device.type == "cpu":
+            self._linear_np = estimator.numpy_predictor()  # shapes checked by the probe above
 
         self.recorder = AttentionRecorder.for_vlm(vlm)
         self.tracker = DynamicsTracker()
@@ -444,25 +436,10 @@ class _Run:
                 for ev in events:
                     self._out.put(ev)
 
-    def _features(self, lo: int, hi: int) -> torch.Tensor | np.ndarray:
-        """(K, L*H) region features of rows [lo, hi): the same numbers as
-        `capture.region_features(rows, assignment)` / `SpanAccumulator`. On the CPU path this is
-        numpy end to end (see `AttentionRecorder.row_sum`)."""
-        total = self.recorder.row_sum(lo, hi)
-        l, h, n = total.shape
-        if self._assign_np is not None:  # CPU: numpy's BLAS call is ~free at these sizes, while
-            # torch.mm hands tiny matrices to a threaded BLAS that stalls when cores are busy
-            total = total if isinstance(total, np.ndarray) else total.numpy()
-            f = self._assign_np @ total.reshape(l * h, n).T
-            return f / np.float32(hi - lo)
-        total = torch.as_tensor(total).to(self._assignment.device)
-        return torch.mm(self._assignment, total.reshape(l * h, n).T).div_(hi - lo)
-
     def _predict(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         k = features.shape[0]
         if self._linear_np is not None and isinstance(features, np.ndarray):
-            w, c = self._linear_np  # the same map as LinearEstimator.predict, without torch's dispatch
-            return (features @ w + c).astype(np.float32, copy=False)
+            return self._linear_np(features)
         features = torch.as_tensor(features)
         if features.device != self._est_device or features.dtype != self._est_dtype:
             features = features.to(self._est_device, self._est_dtype)
@@ -482,7 +459,7 @@ class _Run:
         path point (when a tracker is given) and the time the scores were ready. Public so the
         benchmark can replay it alone, after generation."""
         if hi > lo:
-            scores = self._predict(self._features(lo, hi))
+            scores = self._predict(span_features(self.recorder, lo, hi, self._assignment))
         else:
             scores = np.zeros(self.regions.k, dtype=np.float32)
         t_scores = time.perf_counter()
