@@ -20,9 +20,10 @@ from vstream.attr.baselines import (
 from vstream.attr.capture import region_features
 from vstream.attr.labels import trace_with_attention
 from vstream.attr.regions import regions_for
-from vstream.world.shapes import Scene, Step, make_scene
 from vstream.attr.spans import Span
+from vstream.cli import evaluate as evaluate_cli
 from vstream.model import load_vlm
+from vstream.world.shapes import Scene, Step, make_scene
 
 N_NEW = 10
 
@@ -194,8 +195,8 @@ def test_top_masks_and_step_matching():
 def test_evaluate_json_has_every_key(tiny_qwen2_5_vl_dir, tmp_path, monkeypatch, capsys):
     est_file = tmp_path / "stand-in.safetensors"
     est_file.write_bytes(b"")  # main only checks that it exists; loading is monkeypatched
-    monkeypatch.setattr(E, "load_estimator", lambda path, vlm: StandIn(vlm.num_layers * vlm.num_heads))
-    rc = E.main(["--json", "--n", "3", "--model", str(tiny_qwen2_5_vl_dir), "--estimator", str(est_file),
+    monkeypatch.setattr(evaluate_cli, "load_estimator", lambda path, vlm: StandIn(vlm.num_layers * vlm.num_heads))
+    rc = evaluate_cli.main(["--json", "--n", "3", "--model", str(tiny_qwen2_5_vl_dir), "--estimator", str(est_file),
                  "--max-new-tokens", "12"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

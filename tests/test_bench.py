@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from vstream.attr.bench import TARGETS, main
+from vstream.attr.bench import TARGETS
+from vstream.cli.bench import main
 
 
 def test_bench_json_last_line(tiny_qwen2_5_vl_dir, capsys):

@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from vstream.cli import train_demo as train_demo_cli
+from vstream.model import VLMError, load_vlm
 from vstream.world import train_demo
 from vstream.world.assets import DEMO_MODEL_DIR
-from vstream.world.demo_model import MERGE, PATCH, Collator, make_image_processor, make_tokenizer
+from vstream.world.demo_model import (
+    MERGE,
+    PATCH,
+    Collator,
+    make_image_processor,
+    make_tokenizer,
+)
 from vstream.world.eval_model import check_heldout, evaluate, parse_answer
 from vstream.world.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
-from vstream.model import VLMError, load_vlm
 
 SIDE = SIZE // train_demo.TOKEN_PX  # image tokens per side
 
@@ -67,9 +74,9 @@ def test_tokenizer_is_deterministic(tok):
 def test_train_resume_and_load(tmp_path):
     out, run = tmp_path / "model", tmp_path / "run"
     args = ["--batch-size", "2", "--out", str(out), "--run-dir", str(run), "--save-every", "1"]
-    train_demo.main(["--steps", "2", *args])
+    train_demo_cli.main(["--steps", "2", *args])
     assert json.loads((run / "latest" / "step.json").read_text())["step"] == 2
-    train_demo.main(["--steps", "3", "--workers", "1", *args])  # resumes at step 2, does one more (loader process)
+    train_demo_cli.main(["--steps", "3", "--workers", "1", *args])  # resumes at step 2, does one more (loader process)
     meta = json.loads((out / "training.json").read_text())
     assert meta["trained_steps"] == 3 and meta["train_seeds"][1] <= HELDOUT_SEEDS.start
     vlm = load_vlm(str(out))

@@ -12,9 +12,7 @@ import torch
 
 from vstream.attr import estimator as E
 from vstream.attr import labels as LB
-from vstream.model import VLMError
-from vstream.model import load_vlm
-
+from vstream.model import VLMError, load_vlm, model_identity, model_name
 
 # ----------------------------------------------------------------------------------------------
 # labels
@@ -43,7 +41,7 @@ def test_label_shards_round_trip_and_resume(own_tiny, tmp_path):
                      "labels-0000002.json", "labels-0000002.safetensors"]
     assert all(_is_safetensors(p) for p in out.glob("*.safetensors"))  # never pickle
     cfg, back = LB.load_labels(out)
-    assert cfg["model"] == LB.model_name(vlm) and cfg["num_layers"] == 2 and cfg["num_heads"] == 4
+    assert cfg["model"] == model_name(vlm) and cfg["num_layers"] == 2 and cfg["num_heads"] == 4
     assert [e.index for e in back] == [0, 1, 2]
     for a, b in zip(new, back):
         s, k, n = a.n_spans, a.k, vlm.num_layers * vlm.num_heads
@@ -175,8 +173,8 @@ def test_load_refusals(tmp_path):
 
 def test_check_against_real_model(tiny_qwen2_5_vl, tmp_path):
     vlm = tiny_qwen2_5_vl
-    est = E.LinearEstimator(vlm.num_layers, vlm.num_heads, LB.model_identity(vlm))
-    assert E.load(est.save(tmp_path / "e.safetensors"), vlm).meta["model"] == LB.model_name(vlm)
+    est = E.LinearEstimator(vlm.num_layers, vlm.num_heads, model_identity(vlm))
+    assert E.load(est.save(tmp_path / "e.safetensors"), vlm).meta["model"] == model_name(vlm)
 
 
 # ----------------------------------------------------------------------------------------------

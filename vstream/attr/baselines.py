@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vstream.attr.ablation import ablation_effects
 from vstream.attr.capture import region_features
 
 __all__ = [
@@ -231,7 +232,6 @@ def input_x_gradient(ctx: AttributionContext) -> np.ndarray:
 @register("occlusion")
 def occlusion(ctx: AttributionContext) -> np.ndarray:
     """Leave-one-region-out: effect of ablating each region alone (K masks, one batched call)."""
-    from vstream.attr.ablation import ablation_effects
 
     masks = torch.eye(ctx.k, dtype=torch.bool)
     eff = ablation_effects(ctx.vlm, ctx.inputs, ctx.generated_ids, list(ctx.spans), masks, ctx.assignment)

@@ -40,8 +40,6 @@ on the weights) and the JSON says so. The last output line is the JSON object.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -49,9 +47,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.attr.ablation import PlaceholderInTrace
-from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR
+from vstream.attr.ablation import PlaceholderInTrace, ablation_effects
+from vstream.attr.capture import uninstall
+from vstream.attr.dynamics import DynamicsTracker
+from vstream.attr.estimator import load
+from vstream.attr.worker import DoneEvent, SpanEvent, TokenEvent, attribute_stream
 from vstream.model import VLMError
+from vstream.world.assets import DEMO_ESTIMATOR
+from vstream.world.shapes import scenes
 
 DEFAULT_ESTIMATOR = DEMO_ESTIMATOR
 DEFAULT_START = 200_000  # held-out offset, disjoint from eval-model (0..) and evaluate (100_000..)
@@ -73,7 +76,6 @@ class RandomLinearEstimator:
 
 def load_estimator(path: str | None, vlm: Any) -> tuple[Any, str]:
     """The trained estimator from `path` (default: the shipped demo file), else the stand-in."""
-    from vstream.attr.estimator import load
 
     if path:  # load() refuses a missing or foreign file with a one-line VLMError
         return load(path, vlm), path
@@ -93,7 +95,6 @@ def _decode(times: list[float]) -> tuple[int, float]:
 
 
 def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], list[float], list[float]]:
-    from vstream.attr.capture import uninstall
 
     uninstall(vlm)
     ids, times, cpu = [], [], []
@@ -105,7 +106,6 @@ def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], li
 
 
 def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None, max_new_tokens: int) -> dict:
-    from vstream.attr.worker import DoneEvent, SpanEvent, TokenEvent, attribute_stream
 
     t0 = time.perf_counter()
     session = attribute_stream(vlm, image, question, estimator, k=k, max_new_tokens=max_new_tokens)
@@ -126,8 +126,6 @@ def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None,
 
 
 def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[Any]) -> float:
-    from vstream.attr.ablation import ablation_effects
-    from vstream.attr.capture import uninstall
 
     uninstall(vlm)
     k = session.regions.k
@@ -145,7 +143,6 @@ def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[
 def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, float]:
     """The worker's per-span computation replayed alone on the recorded rows, wall clock:
     (all of it, scores only)."""
-    from vstream.attr.dynamics import DynamicsTracker
 
     tracker = DynamicsTracker()
     total = scores_only = 0.0
@@ -161,7 +158,6 @@ def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, flo
 
 def bench(vlm: Any, estimator: Any, n: int = 24, start: int = DEFAULT_START, max_new_tokens: int = 128,
           k: int | None = None, warmup: int = 1, occlusion: bool = True, progress: bool = True) -> dict:
-    from vstream.world.shapes import scenes
 
     items = scenes("heldout", start, n + warmup)
     plain_iv = plain_s = live_iv = live_s = plain_cpu = live_cpu = 0
@@ -257,43 +253,3 @@ def bench(vlm: Any, estimator: Any, n: int = 24, start: int = DEFAULT_START, max
         for key, (op, v) in TARGETS.items()
     }
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
-    ap.add_argument("--estimator", default=None,
-                    help=f"estimator .safetensors (default {DEFAULT_ESTIMATOR.name}; random stand-in if absent)")
-    ap.add_argument("--n", type=int, default=24, help="held-out prompts measured (plus one warm-up); the decode-speed ratio is noisy on shared CPUs, so not too few")
-    ap.add_argument("--start", type=int, default=DEFAULT_START, help="offset into the held-out seed range")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--k", type=int, default=None, help="regions (default: auto)")
-    ap.add_argument("--no-occlusion", action="store_true", help="skip the occlusion timing")
-    ap.add_argument("--json", action="store_true", help="print only the summary JSON (as the last line)")
-    args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error("--n must be >= 1")
-    try:
-        from vstream.model import load_vlm
-
-        vlm = load_vlm(args.model)
-        est, est_name = load_estimator(args.estimator, vlm)
-        res = bench(vlm, est, n=args.n, start=args.start, max_new_tokens=args.max_new_tokens, k=args.k,
-                    occlusion=not args.no_occlusion)
-    except (VLMError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    res["estimator"] = est_name
-    res["model"] = str(args.model)
-    if not args.json:
-        print(f"decode tokens/s: plain {res['tokens_per_s_plain']}, live {res['tokens_per_s_live']} "
-              f"-> overhead_ratio {res['overhead_ratio']} (target >= 0.90)")
-        print(f"span latency ms: p50 {res['span_latency_ms_p50']}, p95 {res['span_latency_ms_p95']} (target p95 <= 50)")
-        print(f"seconds per span: vSTREAM {res['vstream_s_per_span']}, occlusion {res['occlusion_s_per_span']} "
-              f"-> speedup {res['speedup_vs_occlusion']} (target >= 100)")
-    print(json.dumps(res))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -367,7 +367,11 @@ def _vstream_sdpa_forward(
 def _register() -> None:
     """Register `vstream_sdpa` with transformers (idempotent, process-wide)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+        sdpa_mask,
+    )
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     with _register_lock:

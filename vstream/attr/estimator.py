@@ -39,9 +39,7 @@ made for another layer/head count, or (unless overridden) another model.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -50,7 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.model import VLMError
+from vstream.attr.labels import load_labels
+from vstream.model import VLMError, model_name
 
 __all__ = [
     "FORMAT",
@@ -144,7 +143,6 @@ class LinearEstimator(torch.nn.Module):
 
     def check_compatible(self, vlm: Any, allow_model_mismatch: bool = False, where: str = "estimator") -> None:
         """Raise a one-line VLMError if this estimator cannot read `vlm`'s attention features."""
-        from vstream.attr.labels import model_name
 
         name, arch = model_name(vlm), str(vlm.arch)
         mine = self.meta.get("model", "?")
@@ -353,7 +351,6 @@ def train(
     best epoch and are reported (with the raw-attention baseline); with `refit` the final
     estimator is then trained on all examples for that many epochs. `region_bias`: learn the
     per-region constant c (else c = 0)."""
-    from vstream.attr.labels import load_labels
 
     if isinstance(label_dirs, (str, Path)) or (
         isinstance(label_dirs, (list, tuple)) and label_dirs and isinstance(label_dirs[0], (str, Path))
@@ -481,45 +478,16 @@ def _fit(tr_ex: Sequence[Any], val_ex: Sequence[Any], lh: int, epochs: int, lr: 
     return w_raw * a, float(b), int(best[2])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream train-estimator", description=__doc__.splitlines()[0])
-    ap.add_argument("--labels", type=Path, nargs="+", default=[Path("runs/labels")], help="label folder(s)")
-    ap.add_argument("--out", type=Path, default=Path("assets/estimator-demo.safetensors"))
-    ap.add_argument("--eval", type=Path, nargs="*", default=[], help="held-out label folder(s) to report on")
-    ap.add_argument("--epochs", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--val-fraction", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-refit", action="store_true", help="keep the model trained without the validation share")
-    ap.add_argument("--no-region-bias", action="store_true", help="region score = w . f only (no shared constant)")
-    args = ap.parse_args(argv)
-    from vstream.attr.labels import load_labels
-
-    try:
-        est, report = train(args.labels, args.epochs, args.lr, args.val_fraction, args.seed, refit=not args.no_refit,
-                            region_bias=not args.no_region_bias)
-        if args.eval:
-            cfg, held = load_labels(args.eval)
-            if cfg.get("model") != est.meta.get("model") or cfg.get("num_heads") != est.num_heads:
-                raise VLMError(f"--eval labels come from {cfg.get('model')!r}, the estimator from {est.meta.get('model')!r}")
-            overlap = [e.seed for e in held if in_ranges(int(e.seed), est.meta["train_seeds"])]
-            if overlap:
-                raise VLMError(f"--eval labels share {len(overlap)} scene seeds with the training labels")
-            report["heldout"] = evaluate(est, held)
-            report["heldout_raw_attention"] = evaluate(None, held)
-            est.meta["heldout"] = {"label_dirs": [str(d) for d in args.eval], **report["heldout"],
-                                   "raw_attention_lds": report["heldout_raw_attention"]["lds"]}
-        est.meta["report"] = {k: v for k, v in report.items() if k != "heldout"}
-        est.save(args.out)
-    except VLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    side = args.out.with_suffix(".json")
-    side.write_text(json.dumps({"estimator": str(args.out), **report,
-                                "meta": est.meta}, indent=1))
-    print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def heldout_report(est: LinearEstimator, label_dirs: Sequence[str | Path]) -> dict[str, Any]:
+    """LDS / R^2 of `est` and of raw attention on held-out label folders, recorded in the
+    estimator's metadata too; refuses labels of another model or sharing training seeds."""
+    cfg, held = load_labels(label_dirs)
+    if cfg.get("model") != est.meta.get("model") or cfg.get("num_heads") != est.num_heads:
+        raise VLMError(f"--eval labels come from {cfg.get('model')!r}, the estimator from {est.meta.get('model')!r}")
+    overlap = [e.seed for e in held if in_ranges(int(e.seed), est.meta["train_seeds"])]
+    if overlap:
+        raise VLMError(f"--eval labels share {len(overlap)} scene seeds with the training labels")
+    report = {"heldout": evaluate(est, held), "heldout_raw_attention": evaluate(None, held)}
+    est.meta["heldout"] = {"label_dirs": [str(d) for d in label_dirs], **report["heldout"],
+                           "raw_attention_lds": report["heldout_raw_attention"]["lds"]}
+    return report

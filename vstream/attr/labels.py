@@ -27,12 +27,8 @@ setup (model, split, K rule, masks, ...) in `--out` is refused.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
-import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +37,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.attr.ablation import PlaceholderInTrace
-from vstream.model import VLMError
+from vstream.attr import capture as C
+from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
+from vstream.attr.capture import region_features
+from vstream.attr.regions import (
+    K_MAX,
+    K_MIN,
+    TOKENS_PER_REGION,
+    load_backbone,
+    regions_for,
+)
+from vstream.attr.spans import SpanSplitter
+from vstream.model import IncrementalDecoder, VLMError, model_identity
+from vstream.world.shapes import scenes
 
 __all__ = [
     "FORMAT",
@@ -52,8 +59,6 @@ __all__ = [
     "draw_masks",
     "label_example",
     "load_labels",
-    "model_identity",
-    "model_name",
     "read_shard",
     "trace_with_attention",
     "write_shard",
@@ -69,34 +74,7 @@ _CONFIG_KEYS = ("format", "model", "model_type", "num_layers", "num_heads", "spl
                 "masks_per_example", "keep_prob", "seed", "max_new_tokens", "span_kinds")
 
 
-# ----------------------------------------------------------------------------------------------
-# model identity
-
-
-def model_name(vlm: Any) -> str:
-    """A portable name for the loaded model: the hub id ("org/name") for hub ids and hub-cache
-    snapshots, otherwise the model folder's name (e.g. "demo-model")."""
-    raw = str(getattr(vlm.model, "name_or_path", "") or getattr(vlm.model.config, "_name_or_path", "") or "")
-    m = re.search(r"models--([^/\\]+)--([^/\\]+)[/\\]snapshots", raw)
-    if m:
-        return f"{m.group(1)}/{m.group(2)}"
-    p = Path(raw)
-    if raw and p.exists():
-        return p.resolve().name
-    return raw.rstrip("/\\")
-
-
-def model_identity(vlm: Any) -> dict[str, Any]:
-    return {
-        "model": model_name(vlm),
-        "model_type": str(vlm.arch),
-        "num_layers": int(vlm.num_layers),
-        "num_heads": int(vlm.num_heads),
-    }
-
-
 def k_rule(k: int | None) -> str:
-    from vstream.attr.regions import K_MAX, K_MIN, TOKENS_PER_REGION
 
     if k is None:
         return f"auto: one region per {TOKENS_PER_REGION} image tokens, clamped to [{K_MIN}, {K_MAX}]"
@@ -158,7 +136,6 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
     when generation was cut by `max_new_tokens` the last token's row is completed by
     `capture.finalize`, so every visible token has one.
     """
-    from vstream.attr import capture as C
 
     rec = C.AttentionRecorder.for_vlm(vlm, keep_cpu=True)
     gc = vlm.generation_kwargs(max_new_tokens, False, 1.0)["generation_config"]
@@ -183,8 +160,6 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
 
 def thought_spans(vlm: Any, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Any], str]:
     """Split the trace like the live pipeline does (token by token); keep spans of `kinds`."""
-    from vstream.attr.spans import SpanSplitter
-    from vstream.model import IncrementalDecoder
 
     dec = IncrementalDecoder(vlm.tokenizer)
     sp = SpanSplitter()
@@ -217,9 +192,6 @@ def label_example(
     batch_size: int | None = None,
 ) -> LabeledExample | None:
     """Label one scene (see the module doc). None when its trace has no span of `span_kinds`."""
-    from vstream.attr.ablation import ablation_effects
-    from vstream.attr.capture import region_features
-    from vstream.attr.regions import regions_for
 
     inputs = vlm.build_inputs(scene.question, image=scene.image())
     tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)
@@ -360,7 +332,6 @@ def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any]
 def run_config(vlm: Any, split: str, masks_per_example: int, keep_prob: float, k: int | None,
                backbone_name: str, seed: int, max_new_tokens: int,
                span_kinds: Sequence[str] = ("thought",)) -> dict[str, Any]:
-    from vstream.attr.ablation import OPERATOR
 
     return {
         "format": FORMAT, **model_identity(vlm), "split": split, "backbone": backbone_name,
@@ -395,8 +366,6 @@ def collect(
     """
     from tqdm.auto import tqdm
 
-    from vstream.attr.regions import load_backbone
-    from vstream.world.shapes import scenes
 
     if not 0 < float(keep_prob) < 1:
         raise VLMError(f"keep_prob must be in (0, 1), got {keep_prob}")
@@ -443,57 +412,3 @@ def collect(
     finally:
         bar.close()
     return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    from vstream.world.assets import DEMO_MODEL_DIR
-
-    ap = argparse.ArgumentParser(prog="python -m vstream collect", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or hub id (default: the demo model)")
-    ap.add_argument("--n", type=int, default=2000, help="number of scenes")
-    ap.add_argument("--start", type=int, default=0, help="offset of the first scene in the split")
-    ap.add_argument("--split", choices=("train", "heldout"), default="train")
-    ap.add_argument("--out", type=Path, default=Path("runs/labels"))
-    ap.add_argument("--masks", type=int, default=32, help="random region masks per example")
-    ap.add_argument("--keep-prob", type=float, default=0.5)
-    ap.add_argument("--k", type=int, default=None, help="regions per image (default: auto)")
-    ap.add_argument("--backbone", default=None, help="region backbone: pixels (default) or a DINOv3 id/path")
-    ap.add_argument("--seed", type=int, default=0, help="mask seed (combined with each scene's seed)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--shard-size", type=int, default=25, help="examples per shard file")
-    ap.add_argument("--dtype", default="auto")
-    args = ap.parse_args(argv)
-
-    from accelerate import Accelerator
-
-    from vstream.model import load_vlm
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    try:
-        vlm = load_vlm(args.model, dtype=args.dtype, device=acc.device)
-        t0 = time.perf_counter()
-        new = collect(vlm, args.n, args.split, args.start, args.masks, args.keep_prob, args.k, args.backbone,
-                      args.seed, args.max_new_tokens, out=args.out, process_index=acc.process_index,
-                      num_processes=acc.num_processes, shard_size=args.shard_size,
-                      progress=acc.is_local_main_process)
-        dt = time.perf_counter() - t0
-    except VLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    acc.wait_for_everyone()
-    mine = {
-        "process": acc.process_index, "new_examples": len(new), "seconds": round(dt, 1),
-        "s_per_example": round(dt / len(new), 3) if new else None,
-    }
-    print(json.dumps(mine), file=sys.stderr)
-    if acc.is_main_process:
-        _, exs = load_labels(args.out)
-        print(json.dumps({
-            "out": str(args.out), "examples": len(exs), "spans": sum(e.n_spans for e in exs),
-            "processes": acc.num_processes, "this_process": mine,
-        }))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

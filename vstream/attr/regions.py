@@ -29,7 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vstream.model import VLMError, normalize_image_with_size
+from vstream.model import (
+    VLMError,
+    normalize_image_with_size,
+    read_model_config,
+    resolve_device,
+    resolve_model_path,
+)
 
 __all__ = [
     "K_MAX",
@@ -163,7 +169,6 @@ class DinoV3Backbone:
         image_size: int | None = None,
         normalize: bool = True,
     ):
-        from vstream.model import resolve_model_path, resolve_device, read_model_config  # shared folder / hub-id handling
 
         try:
             path = resolve_model_path(str(name_or_path), trust_remote_code=False)

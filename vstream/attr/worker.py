@@ -60,9 +60,9 @@ import torch
 from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import LinearEstimator
-from vstream.model import VLMError, split_thinking
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.spans import Span, SpanSplitter
+from vstream.model import IncrementalDecoder, VLMError, event_stop, split_thinking
 
 __all__ = [
     "AttributionSession",
@@ -341,7 +341,6 @@ class _Run:
     def _generate(self) -> None:
         from transformers import StoppingCriteriaList
 
-        from vstream.model import IncrementalDecoder, event_stop
 
         self._decoder = IncrementalDecoder(self.vlm.tokenizer)
         kw = dict(self._gen_kwargs)

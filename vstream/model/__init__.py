@@ -6,10 +6,22 @@ one-line `VLMError`.
 """
 from vstream.model.decoding import IncrementalDecoder, event_stop
 from vstream.model.errors import VLMError
+from vstream.model.identity import model_identity, model_name
 from vstream.model.images import normalize_image, normalize_image_with_size
 from vstream.model.inputs import VLMInputs
-from vstream.model.loading import load_vlm, read_model_config, resolve_device, resolve_model_path
-from vstream.model.thinking import END_OF_STEP, THINK_CLOSE, THINK_OPEN, normalize_answer, split_thinking
+from vstream.model.loading import (
+    load_vlm,
+    read_model_config,
+    resolve_device,
+    resolve_model_path,
+)
+from vstream.model.thinking import (
+    END_OF_STEP,
+    THINK_CLOSE,
+    THINK_OPEN,
+    normalize_answer,
+    split_thinking,
+)
 from vstream.model.vlm import SUPPORTED_MODEL_TYPES, VLM
 
 __all__ = [
@@ -23,6 +35,8 @@ __all__ = [
     "VLMInputs",
     "event_stop",
     "load_vlm",
+    "model_identity",
+    "model_name",
     "normalize_answer",
     "normalize_image",
     "normalize_image_with_size",

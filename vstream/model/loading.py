@@ -50,7 +50,9 @@ def load_vlm(
 
     import transformers
     from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     cls_name = SUPPORTED_MODEL_TYPES[model_type]
     cls = getattr(transformers, cls_name, None)

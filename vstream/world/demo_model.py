@@ -8,10 +8,11 @@ and turning scenes into model batches.
 """
 from __future__ import annotations
 
-
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 
 from vstream.world.shapes import COLORS, FAMILIES, SHAPES, SIZE, Scene, scenes
 from vstream.world.tokenizer import build_tokenizer, special_ids

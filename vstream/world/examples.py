@@ -4,14 +4,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from vstream.world.assets import EXAMPLES_DIR
 from vstream.world.shapes import FAMILIES, scenes
 from vstream.world.shapes_video import streams
-
 
 
 def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: int = 2, fps: int = 10) -> dict:
@@ -30,14 +28,3 @@ def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: in
         index["streams"].append({"file": name} | st.to_dict())
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream render-examples", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=EXAMPLES_DIR)
-    ap.add_argument("--per-family", type=int, default=3)
-    ap.add_argument("--streams", type=int, default=2)
-    args = ap.parse_args(argv)
-    idx = render_examples(args.out, args.per_family, args.streams)
-    print(f"wrote {len(idx['scenes'])} scenes and {len(idx['streams'])} streams to {args.out}")
-    return 0

@@ -15,7 +15,6 @@ rerunning the same command resumes from the latest one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -27,10 +26,33 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
 from vstream.world.assets import DEMO_MODEL_DIR
-from vstream.world.demo_model import MERGE, PATCH, Collator, build_demo_model, make_image_processor, make_tokenizer
-from vstream.world.shapes import CELL, COLORS, GRID, SHAPES, SIZE, TRAIN_SEEDS, Scene, make_inventory, make_scene
+from vstream.world.checkpoints import (
+    agreed_seconds,
+    lr_at,
+    resume,
+    save_final,
+    save_step,
+)
+from vstream.world.demo_model import (
+    MERGE,
+    PATCH,
+    Collator,
+    build_demo_model,
+    make_image_processor,
+    make_tokenizer,
+)
+from vstream.world.shapes import (
+    CELL,
+    COLORS,
+    GRID,
+    SHAPES,
+    SIZE,
+    TRAIN_SEEDS,
+    Scene,
+    make_inventory,
+    make_scene,
+)
 
 INVENTORY_SHARE = 2  # out of every 10 training samples: the dense "List every object." task
 
@@ -141,53 +163,52 @@ class WithProbe(torch.nn.Module):
         return lm + self.weight * probe, probe.detach()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m vstream train-demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (the LR schedule spans these)")
-    ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
-    ap.add_argument("--batch-size", type=int, default=32, help="per process")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="where the final model is saved")
-    ap.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="checkpoints for resuming")
-    ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=0, help="data-loader processes per training process "
-                    "(0: render scenes in the training process; use a few on a GPU, where rendering is the bottleneck)")
-    ap.add_argument("--probe-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
-    ap.add_argument("--position-probe", action="store_true", help="also probe each vision token's grid row and "
-                    "column (not used for the shipped model yet)")
-    args = ap.parse_args(argv)
+def train(
+    steps: int = 2000,
+    minutes: float | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    out: Path = DEMO_MODEL_DIR,
+    run_dir: Path = Path("runs/demo"),
+    save_every: int = 200,
+    seed: int = 0,
+    workers: int = 0,
+    probe_weight: float = 1.0,
+    position_probe: bool = False,
+) -> dict | None:
+    """Train (or resume) the demo model in every process of the current accelerate launch;
+    returns the training record on the main process (None on the others)."""
 
     # cpu=True without CUDA: then `--multi_gpu --num_processes N` runs N gloo processes on CPU
     acc = Accelerator(cpu=not torch.cuda.is_available())
     acc.print(f"{acc.num_processes} process(es) on {acc.device}, {acc.distributed_type}")
-    set_seed(args.seed)
+    set_seed(seed)
     tok = make_tokenizer()
     ip = make_image_processor()
-    model = WithProbe(build_demo_model(tok), tok, weight=args.probe_weight, position=args.position_probe)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    data = TrainScenes(args.steps * args.batch_size * acc.num_processes)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip),
-                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    model = WithProbe(build_demo_model(tok), tok, weight=probe_weight, position=position_probe)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    data = TrainScenes(steps * batch_size * acc.num_processes)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip),
+                        num_workers=workers, persistent_workers=workers > 0)
     model, opt, loader = acc.prepare(model, opt, loader)
 
-    state = args.run_dir / "latest"
+    state = run_dir / "latest"
     record = resume(acc, state)
     start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
     pema = None
     batches = acc.skip_first_batches(loader, start) if start else loader
 
     t0 = time.time()
-    bar = tqdm(total=args.steps, initial=start, disable=not acc.is_main_process, desc="train demo")
+    bar = tqdm(total=steps, initial=start, disable=not acc.is_main_process, desc="train demo")
     step = start
     model.train()
     for batch in batches:
-        if step >= args.steps:
+        if step >= steps:
             break
         spent = agreed_seconds(acc, before + time.time() - t0)  # same LR and stop step everywhere
-        time_frac = spent / (args.minutes * 60) if args.minutes else 0.0
+        time_frac = spent / (minutes * 60) if minutes else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, 100, time_frac)
+            g["lr"] = lr_at(step, steps, lr, 100, time_frac)
         loss, probe = model(**batch)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
@@ -198,11 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         pema = probe.item() if pema is None else 0.98 * pema + 0.02 * probe.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", probe=f"{pema:.3f}")
-        out_of_time = args.minutes is not None and spent > args.minutes * 60
-        if step % args.save_every == 0 or out_of_time or step == args.steps:
+        out_of_time = minutes is not None and spent > minutes * 60
+        if step % save_every == 0 or out_of_time or step == steps:
             save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0})
         if out_of_time:
-            acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
+            acc.print(f"stopping at step {step}: --minutes {minutes} reached")
             break
     bar.close()
 
@@ -211,18 +232,17 @@ def main(argv: list[str] | None = None) -> None:
         final = acc.unwrap_model(model).model
         meta = {
             "trained_steps": step,
-            "batch_size": args.batch_size * acc.num_processes,
-            "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.start + step * args.batch_size * acc.num_processes],
+            "batch_size": batch_size * acc.num_processes,
+            "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.start + step * batch_size * acc.num_processes],
             "minutes": round((before + time.time() - t0) / 60, 2),
             "parameters": sum(p.numel() for p in final.parameters()),
             "final_loss_ema": ema,
             "final_probe_loss_ema": pema,
             "processes": acc.num_processes,
-            "position_probe": args.position_probe,
+            "position_probe": position_probe,
         }
-        save_final(final, tok, ip, args.out, meta)
+        save_final(final, tok, ip, out, meta)
         acc.print(json.dumps(meta))
+        return meta
+    return None
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,41 @@
+"""python -m vstream eval-model"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vstream.model import VLMError, load_vlm
+from vstream.world import eval_model
+from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.eval_model import check_heldout, evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vstream eval-model", description=(eval_model.__doc__ or '').splitlines()[0])
+    ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
+    ap.add_argument("--n", type=int, default=600, help="scenes of --split (families cycle, so 600 = 100 each)")
+    ap.add_argument("--start", type=int, default=0, help="offset into the split's seed range")
+    ap.add_argument("--split", choices=("heldout", "val"), default="heldout",
+                    help="held-out scenes for reporting; validation scenes for choosing a recipe")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--json", action="store_true", help="print only the summary JSON as the last line")
+    args = ap.parse_args(argv)
+    try:
+        if Path(args.model).is_dir():
+            check_heldout(Path(args.model), args.split)
+        vlm = load_vlm(args.model)
+        res = evaluate(vlm, args.n, args.start, args.batch_size, progress=True, split=args.split)
+    except (VLMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        for ex in res["failed_examples"]:
+            print(f"[{ex['seed']}] {ex['question']}\n  truth:  {ex['truth']}\n  output: {ex['output']}")
+        print(f"accuracy {res['accuracy']:.3f} on {res['n']} {args.split} scenes")
+        for f, a in res["per_family"].items():
+            print(f"  {f:10s} {a:.3f}")
+    print(json.dumps(res))
+    return 0
+
