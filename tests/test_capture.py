@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from vstream.attr import capture as C
-from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.model import VLM, load_vlm
+from vstream.world.assets import DEMO_MODEL_DIR
 
 N_NEW = 12
 ATOL = 1e-4
@@ -222,7 +222,9 @@ def test_recorder_threads_and_partial_steps():
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_decode_row_matches_eager_kernel(heads, kv_heads, mask):
     """GQA pairing and mask handling of the single-row computation vs transformers' eager."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        eager_attention_forward,
+    )
 
     torch.manual_seed(heads * 10 + kv_heads)
     d, s = 16, 23
