@@ -1,4 +1,4 @@
-"""Attribution baselines (vstream.attr.baselines) and the evaluation (vstream.attr.evaluate), on tiny
+"""Attribution baselines (vstream.attr.methods) and the evaluation (vstream.attr.evaluate), on tiny
 random Qwen2.5-VL / Qwen3-VL models with a stand-in estimator."""
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import torch
 
 from vstream.attr import evaluate as E
 from vstream.attr.ablation import ablation_effects
-from vstream.attr.baselines import (
-    METHODS,
-    AttributionContext,
-    _language_model,
-    attribute,
-    teacher_forced_kwargs,
-)
 from vstream.attr.capture import region_features
 from vstream.attr.labels import trace_with_attention
+from vstream.attr.methods import METHODS, AttributionContext, attribute
 from vstream.attr.regions import regions_for
 from vstream.attr.spans import Span
 from vstream.cli import evaluate as evaluate_cli
@@ -91,7 +85,7 @@ def test_occlusion_equals_one_region_ablation(ctx):
 
 def _span_logps(vlm, inputs, gen, spans, positions=None, alpha=1.0) -> np.ndarray:
     """Teacher-forced span log-prob sums with the LLM input embeddings at `positions` x alpha."""
-    kw = teacher_forced_kwargs(vlm, inputs, gen)
+    kw = inputs.teacher_forced(gen)
 
     def pre(module, args, kwargs):
         e = kwargs["inputs_embeds"].clone()
@@ -100,7 +94,7 @@ def _span_logps(vlm, inputs, gen, spans, positions=None, alpha=1.0) -> np.ndarra
         kwargs["inputs_embeds"] = e
         return args, kwargs
 
-    h = _language_model(vlm).register_forward_pre_hook(pre, with_kwargs=True)
+    h = vlm.language_model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         with torch.no_grad():
             logits = vlm.model(**kw, use_cache=False).logits[0].double()

@@ -90,14 +90,6 @@ class TeacherForced:
         return int(self.generated.numel())
 
 
-def _inner(vlm: Any) -> Any:
-    """The multimodal base model (Qwen*VLModel) under the ...ForConditionalGeneration head."""
-    inner = getattr(vlm.model, "model", None)
-    if inner is None or not hasattr(inner, "get_rope_index"):
-        raise RuntimeError(f"unsupported model layout for ablation: {type(vlm.model).__name__}")
-    return inner
-
-
 def _as_generated(generated_ids: Any, device: torch.device) -> torch.Tensor:
     g = torch.as_tensor(generated_ids, dtype=torch.long).reshape(-1)
     if g.numel() == 0:
@@ -108,16 +100,16 @@ def _as_generated(generated_ids: Any, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def prepare(vlm: Any, inputs: Any, generated_ids: Any) -> TeacherForced:
     """Build the teacher-forced sequence and its unablated mRoPE positions (single image)."""
-    inner = _inner(vlm)
+    inner = vlm.base_model
     kw = inputs.model_kwargs
     if "pixel_values" not in kw:
         raise ValueError("region ablation needs an image input")
     dev = kw["input_ids"].device
     gen = _as_generated(generated_ids, dev)
     _check_trace(vlm, gen)
-    p = int(kw["input_ids"].shape[1])
-    ids = torch.cat([kw["input_ids"], gen[None]], dim=1)
-    mm = torch.cat([kw["mm_token_type_ids"], torch.zeros(1, gen.numel(), dtype=kw["mm_token_type_ids"].dtype, device=dev)], dim=1)
+    p = inputs.prompt_len
+    tf_kw = inputs.teacher_forced(gen)
+    ids, mm = tf_kw["input_ids"], tf_kw["mm_token_type_ids"]
     pos, _ = inner.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=torch.ones_like(ids),
                                   image_grid_thw=kw["image_grid_thw"])
     if pos.ndim != 3 or pos.shape[0] != 3:
@@ -144,7 +136,7 @@ def paint(pixel_values: torch.Tensor, token_masks: torch.Tensor, merge_size: int
 
 def _forward_logprobs(vlm: Any, tf: TeacherForced, token_masks: torch.Tensor) -> torch.Tensor:
     """(B, N) token masks -> (B, T) log p(y_t) teacher-forced on each painted image."""
-    inner = _inner(vlm)
+    inner = vlm.base_model
     b = token_masks.shape[0]
     enc = inner.get_image_features(paint(tf.pixel_values, token_masks, vlm.merge_size),
                                    tf.image_grid_thw.repeat(b, 1), return_dict=True)
@@ -185,7 +177,7 @@ def span_logprobs(
     Holds `vlm.lock`; the model's cached `rope_deltas` is left as it was.
     """
     with vlm.lock:
-        inner = _inner(vlm)
+        inner = vlm.base_model
         saved = getattr(inner, "rope_deltas", None)
         try:
             tf = prepared if prepared is not None else prepare(vlm, inputs, generated_ids)

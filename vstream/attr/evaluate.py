@@ -11,7 +11,7 @@ greedily with attention capture, compute regions (`regions_for`), cut the thinki
 * ground truth: 32 random region subsets (each region kept with probability 0.5, seeded by
   (mask seed, scene seed); True = ablated), their measured effects on every span with THE ablation operator
   (`vstream.attr.ablation.ablation_effects`);
-* every method's (n_spans, K) scores via `vstream.attr.baselines.attribute`, timed.
+* every method's (n_spans, K) scores via `vstream.attr.methods.attribute`, timed.
 
 Metrics (per method; "span" = a thinking span of the generated trace, the answer after
 `</think>` excluded, as in the estimator's labels):
@@ -53,10 +53,10 @@ import torch
 from tqdm.auto import tqdm
 
 from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
-from vstream.attr.baselines import METHODS, AttributionContext, attribute_timed
 from vstream.attr.estimator import lds as lds_fn
 from vstream.attr.estimator import load
 from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
+from vstream.attr.methods import METHODS, AttributionContext, attribute_timed
 from vstream.attr.regions import regions_for
 from vstream.attr.spans import Span
 from vstream.model import VLM

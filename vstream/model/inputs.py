@@ -44,6 +44,19 @@ class VLMInputs:
     def prompt_len(self) -> int:
         return int(self.model_kwargs["input_ids"].shape[1])
 
+    def teacher_forced(self, generated_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`model(**kw)` arguments over prompt + a generated trace, one sequence: the trace's
+        tokens appended to `input_ids`, `attention_mask` and `mm_token_type_ids` (as text)."""
+        kw = dict(self.model_kwargs)
+        ids = kw["input_ids"]
+        gen = torch.as_tensor(generated_ids).reshape(1, -1).to(device=ids.device, dtype=ids.dtype)
+        kw["input_ids"] = torch.cat([ids, gen], dim=1)
+        kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+        if "mm_token_type_ids" in kw:
+            mm = kw["mm_token_type_ids"]
+            kw["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(gen, dtype=mm.dtype)], dim=1)
+        return kw
+
 
 
 

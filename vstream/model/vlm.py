@@ -88,6 +88,23 @@ class VLM:
         return getattr(self.model.config, "text_config", self.model.config)
 
     @property
+    def base_model(self) -> torch.nn.Module:
+        """The multimodal base model (Qwen*VLModel: vision tower, decoder, `get_rope_index`)
+        under the generation head: what ablation and streaming drive directly."""
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "get_rope_index"):
+            raise RuntimeError(f"unsupported model layout: {type(self.model).__name__} has no multimodal base model")
+        return inner
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The text decoder, which takes `inputs_embeds` with the image features already in."""
+        lm = getattr(getattr(self.model, "model", None), "language_model", None)
+        if lm is None:
+            raise RuntimeError(f"cannot find the language model of {type(self.model).__name__} (model.model.language_model)")
+        return lm
+
+    @property
     def num_layers(self) -> int:
         return int(self.text_config.num_hidden_layers)
 

@@ -1,0 +1,105 @@
+"""The registry, the context every method reads, and the one `attribute` call."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vstream.attr.capture import region_features
+from vstream.attr.regions import Regions
+from vstream.attr.spans import Span
+from vstream.model import VLM, VLMInputs
+
+METHODS: dict[str, Callable[["AttributionContext"], np.ndarray]] = {}
+
+
+def register(name: str) -> Callable:
+    """Decorator: make `fn(ctx) -> (n_spans, K)` available as `attribute(name, ctx)`."""
+
+    def deco(fn: Callable[["AttributionContext"], np.ndarray]) -> Callable:
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class AttributionContext:
+    """Everything any method may need about one generated trace.
+
+    `generated_ids`: (T,) the visible generated tokens (eos dropped), the teacher-forced target.
+    `spans`: `vstream.attr.spans.Span`s whose token_start/token_end index `generated_ids`.
+    `assignment`: (K, N) region -> image token matrix (`Regions.assignment`).
+    `token_attn`: (T', L, H, N) recorded attention rows (row i = generated token i, see
+    `vstream.attr.capture`); or give `features` (n_spans, K, L*H) directly.
+    `estimator`: anything with `predict(features (K, L*H)) -> (K,)` (vSTREAM only).
+    """
+
+    vlm: VLM
+    inputs: VLMInputs
+    generated_ids: torch.Tensor
+    spans: Sequence[Span]
+    assignment: torch.Tensor
+    token_attn: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    estimator: Any = None
+    regions: Regions | None = None  # optional (drawing, pointing)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.assignment.shape[0])
+
+    @property
+    def n_spans(self) -> int:
+        return len(self.spans)
+
+    def span_features(self) -> torch.Tensor:
+        """(n_spans, K, L*H) float32 features; computed from `token_attn` on every call unless
+        `features` was given (so each method's timing includes this cheap pooling).
+        A span without any recorded row gets zeros."""
+        if self.features is not None:
+            f = torch.as_tensor(self.features).float()
+            if f.ndim != 3 or f.shape[0] != self.n_spans or f.shape[1] != self.k:
+                raise ValueError(f"features must be ({self.n_spans}, {self.k}, L*H), got {tuple(f.shape)}")
+            return f
+        if self.token_attn is None:
+            raise ValueError("this method needs token_attn (recorded attention rows) or features")
+        rows = self.token_attn
+        _, l, h, _ = rows.shape
+        assign = torch.as_tensor(self.assignment).to(rows.device)
+        out = torch.zeros(self.n_spans, self.k, l * h)
+        for i, s in enumerate(self.spans):
+            lo, hi = int(s.token_start), min(int(s.token_end), rows.shape[0])
+            if hi > lo:
+                out[i] = region_features(rows[lo:hi], assign).float().cpu()
+        return out
+
+
+def attribute(method: str, ctx: AttributionContext) -> np.ndarray:
+    """Region scores of every span: float64 array (ctx.n_spans, ctx.k)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}")
+    if ctx.n_spans == 0:
+        return np.zeros((0, ctx.k))
+    out = np.asarray(METHODS[method](ctx), dtype=np.float64)
+    if out.shape != (ctx.n_spans, ctx.k):
+        raise RuntimeError(f"{method} returned shape {out.shape}, expected {(ctx.n_spans, ctx.k)}")
+    return out
+
+
+def attribute_timed(method: str, ctx: AttributionContext) -> tuple[np.ndarray, float]:
+    """`attribute` plus its wall-clock seconds (whole trace; divide by n_spans for per span)."""
+    t0 = time.perf_counter()
+    out = attribute(method, ctx)
+    return out, time.perf_counter() - t0
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
