@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 
+from vstream.attr.spans import Span
+from vstream.model import VLM, VLMInputs
+
 __all__ = [
     "OPERATOR",
     "PlaceholderInTrace",
@@ -64,7 +67,7 @@ class PlaceholderInTrace(ValueError):
     would read each one as another image slot (and refuse the input): no effects for this trace."""
 
 
-def _check_trace(vlm: Any, gen: torch.Tensor) -> None:
+def _check_trace(vlm: VLM, gen: torch.Tensor) -> None:
     ids = {int(getattr(vlm, name)) for name in ("image_token_id", "video_token_id") if hasattr(vlm, name)}
     bad = sum(int((gen == i).sum()) for i in ids)
     if bad:
@@ -98,7 +101,7 @@ def _as_generated(generated_ids: Any, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare(vlm: Any, inputs: Any, generated_ids: Any) -> TeacherForced:
+def prepare(vlm: VLM, inputs: VLMInputs, generated_ids: Any) -> TeacherForced:
     """Build the teacher-forced sequence and its unablated mRoPE positions (single image)."""
     inner = vlm.base_model
     kw = inputs.model_kwargs
@@ -134,7 +137,7 @@ def paint(pixel_values: torch.Tensor, token_masks: torch.Tensor, merge_size: int
     return out.reshape(-1, pixel_values.shape[1])
 
 
-def _forward_logprobs(vlm: Any, tf: TeacherForced, token_masks: torch.Tensor) -> torch.Tensor:
+def _forward_logprobs(vlm: VLM, tf: TeacherForced, token_masks: torch.Tensor) -> torch.Tensor:
     """(B, N) token masks -> (B, T) log p(y_t) teacher-forced on each painted image."""
     inner = vlm.base_model
     b = token_masks.shape[0]
@@ -162,8 +165,8 @@ def _forward_logprobs(vlm: Any, tf: TeacherForced, token_masks: torch.Tensor) ->
 
 @torch.no_grad()
 def span_logprobs(
-    vlm: Any,
-    inputs: Any,
+    vlm: VLM,
+    inputs: VLMInputs,
     generated_ids: Any,
     ablate_token_masks: Any,
     batch_size: int | None = None,
@@ -205,7 +208,7 @@ def region_token_masks(region_masks: Any, assignment: torch.Tensor) -> torch.Ten
     return (r.to(torch.float32) @ (a.to(torch.float32).cpu() > 0).to(torch.float32)) > 0
 
 
-def _span_bounds(spans: Sequence[Any], t: int) -> list[tuple[int, int]]:
+def _span_bounds(spans: Sequence[Span], t: int) -> list[tuple[int, int]]:
     out = []
     for s in spans:
         lo, hi = (s.token_start, s.token_end) if hasattr(s, "token_start") else (int(s[0]), int(s[1]))
@@ -217,10 +220,10 @@ def _span_bounds(spans: Sequence[Any], t: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def ablation_effects(
-    vlm: Any,
-    inputs: Any,
+    vlm: VLM,
+    inputs: VLMInputs,
     generated_ids: Any,
-    spans: Sequence[Any],
+    spans: Sequence[Span],
     region_masks: Any,
     assignment: torch.Tensor,
     batch_size: int | None = None,

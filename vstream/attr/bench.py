@@ -50,9 +50,16 @@ import torch
 from vstream.attr.ablation import PlaceholderInTrace, ablation_effects
 from vstream.attr.capture import uninstall
 from vstream.attr.dynamics import DynamicsTracker
-from vstream.attr.estimator import load
-from vstream.attr.worker import DoneEvent, SpanEvent, TokenEvent, attribute_stream
-from vstream.model import VLMError
+from vstream.attr.estimator import Estimator, load
+from vstream.attr.spans import Span
+from vstream.attr.worker import (
+    AttributionSession,
+    DoneEvent,
+    SpanEvent,
+    TokenEvent,
+    attribute_stream,
+)
+from vstream.model import VLM, VLMError, VLMInputs
 from vstream.world.assets import DEMO_ESTIMATOR
 from vstream.world.shapes import scenes
 
@@ -74,7 +81,7 @@ class RandomLinearEstimator:
         return features.float().cpu() @ self.weight + self.bias
 
 
-def load_estimator(path: str | None, vlm: Any) -> tuple[Any, str]:
+def load_estimator(path: str | None, vlm: VLM) -> tuple[Any, str]:
     """The trained estimator from `path` (default: the shipped demo file), else the stand-in."""
 
     if path:  # load() refuses a missing or foreign file with a one-line VLMError
@@ -94,7 +101,7 @@ def _decode(times: list[float]) -> tuple[int, float]:
     return (len(times) - 1, times[-1] - times[0]) if len(times) >= 2 else (0, 0.0)
 
 
-def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], list[float], list[float]]:
+def run_plain(vlm: VLM, inputs: VLMInputs, max_new_tokens: int) -> tuple[list[int], list[float], list[float]]:
 
     uninstall(vlm)
     ids, times, cpu = [], [], []
@@ -105,7 +112,7 @@ def run_plain(vlm: Any, inputs: Any, max_new_tokens: int) -> tuple[list[int], li
     return ids, times, cpu
 
 
-def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None, max_new_tokens: int) -> dict:
+def run_live(vlm: VLM, image: Any, question: str, estimator: Estimator, k: int | None, max_new_tokens: int) -> dict:
 
     t0 = time.perf_counter()
     session = attribute_stream(vlm, image, question, estimator, k=k, max_new_tokens=max_new_tokens)
@@ -125,7 +132,7 @@ def run_live(vlm: Any, image: Any, question: str, estimator: Any, k: int | None,
     return {"session": session, "times": times, "cpu": cpu, "spans": spans, "done": done, "setup_s": setup}
 
 
-def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[Any]) -> float:
+def occlusion_seconds(vlm: VLM, session: AttributionSession, token_ids: list[int], spans: list[Span]) -> float:
 
     uninstall(vlm)
     k = session.regions.k
@@ -140,7 +147,7 @@ def occlusion_seconds(vlm: Any, session: Any, token_ids: list[int], spans: list[
     return dt
 
 
-def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, float]:
+def replay_seconds(vlm: VLM, session: AttributionSession, spans: list[Span]) -> tuple[float, float]:
     """The worker's per-span computation replayed alone on the recorded rows, wall clock:
     (all of it, scores only)."""
 
@@ -156,7 +163,7 @@ def replay_seconds(vlm: Any, session: Any, spans: list[Any]) -> tuple[float, flo
     return total, scores_only
 
 
-def bench(vlm: Any, estimator: Any, n: int = 24, start: int = DEFAULT_START, max_new_tokens: int = 128,
+def bench(vlm: VLM, estimator: Estimator, n: int = 24, start: int = DEFAULT_START, max_new_tokens: int = 128,
           k: int | None = None, warmup: int = 1, occlusion: bool = True, progress: bool = True) -> dict:
 
     items = scenes("heldout", start, n + warmup)

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vstream.model import VLM
+
 __all__ = [
     "ATTN_NAME",
     "AttentionRecorder",
@@ -96,7 +98,7 @@ class AttentionRecorder:
         self._keys: list[torch.Tensor | None] = [None] * self.num_layers  # latest key cache per layer
 
     @classmethod
-    def for_vlm(cls, vlm: Any, keep_cpu: bool = False) -> "AttentionRecorder":
+    def for_vlm(cls, vlm: VLM, keep_cpu: bool = False) -> "AttentionRecorder":
         return cls(int(vlm.num_layers), keep_cpu=keep_cpu)
 
     # -- producer side (generation thread) -----------------------------------------------------
@@ -381,7 +383,7 @@ def _register() -> None:
             AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-def text_attention_modules(vlm: Any) -> list[torch.nn.Module]:
+def text_attention_modules(vlm: VLM) -> list[torch.nn.Module]:
     """The text decoder's self-attention modules, ordered by layer (those that dispatch through
     `config._attn_implementation` and know their `layer_idx`)."""
     text_cfg = vlm.text_config
@@ -405,7 +407,7 @@ def text_attention_modules(vlm: Any) -> list[torch.nn.Module]:
     return mods
 
 
-def install(vlm: Any) -> None:
+def install(vlm: VLM) -> None:
     """Make the text decoder run on `vstream_sdpa` (vision stays on sdpa). Idempotent.
 
     Harmless when nothing is captured: the output path is transformers' sdpa either way.
@@ -421,7 +423,7 @@ def install(vlm: Any) -> None:
         raise RuntimeError(f"could not switch text attention layers {bad} to {ATTN_NAME}")
 
 
-def uninstall(vlm: Any) -> None:
+def uninstall(vlm: VLM) -> None:
     """Back to plain sdpa for the text decoder (and drop any capture still attached)."""
     with vlm.lock:
         for m in text_attention_modules(vlm):
@@ -431,7 +433,7 @@ def uninstall(vlm: Any) -> None:
 
 
 @contextmanager
-def capturing(vlm: Any, image_positions: torch.Tensor, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+def capturing(vlm: VLM, image_positions: torch.Tensor, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
     """While inside, every decode step of this model hands its per-layer (H, N) image mass to
     `recorder` (N = len(image_positions), key positions in the sequence = cache positions).
 
@@ -461,7 +463,7 @@ def capturing(vlm: Any, image_positions: torch.Tensor, recorder: AttentionRecord
 
 
 def finalize(
-    vlm: Any,
+    vlm: VLM,
     recorder: AttentionRecorder,
     image_positions: torch.Tensor,
     past_key_values: Any,

@@ -43,13 +43,13 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from vstream.attr.labels import load_labels
-from vstream.model import VLMError, model_name
+from vstream.model import VLM, VLMError, model_name
 
 __all__ = [
     "FORMAT",
@@ -68,6 +68,13 @@ __all__ = [
 
 FORMAT = "vstream-estimator/1"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npy", ".npz"}
+
+
+class Estimator(Protocol):
+    """Anything that maps a span's (K, L*H) region features to (K,) predicted ablation effects:
+    a `LinearEstimator`, raw attention, or a stand-in in a benchmark or test."""
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor: ...
 
 
 class LinearEstimator(torch.nn.Module):
@@ -141,7 +148,7 @@ class LinearEstimator(torch.nn.Module):
         path.chmod(0o644)  # safetensors writes 0600
         return path
 
-    def check_compatible(self, vlm: Any, allow_model_mismatch: bool = False, where: str = "estimator") -> None:
+    def check_compatible(self, vlm: VLM, allow_model_mismatch: bool = False, where: str = "estimator") -> None:
         """Raise a one-line VLMError if this estimator cannot read `vlm`'s attention features."""
 
         name, arch = model_name(vlm), str(vlm.arch)
@@ -159,7 +166,7 @@ class LinearEstimator(torch.nn.Module):
             )
 
 
-def load(path: str | Path, vlm: Any = None, allow_model_mismatch: bool = False) -> LinearEstimator:
+def load(path: str | Path, vlm: VLM | None = None, allow_model_mismatch: bool = False) -> LinearEstimator:
     """Read an estimator file, refusing non-safetensors files and, given `vlm`, an estimator
     for another layer/head count or (unless `allow_model_mismatch`) another model."""
     path = Path(path)

@@ -53,8 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
+from vstream.attr.estimator import Estimator, load
 from vstream.attr.estimator import lds as lds_fn
-from vstream.attr.estimator import load
 from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
 from vstream.attr.methods import METHODS, AttributionContext, attribute_timed
 from vstream.attr.regions import regions_for
@@ -173,7 +173,7 @@ def load_estimator(path: str | Path, vlm: VLM) -> Any:
 
 def evaluate(
     vlm: VLM,
-    estimator: Any,
+    estimator: Estimator,
     n: int = 200,
     start: int = DEFAULT_START,
     methods: tuple[str, ...] = ALL_METHODS,

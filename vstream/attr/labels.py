@@ -44,12 +44,13 @@ from vstream.attr.regions import (
     K_MAX,
     K_MIN,
     TOKENS_PER_REGION,
+    Backbone,
     load_backbone,
     regions_for,
 )
-from vstream.attr.spans import SpanSplitter
-from vstream.model import IncrementalDecoder, VLMError, model_identity
-from vstream.world.shapes import scenes
+from vstream.attr.spans import Span, SpanSplitter
+from vstream.model import VLM, IncrementalDecoder, VLMError, VLMInputs, model_identity
+from vstream.world.shapes import Scene, scenes
 
 __all__ = [
     "FORMAT",
@@ -129,7 +130,7 @@ class LabeledExample:
         }
 
 
-def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tuple[list[int], torch.Tensor]:
+def trace_with_attention(vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 96) -> tuple[list[int], torch.Tensor]:
     """Greedy-generate with attention capture: (visible token ids, (T, L, H, N) CPU rows).
 
     Visible = up to the first eos. Row i belongs to generated token i (capture's convention);
@@ -158,7 +159,7 @@ def trace_with_attention(vlm: Any, inputs: Any, max_new_tokens: int = 96) -> tup
     return visible, rec.stack(0, len(visible), cpu=True)
 
 
-def thought_spans(vlm: Any, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Any], str]:
+def thought_spans(vlm: VLM, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Span], str]:
     """Split the trace like the live pipeline does (token by token); keep spans of `kinds`."""
 
     dec = IncrementalDecoder(vlm.tokenizer)
@@ -179,13 +180,13 @@ def draw_masks(n_regions: int, masks: int = 32, keep_prob: float = 0.5, seed: in
 
 
 def label_example(
-    vlm: Any,
-    scene: Any,
+    vlm: VLM,
+    scene: Scene,
     index: int = 0,
     masks_per_example: int = 32,
     keep_prob: float = 0.5,
     k: int | None = None,
-    backbone: Any = None,
+    backbone: Backbone | str | None = None,
     seed: int = 0,
     max_new_tokens: int = 96,
     span_kinds: Sequence[str] = ("thought",),
@@ -329,7 +330,7 @@ def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any]
 # collection
 
 
-def run_config(vlm: Any, split: str, masks_per_example: int, keep_prob: float, k: int | None,
+def run_config(vlm: VLM, split: str, masks_per_example: int, keep_prob: float, k: int | None,
                backbone_name: str, seed: int, max_new_tokens: int,
                span_kinds: Sequence[str] = ("thought",)) -> dict[str, Any]:
 
@@ -342,14 +343,14 @@ def run_config(vlm: Any, split: str, masks_per_example: int, keep_prob: float, k
 
 
 def collect(
-    vlm: Any,
+    vlm: VLM,
     n: int,
     split: str = "train",
     start: int = 0,
     masks_per_example: int = 32,
     keep_prob: float = 0.5,
     k: int | None = None,
-    backbone: Any = None,
+    backbone: Backbone | str | None = None,
     seed: int = 0,
     max_new_tokens: int = 96,
     out: str | Path | None = None,

@@ -31,6 +31,7 @@ from PIL import Image
 
 from vstream.model import (
     VLMError,
+    VLMInputs,
     normalize_image_with_size,
     read_model_config,
     resolve_device,
@@ -578,7 +579,7 @@ def compute_regions(
     )
 
 
-def regions_for(vlm_inputs: Any, k: int | None = None, backbone: Backbone | str | None = None) -> Regions:
+def regions_for(vlm_inputs: VLMInputs, k: int | None = None, backbone: Backbone | str | None = None) -> Regions:
     """`compute_regions` for the image of a `VLMInputs`; drawing size = the user's original image."""
     if getattr(vlm_inputs, "image", None) is None or getattr(vlm_inputs, "token_grid", None) is None:
         raise VLMError("these inputs have no image: build them with VLM.build_inputs(question, image=...)")

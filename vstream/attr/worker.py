@@ -59,10 +59,10 @@ import torch
 
 from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
-from vstream.attr.estimator import LinearEstimator
+from vstream.attr.estimator import Estimator, LinearEstimator
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.spans import Span, SpanSplitter
-from vstream.model import IncrementalDecoder, VLMError, event_stop, split_thinking
+from vstream.model import VLM, IncrementalDecoder, VLMError, event_stop, split_thinking
 
 __all__ = [
     "AttributionSession",
@@ -172,7 +172,7 @@ def _callback_streamer(fn):
     return _CallbackStreamer()
 
 
-def _estimator_target(estimator: Any) -> tuple[torch.device, torch.dtype]:
+def _estimator_target(estimator: Estimator) -> tuple[torch.device, torch.dtype]:
     """Device and float dtype of a torch estimator's weights (CPU float32 for anything else)."""
     if isinstance(estimator, torch.nn.Module):
         for t in list(estimator.parameters()) + list(estimator.buffers()):
@@ -212,10 +212,10 @@ class _Run:
 
     def __init__(
         self,
-        vlm: Any,
+        vlm: VLM,
         image: Any,
         question: str,
-        estimator: Any,
+        estimator: Estimator,
         k: int | None = None,
         backbone: Backbone | str | None = None,
         max_new_tokens: int = 256,
@@ -557,10 +557,10 @@ class AttributionSession:
 
 
 def attribute_stream(
-    vlm: Any,
+    vlm: VLM,
     image: Any,
     question: str,
-    estimator: Any,
+    estimator: Estimator,
     k: int | None = None,
     backbone: Backbone | str | None = None,
     max_new_tokens: int = 256,

@@ -23,11 +23,17 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # the transformers classes only annotate here; importing them costs start-up time
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
 from vstream.model.decoding import IncrementalDecoder, event_stop, queue_streamer
 from vstream.model.errors import VLMError
@@ -52,9 +58,9 @@ _QWEN3_FAMILY = {"qwen3_vl", "qwen3_vl_moe"}
 class VLM:
     """A loaded model with its tokenizer and image processor, plus the few facts callers need."""
 
-    model: Any
-    tokenizer: Any
-    image_processor: Any
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Qwen2VLImageProcessorPil
     arch: str  # config.model_type
     device: torch.device
     dtype: torch.dtype

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 __all__ = ["lr_at", "read_step", "resume", "save_final", "save_step"]
 
@@ -35,7 +36,7 @@ def read_step(state: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def resume(acc: Any, state: Path, match: dict[str, Any] | None = None) -> dict[str, Any]:
+def resume(acc: Accelerator, state: Path, match: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the accelerate state when one was saved; returns its record ({} for a fresh run).
     `match`: record fields that must agree with this run (ValueError before loading if not)."""
     record = read_step(state)
@@ -49,7 +50,7 @@ def resume(acc: Any, state: Path, match: dict[str, Any] | None = None) -> dict[s
     return record
 
 
-def save_step(acc: Any, state: Path, record: dict[str, Any]) -> None:
+def save_step(acc: Accelerator, state: Path, record: dict[str, Any]) -> None:
     """Save the accelerate state, then (main process) the step record beside it."""
     acc.save_state(str(state))
     if acc.is_main_process:
@@ -69,7 +70,7 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, out: Path, meta
     (out / "training.json").write_text(json.dumps(meta, indent=2))
 
 
-def agreed_seconds(acc: Any, seconds: float) -> float:
+def agreed_seconds(acc: Accelerator, seconds: float) -> float:
     """The largest elapsed time over all processes, so every process takes the same LR and
     stops at the same step (a process leaving the loop alone would hang the others)."""
     if acc.num_processes == 1:

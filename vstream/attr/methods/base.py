@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from vstream.attr.capture import region_features
+from vstream.attr.estimator import Estimator
 from vstream.attr.regions import Regions
 from vstream.attr.spans import Span
 from vstream.model import VLM, VLMInputs
@@ -46,7 +47,7 @@ class AttributionContext:
     assignment: torch.Tensor
     token_attn: torch.Tensor | None = None
     features: torch.Tensor | None = None
-    estimator: Any = None
+    estimator: Estimator | None = None
     regions: Regions | None = None  # optional (drawing, pointing)
     extra: dict[str, Any] = field(default_factory=dict)
 
