@@ -36,7 +36,7 @@ The four steps of the TaYS write-up:
    lexical stand-in for BGE-M3; `HFEncoder` runs a Hugging Face encoder (e.g. ``BAAI/bge-m3``,
    CLS pooling, L2-normalised, as BGE-M3's dense retrieval) when it can be loaded, else raises a
    one-line `EncoderError`. A sample whose every step is dropped is skipped.
-4. The end-of-step token `EOS_STEP` (``<|eot|>``, already a special token of our tokenizers,
+4. The end-of-step token `vstream.model.END_OF_STEP` (``<|eot|>``, a special token of our tokenizers,
    see `vstream.world.tokenizer`) follows every reasoning sentence when the trajectory is tokenised
    (`tays.train`).
 
@@ -78,7 +78,6 @@ log = logging.getLogger("tays.data")
 __all__ = [
     "DEFAULT_FPS",
     "DEFAULT_THRESHOLD",
-    "EOS_STEP",
     "EncoderError",
     "HFEncoder",
     "Keyframe",
@@ -95,7 +94,6 @@ __all__ = [
     "make_encoder",
     "place_steps",
     "resample_times",
-    "normalize_answer",
     "shapes_encoder",
     "shapes_sample",
     "shapes_samples",
@@ -103,7 +101,6 @@ __all__ = [
     "SkipSample",
 ]
 
-EOS_STEP = "<|eot|>"  # end of a reasoning step (vstream.world.tokenizer.SPECIAL_TOKENS)
 DEFAULT_FPS = 2.0
 DEFAULT_THRESHOLD = 0.4  # TF-IDF cosine: shapes-world triplets score >= 0.5, another object ~0.2-0.35, unrelated 0
 EPS = 1e-6
@@ -650,11 +647,6 @@ def load_videoespresso(path: str | Path) -> tuple[list[VideoSample], Counter]:
             skipped[e.reason] += 1
             log.warning("skipping item %d of %s: %s (%s)", i, path.name, e.reason, e)
     return out, skipped
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation removed, spaces collapsed (answer comparison)."""
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", str(text).lower()).split())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tays.data import normalize_answer
 from tays.metrics import finite_json
 from tays.protocol import TRAINED
+from vstream.model import normalize_answer
 
 __all__ = ["EVAL_PARADIGMS", "evaluate_models", "main"]
 

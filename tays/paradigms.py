@@ -61,6 +61,7 @@ from tays.mask import TEXT
 from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, percentile
 from tays.positions import frame_position_ids, text_position_ids
 from tays.sources import FrameChecker, FrameSource, StreamError
+from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN
 
 __all__ = [
     "PARADIGMS",
@@ -206,8 +207,8 @@ class _Writer:
         self.on_token, self.stopped = on_token, stopped
         self.period_ends_step, self.model_ends_reasoning = bool(period_ends_step), bool(model_ends_reasoning)
         self.eos = set(vlm.eos_token_ids)
-        think_end = _single_id(tok, "</think>")
-        self.eot = _single_id(tok, "<|eot|>")
+        think_end = _single_id(tok, THINK_CLOSE)
+        self.eot = _single_id(tok, END_OF_STEP)
         self.no_reasoning = self.eos | ({think_end} if think_end is not None else set())
         self.no_answer = {think_end} if think_end is not None else set()
         self._dec = IncrementalDecoder(tok)
@@ -635,8 +636,8 @@ def run_paradigm(
     answer_tokens: int = 8,
     question_at: float = 0.0,
     visual_window: int | None = None,
-    assistant_prefix: str = "<think>",
-    answer_prefix: str = " </think>",
+    assistant_prefix: str = THINK_OPEN,
+    answer_prefix: str = " " + THINK_CLOSE,
     max_backlog: int | None = None,
     on_token: Callable[[TokenRecord], Any] | None = None,
     stop_event: threading.Event | None = None,

@@ -11,13 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vstream.model import THINK_CLOSE, THINK_OPEN
+
 __all__ = ["TRAINED", "run_options"]
 
 
-# the SFT protocol of `tays.train` (its ASSISTANT_PREFIX / ANSWER_PREFIX / EOS_STEP), and the
+# the SFT protocol of `tays.train` (its assistant and answer prefixes), and the
 # step and answer lengths `python -m tays evaluate` runs it with
 TRAINED: dict[str, Any] = {
-    "assistant_prefix": "<think>", "answer_prefix": "</think>", "period_ends_step": False,
+    "assistant_prefix": THINK_OPEN, "answer_prefix": THINK_CLOSE, "period_ends_step": False,
     "step_tokens": 24, "answer_tokens": 6,
 }
 

@@ -47,9 +47,10 @@ from typing import Any
 
 import torch
 
-from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EOS_STEP, SkipSample, Trajectory, build_trajectory
+from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, SkipSample, Trajectory, build_trajectory
 from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
+from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN
 from vstream.world.assets import DEMO_MODEL_DIR
 
 __all__ = ["IGNORE", "PARADIGMS", "Layout", "StreamingLM", "TrajectoryCollator", "build_layout", "main",
@@ -58,8 +59,6 @@ __all__ = ["IGNORE", "PARADIGMS", "Layout", "StreamingLM", "TrajectoryCollator",
 DEFAULT_MODEL = DEMO_MODEL_DIR
 PARADIGMS = ("tays", "batch", "interleaved")
 IGNORE = -100
-ASSISTANT_PREFIX = "<think>"
-ANSWER_PREFIX = "</think>"
 OTHER, EMPTY_STEP, ANSWER = 0, 1, 2  # label roles, for the loss weights
 
 
@@ -77,15 +76,15 @@ def prompt_and_header(tok: Any, question: str) -> tuple[list[int], list[int]]:
 
     from tays.engine import chat_ids
 
-    return chat_ids(SimpleNamespace(tokenizer=tok), question, assistant_prefix=ASSISTANT_PREFIX)
+    return chat_ids(SimpleNamespace(tokenizer=tok), question, assistant_prefix=THINK_OPEN)
 
 
 def reasoning_tokens(traj: Trajectory, tok: Any, paradigm: str) -> tuple[list[int], list[int]]:
     """(body token ids, frame groups visible to the call that generates each token)."""
-    eot = tok.convert_tokens_to_ids(EOS_STEP)
-    end = tok.convert_tokens_to_ids(ANSWER_PREFIX)
+    eot = tok.convert_tokens_to_ids(END_OF_STEP)
+    end = tok.convert_tokens_to_ids(THINK_CLOSE)
     if eot is None or eot == tok.unk_token_id or end is None or end == tok.unk_token_id:
-        raise ValueError(f"the tokenizer needs the special tokens {EOS_STEP} and {ANSWER_PREFIX}")
+        raise ValueError(f"the tokenizer needs the special tokens {END_OF_STEP} and {THINK_CLOSE}")
     G = traj.n_groups
     step_ids = [_ids(tok, " " + s.text) + [eot] for s in traj.steps]
     ids: list[int] = []
@@ -130,8 +129,8 @@ def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
     fed = R[:-1]
     labels = [R[j + 1] if j + 1 >= H else IGNORE for j in range(len(fed))]
     fed_fs = [gen_fs[max(0, j + 1 - H)] for j in range(len(fed))]
-    eot = tok.convert_tokens_to_ids(EOS_STEP)
-    answer_from = len(R) - R[::-1].index(tok.convert_tokens_to_ids(ANSWER_PREFIX))  # just after the last </think>
+    eot = tok.convert_tokens_to_ids(END_OF_STEP)
+    answer_from = len(R) - R[::-1].index(tok.convert_tokens_to_ids(THINK_CLOSE))  # just after the last </think>
     roles = []
     for j in range(len(fed)):
         if j + 1 >= answer_from:
@@ -501,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,
                      "threshold": args.threshold, "encoder": args.encoder,
                      "skipped_this_run": dict(skipped)},
-            "format": {"assistant_prefix": ASSISTANT_PREFIX, "answer_prefix": ANSWER_PREFIX, "end_of_step": EOS_STEP,
+            "format": {"assistant_prefix": THINK_OPEN, "answer_prefix": THINK_CLOSE, "end_of_step": END_OF_STEP,
                        "streaming_calls": "one reasoning call per frame group" if args.paradigm != "batch" else None},
         }
         save_final(final, vlm.tokenizer, vlm.image_processor, out, meta, getattr(torch, args.save_dtype))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tays.data import EOS_STEP, TfidfEncoder, build_trajectory, shapes_sample
+from tays.data import TfidfEncoder, build_trajectory, shapes_sample
 from tays.engine import StreamingEngine
 from tays.paradigms import CausalSequence
 from tays.train import (
@@ -21,6 +21,7 @@ from tays.train import (
     build_layout,
     reasoning_tokens,
 )
+from vstream.model import END_OF_STEP
 from vstream.world.shapes import HELDOUT_SEEDS, TRAIN_SEEDS, VAL_SEEDS, split_of
 from vstream.world.shapes_video import make_stream
 
@@ -35,7 +36,7 @@ def traj():
 
 def test_reasoning_tokens_per_paradigm(tiny_qwen2_5_vl, traj):
     tok = tiny_qwen2_5_vl.tokenizer
-    eot = tok.convert_tokens_to_ids(EOS_STEP)
+    eot = tok.convert_tokens_to_ids(END_OF_STEP)
     end = tok.convert_tokens_to_ids("</think>")
     G = traj.n_groups
     assert [s.group for s in traj.steps] == [1, 3, 5] and G == 6
@@ -235,7 +236,7 @@ def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, traine
     for f in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json"):
         assert (out / f).is_file(), f
     vlm = load_vlm(str(out), device="cpu")
-    assert vlm.tokenizer.convert_tokens_to_ids(EOS_STEP) != vlm.tokenizer.unk_token_id
+    assert vlm.tokenizer.convert_tokens_to_ids(END_OF_STEP) != vlm.tokenizer.unk_token_id
     # the resumed weights differ from the base model's
     base = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
     w, w0 = vlm.model.lm_head.weight, base.model.lm_head.weight
