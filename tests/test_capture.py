@@ -146,7 +146,7 @@ def test_capture_off_records_nothing(tiny_qwen2_5_vl_dir):
     rec, _ = _capture_generate(live, inputs, n=4)
     assert rec.tokens == 3
     mods = C.text_attention_modules(live)
-    assert not any(hasattr(m, C._STATE_ATTR) for m in mods)  # detached on exit
+    assert not C.is_capturing(live)  # detached on exit
     with live.lock, torch.no_grad():  # still installed, but no recorder attached
         live.model.generate(**inputs.model_kwargs, generation_config=_gen_config(live, 4))
     assert rec.tokens == 3
@@ -310,7 +310,7 @@ def test_capturing_guards(tiny_qwen2_5_vl_dir):
         with pytest.raises(RuntimeError):
             with C.capturing(live, pos, C.AttentionRecorder.for_vlm(live)):
                 pass
-    assert not any(hasattr(m, C._STATE_ATTR) for m in C.text_attention_modules(live))
+    assert not C.is_capturing(live)
 
 
 def _decode_row_mass(module, query, key, attention_mask, scaling, positions) -> torch.Tensor:

@@ -56,6 +56,7 @@ __all__ = [
     "features_from_sum",
     "finalize",
     "install",
+    "is_capturing",
     "region_features",
     "span_features",
     "text_attention_modules",
@@ -432,6 +433,11 @@ def uninstall(vlm: VLM) -> None:
         vlm.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
 
 
+def is_capturing(vlm: VLM) -> bool:
+    """Whether a capture is attached to any of the model's text attention modules."""
+    return any(getattr(m, _STATE_ATTR, None) is not None for m in text_attention_modules(vlm))
+
+
 @contextmanager
 def capturing(vlm: VLM, image_positions: torch.Tensor, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
     """While inside, every decode step of this model hands its per-layer (H, N) image mass to
@@ -449,7 +455,7 @@ def capturing(vlm: VLM, image_positions: torch.Tensor, recorder: AttentionRecord
     pos = torch.as_tensor(image_positions).reshape(-1).long()
     if pos.numel() == 0:
         raise ValueError("no image token positions to capture attention on")
-    if any(getattr(m, _STATE_ATTR, None) is not None for m in mods):
+    if is_capturing(vlm):
         raise RuntimeError("attention capture is already active on this model")
     state = _CaptureState(pos, recorder)
     for m in mods:
