@@ -287,6 +287,7 @@ def test_export_of_empty_store_and_bad_targets(store, tmp_path):
 
 # ---------------------------------------------------------------------------- concurrency + durability
 
+@pytest.mark.slow
 def test_concurrent_processes_and_threads_lose_nothing(tmp_path):
     path = tmp_path / "ann.db"
     store = AnnotationStore(path)
@@ -338,6 +339,7 @@ def _read_line(proc: subprocess.Popen, timeout: float = 60.0) -> str:
     return proc.stdout.readline()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_loses_nothing_acknowledged(tmp_path):
     path = tmp_path / "ann.db"

@@ -186,6 +186,7 @@ def test_top_masks_and_step_matching():
     assert E.match_steps(spans, scene) == [0, 1, None, 2, None]
 
 
+@pytest.mark.slow
 def test_evaluate_json_has_every_key(tiny_qwen2_5_vl_dir, tmp_path, monkeypatch, capsys):
     est_file = tmp_path / "stand-in.safetensors"
     est_file.write_bytes(b"")  # main only checks that it exists; loading is monkeypatched

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vstream.attr.bench import TARGETS
 from vstream.cli.bench import main
+
+pytestmark = pytest.mark.slow  # command-line tests
 
 
 def test_bench_json_last_line(tiny_qwen2_5_vl_dir, capsys):

@@ -71,6 +71,7 @@ def test_tokenizer_is_deterministic(tok):
     assert tok.decode(tok("What color is the élan? 🟥").input_ids) == "What color is the élan? 🟥"
 
 
+@pytest.mark.slow
 def test_train_resume_and_load(tmp_path):
     out, run = tmp_path / "model", tmp_path / "run"
     args = ["--batch-size", "2", "--out", str(out), "--run-dir", str(run), "--save-every", "1"]
@@ -104,6 +105,7 @@ def test_position_probe_adds_row_and_column_heads(tok):
             assert m.pos.grad is not None and m.pos.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_accelerate_data_parallel_on_two_cpu_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` without GPUs = 2 gloo processes on CPU."""

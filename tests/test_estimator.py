@@ -217,6 +217,7 @@ def test_training_recovers_a_linear_ground_truth(c):
     assert np.isfinite(E.evaluate(est, held)["lds"])
 
 
+@pytest.mark.slow
 def test_cli_collect_and_train(tiny_qwen2_5_vl_dir, tmp_path, capsys):
     from vstream.__main__ import main
 
