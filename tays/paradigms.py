@@ -55,18 +55,21 @@ from typing import Any
 
 import torch
 
-from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments, chat_ids, project_qkv
+from tays.cache import KVCache
+from tays.decoder import Decoder
+from tays.engine import THREAD_PREFIX, StreamingEngine
 from tays.forward import check_supported, encode_frames, video_interval
 from tays.mask import TEXT
 from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, percentile
 from tays.positions import frame_position_ids, text_position_ids
+from tays.protocol import chat_ids
+from tays.sampling import next_token
 from tays.sources import FrameChecker, FrameSource, StreamError
-from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN
+from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN, VLM, IncrementalDecoder
 
 __all__ = [
     "PARADIGMS",
     "CausalSequence",
-    "chat_ids",
     "measure_decode_contention",
     "run_paradigm",
 ]
@@ -91,31 +94,25 @@ def _single_id(tok: Any, text: str) -> int | None:
 class CausalSequence:
     """A standard single-cache decoder over an interleaved sequence of text and frame groups.
 
-    Built from the same pieces as the TaYS engine (the model's own weights, `attend_segments`),
-    but every token attends to everything before it: frames see earlier reasoning, and text
-    positions follow the vision blocks. Not thread-safe (one caller drives it).
+    The TaYS engine's layer loop and KV growth (`tays.decoder.Decoder`, `tays.cache.KVCache`), but
+    every token attends to everything before it: frames see earlier reasoning, and text positions
+    follow the vision blocks. Not thread-safe (one caller drives it).
     """
 
-    def __init__(self, vlm: Any, fps: float = 2.0, initial_capacity: int = 512):
+    def __init__(self, vlm: VLM, fps: float = 2.0, initial_capacity: int = 512):
         check_supported(vlm)
         self.vlm = vlm
-        model = vlm.model
-        self._lm = model.model.language_model
-        self._layers = list(self._lm.layers)
-        self._lm_head = model.lm_head
-        self._embed = model.get_input_embeddings()
-        self._hd = int(self._layers[0].self_attn.head_dim)
-        self._hkv = int(vlm.text_config.num_key_value_heads)
-        self._dev, self._dtype = vlm.device, vlm.dtype
+        self.decoder = Decoder(vlm)
+        self.cache = KVCache(self.decoder.kv_spec, max(16, int(initial_capacity)))
         self._interval = video_interval(vlm, fps)
-        self._k: list[torch.Tensor] = []
-        self._v: list[torch.Tensor] = []
-        self._cap = 0
-        self._init_cap = max(16, int(initial_capacity))
-        self.n = 0  # tokens in the cache
         self.next_pos = 0  # next free position
         self.n_groups = 0
         self.last_group_time = -math.inf
+
+    @property
+    def n(self) -> int:
+        """Tokens in the cache."""
+        return self.cache.length
 
     def add_text(self, ids: Sequence[int], logits: bool = True) -> torch.Tensor | None:
         """Append text tokens; returns float32 logits (n, vocab) when asked."""
@@ -123,8 +120,8 @@ class CausalSequence:
         if not ids:
             raise ValueError("add_text needs at least one token")
         with torch.inference_mode():
-            h = self._embed(torch.tensor(ids, dtype=torch.long, device=self._dev))[None]
-            pos = text_position_ids(self.next_pos, 0, len(ids), self._dev)
+            h = self.decoder.embed(ids)
+            pos = text_position_ids(self.next_pos, 0, len(ids), self.vlm.device)
             out = self._forward(h, pos, logits)
         self.next_pos += len(ids)
         return None if out is None else out[0].float()
@@ -138,48 +135,26 @@ class CausalSequence:
             emb, grid = encode_frames(self.vlm, frames)
             t_enc = _now() - t
             base = self.next_pos if base is None else int(base)
-            pos = frame_position_ids(base, group_index, grid, self._interval, self._dev)
-            self._forward(emb[None].to(self._dtype), pos, False)
+            pos = frame_position_ids(base, group_index, grid, self._interval, self.vlm.device)
+            self._forward(emb[None].to(self.vlm.dtype), pos, False)
         self.next_pos = max(self.next_pos, int(pos.max()) + 1)
         self.n_groups += 1
         self.last_group_time = float(time_s)
         return t_enc
 
-    def _ensure(self, extra: int) -> None:
-        if self.n + extra <= self._cap:
-            return
-        cap = max(self._init_cap, 2 * (self.n + extra))
-        L = len(self._layers)
-        nk = [torch.empty(1, self._hkv, cap, self._hd, dtype=self._dtype, device=self._dev) for _ in range(L)]
-        nv = [torch.empty(1, self._hkv, cap, self._hd, dtype=self._dtype, device=self._dev) for _ in range(L)]
-        for li in range(len(self._k)):
-            nk[li][:, :, :self.n] = self._k[li][:, :, :self.n]
-            nv[li][:, :, :self.n] = self._v[li][:, :, :self.n]
-        self._k, self._v, self._cap = nk, nv, cap
-
     def _forward(self, h: torch.Tensor, pos: torch.Tensor, need_logits: bool) -> torch.Tensor | None:
-        B, L, _ = h.shape
-        self._ensure(L)
-        n, D = self.n, self._hd
-        cos, sin = self._lm.rotary_emb(h, pos[:, None])
-        causal = torch.ones(L, L, dtype=torch.bool, device=self._dev).tril()
-        last = len(self._layers) - 1
-        out = None
-        for li, layer in enumerate(self._layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q, k, v = project_qkv(attn, x, cos, sin, D)
-            self._k[li][:, :, n:n + L] = k
-            self._v[li][:, :, n:n + L] = v
-            if li == last and not need_logits:
-                break
-            segs = [(self._k[li][:, :, :n], self._v[li][:, :, :n], None), (k, v, causal)]
-            o = attend_segments(q, segs, attn.scaling)
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        else:
-            out = self._lm_head(self._lm.norm(h))
-        self.n = n + L
+        """(1, L, hidden) at (3, L) positions: attends to the cache and, causally, to itself."""
+        L = h.shape[1]
+        cache = self.cache
+        cache.reserve(L)
+        n = cache.length
+        causal = torch.ones(L, L, dtype=torch.bool, device=self.vlm.device).tril()
+
+        def context(li: int, k: torch.Tensor, v: torch.Tensor):
+            return [(*cache.segment(li, 0, n), None), (k, v, causal)]
+
+        out = self.decoder.run(h, pos[:, None], context, cache.put, need_logits)
+        cache.advance(L)
         return out
 
 
@@ -192,12 +167,10 @@ class _Writer:
     `forward(ids) -> (last logits, frames seen, newest frame time)` function, recording tokens,
     steps and timed decode calls into the RunResult."""
 
-    def __init__(self, vlm: Any, res: RunResult, t0: float, forward: Callable, *, step_tokens: int,
+    def __init__(self, vlm: VLM, res: RunResult, t0: float, forward: Callable, *, step_tokens: int,
                  reasoning_budget: int, answer_tokens: int, answer_prefix_ids: list[int],
                  on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool],
                  period_ends_step: bool = True, model_ends_reasoning: bool = False):
-        from vstream.model import IncrementalDecoder
-
         tok = vlm.tokenizer
         self.res, self.t0, self._forward = res, t0, forward
         self.step_tokens = max(1, int(step_tokens))
@@ -224,14 +197,6 @@ class _Writer:
         self.res.decode_calls.append(DecodeCall(a - self.t0, b - self.t0, len(ids), produces))
         self.logits, self.seen, self.seen_time = logits, int(seen), float(seen_t)
 
-    def _pick(self, suppress: set[int]) -> int:
-        lg = self.logits
-        if suppress:
-            with torch.inference_mode():
-                lg = lg.clone()
-                lg[list(suppress)] = -math.inf
-        return int(lg.argmax())
-
     def _emit(self, tok: int, phase: str) -> TokenRecord:
         rec = TokenRecord(len(self.res.tokens), tok, self._dec.push(tok), _now() - self.t0, phase,
                           self.seen, self.seen_time)
@@ -249,12 +214,12 @@ class _Writer:
             return None
         self.feed(self.pending)
         self.pending = []
-        if self.model_ends_reasoning and int(self.logits.argmax()) in self.no_reasoning:
+        if self.model_ends_reasoning and next_token(self.logits) in self.no_reasoning:
             self.left = 0  # the model closes its reasoning: the answer comes next
             return None
         recs, closed = [], "cap"
         while True:
-            tok = self._pick(self.no_reasoning)
+            tok = next_token(self.logits, self.no_reasoning)
             rec = self._emit(tok, "reasoning")
             recs.append(rec)
             self.left -= 1
@@ -282,7 +247,7 @@ class _Writer:
         self.feed(self.pending + self.answer_prefix_ids)
         self.pending = []
         for k in range(self.answer_tokens):
-            tok = self._pick(self.no_answer | (self.eos if k == 0 else set()))
+            tok = next_token(self.logits, self.no_answer | (self.eos if k == 0 else set()))
             if tok in self.eos:
                 # the eos decision ends the answer; that forward produced no emitted token
                 self.res.decode_calls[-1].produced = False
@@ -538,7 +503,6 @@ def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
     tp = vlm.temporal_patch_size
     sink = _TaysSink(eng, stop, kw["max_backlog"], tp)
     feed = _Feed(source, res, t0, stop, sink.on_frame, sink.on_end)
-    t_eng = None
 
     def forward(ids):
         logits = eng.decode_step(ids)[-1]
@@ -551,7 +515,6 @@ def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
     try:
         _sleep_until(t0 + kw["question_at"], stopped)
         res.question_at = _now() - t0
-        t_eng = _now()
         eng.start(question, assistant_prefix=kw["assistant_prefix"])
         # decode first: frames that came before the question go to the ingestion thread right after
         # the first token (they could not be ingested in time for it anyway); later frames go at once
@@ -584,14 +547,14 @@ def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
         stop.set()
         feed.join()
         eng.stop()
-        if t_eng is not None:
-            _tays_groups(eng, sink, res, t0, getattr(eng, "_t0", t_eng))
+        _tays_groups(eng, sink, res, t0)
         res.video_capacity_max = max(res.video_capacity_max, sink.capacity_max)
         _mark_ingesting(res)
 
 
-def _tays_groups(eng: StreamingEngine, sink: _TaysSink, res: RunResult, t0: float, t_eng: float) -> None:
-    off = t_eng - t0
+def _tays_groups(eng: StreamingEngine, sink: _TaysSink, res: RunResult, t0: float) -> None:
+    """The engine's frame log as the run's GroupRecords (empty if the engine never started)."""
+    off = eng.start_time - t0
     tp = sink.tp
     n = len(sink.arrivals)
     for rec in list(eng.frame_log):
@@ -625,7 +588,7 @@ _RUNNERS = {"batch": _run_batch, "interleaved": _run_interleaved, "tays": _run_t
 
 
 def run_paradigm(
-    vlm: Any,
+    vlm: VLM,
     source: FrameSource,
     question: str | None = None,
     paradigm: str = "tays",
@@ -702,7 +665,7 @@ def run_paradigm(
 
 
 def measure_decode_contention(
-    vlm: Any,
+    vlm: VLM,
     frames: Sequence[Any],
     question: str = "What happens in the video?",
     n_steps: int = 96,
@@ -746,7 +709,7 @@ def measure_decode_contention(
     th = threading.Thread(target=feeder, name=THREAD_PREFIX + "stress", daemon=True)
     try:
         eng.start(question)
-        t_eng = getattr(eng, "_t0", _now())
+        t_eng = eng.start_time
         for _ in range(visual_window + 1):
             push_group()
         eng.wait_idle()

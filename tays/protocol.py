@@ -1,4 +1,8 @@
-"""How a model expects to reason over a stream: the options `run_paradigm` needs for it.
+"""How a model is prompted and expected to reason over a stream.
+
+The chat layout every paradigm and the training share (`chat_ids`): the user turn (system +
+question, no video placeholder) is the prompt; the generation prompt ("<|im_start|>assistant\\n" +
+assistant prefix) is the header that decoding feeds first. Frames sit between the two.
 
 A checkpoint trained by `tays.train` closes every reasoning step with ``<|eot|>``, opens the
 answer with ``</think>`` and says so in its training.json ("format"); it must be run with the
@@ -9,11 +13,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vstream.model import THINK_CLOSE, THINK_OPEN
+from vstream.model import THINK_CLOSE, THINK_OPEN, VLM
 
-__all__ = ["TRAINED", "run_options"]
+if TYPE_CHECKING:  # annotation only: importing transformers costs seconds at start-up
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["TRAINED", "chat_ids", "chat_template_ids", "run_options"]
 
 
 # the SFT protocol of `tays.train` (its assistant and answer prefixes), and the
@@ -24,11 +31,34 @@ TRAINED: dict[str, Any] = {
 }
 
 
-def run_options(vlm: Any) -> dict[str, Any]:
+def chat_template_ids(tok: PreTrainedTokenizerBase, question: str, system: str | None = None,
+                      assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+    """(user-turn ids, assistant-header ids) from the tokenizer's chat template."""
+    msgs: list[dict[str, Any]] = []
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    base = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+    full = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + assistant_prefix
+    if not full.startswith(base):
+        raise ValueError("the chat template's generation prompt does not extend the user turn")
+
+    def enc(s: str) -> list[int]:
+        return tok(s, add_special_tokens=False)["input_ids"] if s else []
+
+    return enc(base), enc(full[len(base):])
+
+
+def chat_ids(vlm: VLM, question: str, system: str | None = None,
+             assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+    """`chat_template_ids` with `vlm`'s tokenizer."""
+    return chat_template_ids(vlm.tokenizer, question, system, assistant_prefix)
+
+
+def run_options(vlm: VLM) -> dict[str, Any]:
     """`run_paradigm` keyword options for `vlm`: TRAINED when the folder it was loaded from has
     a training.json with a "format" section (a `tays.train` checkpoint), else {} (defaults)."""
-    path = getattr(vlm, "path", None)
-    meta_file = Path(path) / "training.json" if path else None
+    meta_file = Path(vlm.path) / "training.json" if vlm.path else None
     if meta_file is None or not meta_file.is_file():
         return {}
     try:

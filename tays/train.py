@@ -50,6 +50,7 @@ import torch
 from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, SkipSample, Trajectory, build_trajectory
 from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
+from tays.protocol import chat_template_ids
 from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN
 from vstream.world.assets import DEMO_MODEL_DIR
 
@@ -68,15 +69,6 @@ OTHER, EMPTY_STEP, ANSWER = 0, 1, 2  # label roles, for the loss weights
 
 def _ids(tok: Any, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] if text else []
-
-
-def prompt_and_header(tok: Any, question: str) -> tuple[list[int], list[int]]:
-    """(user turn ids, assistant header ids), exactly as `tays.engine.chat_ids` (inference)."""
-    from types import SimpleNamespace
-
-    from tays.engine import chat_ids
-
-    return chat_ids(SimpleNamespace(tokenizer=tok), question, assistant_prefix=THINK_OPEN)
 
 
 def reasoning_tokens(traj: Trajectory, tok: Any, paradigm: str) -> tuple[list[int], list[int]]:
@@ -122,7 +114,7 @@ class Layout:
 def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
     if paradigm not in PARADIGMS:
         raise ValueError(f"unknown paradigm {paradigm!r}; choose from {', '.join(PARADIGMS)}")
-    prompt, header = prompt_and_header(tok, traj.question)
+    prompt, header = chat_template_ids(tok, traj.question, assistant_prefix=THINK_OPEN)  # as inference
     body, gen_fs = reasoning_tokens(traj, tok, paradigm)
     R = header + body
     H = len(header)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tays.engine import THREAD_PREFIX, StreamingEngine, attend_segments
-from tays.ingest import pid_alive
+from tays.decoder import attend_segments
+from tays.engine import THREAD_PREFIX, StreamingEngine
 from tays.forward import StreamingSequence, encode_frames, streaming_forward
+from tays.ipc import pid_alive
 from tays.mask import FRAME, PROMPT, TEXT
 from vstream.world.shapes_video import make_stream
 from vstream.model import VLMError, load_vlm
@@ -254,11 +255,11 @@ def test_decoding_is_not_blocked_by_ingestion(tiny_qwen2_5_vl, frames, monkeypat
     """Ingestion is held in the middle of a group (layer 0's K/V already written past the
     published spans): a decode step still runs, sees none of that group, and matches the
     oracle; once released, the next step sees the group."""
-    import tays.engine as engine_mod
+    import tays.decoder as decoder_mod
 
     vlm = tiny_qwen2_5_vl
     gate, entered = threading.Event(), threading.Event()
-    orig = engine_mod.attend_segments
+    orig = decoder_mod.attend_segments
 
     def held(q, segs, scale):
         if threading.current_thread().name == THREAD_PREFIX + "ingest" and not gate.is_set():
@@ -266,7 +267,7 @@ def test_decoding_is_not_blocked_by_ingestion(tiny_qwen2_5_vl, frames, monkeypat
             gate.wait(60)
         return orig(q, segs, scale)
 
-    monkeypatch.setattr(engine_mod, "attend_segments", held)
+    monkeypatch.setattr(decoder_mod, "attend_segments", held)
     r = _ids(vlm, "A red circle appears.")
     with StreamingEngine(vlm, ingest="thread") as eng:
         eng.start("What happens?")
@@ -509,10 +510,10 @@ def test_streaming_forward_is_differentiable(demo_arch_vlm, frames):
 
 
 def test_prewarm_starts_the_server_and_loads_the_model(tiny_qwen2_5_vl):
-    from tays import ingest
+    from tays import ipc
 
-    pid = ingest.prewarm(tiny_qwen2_5_vl)
-    assert pid == ingest.server_pid() and pid_alive(pid)
+    pid = ipc.prewarm(tiny_qwen2_5_vl)
+    assert pid == ipc.server_pid() and pid_alive(pid)
     with StreamingEngine(tiny_qwen2_5_vl, ingest="process") as eng:
         assert eng.worker_pid != pid and eng.worker_alive()
     assert _worker_gone(eng) and pid_alive(pid)  # the server stays for the next engine
