@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
 from PIL import Image, ImageDraw
 
 # a short perceptual ramp (dark blue -> purple -> orange -> yellow), interpolated per pixel
@@ -81,11 +82,9 @@ def overlay(
     return img
 
 
-def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str = "") -> Any:
+def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str = "") -> go.Figure:
     """Plotly 3-D figure of the PCA reliance path: one marker per closed span coloured by step,
     joined in order; hover shows the span text. An empty path gives an empty, labelled plot."""
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     p = np.zeros((0, 3)) if path is None else np.asarray(path, dtype=np.float64).reshape(-1, 3)
     if len(p):
@@ -114,11 +113,9 @@ def dynamics_markdown(path_length: float | None, tortuosity: float | None, label
     return (f"**Path length** {pl:.3f} · **Tortuosity** {tort} · **{kind}** {label} · spans {n_spans}")
 
 
-def latency_figure(rows: Sequence[dict[str, Any]]) -> Any:
+def latency_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
     """Grouped bars of TTFT and delay (seconds) per paradigm, from `RunResult.metrics` dicts with
     a 'paradigm' key added."""
-    import plotly.graph_objects as go
-
     names = [r["paradigm"] for r in rows]
     fig = go.Figure()
     for key, label in (("ttft_question_s", "TTFT after question (s)"), ("delay_s", "delay: last answer token (s)")):
@@ -139,10 +136,8 @@ def eval_rows(res: dict[str, Any]) -> list[list[Any]]:
 EVAL_HEADERS = ["method", "LDS", "R^2", "top-5 drop (nats)", "pointing", "seconds / span"]
 
 
-def eval_figure(res: dict[str, Any]) -> Any:
+def eval_figure(res: dict[str, Any]) -> go.Figure:
     """Bars of LDS and R^2 per method (higher is better)."""
-    import plotly.graph_objects as go
-
     methods = list(res.get("lds", {}))
     fig = go.Figure()
     for key, label in (("lds", "LDS"), ("r2", "R^2")):
