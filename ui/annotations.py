@@ -25,6 +25,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -449,3 +450,18 @@ class AnnotationStore:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- sharing
+
+_SHARED: dict[str, AnnotationStore] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_store(path: str) -> AnnotationStore:
+    """The process's one store for `path`, opened on first use (a store holds no connection, so
+    every session and worker thread may share it)."""
+    with _SHARED_LOCK:
+        if path not in _SHARED:
+            _SHARED[path] = AnnotationStore(path)
+        return _SHARED[path]
