@@ -6,251 +6,57 @@
     python -m tays train --paradigm {tays,batch,interleaved} --steps N --minutes M --out DIR
     python -m tays evaluate --json [--n 200] [--tays DIR] [--batch DIR] [--interleaved DIR] [--speed S]
 
-`bench` replays one held-out shapes-world stream in real time at each FPS for each paradigm
-(batch, interleaved, tays) and, with --json, prints as its LAST line a JSON object
-``{paradigm: {fps: metrics}, "decode_step_ms_p95_idle": ..., "decode_step_ms_p95_ingesting": ...,
-"contention": {...}, "acceptance": {...}, "meta": {...}}``. Progress goes to stderr.
-
-`memory` runs a sped-up (as fast as ingestion goes) TaYS stream of `--short` and of `--long`
-seconds at `--fps` with a visual window, each in a fresh Python process, and reports each
-process's peak resident set size (VmHWM from /proc/self/status: model, torch, caches, frames,
-Python objects; everything) plus RSS sampled during the stream and the video-cache size.
+Each command parses its options here and calls its library function (`tays.bench`, `tays.data`,
+`tays.train`, `tays.evaluate`); a command with --json prints its result as one JSON object on the
+LAST line of stdout (else indented), progress goes to stderr. What each measures: the modules'
+docstrings.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import logging
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from tays.bench import DEFAULT_MODEL, bench, memory, memory_run
+from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_dataset, make_encoder
 from tays.metrics import finite_json
-from vstream.world.assets import DEMO_MODEL_DIR, ROOT
-
-DEFAULT_MODEL = DEMO_MODEL_DIR
-METRIC_KEYS = ("ttft_s", "ttft_question_s", "delay_s", "decode_tokens_per_s", "frames_per_s",
-               "event_deviation_s", "steps_matched", "tokens", "answer_tokens", "reasoning_steps", "frames",
-               "frame_groups", "ingest_lag_max_s", "stream_end_s", "decode_step_ms_p50", "decode_step_ms_p95")
+from tays.paradigms import PARADIGMS
+from tays.protocol import TRAINED
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _print_json(out: dict[str, Any], one_line: bool) -> None:
+    print(json.dumps(finite_json(out)) if one_line else json.dumps(finite_json(out), indent=1), flush=True)
 
 
-def _load(model: str | None):
-    from vstream.model import load_vlm
-
-    path = Path(model) if model else DEFAULT_MODEL
-    if model is None and not (path / "config.json").is_file():
-        raise SystemExit(f"no model at {path} (the demo model is not there yet); pass --model PATH")
-    return load_vlm(str(path), device="cpu")
-
-
-def _threads(n: int | None) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(int(n))
-
-
-def _fmt(x: Any, nd: int = 3) -> str:
-    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
-
-
-def _stream(seed_index: int, duration: float):
-    from vstream.world.shapes import HELDOUT_SEEDS
-    from vstream.world.shapes_video import make_stream
-
-    return make_stream(HELDOUT_SEEDS[seed_index], duration=duration)
-
-
-# ----------------------------------------------------------------------------------------------
-# bench
-
-
-def bench(argv: list[str]) -> int:
+def bench_command(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m tays bench", description="TTFT / delay / throughput of the "
                                  "three paradigms on one shapes-world stream replayed in real time")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     ap.add_argument("--fps", type=float, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--duration", type=float, default=12.0, help="stream length in seconds (>= 5)")
     ap.add_argument("--model", default=None, help=f"model folder (default {DEFAULT_MODEL})")
-    ap.add_argument("--paradigms", nargs="+", default=["batch", "interleaved", "tays"],
-                    choices=["batch", "interleaved", "tays"])
+    ap.add_argument("--paradigms", nargs="+", default=list(PARADIGMS), choices=list(PARADIGMS))
     ap.add_argument("--seed", type=int, default=0, help="index into the held-out stream seeds")
     ap.add_argument("--question-at", type=float, default=1.0, help="seconds after stream start the question arrives")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--step-tokens", type=int, default=8)
     ap.add_argument("--answer-tokens", type=int, default=8)
     ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: the decoding and the ingestion thread get a core each; 0: torch default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the decoding and "
+                    "the ingestion thread get a core each; 0: torch default)")
     ap.add_argument("--contention-steps", type=int, default=128)
     args = ap.parse_args(argv)
-
-    import torch
-
-    from tays.metrics import percentile
-    from tays.paradigms import measure_decode_contention, run_paradigm
-    from tays.sources import ShapesSource
-
-    _threads(args.threads)
-    t_start = time.perf_counter()
-    vlm = _load(args.model)
-    stream = _stream(args.seed, args.duration)
-    kw = dict(max_new_tokens=args.max_new_tokens, step_tokens=args.step_tokens, answer_tokens=args.answer_tokens)
-    _log(f"model {vlm!r}; stream seed {stream.seed}, {stream.duration:g} s, question {stream.question!r}; "
-         f"torch threads {torch.get_num_threads()}")
-
-    _log("warm-up (not timed) ...")
-    for p in args.paradigms:
-        run_paradigm(vlm, ShapesSource(stream, fps=2.0, realtime=False), paradigm=p, **kw)
-    _log("decode latency with the ingestion thread idle vs busy ...")
-    cont = measure_decode_contention(vlm, [f for _, f in stream.frames(2.0)[:24]], question=stream.question,
-                                     n_steps=args.contention_steps)
-    _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in cont.items()))
-
-    results: dict[str, dict[str, Any]] = {p: {} for p in args.paradigms}
-    for fps in args.fps:
-        for p in args.paradigms:
-            src = ShapesSource(stream, fps=fps, realtime=True, speed=args.speed)
-            r = run_paradigm(vlm, src, stream.question, p, question_at=args.question_at, **kw)
-            m = {k: r.metrics.get(k) for k in METRIC_KEYS}
-            if p == "tays":
-                idle = [c.seconds * 1000 for c in r.decode_calls if c.n_fed == 1 and not c.ingesting]
-                busy = [c.seconds * 1000 for c in r.decode_calls if c.n_fed == 1 and c.ingesting]
-                m["run_decode_step_ms_p95_idle"] = percentile(idle, 95)
-                m["run_decode_step_ms_p95_ingesting"] = percentile(busy, 95)
-                m["run_steps_ingesting"] = len(busy)
-            if r.messages:
-                m["messages"] = r.messages[:5]
-            results[p][f"{fps:g}"] = m
-            _log(f"{p:11s} fps {fps:g}: ttft {_fmt(m['ttft_s'])} s (question {_fmt(m['ttft_question_s'])} s), "
-                 f"delay {_fmt(m['delay_s'])} s, decode {_fmt(m['decode_tokens_per_s'], 1)} tok/s, "
-                 f"ingest {_fmt(m['frames_per_s'], 1)} frames/s, lag {_fmt(m['ingest_lag_max_s'])} s, "
-                 f"deviation {_fmt(m['event_deviation_s'])} s, {m['tokens']} tokens")
-
-    acc: dict[str, Any] = {}
-    if "tays" in results and results["tays"]:
-        delays = [v["delay_s"] for v in results["tays"].values() if v["delay_s"] is not None]
-        if delays:
-            spread = (max(delays) - min(delays)) / min(delays)
-            acc["tays_delay_spread"] = spread
-            acc["tays_delay_within_10pct"] = spread <= 0.10
-        ttq = [v["ttft_question_s"] for v in results["tays"].values() if v["ttft_question_s"] is not None]
-        step = cont.get("decode_step_ms_p50_idle")
-        if ttq and step is not None:
-            acc["tays_ttft_question_max_s"] = max(ttq)
-            acc["tays_ttft_budget_s"] = step / 1000 + 0.020
-            acc["tays_ttft_within_step_plus_20ms"] = max(ttq) <= step / 1000 + 0.020
-    p_idle, p_busy = cont.get("decode_step_ms_p95_idle"), cont.get("decode_step_ms_p95_ingesting")
-    if p_idle and p_busy:
-        acc["p95_ingesting_over_idle"] = p_busy / p_idle
-        acc["p95_ingesting_within_1_5x"] = p_busy <= 1.5 * p_idle
-
-    out: dict[str, Any] = dict(results)
-    out["decode_step_ms_p95_idle"] = p_idle
-    out["decode_step_ms_p95_ingesting"] = p_busy
-    out["contention"] = cont
-    out["acceptance"] = acc
-    out["meta"] = {
-        "model": str(args.model or DEFAULT_MODEL), "stream_seed": stream.seed, "duration_s": stream.duration,
-        "question": stream.question, "question_at_s": args.question_at, "speed": args.speed,
-        "max_new_tokens": args.max_new_tokens, "step_tokens": args.step_tokens,
-        "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "wall_s": time.perf_counter() - t_start,
-        "times": "wall clock (time.perf_counter), seconds since stream start",
-    }
-    _log(f"acceptance: {json.dumps(finite_json(acc))}")
-    if args.json:
-        print(json.dumps(finite_json(out)), flush=True)
-    else:
-        print(json.dumps(finite_json(out), indent=1))
+    out = bench(args.model, args.fps, args.duration, args.paradigms, args.seed, args.question_at,
+                args.max_new_tokens, args.step_tokens, args.answer_tokens, args.speed, args.threads,
+                args.contention_steps)
+    _print_json(out, args.json)
     return 0
 
 
-
-
-# ----------------------------------------------------------------------------------------------
-# memory
-
-
-def _proc_status(key: str) -> float:
-    """A /proc/self/status field in MiB (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def memory_run(argv: list[str]) -> int:
-    """One stream in this process; prints one JSON line (used by `memory`)."""
-    ap = argparse.ArgumentParser(prog="python -m tays memory-run")
-    ap.add_argument("--duration", type=float, required=True)
-    ap.add_argument("--fps", type=float, default=2.0)
-    ap.add_argument("--window", type=int, default=8)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-
-    from tays.paradigms import run_paradigm
-    from tays.sources import ShapesSource
-
-    _threads(args.threads)
-    rss0 = _proc_status("VmRSS")
-    vlm = _load(args.model)
-    stream = _stream(args.seed, args.duration)
-    rss_loaded = _proc_status("VmRSS")
-    samples: list[tuple[float, float]] = []
-    done = threading.Event()
-    t0 = time.perf_counter()
-
-    def sample() -> None:
-        while not done.wait(0.1):
-            samples.append((time.perf_counter() - t0, _proc_status("VmRSS")))
-
-    th = threading.Thread(target=sample, name="tays-rss", daemon=True)
-    th.start()
-    try:
-        res = run_paradigm(vlm, ShapesSource(stream, fps=args.fps, realtime=False), stream.question, "tays",
-                           max_new_tokens=args.max_new_tokens, visual_window=args.window)
-    finally:
-        done.set()
-        th.join()
-    wall = time.perf_counter() - t0
-    samples.append((wall, _proc_status("VmRSS")))
-
-    def at(frac: float) -> float:
-        return min(samples, key=lambda s: abs(s[0] - frac * wall))[1]
-
-    tc = vlm.text_config
-    per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads)
-    per_token *= vlm.dtype.itemsize
-    out = {
-        "duration_s": args.duration, "fps": args.fps, "visual_window": args.window,
-        "frames": res.metrics.get("frames"), "frame_groups": res.metrics.get("frame_groups"),
-        "tokens": res.metrics.get("tokens"), "wall_s": wall,
-        "stream_s_per_wall_s": args.duration / wall,
-        "rss_before_load_mb": rss0, "rss_after_load_mb": rss_loaded,
-        "rss_at_10_25_50_75_100pct_mb": [at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)],
-        "rss_max_during_stream_mb": max(s[1] for s in samples),
-        "peak_rss_mb": _proc_status("VmHWM"),
-        "video_capacity_max_tokens": res.video_capacity_max,
-        "video_cache_max_mb": res.video_capacity_max * per_token / 2**20,
-        "messages": res.messages[:5],
-    }
-    print(json.dumps(finite_json(out)), flush=True)
-    return 0
-
-
-def memory(argv: list[str]) -> int:
+def memory_command(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m tays memory", description="peak memory of a long vs a short "
                                  "sped-up TaYS stream with a visual window, each in a fresh process")
     ap.add_argument("--json", action="store_true")
@@ -262,65 +68,144 @@ def memory(argv: list[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-
-    runs: dict[str, Any] = {}
-    for label, dur in (("short", args.short), ("long", args.long)):
-        cmd = [sys.executable, "-m", "tays", "memory-run", "--duration", str(dur), "--fps", str(args.fps),
-               "--window", str(args.window), "--max-new-tokens", str(args.max_new_tokens)]
-        if args.model:
-            cmd += ["--model", args.model]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        _log(f"{label}: {dur:g} s stream at {args.fps:g} FPS, window {args.window} ...")
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
-        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-        if p.returncode != 0 or not lines:
-            _log(p.stderr[-2000:])
-            raise SystemExit(f"memory-run for {dur:g} s failed (exit {p.returncode})")
-        runs[label] = json.loads(lines[-1])
-        r = runs[label]
-        _log(f"  {r['frames']} frames in {r['wall_s']:.1f} s; peak RSS {r['peak_rss_mb']:.1f} MiB, "
-             f"max during stream {r['rss_max_during_stream_mb']:.1f} MiB, video cache <= {r['video_cache_max_mb']:.2f} MiB")
-    s, l = runs["short"], runs["long"]
-    out = {
-        "measure": "peak RSS (VmHWM of /proc/self/status) of a fresh process per stream, model load included; "
-                   "also RSS sampled every 0.1 s during the stream",
-        "short": s, "long": l,
-        "peak_rss_ratio": l["peak_rss_mb"] / s["peak_rss_mb"],
-        "peak_within_10pct": l["peak_rss_mb"] <= 1.10 * s["peak_rss_mb"],
-        "stream_rss_ratio": l["rss_max_during_stream_mb"] / s["rss_max_during_stream_mb"],
-        "stream_growth_mb": {k: r["rss_max_during_stream_mb"] - r["rss_after_load_mb"] for k, r in runs.items()},
-    }
-    _log(f"peak ratio long/short {out['peak_rss_ratio']:.3f} (within 10%: {out['peak_within_10pct']})")
-    print(json.dumps(finite_json(out)) if args.json else json.dumps(finite_json(out), indent=1), flush=True)
+    out = memory(args.long, args.short, args.fps, args.window, args.model, args.max_new_tokens, args.threads)
+    _print_json(out, args.json)
     return 0
 
 
-def data(argv: list[str]) -> int:
-    from tays.data import main as data_main
+def memory_run_command(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tays memory-run")
+    ap.add_argument("--duration", type=float, required=True)
+    ap.add_argument("--fps", type=float, default=2.0)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    out = memory_run(args.duration, args.fps, args.window, args.model, args.seed, args.max_new_tokens, args.threads)
+    _print_json(out, True)
+    return 0
 
-    return data_main(argv)
+
+def data_command(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tays data", description="build streaming CoT trajectories and "
+                                 "report what was kept and skipped (last line: JSON)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--annotations", type=Path, help="VideoEspresso-style annotation JSON")
+    src.add_argument("--shapes", type=int, default=100, help="this many training-split shapes-world streams")
+    ap.add_argument("--start", type=int, default=0, help="first training stream index (--shapes)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    ap.add_argument("--encoder", default="tfidf", help="'tfidf' or a Hugging Face encoder id/path (e.g. BAAI/bge-m3)")
+    ap.add_argument("--fps", type=float, default=DEFAULT_FPS)
+    ap.add_argument("--out", type=Path, default=None, help="write the trajectories as JSON lines here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        encoder = make_encoder(args.encoder)
+    except EncoderError as e:
+        raise SystemExit(f"data: {e}") from None
+    summary = build_dataset(encoder, args.annotations, args.shapes, args.start, args.threshold, args.fps, args.out)
+    print(json.dumps(summary), flush=True)
+    return 0
 
 
-def train(argv: list[str]) -> int:
-    from tays.train import main as train_main
+def train_command(argv: list[str]) -> int:
+    # imported when run, not at the top: training brings accelerate, which other commands never need
+    from tays.train import PARADIGMS as TRAIN_PARADIGMS
+    from tays.train import SetupError, train
 
-    return train_main(argv)
+    ap = argparse.ArgumentParser(prog="python -m tays train", description="SFT of the demo model for streaming "
+                                 "video reasoning (TaYS, or the batch / interleaved baselines)")
+    ap.add_argument("--paradigm", choices=TRAIN_PARADIGMS, default="tays")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps (the LR schedule spans these)")
+    ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
+    ap.add_argument("--out", type=Path, default=None, help="final model folder (default runs/tays/PARADIGM)")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="start from this model folder")
+    ap.add_argument("--batch-size", type=int, default=8, help="streams per step per process")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints for resuming (default OUT.run)")
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed-start", type=int, default=0, help="first training-split stream index")
+    ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="question/step consistency threshold")
+    ap.add_argument("--encoder", default="tfidf", help="'tfidf' (offline) or a Hugging Face encoder id/path (BGE-M3)")
+    ap.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (render + preprocess frames)")
+    ap.add_argument("--empty-step-weight", type=float, default=1.0,
+                    help="loss weight of an empty step's end-of-step token (\"nothing new\"), against 1 for every "
+                    "other token. The streaming layouts are mostly such steps; batch traces have none, so "
+                    "batch training is the same whatever this is")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="loss weight of the answer tokens (after </think>, with the final end), against 1. "
+                    "They are a few tokens of each trace, yet they are what accuracy measures")
+    args = ap.parse_args(argv)
+    try:
+        meta = train(**vars(args))
+    except SetupError as e:
+        raise SystemExit(f"train: {e}") from None
+    if meta is not None:  # the main process
+        print(json.dumps(meta))
+    return 0
 
 
-def evaluate(argv: list[str]) -> int:
-    from tays.evaluate import main as evaluate_main
+def evaluate_command(argv: list[str]) -> int:
+    # imported when run, not at the top: evaluation brings the eval-model stack (transformers, seconds to import)
+    from tays.evaluate import EVAL_PARADIGMS, CheckpointError, evaluate_checkpoints
 
-    return evaluate_main(argv)
+    ap = argparse.ArgumentParser(prog="python -m tays evaluate", description="accuracy, reasoning-event deviation, "
+                                 "TTFT and delay of the trained paradigms on held-out shapes-world streams")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    ap.add_argument("--n", type=int, default=200, help="streams to replay (from --split)")
+    ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
+    ap.add_argument("--split", default="heldout", choices=("heldout", "val"), help="held-out streams (the reported "
+                    "figures) or validation streams (never trained on: for choosing training settings)")
+    ap.add_argument("--tays", default="runs/tays/tays", help="TaYS checkpoint folder")
+    ap.add_argument("--batch", default="runs/tays/batch", help="batch-SFT checkpoint folder")
+    ap.add_argument("--interleaved", default="runs/tays/interleaved", help="interleaved-SFT checkpoint folder")
+    ap.add_argument("--no-think", default=None, help="checkpoint for batch_no_think (default: --batch)")
+    ap.add_argument("--paradigms", nargs="+", default=list(EVAL_PARADIGMS), choices=EVAL_PARADIGMS)
+    ap.add_argument("--fps", type=float, default=2.0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (models load in their default dtype: "
+                    "bfloat16 on CUDA)")
+    ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
+    ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
+    ap.add_argument("--question-at", type=float, default=0.0)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--step-tokens", type=int, default=TRAINED["step_tokens"])
+    ap.add_argument("--answer-tokens", type=int, default=TRAINED["answer_tokens"])
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per paradigm (not real time)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
+    ap.add_argument("--workers", type=int, default=1, help="processes replaying streams concurrently, each in real "
+                    "time (they share the CPU: the timings include that)")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        raise SystemExit("evaluate: --n must be >= 1")
+    if args.workers < 1:
+        raise SystemExit("evaluate: --workers must be >= 1")
+    dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
+            "batch_no_think": args.no_think or args.batch}
+    try:
+        res = evaluate_checkpoints(
+            {p: dirs[p] for p in args.paradigms}, args.n, args.start, args.split, args.fps, args.device, args.speed,
+            args.duration, args.question_at, args.max_new_tokens, args.step_tokens, args.answer_tokens,
+            args.warmup, args.threads, args.workers)
+    except CheckpointError as e:
+        raise SystemExit(f"evaluate: {e}") from None
+    _print_json(res, args.json)
+    return 0
 
 
 COMMANDS = {
-    "bench": (bench, "TTFT / delay / throughput of batch, interleaved and TaYS at several FPS"),
-    "data": (data, "build streaming CoT trajectories (shapes world or VideoEspresso JSON), count skips"),
-    "train": (train, "SFT of the demo model for streaming reasoning: --paradigm tays | batch | interleaved"),
-    "evaluate": (evaluate, "accuracy, event deviation, TTFT and delay of the trained paradigms on held-out streams"),
-    "memory": (memory, "peak memory of a one-hour vs a five-minute sped-up stream with a visual window"),
-    "memory-run": (memory_run, "one memory measurement in this process (used by `memory`)"),
+    "bench": (bench_command, "TTFT / delay / throughput of batch, interleaved and TaYS at several FPS"),
+    "data": (data_command, "build streaming CoT trajectories (shapes world or VideoEspresso JSON), count skips"),
+    "train": (train_command, "SFT of the demo model for streaming reasoning: --paradigm tays | batch | interleaved"),
+    "evaluate": (evaluate_command, "accuracy, event deviation, TTFT and delay of the trained paradigms on held-out "
+                 "streams"),
+    "memory": (memory_command, "peak memory of a one-hour vs a five-minute sped-up stream with a visual window"),
+    "memory-run": (memory_run_command, "one memory measurement in this process (used by `memory`)"),
 }
 
 

@@ -62,6 +62,7 @@ a form we could check, so we assume (and document) this layout, accepting a few 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -72,6 +73,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from tays.sources import ShapesSource, VideoFileSource
+from vstream.world.shapes_video import Stream, streams
 
 log = logging.getLogger("tays.data")
 
@@ -86,6 +91,7 @@ __all__ = [
     "Trajectory",
     "VideoSample",
     "align_frames",
+    "build_dataset",
     "build_trajectories",
     "build_trajectory",
     "consistency_filter",
@@ -99,6 +105,7 @@ __all__ = [
     "shapes_samples",
     "shapes_triplet",
     "SkipSample",
+    "trajectory_record",
 ]
 
 DEFAULT_FPS = 2.0
@@ -489,13 +496,11 @@ def build_trajectories(samples: Iterable[VideoSample | SkipSample], encoder: Any
 # sources: shapes-world streams
 
 
-def shapes_sample(stream: Any) -> VideoSample:
+def shapes_sample(stream: Stream) -> VideoSample:
     """A `vstream.world.shapes_video.Stream` as an annotated video. Keyframes are its events: interval =
     the event's keyframe interval; timestamp = the event time (the state changes then), except
     for a move, whose keyframe is the half-way frame (the direction shows; the move lasts the
     whole interval). Frames are rendered at any time (no native frame grid)."""
-    from tays.sources import ShapesSource
-
     kfs = []
     for e in stream.events:
         t = e.time + (e.interval[1] - e.interval[0]) / 2 if e.kind == "move" else e.time
@@ -507,8 +512,6 @@ def shapes_sample(stream: Any) -> VideoSample:
 
 
 def shapes_samples(split: str, start: int, n: int, duration: float | None = None) -> list[VideoSample]:
-    from vstream.world.shapes_video import streams
-
     return [shapes_sample(s) for s in streams(split, start, n, duration)]
 
 
@@ -533,31 +536,14 @@ class VideoFrames:
     checks the file (a `tays.sources.StreamError` for missing / empty / corrupt / undecodable)."""
 
     def __init__(self, path: str | Path):
-        from tays.sources import VideoFileSource
-
         src = VideoFileSource(path, realtime=False)
-        r = src._reader
         self.duration = float(src.duration) if src.duration is not None else None
-        if getattr(r, "backend", "") == "decord":
-            self.times = [float(t) for t in r.starts]
-            self._get = lambda i: r.vr[i].asnumpy()
-        else:  # PyAV: decode once (annotation clips are short)
-            import av
-
-            times, arrays = [], []
-            with av.open(str(path)) as c:
-                for i, f in enumerate(c.decode(video=0)):
-                    times.append(float(f.time) if f.time is not None else i / max(src.native_fps, 1e-6))
-                    arrays.append(f.to_ndarray(format="rgb24"))
-            self.times = times
-            self._get = lambda i: arrays[i]
+        self.times, self._get = src.native_frames()
         if self.duration is None and self.times:
             self.duration = self.times[-1] + 1.0 / max(src.native_fps, 1e-6)
         self._index = {round(t, 6): i for i, t in enumerate(self.times)}
 
-    def read(self, t: float) -> Any:
-        from PIL import Image
-
+    def read(self, t: float) -> Image.Image:
         i = self._index.get(round(float(t), 6))
         if i is None:  # a keyframe timestamp between native frames: the frame shown then
             i = max(0, int(np.searchsorted(np.asarray(self.times), float(t) + 1e-9, side="right")) - 1)
@@ -625,8 +611,6 @@ def load_videoespresso(path: str | Path) -> tuple[list[VideoSample], Counter]:
     """Parse an annotation JSON (a list of items, or {"data": [...]}); returns the usable samples
     and a Counter of skip reasons (the run goes on past bad items). Videos are opened (checked)
     here; frames are read on demand."""
-    import json
-
     path = Path(path)
     skipped: Counter = Counter()
     try:
@@ -650,7 +634,7 @@ def load_videoespresso(path: str | Path) -> tuple[list[VideoSample], Counter]:
 
 
 # ----------------------------------------------------------------------------------------------
-# command line: python -m tays data
+# the data set (python -m tays data)
 
 
 def trajectory_record(t: Trajectory) -> dict[str, Any]:
@@ -665,42 +649,26 @@ def trajectory_record(t: Trajectory) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m tays data", description="build streaming CoT trajectories and "
-                                 "report what was kept and skipped (last line: JSON)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--annotations", type=Path, help="VideoEspresso-style annotation JSON")
-    src.add_argument("--shapes", type=int, default=100, help="this many training-split shapes-world streams")
-    ap.add_argument("--start", type=int, default=0, help="first training stream index (--shapes)")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    ap.add_argument("--encoder", default="tfidf", help="'tfidf' or a Hugging Face encoder id/path (e.g. BAAI/bge-m3)")
-    ap.add_argument("--fps", type=float, default=DEFAULT_FPS)
-    ap.add_argument("--out", type=Path, default=None, help="write the trajectories as JSON lines here")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    try:
-        encoder = make_encoder(args.encoder)
-    except EncoderError as e:
-        raise SystemExit(f"data: {e}") from None
-    if args.annotations is not None:
-        samples, skipped = load_videoespresso(args.annotations)
+def build_dataset(encoder: Any, annotations: Path | None = None, shapes: int = 100, start: int = 0,
+                  threshold: float = DEFAULT_THRESHOLD, fps: float = DEFAULT_FPS, out: Path | None = None
+                  ) -> dict[str, Any]:
+    """Trajectories from a VideoEspresso-style annotation file, else from `shapes` training-split
+    shapes-world streams from index `start` (a TF-IDF encoder is then fitted on the shapes-world
+    texts); written as JSON lines to `out` if given. Returns the counts of what was kept and
+    skipped."""
+    if annotations is not None:
+        samples, skipped = load_videoespresso(annotations)
     else:
-        samples, skipped = shapes_samples("train", args.start, args.shapes), Counter()
+        samples, skipped = shapes_samples("train", start, shapes), Counter()
         if isinstance(encoder, TfidfEncoder):
             encoder = shapes_encoder()
-    trajs, more = build_trajectories(samples, encoder, args.threshold, args.fps)
+    trajs, more = build_trajectories(samples, encoder, threshold, fps)
     skipped.update(more)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w") as f:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
             for t in trajs:
                 f.write(json.dumps(trajectory_record(t)) + "\n")
-    summary = {"trajectories": len(trajs), "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-               "steps": sum(len(t.steps) for t in trajs), "dropped_steps": sum(len(t.dropped) for t in trajs),
-               "encoder": getattr(encoder, "name", "tfidf"), "threshold": args.threshold}
-    print(json.dumps(summary), flush=True)
-    return 0
+    return {"trajectories": len(trajs), "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
+            "steps": sum(len(t.steps) for t in trajs), "dropped_steps": sum(len(t.dropped) for t in trajs),
+            "encoder": getattr(encoder, "name", "tfidf"), "threshold": threshold}

@@ -31,19 +31,25 @@ is ``{paradigm: {"accuracy", "event_deviation_s", "ttft_s", "delay_s", ...}, "me
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
+import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tays.metrics import finite_json
-from tays.protocol import TRAINED
-from vstream.model import normalize_answer
+import torch
 
-__all__ = ["EVAL_PARADIGMS", "evaluate_models", "main"]
+from tays.metrics import RunResult
+from tays.paradigms import run_paradigm
+from tays.protocol import TRAINED
+from tays.sources import ShapesSource
+from vstream.model import VLM, VLMError, load_vlm, normalize_answer
+from vstream.world.eval_model import check_heldout
+from vstream.world.shapes_video import Stream, streams
+
+__all__ = ["EVAL_PARADIGMS", "CheckpointError", "evaluate_checkpoints", "evaluate_models"]
 
 EVAL_PARADIGMS = ("tays", "batch", "interleaved", "batch_no_think")
 RUNNER = {"tays": "tays", "batch": "batch", "interleaved": "interleaved", "batch_no_think": "batch"}
@@ -58,13 +64,15 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def run_one(vlm: Any, stream: Any, paradigm: str, *, fps: float = 2.0, speed: float = 1.0, realtime: bool = True,
-            max_new_tokens: int = 160, step_tokens: int = TRAINED["step_tokens"],
-            answer_tokens: int = TRAINED["answer_tokens"], question_at: float = 0.0):
-    """One stream through one evaluated paradigm, with the SFT protocol; returns the RunResult."""
-    from tays.paradigms import run_paradigm
-    from tays.sources import ShapesSource
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be evaluated (missing, trained on the evaluated split, or
+    not loadable on the device). The message is one line."""
 
+
+def run_one(vlm: VLM, stream: Stream, paradigm: str, *, fps: float = 2.0, speed: float = 1.0, realtime: bool = True,
+            max_new_tokens: int = 160, step_tokens: int = TRAINED["step_tokens"],
+            answer_tokens: int = TRAINED["answer_tokens"], question_at: float = 0.0) -> RunResult:
+    """One stream through one evaluated paradigm, with the SFT protocol; returns the RunResult."""
     src = ShapesSource(stream, fps=fps, realtime=realtime, speed=speed)
     no_think = paradigm == "batch_no_think"
     opts = dict(TRAINED, step_tokens=step_tokens, answer_tokens=answer_tokens)
@@ -75,7 +83,7 @@ def run_one(vlm: Any, stream: Any, paradigm: str, *, fps: float = 2.0, speed: fl
     )
 
 
-def eval_stream(models: dict[str, Any], stream: Any, **kw: Any) -> dict[str, dict[str, Any]]:
+def eval_stream(models: dict[str, VLM], stream: Stream, **kw: Any) -> dict[str, dict[str, Any]]:
     """{paradigm: record} for one stream: the raw figures `summarize` pools."""
     recs: dict[str, dict[str, Any]] = {}
     for p, vlm in models.items():
@@ -116,19 +124,17 @@ def summarize(records: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def _progress(i: int, n: int, stream: Any, recs: dict[str, dict[str, Any]]) -> None:
+def _progress(i: int, n: int, stream: Stream, recs: dict[str, dict[str, Any]]) -> None:
     for p, r in recs.items():
         _log(f"[{i + 1}/{n}] {p:14s} seed {stream.seed}: {'ok ' if r['correct'] else 'bad'} answer "
              f"{r['example']['answer'].strip()!r} (truth {stream.answer!r}); ttft {r['ttft']}, delay {r['delay']}, "
              f"deviation {r['deviation']}")
 
 
-def evaluate_models(models: dict[str, Any], n: int = 200, start: int = 0, duration: float | None = None,
+def evaluate_models(models: dict[str, VLM], n: int = 200, start: int = 0, duration: float | None = None,
                     progress: bool = True, split: str = "heldout", **kw: Any) -> dict[str, Any]:
     """{paradigm: metrics} over `n` streams of `split` (held-out by default; "val" for choosing
     training settings); `models` maps each evaluated paradigm to its VLM. kw: run_one's options."""
-    from vstream.world.shapes_video import streams
-
     records = []
     for i, stream in enumerate(streams(split, start, n, duration)):
         records.append(eval_stream(models, stream, **kw))
@@ -139,10 +145,6 @@ def evaluate_models(models: dict[str, Any], n: int = 200, start: int = 0, durati
 
 def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
     """One replay process of --workers: loads its own models, replays streams start+w, +W, ..."""
-    import torch
-
-    from vstream.world.shapes_video import streams
-
     torch.set_num_threads(job["threads"] or 1)
     models = _load_all(job["dirs"], job["paradigms"], job["split"], job["device"])
     kw = job["kw"]
@@ -160,9 +162,6 @@ def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n:
                       **kw: Any) -> dict[str, Any]:
     """evaluate_models over `workers` processes replaying streams concurrently (each in real time;
     they share the CPU, so timings include that contention)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [{"dirs": dirs, "paradigms": paradigms, "split": split, "n": n, "start": start, "duration": duration,
              "worker": w, "workers": workers, "threads": threads, "warmup": warmup, "device": device, "kw": kw}
             for w in range(workers)]
@@ -171,25 +170,22 @@ def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n:
     return summarize([rec for _, rec in sorted((x for part in parts for x in part), key=lambda x: x[0])])
 
 
-def _load(path: str, paradigm: str, split: str, device: str = "cpu"):
-    from vstream.world.eval_model import check_heldout
-    from vstream.model import VLMError, load_vlm
-
+def _load(path: str, paradigm: str, split: str, device: str = "cpu") -> VLM:
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise SystemExit(f"evaluate: no checkpoint for {paradigm!r} at {p} (train one with: python -m tays train "
-                         f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)")
+        raise CheckpointError(f"no checkpoint for {paradigm!r} at {p} (train one with: python -m tays train "
+                              f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)")
     try:
         check_heldout(p, split)
         return load_vlm(str(p), device=device)
     except VLMError as e:
-        raise SystemExit(f"evaluate: {paradigm}: {e}") from None
+        raise CheckpointError(f"{paradigm}: {e}") from None
 
 
-def _load_all(dirs: dict[str, str], paradigms: list[str], split: str, device: str = "cpu") -> dict[str, Any]:
+def _load_all(dirs: dict[str, str], paradigms: list[str], split: str, device: str = "cpu") -> dict[str, VLM]:
     """{paradigm: VLM}, each checkpoint folder loaded once."""
-    loaded: dict[str, Any] = {}
-    models: dict[str, Any] = {}
+    loaded: dict[str, VLM] = {}
+    models: dict[str, VLM] = {}
     for p in paradigms:
         key = str(Path(dirs[p]).resolve())
         if key not in loaded:
@@ -198,11 +194,9 @@ def _load_all(dirs: dict[str, str], paradigms: list[str], split: str, device: st
     return models
 
 
-def _warm_up(models: dict[str, Any], split: str, start: int, duration: float | None, runs: int,
+def _warm_up(models: dict[str, VLM], split: str, start: int, duration: float | None, runs: int,
              kw: dict[str, Any]) -> None:
     """Untimed, not-real-time runs first, so the timed ones do not pay for lazy set-up."""
-    from vstream.world.shapes_video import streams
-
     if runs:
         ws = streams(split, start, 1, duration)[0]
         for p, vlm in models.items():
@@ -210,72 +204,38 @@ def _warm_up(models: dict[str, Any], split: str, start: int, duration: float | N
                 run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tays evaluate", description="accuracy, reasoning-event deviation, "
-                                 "TTFT and delay of the trained paradigms on held-out shapes-world streams")
-    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
-    ap.add_argument("--n", type=int, default=200, help="streams to replay (from --split)")
-    ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
-    ap.add_argument("--split", default="heldout", choices=("heldout", "val"), help="held-out streams (the reported "
-                    "figures) or validation streams (never trained on: for choosing training settings)")
-    ap.add_argument("--tays", default="runs/tays/tays", help="TaYS checkpoint folder")
-    ap.add_argument("--batch", default="runs/tays/batch", help="batch-SFT checkpoint folder")
-    ap.add_argument("--interleaved", default="runs/tays/interleaved", help="interleaved-SFT checkpoint folder")
-    ap.add_argument("--no-think", default=None, help="checkpoint for batch_no_think (default: --batch)")
-    ap.add_argument("--paradigms", nargs="+", default=list(EVAL_PARADIGMS), choices=EVAL_PARADIGMS)
-    ap.add_argument("--fps", type=float, default=2.0)
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (models load in their default dtype: "
-                    "bfloat16 on CUDA)")
-    ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
-    ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
-    ap.add_argument("--question-at", type=float, default=0.0)
-    ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--step-tokens", type=int, default=TRAINED["step_tokens"])
-    ap.add_argument("--answer-tokens", type=int, default=TRAINED["answer_tokens"])
-    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per paradigm (not real time)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
-    ap.add_argument("--workers", type=int, default=1, help="processes replaying streams concurrently, each in real "
-                    "time (they share the CPU: the timings include that)")
-    args = ap.parse_args(argv)
-    if args.n < 1:
-        raise SystemExit("evaluate: --n must be >= 1")
-    if args.workers < 1:
-        raise SystemExit("evaluate: --workers must be >= 1")
-
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def evaluate_checkpoints(dirs: dict[str, str], n: int = 200, start: int = 0, split: str = "heldout",
+                         fps: float = 2.0, device: str = "cpu", speed: float = 1.0, duration: float | None = None,
+                         question_at: float = 0.0, max_new_tokens: int = 160,
+                         step_tokens: int = TRAINED["step_tokens"], answer_tokens: int = TRAINED["answer_tokens"],
+                         warmup: int = 1, threads: int = 1, workers: int = 1) -> dict[str, Any]:
+    """{paradigm: metrics, "meta": {...}} of the checkpoints `dirs` ({evaluated paradigm: folder})
+    over `n` streams of `split` (module docstring); every folder is checked before the long part.
+    threads: torch threads (0: torch's default); workers: replay processes."""
+    if threads:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
-            "batch_no_think": args.no_think or args.batch}
-    dirs = {p: dirs[p] for p in args.paradigms}
-    models = _load_all(dirs, args.paradigms, args.split, args.device)  # check every folder before the long part
-    kw = dict(fps=args.fps, speed=args.speed, max_new_tokens=args.max_new_tokens, step_tokens=args.step_tokens,
-              answer_tokens=args.answer_tokens, question_at=args.question_at)
-    if args.workers > 1:
+    paradigms = list(dirs)
+    models = _load_all(dirs, paradigms, split, device)
+    kw = dict(fps=fps, speed=speed, max_new_tokens=max_new_tokens, step_tokens=step_tokens,
+              answer_tokens=answer_tokens, question_at=question_at)
+    if workers > 1:
         del models
-        res = evaluate_parallel(dirs, args.paradigms, args.split, args.n, args.start, args.duration, args.workers,
-                                args.threads, args.warmup, args.device, **kw)
+        res = evaluate_parallel(dirs, paradigms, split, n, start, duration, workers, threads, warmup, device, **kw)
     else:
-        _warm_up(models, args.split, args.start, args.duration, args.warmup, kw)
-        res = evaluate_models(models, args.n, args.start, args.duration, progress=True, split=args.split, **kw)
+        _warm_up(models, split, start, duration, warmup, kw)
+        res = evaluate_models(models, n, start, duration, progress=True, split=split, **kw)
     res["meta"] = {
-        "checkpoints": {p: str(dirs[p]) for p in args.paradigms}, "n": args.n, "split": args.split,
-        "start": args.start, "fps": args.fps, "speed": args.speed, "duration": args.duration,
-        "question_at_s": args.question_at, "max_new_tokens": args.max_new_tokens, "step_tokens": args.step_tokens,
-        "answer_tokens": args.answer_tokens, "torch_threads": torch.get_num_threads(), "workers": args.workers,
-        "device": args.device,
+        "checkpoints": {p: str(dirs[p]) for p in paradigms}, "n": n, "split": split,
+        "start": start, "fps": fps, "speed": speed, "duration": duration,
+        "question_at_s": question_at, "max_new_tokens": max_new_tokens, "step_tokens": step_tokens,
+        "answer_tokens": answer_tokens, "torch_threads": torch.get_num_threads(), "workers": workers,
+        "device": device,
         "wall_s": time.perf_counter() - t0,
         "times": "ttft_s / delay_s: wall seconds since stream start; event_deviation_s: stream seconds",
     }
-    for p in args.paradigms:
+    for p in paradigms:
         r = res[p]
         _log(f"{p:14s} accuracy {r['accuracy']}, event deviation {r['event_deviation_s']} s, "
              f"ttft {r['ttft_s']} s, delay {r['delay_s']} s")
-    print(json.dumps(finite_json(res)) if args.json else json.dumps(finite_json(res), indent=1), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return res

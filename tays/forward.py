@@ -20,15 +20,14 @@ import torch
 
 from tays.mask import FRAME, PROMPT, TEXT, Segment, additive_mask, streaming_mask
 from tays.positions import streaming_position_ids, time_interval
+from vstream.model import VLM, VLMError
 
 __all__ = ["StreamingSequence", "check_supported", "encode_frames", "streaming_forward", "video_interval"]
 
 SUPPORTED_ARCHS = ("qwen2_5_vl",)
 
 
-def check_supported(vlm: Any) -> None:
-    from vstream.model import VLMError
-
+def check_supported(vlm: VLM) -> None:
     if vlm.arch not in SUPPORTED_ARCHS:
         raise VLMError(
             f"TaYS streaming supports {', '.join(SUPPORTED_ARCHS)} for now, not {vlm.arch!r} "
@@ -36,7 +35,7 @@ def check_supported(vlm: Any) -> None:
         )
 
 
-def video_interval(vlm: Any, fps: float) -> torch.Tensor:
+def video_interval(vlm: VLM, fps: float) -> torch.Tensor:
     """Temporal mRoPE step between frame groups for frames sampled at `fps`."""
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
@@ -44,7 +43,7 @@ def video_interval(vlm: Any, fps: float) -> torch.Tensor:
     return time_interval(tps, vlm.temporal_patch_size / float(fps))
 
 
-def encode_frames(vlm: Any, frames: Sequence[Any]) -> tuple[torch.Tensor, tuple[int, int]]:
+def encode_frames(vlm: VLM, frames: Sequence[Any]) -> tuple[torch.Tensor, tuple[int, int]]:
     """Vision-tower features of ONE frame group: (th*tw, hidden) on the model's device/dtype and
     the (th, tw) token grid. `frames` holds 1..temporal_patch_size frames (a short group is
     padded by repeating its last frame, as transformers does for odd videos).
@@ -66,14 +65,14 @@ def encode_frames(vlm: Any, frames: Sequence[Any]) -> tuple[torch.Tensor, tuple[
 class StreamingSequence:
     """Segments plus their input embeddings, in the order they are added."""
 
-    def __init__(self, vlm: Any):
+    def __init__(self, vlm: VLM):
         check_supported(vlm)
         self.vlm = vlm
         self.segments: list[Segment] = []
         self.embeds: list[torch.Tensor] = []  # (n, hidden) each
         self.token_ids: list[torch.Tensor | None] = []  # text/prompt ids (None for frames)
 
-    def _embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.vlm.device).reshape(-1)
         return ids, self.vlm.model.get_input_embeddings()(ids)
 
@@ -105,7 +104,7 @@ class StreamingSequence:
 
 
 def streaming_forward(
-    vlm: Any,
+    vlm: VLM,
     seq: StreamingSequence,
     fps: float = 2.0,
     visual_window: int | None = None,

@@ -38,7 +38,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ import numpy as np
 from PIL import Image
 
 from vstream.model import VLMError, normalize_image_with_size
+from vstream.world.shapes import COLORS
+from vstream.world.shapes_video import Stream, make_stream
 
 __all__ = [
     "EventTruth",
@@ -196,9 +198,7 @@ class ShapesSource(FrameSource):
     """A shapes-world stream (`vstream.world.shapes_video.Stream` or a seed), rendered frame by frame
     at `fps`; its events are the ground truth for the reasoning-event deviation."""
 
-    def __init__(self, stream: Any, fps: float = 2.0, realtime: bool = True, speed: float = 1.0):
-        from vstream.world.shapes_video import make_stream
-
+    def __init__(self, stream: Stream | int, fps: float = 2.0, realtime: bool = True, speed: float = 1.0):
         self.stream = make_stream(int(stream)) if isinstance(stream, (int, np.integer)) else stream
         self.fps = _check_fps(fps)
         self.realtime = bool(realtime)
@@ -209,21 +209,12 @@ class ShapesSource(FrameSource):
         self.events = []
         for e in self.stream.events:
             words = set(e.step.lower().rstrip(".").split())
-            colors = tuple(sorted({c for c in _COLOR_WORDS if c in words} | {e.color}))
+            colors = tuple(sorted({c for c in COLORS if c in words} | {e.color}))
             self.events.append(EventTruth(float(e.time), e.step, e.kind, e.shape, colors))
 
     def _frames(self) -> Iterator[tuple[float, Any]]:
         for t in self.stream.frame_times(self.fps):
             yield t, self.stream.frame_at(t)
-
-
-def _color_words() -> tuple[str, ...]:
-    from vstream.world.shapes import COLORS
-
-    return tuple(COLORS)
-
-
-_COLOR_WORDS = _color_words()
 
 
 class IterableSource(FrameSource):
@@ -380,6 +371,9 @@ class _DecordReader:
     def first(self) -> np.ndarray:
         return self.vr[0].asnumpy()
 
+    def native(self) -> tuple[list[float], Callable[[int], np.ndarray]]:
+        return [float(t) for t in self.starts], lambda i: self.vr[i].asnumpy()
+
     def frames(self, fps: float, name: str) -> Iterator[tuple[float, np.ndarray]]:
         times = [k / fps for k in range(int(math.ceil(self.end * fps - 1e-9)))]
         idx = np.clip(np.searchsorted(self.starts, np.asarray(times) + 1e-9, side="right") - 1, 0, self.n - 1)
@@ -426,6 +420,16 @@ class _PyAVReader:
             for f in c.decode(video=0):
                 return f.to_ndarray(format="rgb24")
         raise StreamError(f"{os.path.basename(self.path)} has no decodable video frame")
+
+    def native(self) -> tuple[list[float], Callable[[int], np.ndarray]]:
+        import av
+
+        times, arrays = [], []  # decoded once: annotation clips are short
+        with av.open(self.path) as c:
+            for i, f in enumerate(c.decode(video=0)):
+                times.append(float(f.time) if f.time is not None else i / max(self.native_fps, 1e-6))
+                arrays.append(f.to_ndarray(format="rgb24"))
+        return times, arrays.__getitem__
 
     def frames(self, fps: float, name: str) -> Iterator[tuple[float, np.ndarray]]:
         import av
@@ -498,4 +502,8 @@ class VideoFileSource(FrameSource):
 
     def _frames(self) -> Iterator[tuple[float, Any]]:
         yield from self._reader.frames(self.fps, self.name)
+
+    def native_frames(self) -> tuple[list[float], Callable[[int], np.ndarray]]:
+        """The file's own frames, not resampled: their start times and a getter by index (RGB)."""
+        return self._reader.native()
 

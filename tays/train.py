@@ -36,26 +36,35 @@ steps, minutes, data settings and skip counts).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, SkipSample, Trajectory, build_trajectory
+from tays.data import (DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, SkipSample, Trajectory, build_trajectory,
+                       make_encoder, shapes_encoder, shapes_sample)
+from tays.forward import video_interval
 from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
 from tays.protocol import chat_template_ids
-from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN
+from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN, VLM, VLMError, load_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
+from vstream.world.shapes import TRAIN_SEEDS
+from vstream.world.shapes_video import make_stream
 
-__all__ = ["IGNORE", "PARADIGMS", "Layout", "StreamingLM", "TrajectoryCollator", "build_layout", "main",
-           "reasoning_tokens"]
+if TYPE_CHECKING:  # annotation only: importing transformers costs seconds at start-up
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["IGNORE", "PARADIGMS", "Layout", "SetupError", "StreamingLM", "TrajectoryCollator", "build_layout",
+           "reasoning_tokens", "train"]
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
 PARADIGMS = ("tays", "batch", "interleaved")
@@ -67,11 +76,11 @@ OTHER, EMPTY_STEP, ANSWER = 0, 1, 2  # label roles, for the loss weights
 # token layout
 
 
-def _ids(tok: Any, text: str) -> list[int]:
+def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def reasoning_tokens(traj: Trajectory, tok: Any, paradigm: str) -> tuple[list[int], list[int]]:
+def reasoning_tokens(traj: Trajectory, tok: PreTrainedTokenizerBase, paradigm: str) -> tuple[list[int], list[int]]:
     """(body token ids, frame groups visible to the call that generates each token)."""
     eot = tok.convert_tokens_to_ids(END_OF_STEP)
     end = tok.convert_tokens_to_ids(THINK_CLOSE)
@@ -111,7 +120,7 @@ class Layout:
     group_times: list[float]
 
 
-def build_layout(traj: Trajectory, tok: Any, paradigm: str) -> Layout:
+def build_layout(traj: Trajectory, tok: PreTrainedTokenizerBase, paradigm: str) -> Layout:
     if paradigm not in PARADIGMS:
         raise ValueError(f"unknown paradigm {paradigm!r}; choose from {', '.join(PARADIGMS)}")
     prompt, header = chat_template_ids(tok, traj.question, assistant_prefix=THINK_OPEN)  # as inference
@@ -225,12 +234,8 @@ class TrajectoryCollator:
     (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
     the batch; a batch with no usable trajectory holds only that list."""
 
-    def __init__(self, vlm: Any, paradigm: str, fps: float = DEFAULT_FPS, empty_step_weight: float = 1.0,
+    def __init__(self, vlm: VLM, paradigm: str, fps: float = DEFAULT_FPS, empty_step_weight: float = 1.0,
                  answer_weight: float = 1.0):
-        from dataclasses import replace
-
-        from tays.forward import video_interval
-
         for name, w in (("empty_step_weight", empty_step_weight), ("answer_weight", answer_weight)):
             if not w >= 0:
                 raise ValueError(f"{name} must be >= 0, got {w}")
@@ -290,7 +295,7 @@ class StreamingLM(torch.nn.Module):
     4-D mask (the way `tays.forward.streaming_forward` drives it). Returns (loss, logits); the
     labels are already next-token targets per position (no shift)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
@@ -334,8 +339,6 @@ class TrainStreams(torch.utils.data.Dataset):
 
     def __init__(self, n: int, start: int = 0, duration: float | None = None,
                  threshold: float = DEFAULT_THRESHOLD, encoder: Any = None, group_size: int = 2):
-        from vstream.world.shapes import TRAIN_SEEDS
-
         if start < 0 or start + n > len(TRAIN_SEEDS):
             raise ValueError("more streams asked for than the training split holds")
         self.n, self.start, self.duration = n, start, duration
@@ -345,10 +348,6 @@ class TrainStreams(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        from tays.data import shapes_encoder, shapes_sample
-        from vstream.world.shapes import TRAIN_SEEDS
-        from vstream.world.shapes_video import make_stream
-
         s = shapes_sample(make_stream(TRAIN_SEEDS[self.start + i], self.duration))
         try:
             return build_trajectory(s, self.encoder or shapes_encoder(), self.threshold, DEFAULT_FPS, self.group_size)
@@ -357,104 +356,81 @@ class TrainStreams(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# the command
+# the training run (python -m tays train)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tays train", description="SFT of the demo model for streaming "
-                                 "video reasoning (TaYS, or the batch / interleaved baselines)")
-    ap.add_argument("--paradigm", choices=PARADIGMS, default="tays")
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps (the LR schedule spans these)")
-    ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
-    ap.add_argument("--out", type=Path, default=None, help="final model folder (default runs/tays/PARADIGM)")
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="start from this model folder")
-    ap.add_argument("--batch-size", type=int, default=8, help="streams per step per process")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints for resuming (default OUT.run)")
-    ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seed-start", type=int, default=0, help="first training-split stream index")
-    ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="question/step consistency threshold")
-    ap.add_argument("--encoder", default="tfidf", help="'tfidf' (offline) or a Hugging Face encoder id/path (BGE-M3)")
-    ap.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (render + preprocess frames)")
-    ap.add_argument("--empty-step-weight", type=float, default=1.0,
-                    help="loss weight of an empty step's end-of-step token (\"nothing new\"), against 1 for every "
-                    "other token. The streaming layouts are mostly such steps; batch traces have none, so "
-                    "batch training is the same whatever this is")
-    ap.add_argument("--answer-weight", type=float, default=1.0,
-                    help="loss weight of the answer tokens (after </think>, with the final end), against 1. "
-                    "They are a few tokens of each trace, yet they are what accuracy measures")
-    args = ap.parse_args(argv)
+class SetupError(ValueError):
+    """The run cannot start: the model, the encoder, the loss weights, the state to resume or the
+    seed range. The message is one line."""
 
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from tays.data import EncoderError, make_encoder, shapes_encoder
-    from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
-    from vstream.world.shapes import TRAIN_SEEDS
-    from vstream.model import VLMError, load_vlm
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = args.out or Path("runs/tays") / args.paradigm
-    run_dir = args.run_dir or out.with_name(out.name + ".run")
+def train(paradigm: str = "tays", steps: int = 600, minutes: float | None = None, out: Path | None = None,
+          model: str = str(DEFAULT_MODEL), batch_size: int = 8, lr: float = 3e-4, run_dir: Path | None = None,
+          save_every: int = 100, seed: int = 0, seed_start: int = 0, duration: float | None = None,
+          threshold: float = DEFAULT_THRESHOLD, encoder: str = "tfidf", save_dtype: str = "float16",
+          threads: int = 0, workers: int = 0, empty_step_weight: float = 1.0,
+          answer_weight: float = 1.0) -> dict[str, Any] | None:
+    """SFT of `model` for `paradigm` on `steps` x `batch_size` training streams per process (see
+    the module docstring and ``python -m tays train --help`` for every option). Checkpoints go to
+    `run_dir` (default OUT.run), and a rerun resumes there; the final model goes to `out` (default
+    runs/tays/PARADIGM). Returns the saved training.json (None on processes but the main one)."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = out or Path("runs/tays") / paradigm
+    run_dir = run_dir or out.with_name(out.name + ".run")
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    acc.print(f"{acc.num_processes} process(es) on {acc.device}, {acc.distributed_type}; paradigm {args.paradigm}")
-    set_seed(args.seed)
+    acc.print(f"{acc.num_processes} process(es) on {acc.device}, {acc.distributed_type}; paradigm {paradigm}")
+    set_seed(seed)
     try:
-        vlm = load_vlm(args.model, dtype="float32", device="cpu")
+        vlm = load_vlm(model, dtype="float32", device="cpu")
     except VLMError as e:
-        raise SystemExit(f"train: {e}") from None
+        raise SetupError(str(e)) from None
     try:
-        encoder = shapes_encoder() if args.encoder == "tfidf" else make_encoder(args.encoder)
+        enc = shapes_encoder() if encoder == "tfidf" else make_encoder(encoder)
     except EncoderError as e:
-        raise SystemExit(f"train: {e}") from None
+        raise SetupError(str(e)) from None
     vlm.model.model.visual.requires_grad_(False)
-    model = StreamingLM(vlm.model)
-    model.train()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    n_streams = args.steps * args.batch_size * acc.num_processes
-    if args.seed_start + n_streams > len(TRAIN_SEEDS):
-        raise SystemExit("train: --seed-start + streams used would leave the training split")
-    data = TrainStreams(n_streams, args.seed_start, args.duration, args.threshold, encoder,
+    lm = StreamingLM(vlm.model)
+    lm.train()
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    n_streams = steps * batch_size * acc.num_processes
+    if seed_start + n_streams > len(TRAIN_SEEDS):
+        raise SetupError("--seed-start + streams used would leave the training split")
+    data = TrainStreams(n_streams, seed_start, duration, threshold, enc,
                         vlm.temporal_patch_size)
     try:
-        collate = TrajectoryCollator(vlm, args.paradigm, empty_step_weight=args.empty_step_weight,
-                                     answer_weight=args.answer_weight)
+        collate = TrajectoryCollator(vlm, paradigm, empty_step_weight=empty_step_weight,
+                                     answer_weight=answer_weight)
     except ValueError as e:
-        raise SystemExit(f"train: {e}") from None
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False, collate_fn=collate,
-                                         num_workers=args.workers)
+        raise SetupError(str(e)) from None
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                         num_workers=workers)
     skipped: Counter = Counter()
-    model, opt, loader = acc.prepare(model, opt, loader)
+    lm, opt, loader = acc.prepare(lm, opt, loader)
 
     state = run_dir / "latest"
-    recipe = {"paradigm": args.paradigm, "empty_step_weight": args.empty_step_weight,
-              "answer_weight": args.answer_weight}
+    recipe = {"paradigm": paradigm, "empty_step_weight": empty_step_weight,
+              "answer_weight": answer_weight}
     try:
         record = resume(acc, state, match=recipe)
     except ValueError as e:
-        raise SystemExit(f"train: {e}") from None
+        raise SetupError(str(e)) from None
     start, ema, before = record.get("step", 0), record.get("loss_ema"), record.get("seconds", 0.0)
     batches = acc.skip_first_batches(loader, start) if start else loader
 
     t0 = time.time()
-    bar = tqdm(total=args.steps, initial=start, disable=not acc.is_main_process, desc=f"train {args.paradigm}")
+    bar = tqdm(total=steps, initial=start, disable=not acc.is_main_process, desc=f"train {paradigm}")
     step = start
     for batch in batches:
-        if step >= args.steps:
+        if step >= steps:
             break
         skipped.update(batch.pop("skipped", []))
         if "input_ids" not in batch:  # every stream of the batch was skipped
             continue
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, 50)
-        loss, _ = model(**batch)
+            g["lr"] = lr_at(step, steps, lr, 50)
+        loss, _ = lm(**batch)
         acc.backward(loss)
         acc.clip_grad_norm_(trained, 1.0)
         opt.step()
@@ -464,41 +440,38 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
         # the budget counts earlier runs of a resumed training too, and all processes agree on it
-        out_of_time = args.minutes is not None and agreed_seconds(acc, before + time.time() - t0) > args.minutes * 60
-        if step % args.save_every == 0 or out_of_time or step == args.steps:
+        out_of_time = minutes is not None and agreed_seconds(acc, before + time.time() - t0) > minutes * 60
+        if step % save_every == 0 or out_of_time or step == steps:
             save_step(acc, state, {"step": step, "loss_ema": ema, "seconds": before + time.time() - t0, **recipe})
         if out_of_time:
-            acc.print(f"stopping at step {step}: --minutes {args.minutes} reached")
+            acc.print(f"stopping at step {step}: --minutes {minutes} reached")
             break
     bar.close()
 
     acc.wait_for_everyone()
     if acc.is_main_process:
-        final = acc.unwrap_model(model).model
-        used = step * args.batch_size * acc.num_processes
+        final = acc.unwrap_model(lm).model
+        used = step * batch_size * acc.num_processes
         meta = {
             **recipe,
-            "base_model": str(args.model),
+            "base_model": str(model),
             "trained_steps": step,
-            "batch_size": args.batch_size * acc.num_processes,
+            "batch_size": batch_size * acc.num_processes,
             "split": "train",
-            "train_seeds": [TRAIN_SEEDS[args.seed_start], TRAIN_SEEDS.start + args.seed_start + used],
+            "train_seeds": [TRAIN_SEEDS[seed_start], TRAIN_SEEDS.start + seed_start + used],
             "minutes": round((before + time.time() - t0) / 60, 2),
             "parameters": sum(p.numel() for p in final.parameters()),
             "trained_parameters": sum(p.numel() for p in trained),
             "vision_tower": "frozen",
             "final_loss_ema": ema,
             "processes": acc.num_processes,
-            "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": args.duration,
-                     "threshold": args.threshold, "encoder": args.encoder,
+            "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": duration,
+                     "threshold": threshold, "encoder": encoder,
                      "skipped_this_run": dict(skipped)},
             "format": {"assistant_prefix": THINK_OPEN, "answer_prefix": THINK_CLOSE, "end_of_step": END_OF_STEP,
-                       "streaming_calls": "one reasoning call per frame group" if args.paradigm != "batch" else None},
+                       "streaming_calls": "one reasoning call per frame group" if paradigm != "batch" else None},
         }
-        save_final(final, vlm.tokenizer, vlm.image_processor, out, meta, getattr(torch, args.save_dtype))
-        acc.print(json.dumps(meta))
-    return 0
+        save_final(final, vlm.tokenizer, vlm.image_processor, out, meta, getattr(torch, save_dtype))
+        return meta
+    return None
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

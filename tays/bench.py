@@ -1,0 +1,245 @@
+"""Benchmarks of the three paradigms on shapes-world streams (``python -m tays bench | memory``).
+
+`bench` replays one held-out stream in real time at each FPS for each paradigm (batch,
+interleaved, tays) and returns ``{paradigm: {fps: metrics}, "decode_step_ms_p95_idle": ...,
+"decode_step_ms_p95_ingesting": ..., "contention": {...}, "acceptance": {...}, "meta": {...}}``.
+
+`memory` runs a sped-up (as fast as ingestion goes) TaYS stream of `short` and of `long` seconds
+with a visual window, each in a fresh Python process (`memory_run`, through ``python -m tays
+memory-run``), and reports each process's peak resident set size (VmHWM from /proc/self/status:
+model, torch, caches, frames, Python objects; everything) plus RSS sampled during the stream and
+the video-cache size. Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tays.metrics import finite_json, percentile
+from tays.paradigms import PARADIGMS, measure_decode_contention, run_paradigm
+from tays.sources import ShapesSource
+from vstream.model import VLM, load_vlm
+from vstream.world.assets import DEMO_MODEL_DIR, ROOT
+from vstream.world.shapes import HELDOUT_SEEDS
+from vstream.world.shapes_video import Stream, make_stream
+
+__all__ = ["DEFAULT_MODEL", "METRIC_KEYS", "bench", "memory", "memory_run"]
+
+DEFAULT_MODEL = DEMO_MODEL_DIR
+METRIC_KEYS = ("ttft_s", "ttft_question_s", "delay_s", "decode_tokens_per_s", "frames_per_s",
+               "event_deviation_s", "steps_matched", "tokens", "answer_tokens", "reasoning_steps", "frames",
+               "frame_groups", "ingest_lag_max_s", "stream_end_s", "decode_step_ms_p50", "decode_step_ms_p95")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def load_model(model: str | None) -> VLM:
+    """The model folder `model`, or the demo model (SystemExit if it is not there yet)."""
+    path = Path(model) if model else DEFAULT_MODEL
+    if model is None and not (path / "config.json").is_file():
+        raise SystemExit(f"no model at {path} (the demo model is not there yet); pass --model PATH")
+    return load_vlm(str(path), device="cpu")
+
+
+def set_threads(n: int | None) -> None:
+    """torch intra-op threads (0 / None: torch's default)."""
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def heldout_stream(seed_index: int, duration: float) -> Stream:
+    return make_stream(HELDOUT_SEEDS[seed_index], duration=duration)
+
+
+def bench(model: str | None = None, fps: Sequence[float] = (1, 2, 3, 4, 5), duration: float = 12.0,
+          paradigms: Sequence[str] = PARADIGMS, seed: int = 0, question_at: float = 1.0, max_new_tokens: int = 128,
+          step_tokens: int = 8, answer_tokens: int = 8, speed: float = 1.0, threads: int = 1,
+          contention_steps: int = 128) -> dict[str, Any]:
+    """TTFT / delay / throughput of `paradigms` at each FPS (module docstring); fps, duration and
+    speed of the replay, the rest as `run_paradigm` and `measure_decode_contention` take them."""
+    set_threads(threads)
+    t_start = time.perf_counter()
+    vlm = load_model(model)
+    stream = heldout_stream(seed, duration)
+    kw = dict(max_new_tokens=max_new_tokens, step_tokens=step_tokens, answer_tokens=answer_tokens)
+    _log(f"model {vlm!r}; stream seed {stream.seed}, {stream.duration:g} s, question {stream.question!r}; "
+         f"torch threads {torch.get_num_threads()}")
+
+    _log("warm-up (not timed) ...")
+    for p in paradigms:
+        run_paradigm(vlm, ShapesSource(stream, fps=2.0, realtime=False), paradigm=p, **kw)
+    _log("decode latency with the ingestion thread idle vs busy ...")
+    cont = measure_decode_contention(vlm, [f for _, f in stream.frames(2.0)[:24]], question=stream.question,
+                                     n_steps=contention_steps)
+    _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in cont.items()))
+
+    results: dict[str, dict[str, Any]] = {p: {} for p in paradigms}
+    for f in fps:
+        for p in paradigms:
+            src = ShapesSource(stream, fps=f, realtime=True, speed=speed)
+            r = run_paradigm(vlm, src, stream.question, p, question_at=question_at, **kw)
+            m = {k: r.metrics.get(k) for k in METRIC_KEYS}
+            if p == "tays":
+                idle = [c.seconds * 1000 for c in r.decode_calls if c.n_fed == 1 and not c.ingesting]
+                busy = [c.seconds * 1000 for c in r.decode_calls if c.n_fed == 1 and c.ingesting]
+                m["run_decode_step_ms_p95_idle"] = percentile(idle, 95)
+                m["run_decode_step_ms_p95_ingesting"] = percentile(busy, 95)
+                m["run_steps_ingesting"] = len(busy)
+            if r.messages:
+                m["messages"] = r.messages[:5]
+            results[p][f"{f:g}"] = m
+            _log(f"{p:11s} fps {f:g}: ttft {_fmt(m['ttft_s'])} s (question {_fmt(m['ttft_question_s'])} s), "
+                 f"delay {_fmt(m['delay_s'])} s, decode {_fmt(m['decode_tokens_per_s'], 1)} tok/s, "
+                 f"ingest {_fmt(m['frames_per_s'], 1)} frames/s, lag {_fmt(m['ingest_lag_max_s'])} s, "
+                 f"deviation {_fmt(m['event_deviation_s'])} s, {m['tokens']} tokens")
+
+    out: dict[str, Any] = dict(results)
+    out["decode_step_ms_p95_idle"] = cont.get("decode_step_ms_p95_idle")
+    out["decode_step_ms_p95_ingesting"] = cont.get("decode_step_ms_p95_ingesting")
+    out["contention"] = cont
+    out["acceptance"] = _acceptance(results, cont)
+    out["meta"] = {
+        "model": str(model or DEFAULT_MODEL), "stream_seed": stream.seed, "duration_s": stream.duration,
+        "question": stream.question, "question_at_s": question_at, "speed": speed,
+        "max_new_tokens": max_new_tokens, "step_tokens": step_tokens,
+        "answer_tokens": answer_tokens, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "wall_s": time.perf_counter() - t_start,
+        "times": "wall clock (time.perf_counter), seconds since stream start",
+    }
+    _log(f"acceptance: {json.dumps(finite_json(out['acceptance']))}")
+    return out
+
+
+def _acceptance(results: dict[str, dict[str, Any]], cont: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets: TaYS delay flat across FPS (within 10%), TaYS TTFT after the question
+    within one decode step + 20 ms, decode p95 while ingesting within 1.5x of idle."""
+    acc: dict[str, Any] = {}
+    if "tays" in results and results["tays"]:
+        delays = [v["delay_s"] for v in results["tays"].values() if v["delay_s"] is not None]
+        if delays:
+            spread = (max(delays) - min(delays)) / min(delays)
+            acc["tays_delay_spread"] = spread
+            acc["tays_delay_within_10pct"] = spread <= 0.10
+        ttq = [v["ttft_question_s"] for v in results["tays"].values() if v["ttft_question_s"] is not None]
+        step = cont.get("decode_step_ms_p50_idle")
+        if ttq and step is not None:
+            acc["tays_ttft_question_max_s"] = max(ttq)
+            acc["tays_ttft_budget_s"] = step / 1000 + 0.020
+            acc["tays_ttft_within_step_plus_20ms"] = max(ttq) <= step / 1000 + 0.020
+    p_idle, p_busy = cont.get("decode_step_ms_p95_idle"), cont.get("decode_step_ms_p95_ingesting")
+    if p_idle and p_busy:
+        acc["p95_ingesting_over_idle"] = p_busy / p_idle
+        acc["p95_ingesting_within_1_5x"] = p_busy <= 1.5 * p_idle
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+
+def _proc_status(key: str) -> float:
+    """A /proc/self/status field in MiB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_run(duration: float, fps: float = 2.0, window: int = 8, model: str | None = None, seed: int = 0,
+               max_new_tokens: int = 64, threads: int = 1) -> dict[str, Any]:
+    """One sped-up TaYS stream of `duration` seconds in this process: its memory figures."""
+    set_threads(threads)
+    rss0 = _proc_status("VmRSS")
+    vlm = load_model(model)
+    stream = heldout_stream(seed, duration)
+    rss_loaded = _proc_status("VmRSS")
+    samples: list[tuple[float, float]] = []  # (seconds since the stream began, RSS MiB)
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            samples.append((time.perf_counter() - t0, _proc_status("VmRSS")))
+
+    th = threading.Thread(target=sample, name="tays-rss", daemon=True)
+    th.start()
+    try:
+        res = run_paradigm(vlm, ShapesSource(stream, fps=fps, realtime=False), stream.question, "tays",
+                           max_new_tokens=max_new_tokens, visual_window=window)
+    finally:
+        done.set()
+        th.join()
+    wall = time.perf_counter() - t0
+    samples.append((wall, _proc_status("VmRSS")))
+
+    def at(frac: float) -> float:
+        return min(samples, key=lambda s: abs(s[0] - frac * wall))[1]
+
+    tc = vlm.text_config
+    per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads)
+    per_token *= vlm.dtype.itemsize
+    return {
+        "duration_s": duration, "fps": fps, "visual_window": window,
+        "frames": res.metrics.get("frames"), "frame_groups": res.metrics.get("frame_groups"),
+        "tokens": res.metrics.get("tokens"), "wall_s": wall,
+        "stream_s_per_wall_s": duration / wall,
+        "rss_before_load_mb": rss0, "rss_after_load_mb": rss_loaded,
+        "rss_at_10_25_50_75_100pct_mb": [at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)],
+        "rss_max_during_stream_mb": max(s[1] for s in samples),
+        "peak_rss_mb": _proc_status("VmHWM"),
+        "video_capacity_max_tokens": res.video_capacity_max,
+        "video_cache_max_mb": res.video_capacity_max * per_token / 2**20,
+        "messages": res.messages[:5],
+    }
+
+
+def memory(long: float = 3600.0, short: float = 300.0, fps: float = 2.0, window: int = 8, model: str | None = None,
+           max_new_tokens: int = 64, threads: int = 1) -> dict[str, Any]:
+    """Peak memory of a `long` vs a `short` stream, each measured by `memory_run` in a fresh process."""
+    runs: dict[str, Any] = {}
+    for label, dur in (("short", short), ("long", long)):
+        cmd = [sys.executable, "-m", "tays", "memory-run", "--duration", str(dur), "--fps", str(fps),
+               "--window", str(window), "--max-new-tokens", str(max_new_tokens)]
+        if model:
+            cmd += ["--model", model]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        _log(f"{label}: {dur:g} s stream at {fps:g} FPS, window {window} ...")
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        if p.returncode != 0 or not lines:
+            _log(p.stderr[-2000:])
+            raise SystemExit(f"memory-run for {dur:g} s failed (exit {p.returncode})")
+        runs[label] = json.loads(lines[-1])
+        r = runs[label]
+        _log(f"  {r['frames']} frames in {r['wall_s']:.1f} s; peak RSS {r['peak_rss_mb']:.1f} MiB, "
+             f"max during stream {r['rss_max_during_stream_mb']:.1f} MiB, "
+             f"video cache <= {r['video_cache_max_mb']:.2f} MiB")
+    s, l = runs["short"], runs["long"]
+    out = {
+        "measure": "peak RSS (VmHWM of /proc/self/status) of a fresh process per stream, model load included; "
+                   "also RSS sampled every 0.1 s during the stream",
+        "short": s, "long": l,
+        "peak_rss_ratio": l["peak_rss_mb"] / s["peak_rss_mb"],
+        "peak_within_10pct": l["peak_rss_mb"] <= 1.10 * s["peak_rss_mb"],
+        "stream_rss_ratio": l["rss_max_during_stream_mb"] / s["rss_max_during_stream_mb"],
+        "stream_growth_mb": {k: r["rss_max_during_stream_mb"] - r["rss_after_load_mb"] for k, r in runs.items()},
+    }
+    _log(f"peak ratio long/short {out['peak_rss_ratio']:.3f} (within 10%: {out['peak_within_10pct']})")
+    return out
