@@ -2,7 +2,9 @@
 
 `bench` replays one held-out stream in real time at each FPS for each paradigm (batch,
 interleaved, tays) and returns ``{paradigm: {fps: metrics}, "decode_step_ms_p95_idle": ...,
-"decode_step_ms_p95_ingesting": ..., "contention": {...}, "acceptance": {...}, "meta": {...}}``.
+"decode_step_ms_p95_ingesting": ..., "contention": {...}, "acceptance": {...}, "meta": {...}}``;
+the contention figures come from `measure_decode_contention` (TaYS decode steps while ingestion is
+idle vs busy).
 
 `memory` runs a sped-up (as fast as ingestion goes) TaYS stream of `short` and of `long` seconds
 with a visual window, each in a fresh Python process (`memory_run`, through ``python -m tays
@@ -24,15 +26,17 @@ from typing import Any
 
 import torch
 
-from tays.metrics import finite_json, percentile
-from tays.paradigms import PARADIGMS, measure_decode_contention, run_paradigm
-from tays.sources import ShapesSource
+from tays.engine import THREAD_PREFIX, StreamingEngine
+from tays.metrics import finite_json, overlap, percentile
+from tays.paradigms import PARADIGMS, run_paradigm
+from tays.sampling import next_token
+from tays.sources import FrameChecker, ShapesSource
 from vstream.model import VLM, load_vlm
 from vstream.world.assets import DEMO_MODEL_DIR, ROOT
 from vstream.world.shapes import HELDOUT_SEEDS
 from vstream.world.shapes_video import Stream, make_stream
 
-__all__ = ["DEFAULT_MODEL", "METRIC_KEYS", "bench", "memory", "memory_run"]
+__all__ = ["DEFAULT_MODEL", "METRIC_KEYS", "bench", "measure_decode_contention", "memory", "memory_run"]
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
 METRIC_KEYS = ("ttft_s", "ttft_question_s", "delay_s", "decode_tokens_per_s", "frames_per_s",
@@ -146,6 +150,107 @@ def _acceptance(results: dict[str, dict[str, Any]], cont: dict[str, Any]) -> dic
         acc["p95_ingesting_over_idle"] = p_busy / p_idle
         acc["p95_ingesting_within_1_5x"] = p_busy <= 1.5 * p_idle
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# decode latency with and without concurrent ingestion (TaYS)
+
+
+def measure_decode_contention(
+    vlm: VLM,
+    frames: Sequence[Any],
+    question: str = "What happens in the video?",
+    n_steps: int = 96,
+    block: int = 16,
+    visual_window: int = 8,
+    fps: float = 2.0,
+    ingest: str = "auto",
+) -> dict[str, Any]:
+    """p50/p95 latency of single-token TaYS decode steps while the ingestion thread is idle vs
+    busy. Alternating blocks of `block` steps: idle (nothing queued) and ingesting (a
+    ``tays-stress`` thread keeps 1-2 frame groups queued, so ingestion never pauses). Each step
+    is classified afterwards from the engine's own ingestion timings: "ingesting" if at least
+    half of it overlapped the ingestion of a group, "idle" if none of it did (others are left
+    out). The visual window is full before the first block, so every step attends to as many
+    frame tokens. ingest: the engine's ingestion mode ("auto": a worker process on CPU)."""
+    checker = FrameChecker()
+    frames = [checker(f) for f in frames]
+    if len(frames) < 2:
+        raise ValueError("measure_decode_contention needs at least 2 frames")
+    tp = vlm.temporal_patch_size
+    eng = StreamingEngine(vlm, visual_window=visual_window, fps=fps, ingest=ingest)
+    calls: list[tuple[str, float, float]] = []
+    feeding, quit_ = threading.Event(), threading.Event()
+    state = {"pushed": 0, "i": 0}
+
+    def push_group() -> None:
+        for _ in range(tp):
+            eng.push_frame(frames[state["i"] % len(frames)])
+            state["i"] += 1
+        state["pushed"] += 1
+
+    def feeder() -> None:
+        while not quit_.is_set():
+            if not feeding.wait(0.05):
+                continue
+            if state["pushed"] - eng.frames_ingested < 2:
+                push_group()
+            else:
+                eng.wait_frames(state["pushed"] - 1, timeout=0.05)
+
+    th = threading.Thread(target=feeder, name=THREAD_PREFIX + "stress", daemon=True)
+    try:
+        eng.start(question)
+        t_eng = eng.start_time
+        for _ in range(visual_window + 1):
+            push_group()
+        eng.wait_idle()
+        tok = next_token(eng.decode_step(eng.header_ids)[-1])
+        for _ in range(4):  # warm-up
+            tok = next_token(eng.decode_step(tok)[-1])
+        th.start()
+        for _ in range(max(1, n_steps // (2 * block))):
+            for mode in ("idle", "ingesting"):
+                if mode == "idle":
+                    feeding.clear()
+                    time.sleep(0.005)
+                    eng.wait_idle()
+                else:
+                    feeding.set()
+                    eng.wait_frames(eng.frames_ingested + 1, timeout=5.0)  # ingestion is running
+                for _ in range(block):
+                    a = time.perf_counter()
+                    tok = next_token(eng.decode_step(tok)[-1])
+                    calls.append((mode, a - t_eng, time.perf_counter() - t_eng))
+        feeding.clear()
+    finally:
+        quit_.set()
+        if th.is_alive():
+            th.join()
+        eng.stop()
+    spans = sorted((r.committed_at - r.ingest_s, r.committed_at) for r in eng.frame_log)
+    idle, busy, partial = [], [], 0
+    for _, a, b in calls:
+        ov = overlap(a, b, spans)
+        if ov <= 0:
+            idle.append((b - a) * 1000)
+        elif ov >= 0.5 * (b - a):
+            busy.append((b - a) * 1000)
+        else:
+            partial += 1
+    ing = [r for r in eng.frame_log if r.index > visual_window]
+    return {
+        "decode_step_ms_p50_idle": percentile(idle, 50),
+        "decode_step_ms_p95_idle": percentile(idle, 95),
+        "decode_step_ms_p50_ingesting": percentile(busy, 50),
+        "decode_step_ms_p95_ingesting": percentile(busy, 95),
+        "steps_idle": len(idle),
+        "steps_ingesting": len(busy),
+        "steps_partial": partial,
+        "ingest_ms_p50": percentile([r.ingest_s * 1000 for r in ing], 50),
+        "frames_per_s_while_decoding": (tp * len(ing) / sum(r.ingest_s for r in ing)) if ing else None,
+        "ingest": eng.ingest,
+    }
 
 
 # ----------------------------------------------------------------------------------------------

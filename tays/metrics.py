@@ -40,6 +40,7 @@ __all__ = [
     "compute_metrics",
     "event_deviation",
     "match_event",
+    "overlap",
     "percentile",
 ]
 
@@ -150,6 +151,11 @@ def finite_json(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [finite_json(v) for v in x]
     return x
+
+
+def overlap(a: float, b: float, spans: Sequence[tuple[float, float]]) -> float:
+    """Seconds of [a, b] covered by the (disjoint) `spans`."""
+    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans if s < b and e > a)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -60,7 +60,7 @@ from tays.decoder import Decoder
 from tays.engine import THREAD_PREFIX, StreamingEngine
 from tays.forward import check_supported, encode_frames, video_interval
 from tays.mask import TEXT
-from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, percentile
+from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, overlap
 from tays.positions import frame_position_ids, text_position_ids
 from tays.protocol import chat_ids
 from tays.sampling import next_token
@@ -70,7 +70,6 @@ from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN, VLM, Incremental
 __all__ = [
     "PARADIGMS",
     "CausalSequence",
-    "measure_decode_contention",
     "run_paradigm",
 ]
 
@@ -570,11 +569,7 @@ def _mark_ingesting(res: RunResult) -> None:
     """DecodeCall.ingesting: at least half of the call overlapped the ingestion of a group."""
     spans = sorted((g.start, g.end) for g in res.groups)
     for c in res.decode_calls:
-        c.ingesting = _overlap(c.start, c.end, spans) >= 0.5 * max(c.end - c.start, 1e-9)
-
-
-def _overlap(a: float, b: float, spans: Sequence[tuple[float, float]]) -> float:
-    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans if s < b and e > a)
+        c.ingesting = overlap(c.start, c.end, spans) >= 0.5 * max(c.end - c.start, 1e-9)
 
 
 def _writer(vlm, res, t0, forward, kw, budget, stopped) -> _Writer:
@@ -658,105 +653,3 @@ def run_paradigm(
     _RUNNERS[paradigm](vlm, source, res, t0, stop, stopped, question, kw)
     compute_metrics(res)
     return res
-
-
-# ----------------------------------------------------------------------------------------------
-# decode latency with and without concurrent ingestion (TaYS)
-
-
-def measure_decode_contention(
-    vlm: VLM,
-    frames: Sequence[Any],
-    question: str = "What happens in the video?",
-    n_steps: int = 96,
-    block: int = 16,
-    visual_window: int = 8,
-    fps: float = 2.0,
-    ingest: str = "auto",
-) -> dict[str, Any]:
-    """p50/p95 latency of single-token TaYS decode steps while the ingestion thread is idle vs
-    busy. Alternating blocks of `block` steps: idle (nothing queued) and ingesting (a
-    ``tays-stress`` thread keeps 1-2 frame groups queued, so ingestion never pauses). Each step
-    is classified afterwards from the engine's own ingestion timings: "ingesting" if at least
-    half of it overlapped the ingestion of a group, "idle" if none of it did (others are left
-    out). The visual window is full before the first block, so every step attends to as many
-    frame tokens. ingest: the engine's ingestion mode ("auto": a worker process on CPU)."""
-    checker = FrameChecker()
-    frames = [checker(f) for f in frames]
-    if len(frames) < 2:
-        raise ValueError("measure_decode_contention needs at least 2 frames")
-    tp = vlm.temporal_patch_size
-    eng = StreamingEngine(vlm, visual_window=visual_window, fps=fps, ingest=ingest)
-    calls: list[tuple[str, float, float]] = []
-    feeding, quit_ = threading.Event(), threading.Event()
-    state = {"pushed": 0, "i": 0}
-
-    def push_group() -> None:
-        for _ in range(tp):
-            eng.push_frame(frames[state["i"] % len(frames)])
-            state["i"] += 1
-        state["pushed"] += 1
-
-    def feeder() -> None:
-        while not quit_.is_set():
-            if not feeding.wait(0.05):
-                continue
-            if state["pushed"] - eng.frames_ingested < 2:
-                push_group()
-            else:
-                eng.wait_frames(state["pushed"] - 1, timeout=0.05)
-
-    th = threading.Thread(target=feeder, name=THREAD_PREFIX + "stress", daemon=True)
-    try:
-        eng.start(question)
-        t_eng = eng.start_time
-        for _ in range(visual_window + 1):
-            push_group()
-        eng.wait_idle()
-        logits = eng.decode_step(eng.header_ids)[-1]
-        tok = int(logits.argmax())
-        for _ in range(4):  # warm-up
-            tok = int(eng.decode_step(tok)[-1].argmax())
-        th.start()
-        for r in range(max(1, n_steps // (2 * block))):
-            for mode in ("idle", "ingesting"):
-                if mode == "idle":
-                    feeding.clear()
-                    time.sleep(0.005)
-                    eng.wait_idle()
-                else:
-                    feeding.set()
-                    eng.wait_frames(eng.frames_ingested + 1, timeout=5.0)  # ingestion is running
-                for _ in range(block):
-                    a = _now()
-                    tok = int(eng.decode_step(tok)[-1].argmax())
-                    calls.append((mode, a - t_eng, _now() - t_eng))
-        feeding.clear()
-    finally:
-        quit_.set()
-        if th.is_alive():
-            th.join()
-        eng.stop()
-    spans = sorted((r.committed_at - r.ingest_s, r.committed_at) for r in eng.frame_log)
-    idle, busy, partial = [], [], 0
-    for _, a, b in calls:
-        ov = _overlap(a, b, spans)
-        if ov <= 0:
-            idle.append((b - a) * 1000)
-        elif ov >= 0.5 * (b - a):
-            busy.append((b - a) * 1000)
-        else:
-            partial += 1
-    ing = [r for r in eng.frame_log if r.index > visual_window]
-    return {
-        "decode_step_ms_p50_idle": percentile(idle, 50),
-        "decode_step_ms_p95_idle": percentile(idle, 95),
-        "decode_step_ms_p50_ingesting": percentile(busy, 50),
-        "decode_step_ms_p95_ingesting": percentile(busy, 95),
-        "steps_idle": len(idle),
-        "steps_ingesting": len(busy),
-        "steps_partial": partial,
-        "ingest_ms_p50": percentile([r.ingest_s * 1000 for r in ing], 50),
-        "frames_per_s_while_decoding": (tp * len(ing) / sum(r.ingest_s for r in ing)) if ing else None,
-        "ingest": eng.ingest,
-    }
