@@ -34,14 +34,15 @@ from tays import PushSource, StreamError, TokenRecord, VideoFileSource, run_opti
 from ui import explorer as ex
 from ui import figures, readouts
 from ui.annotations import AnnotationError, shared_store
-from vstream.attr.estimator import LinearEstimator
+from vstream.attr.estimator import LinearEstimator, RawAttention
 from vstream.attr.estimator import load as load_estimator
 from vstream.attr.estimator import train as train_estimator
 from vstream.attr.evaluate import evaluate
-from vstream.attr.labels import LabeledExample, collect, model_identity
+from vstream.attr.labels import LabeledExample, collect
 from vstream.attr.worker import AttributionSession, PathEvent, TokenEvent, attribute_stream
-from vstream.model import VLMError
+from vstream.model import VLMError, model_identity
 from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.examples import scene_examples, stream_examples
 
 MAX_NEW_TOKENS = 256
 VIDEO_MAX_NEW_TOKENS = 160  # as `python -m tays evaluate`: a step per frame group on 20 s streams
@@ -286,7 +287,7 @@ def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, An
                                     elem_id="reason-dynamics")
                 with gr.Accordion("Raw attribution (JSON)", open=False):
                     r_json = gr.JSON(label="spans, scores, top regions", elem_id="reason-json")
-        rows = ex.scene_examples() + ex.photo_examples()
+        rows = scene_examples() + ex.photo_examples()
         if rows:
             gr.Examples(rows, inputs=[r_image, r_question], label="Examples: shapes-world scenes of every "
                         "family, and two photos shipped with scikit-learn", examples_per_page=24,
@@ -441,7 +442,7 @@ def video_tab(state: gr.State, video_model: str, model_limit: dict[str, Any]) ->
                 v_compare_out = gr.Markdown(elem_id="video-compare-out")
                 v_compare_plot = gr.Plot(label="Latency: TaYS vs the other paradigm",
                                          elem_id="video-compare-plot")
-        vrows = ex.stream_examples()
+        vrows = stream_examples()
         if vrows:
             gr.Examples(vrows, inputs=[v_file, v_question], label="Example videos (shapes-world streams)",
                         elem_id="video-examples")
@@ -697,7 +698,7 @@ def lab_evaluate(model_name: str, n: float, methods: list[str], which: str, st: 
         est = st.lab_estimator
     else:
         est, _ = ex.estimator_for(vlm, model_name, None)
-        if isinstance(est, ex.RawAttention):
+        if isinstance(est, RawAttention):
             raise VLMError("The shipped estimator does not fit this model: train one in cells 1-2.")
     with st.job("lab"):
         progress(0, desc="evaluate")

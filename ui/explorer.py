@@ -5,7 +5,6 @@ rule the page enforces can be tested without a browser.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
 import tempfile
@@ -16,12 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tays import prewarm
 from ui import figures
-from vstream.attr.estimator import Estimator, LinearEstimator, raw_attention_scores
+from vstream.attr.estimator import Estimator, LinearEstimator, RawAttention
 from vstream.attr.estimator import load as load_estimator
 from vstream.attr.regions import Regions
 from vstream.attr.spans import SpanSplitter
@@ -143,15 +141,6 @@ def warm_up(name: str | None, video: str | None = None) -> None:
             prewarm(vlm)
     except Exception as e:  # noqa: BLE001 - a warm-up must never take the server down
         print(f"warm-up skipped: {type(e).__name__}: {e}", file=sys.stderr)
-
-
-class RawAttention:
-    """Fallback 'estimator' for a model without a trained one: region score = raw attention mass."""
-
-    meta = {"model": "raw attention"}
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return raw_attention_scores(features)
 
 
 @lru_cache(maxsize=4)
@@ -331,25 +320,6 @@ class LiveText:
 
 # ----------------------------------------------------------------------------------------------
 # examples
-
-
-def scene_examples() -> list[list[str]]:
-    """[[image path, question], ...] from examples/index.json (shapes-world scenes)."""
-    index = EXAMPLES_DIR / "index.json"
-    if not index.exists():
-        return []
-    data = json.loads(index.read_text())
-    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in data.get("scenes", [])]
-
-
-def stream_examples() -> list[list[str]]:
-    """[[video path, question], ...] from examples/index.json (shapes-world streams)."""
-    index = EXAMPLES_DIR / "index.json"
-    if not index.exists():
-        return []
-    data = json.loads(index.read_text())
-    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in data.get("streams", [])
-            if (EXAMPLES_DIR / s["file"]).is_file()]
 
 
 PHOTO_QUESTIONS = {"china.jpg": "What is in the picture?", "flower.jpg": "What color is the flower?"}

@@ -34,7 +34,23 @@ _PUBLIC = {
     "PathEvent": ("vstream.attr.worker", "PathEvent"),
     "DoneEvent": ("vstream.attr.worker", "DoneEvent"),
 }
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "AttributionContext",
+    "AttributionSession",
+    "DoneEvent",
+    "LinearEstimator",
+    "PathEvent",
+    "RegionsEvent",
+    "SpanEvent",
+    "TokenEvent",
+    "VLM",
+    "VLMError",
+    "attribute",
+    "attribute_stream",
+    "load_estimator",
+    "load_vlm",
+    "regions_for",
+]
 
 if TYPE_CHECKING:
     from vstream.attr.estimator import LinearEstimator

@@ -60,7 +60,7 @@ __all__ = [
     "load",
     "pearson_loss",
     "r2_score",
-    "raw_attention_scores",
+    "RawAttention",
     "seed_ranges",
     "subset_design",
     "train",
@@ -297,9 +297,15 @@ def subset_design(examples: Sequence[Any], count_column: bool = False) -> tuple[
     return torch.stack(xs), torch.stack(ys), owner
 
 
-def raw_attention_scores(features: torch.Tensor) -> torch.Tensor:
-    """The raw-attention baseline: region score = features summed over all layers and heads."""
-    return torch.as_tensor(features).float().sum(-1)
+class RawAttention:
+    """The raw-attention baseline as an estimator: region score = features summed over all
+    layers and heads (what a `LinearEstimator` starts from); the fallback for a model that has
+    no trained estimator yet."""
+
+    meta = {"model": "raw attention"}
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(features).float().sum(-1)
 
 
 def evaluate(estimator: LinearEstimator | None, examples: Sequence[Any]) -> dict[str, float]:

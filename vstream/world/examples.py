@@ -1,4 +1,4 @@
-"""Render shapes-world samples (PNG scenes, MP4 streams) into examples/ for the gallery.
+"""Shapes-world samples (PNG scenes, MP4 streams) in examples/ for the gallery: render and list them.
 
     python -m vstream render-examples --per-family 3 --streams 2
 """
@@ -28,3 +28,22 @@ def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: in
         index["streams"].append({"file": name} | st.to_dict())
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+def scene_examples() -> list[list[str]]:
+    """[[image path, question], ...] from examples/index.json (shapes-world scenes)."""
+    index = EXAMPLES_DIR / "index.json"
+    if not index.exists():
+        return []
+    data = json.loads(index.read_text())
+    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in data.get("scenes", [])]
+
+
+def stream_examples() -> list[list[str]]:
+    """[[video path, question], ...] from examples/index.json (shapes-world streams)."""
+    index = EXAMPLES_DIR / "index.json"
+    if not index.exists():
+        return []
+    data = json.loads(index.read_text())
+    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in data.get("streams", [])
+            if (EXAMPLES_DIR / s["file"]).is_file()]

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from vstream.attr.estimator import RawAttention
 from vstream.attr.methods.base import AttributionContext, register
 
 
 @register("raw_attention")
 def raw_attention(ctx: AttributionContext) -> np.ndarray:
     """Attention mass of the span on each region, summed over all layers and heads."""
-    return ctx.span_features().sum(-1).numpy()
+    return RawAttention().predict(ctx.span_features()).numpy()
