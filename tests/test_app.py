@@ -80,6 +80,7 @@ def _attribute(client: Client, i: int | tuple[str, str]) -> dict:
     return raw
 
 
+@pytest.mark.slow
 def test_attribute_returns_span_heatmaps_and_scores(url):
     raw = _attribute(_client(url), 0)
     k = raw["k"]
@@ -95,6 +96,7 @@ def test_attribute_returns_span_heatmaps_and_scores(url):
     assert raw["question"] == SCENES[0]["question"]
 
 
+@pytest.mark.slow
 def test_reason_streams(url):
     path, q = _scene(1)
     job = _client(url).submit(handle_file(path), q, "", api_name="/reason")
@@ -115,6 +117,7 @@ def test_reason_streams(url):
         ("empty question", "Type a question"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gives_clear_error_and_server_keeps_serving(url, tmp_path, case, expected):
     client = _client(url)
     path, q = _scene(2)
@@ -139,6 +142,7 @@ def test_bad_input_gives_clear_error_and_server_keeps_serving(url, tmp_path, cas
     assert "**Answer:**" in out
 
 
+@pytest.mark.slow
 def test_two_concurrent_clients_get_their_own_results(url):
     """A shapes scene and a real photo (scikit-learn's china.jpg) at the same time."""
     from ui.explorer import photo_examples
@@ -157,6 +161,7 @@ def test_two_concurrent_clients_get_their_own_results(url):
     assert res[a]["run_id"] != res[b]["run_id"]
 
 
+@pytest.mark.slow
 def test_annotations_are_per_session(server):
     pytest.importorskip("ui.annotations")
     url, db = server
@@ -178,6 +183,7 @@ def test_annotations_are_per_session(server):
     assert db.exists()
 
 
+@pytest.mark.slow
 def test_video_run_reports_ttft_and_rejects_corrupt_video(url, tmp_path):
     client = _client(url)
     bad = tmp_path / "broken.mp4"
@@ -196,6 +202,7 @@ def test_video_run_reports_ttft_and_rejects_corrupt_video(url, tmp_path):
     assert "Done" in status and text.strip(), status
 
 
+@pytest.mark.slow
 def test_lab_cells(url):
     client = _client(url)
     with pytest.raises(AppError, match="Collect at least 2"):
@@ -216,6 +223,7 @@ def _attr_threads() -> list:
     return [t for t in threading.enumerate() if t.name.startswith("vstream-attr") and t.is_alive()]
 
 
+@pytest.mark.slow
 def test_stop_ends_generation_and_worker(url):
     """Stop from the same session while the run streams: the final status says so and no
     attribution thread is left (the server runs in this process, so we can look)."""
@@ -230,6 +238,7 @@ def test_stop_ends_generation_and_worker(url):
     assert not _attr_threads()
 
 
+@pytest.mark.slow
 def test_click_while_running_says_so_and_keeps_the_run(url):
     """Two runs from one session at once: one streams to the end, the other (whichever came
     second) only says a run is in progress; nothing fails."""
@@ -290,6 +299,7 @@ def test_webcam_that_stops_ends_the_run_with_a_message(monkeypatch):
     assert not [t for t in threading.enumerate() if t.name.startswith("tays-") and t.is_alive()]
 
 
+@pytest.mark.slow
 def test_compare_tays_against_interleaved(url):
     s = STREAMS[0]
     table, plot = _client(url).predict(handle_file(str(EXAMPLES / s["file"])), 2, s["question"], "interleaved", "",
@@ -333,6 +343,7 @@ def test_pure_helpers_overlay_path_and_checks():
         load_image(b"not an image")
 
 
+@pytest.mark.slow
 def test_cli_serves_with_login(tmp_path):
     """`python app.py --port P --auth user:pass` (as a subprocess): the API needs the login."""
     import subprocess

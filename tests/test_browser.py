@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real browser against a real server
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = Path(os.environ.get("VSTREAM_BROWSER_APP", ROOT / "app.py"))
 EXAMPLES = ROOT / "examples"
