@@ -427,7 +427,8 @@ def check_sample(sample: VideoSample) -> None:
             raise SkipSample("bad_timestamp", f"keyframe {i}: non-numeric timestamp")
         if kf.start < -EPS or kf.end > sample.duration + EPS or kf.time > sample.duration + EPS:
             raise SkipSample("timestamp_beyond_video",
-                             f"keyframe {i} [{kf.start}, {kf.end}] @ {kf.time} outside the video (0..{sample.duration:g} s)")
+                             f"keyframe {i} [{kf.start}, {kf.end}] @ {kf.time} outside the video "
+                             f"(0..{sample.duration:g} s)")
         if not (kf.start <= kf.time + EPS and kf.time <= kf.end + EPS):
             raise SkipSample("bad_interval", f"keyframe {i}: time {kf.time} not in [{kf.start}, {kf.end}]")
         if kf.start < last - EPS:
@@ -457,7 +458,8 @@ def build_trajectory(sample: VideoSample, encoder: Any = None, threshold: float 
         st = Step(q, s, a, i, pl[0], pl[1], c)
         (steps if ok else dropped).append(st)
     for st in dropped:
-        log.info("%s: step %r dropped (question/step cosine %.3f < %.3f)", sample.video_id, st.text, st.consistency, threshold)
+        log.info("%s: step %r dropped (question/step cosine %.3f < %.3f)", sample.video_id, st.text, st.consistency,
+                 threshold)
     if not steps:
         raise SkipSample("no_consistent_steps" if dropped else "no_placeable_steps",
                          f"no step left ({len(dropped)} below the consistency threshold)")
@@ -600,7 +602,8 @@ def _parse_item(item: Any, base: Path, i: int) -> VideoSample:
     dur = item.get("duration")
     duration = float(dur) if isinstance(dur, (int, float)) and dur > 0 else video.duration
     if video.duration is not None and duration > video.duration + 0.5:
-        raise SkipSample("timestamp_beyond_video", f"{vid}: annotated duration {duration} s > video {video.duration:.2f} s")
+        raise SkipSample("timestamp_beyond_video",
+                         f"{vid}: annotated duration {duration} s > video {video.duration:.2f} s")
     meta = {k: item[k] for k in ("task", "evidence", "options") if k in item}
     meta["video_path"] = str(path)
     return VideoSample(vid, str(item["question"]), str(answer), float(duration), kfs, video.read, video.times,
@@ -645,7 +648,8 @@ def trajectory_record(t: Trajectory) -> dict[str, Any]:
         "keyframe_of": t.keyframe_of,
         "steps": [{"question": s.question, "text": s.text, "answer": s.answer, "keyframe": s.keyframe,
                    "group": s.group, "time": s.time, "consistency": round(s.consistency, 4)} for s in t.steps],
-        "dropped": [{"question": s.question, "text": s.text, "consistency": round(s.consistency, 4)} for s in t.dropped],
+        "dropped": [{"question": s.question, "text": s.text, "consistency": round(s.consistency, 4)}
+                    for s in t.dropped],
     }
 
 

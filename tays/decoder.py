@@ -94,11 +94,11 @@ class Decoder:
         its K/V are needed)."""
         cos, sin = self.lm.rotary_emb(h, pos)
         B, L, _ = h.shape
+        D = self.kv_spec.head_dim
         last = len(self.layers) - 1
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            D = self.kv_spec.head_dim
             q = attn.q_proj(x).view(B, L, -1, D).transpose(1, 2)  # (B, heads, L, D)
             k = attn.k_proj(x).view(B, L, -1, D).transpose(1, 2)  # (B, kv_heads, L, D)
             v = attn.v_proj(x).view(B, L, -1, D).transpose(1, 2)

@@ -8,11 +8,11 @@ interpreter and one torch thread leaves the decoder its core.
 
 * the *ingest server* (``python -m tays.server FD``, `tays.server`): one per Python process,
   started on the first process-mode engine (``prewarm()`` starts it ahead of time). It imports
-  torch and transformers once, keeps a read-only copy of each model it is sent (a snapshot of the
-  in-memory model written to /dev/shm, loaded, then removed; forward hooks are left out), and forks
-  one worker per engine (milliseconds: nothing to import, the weights are shared copy-on-write).
-  It holds no engine state, ignores SIGINT, reaps its children at once and exits when its parent
-  does (end of file on its socket).
+  torch and transformers once, keeps a read-only copy of each model it is sent (`write_snapshot`:
+  the in-memory model's weights and config in /dev/shm, loaded there, then removed; forward hooks
+  are left out), and forks one worker per engine (milliseconds: nothing to import, the weights are
+  shared copy-on-write). It holds no engine state, ignores SIGINT, reaps its children at once and
+  exits when its parent does (end of file on its socket).
 * a *worker*: one per engine, forked when the engine is built, talks to the engine over its own
   socket (`WorkerHandle`); what they say is `tays.ingest`'s business.
 

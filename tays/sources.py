@@ -325,7 +325,8 @@ class PushSource(FrameSource):
             except queue.Empty:
                 if self.idle_timeout is not None and time.perf_counter() - idle_since > self.idle_timeout:
                     where = "before the first frame" if last is None else f"after t={last:.2f} s"
-                    raise StreamError(f"the stream stopped early: no frame for {self.idle_timeout:g} s {where}") from None
+                    raise StreamError(
+                        f"the stream stopped early: no frame for {self.idle_timeout:g} s {where}") from None
                 continue
             if item is _END:
                 return
@@ -363,7 +364,8 @@ class _DecordReader:
         if self.n > 0:
             ts = np.asarray(self.vr.get_frame_timestamp(np.arange(self.n)), dtype=np.float64).reshape(self.n, 2)
             self.starts = ts[:, 0]
-            self.end = float(ts[-1, 1]) if ts[-1, 1] > ts[-1, 0] else float(ts[-1, 0]) + 1.0 / max(self.vr.get_avg_fps(), 1e-6)
+            last_start, last_end = float(ts[-1, 0]), float(ts[-1, 1])
+            self.end = last_end if last_end > last_start else last_start + 1.0 / max(self.vr.get_avg_fps(), 1e-6)
         else:
             self.starts, self.end = np.zeros(0), 0.0
         self.native_fps = float(self.vr.get_avg_fps())
@@ -448,7 +450,8 @@ class _PyAVReader:
         except StreamError:
             raise
         except Exception as e:
-            raise StreamError(f"video {name} ended early: could not decode frame {i} (t~{k / fps:.2f} s): {_short(e)}") from e
+            raise StreamError(
+                f"video {name} ended early: could not decode frame {i} (t~{k / fps:.2f} s): {_short(e)}") from e
         if prev is None:
             return
         end = self.end if self.end is not None and self.end > prev_t else prev_t + step
@@ -485,7 +488,8 @@ class VideoFileSource(FrameSource):
         except StreamError:
             raise
         except Exception as e:
-            raise StreamError(f"could not open video {self.name}: corrupt file or unsupported format ({_short(e)})") from e
+            raise StreamError(
+                f"could not open video {self.name}: corrupt file or unsupported format ({_short(e)})") from e
         if self._reader.n == 0:
             raise StreamError(f"video {self.name} has no frames")
         try:
@@ -493,7 +497,8 @@ class VideoFileSource(FrameSource):
         except StreamError:
             raise
         except Exception as e:
-            raise StreamError(f"could not decode video {self.name}: unsupported codec or corrupt data ({_short(e)})") from e
+            raise StreamError(
+                f"could not decode video {self.name}: unsupported codec or corrupt data ({_short(e)})") from e
         if first is None or np.asarray(first).size == 0:
             raise StreamError(f"could not decode video {self.name}: its first frame is empty")
         self.frame_size = (int(first.shape[1]), int(first.shape[0]))

@@ -29,8 +29,8 @@ logits against the inference code paths):
 * batch: prompt | all groups as one vision block | reasoning and answer, causal.
 
 The vision tower is frozen (it already encodes shapes-world frames; it is most of the step time on
-CPU, so freezing it about halves a step); everything else is trained. Checkpoints (accelerate state + step) go to --run-dir every
---save-every steps; rerunning the same command resumes. The final model is saved as
+CPU, so freezing it about halves a step); everything else is trained. Checkpoints (accelerate
+state + step) go to --run-dir every --save-every steps; rerunning the same command resumes. The final model is saved as
 safetensors with its tokenizer, image processor and a training.json (paradigm, seeds used,
 steps, minutes, data settings and skip counts).
 """
