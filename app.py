@@ -8,6 +8,7 @@ heatmap; SQLite with JSONL/CSV export). This file only wires widgets to library 
     python app.py                       # embedded demo model on http://127.0.0.1:7860
     python app.py --model Qwen/Qwen2.5-VL-3B-Instruct --host 0.0.0.0 --share --auth ann:secret
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,12 @@ CSS = """
 """
 
 
-def build_ui(default_model: str = str(DEMO_MODEL_DIR), annotations: str | None = None,
-             concurrency: int = 2, video_model: str | None = None) -> gr.Blocks:
+def build_ui(
+    default_model: str = str(DEMO_MODEL_DIR),
+    annotations: str | None = None,
+    concurrency: int = 2,
+    video_model: str | None = None,
+) -> gr.Blocks:
     """The whole explorer. `annotations`: SQLite path of the annotation store; `video_model`:
     the Video tab's model (default: `ex.default_video_model()`)."""
     video_model = video_model or ex.default_video_model()
@@ -222,6 +227,7 @@ def handler(*errors: type[Exception], status: str = "") -> Callable[[F], F]:
             return gr.Error(str(e))
 
         if inspect.isgeneratorfunction(fn):
+
             @functools.wraps(fn)
             def guarded_stream(*args: Any, **kwargs: Any) -> Any:
                 st, args, kwargs = enter(args, kwargs)
@@ -263,43 +269,62 @@ def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, An
         with gr.Row():
             with gr.Column(scale=2):
                 r_image = image_input(type="filepath", label="Image", height=300, elem_id="reason-image")
-                r_question = gr.Textbox(label="Question", placeholder="What color is the circle?",
-                                        elem_id="reason-question")
-                r_model = gr.Textbox(label="Model (Hugging Face id or folder; empty = demo model)",
-                                     value=default_model, elem_id="reason-model")
+                r_question = gr.Textbox(
+                    label="Question", placeholder="What color is the circle?", elem_id="reason-question"
+                )
+                r_model = gr.Textbox(
+                    label="Model (Hugging Face id or folder; empty = demo model)",
+                    value=default_model,
+                    elem_id="reason-model",
+                )
                 with gr.Row():
                     r_run = gr.Button("Run", variant="primary", elem_id="reason-run")
                     r_stop = gr.Button("Stop", variant="stop", elem_id="reason-stop")
-                r_status = gr.Markdown("Pick an example or upload an image, then press Run.",
-                                       elem_id="reason-status")
+                r_status = gr.Markdown("Pick an example or upload an image, then press Run.", elem_id="reason-status")
             with gr.Column(scale=3):
-                r_text = gr.HighlightedText(label="Reasoning (the span being written is highlighted)",
-                                            color_map={"current": "#ffd54f"}, combine_adjacent=True,
-                                            elem_id="reason-text")
-                r_gallery = gr.Gallery(label="Span heatmaps (one per closed span; region outlines in white, "
-                                       "top regions numbered)", columns=4, height=300,
-                                       elem_id="reason-heatmaps")
+                r_text = gr.HighlightedText(
+                    label="Reasoning (the span being written is highlighted)",
+                    color_map={"current": "#ffd54f"},
+                    combine_adjacent=True,
+                    elem_id="reason-text",
+                )
+                r_gallery = gr.Gallery(
+                    label="Span heatmaps (one per closed span; region outlines in white, top regions numbered)",
+                    columns=4,
+                    height=300,
+                    elem_id="reason-heatmaps",
+                )
         with gr.Row():
             with gr.Column(scale=3):
                 r_pca = gr.Plot(label="Visual reliance path (PCA, coloured by step)", elem_id="reason-pca")
             with gr.Column(scale=2):
-                r_dyn = gr.Markdown(figures.dynamics_markdown(0.0, None, "stable", 0),
-                                    elem_id="reason-dynamics")
+                r_dyn = gr.Markdown(figures.dynamics_markdown(0.0, None, "stable", 0), elem_id="reason-dynamics")
                 with gr.Accordion("Raw attribution (JSON)", open=False):
                     r_json = gr.JSON(label="spans, scores, top regions", elem_id="reason-json")
         rows = scene_examples() + ex.photo_examples()
         if rows:
-            gr.Examples(rows, inputs=[r_image, r_question], label="Examples: shapes-world scenes of every "
-                        "family, and two photos shipped with scikit-learn", examples_per_page=24,
-                        elem_id="reason-examples")
+            gr.Examples(
+                rows,
+                inputs=[r_image, r_question],
+                label="Examples: shapes-world scenes of every family, and two photos shipped with scikit-learn",
+                examples_per_page=24,
+                elem_id="reason-examples",
+            )
         with gr.Accordion("Reasoning only (no attribution)", open=False):
             r_plain_run = gr.Button("Run without attribution", elem_id="reason-plain-run")
             r_plain_out = gr.Markdown(elem_id="reason-plain-out")
     r_outputs = [state, r_text, r_gallery, r_pca, r_dyn, r_status, r_json]
-    run_ev = r_run.click(attribute, [r_image, r_question, r_model, state], r_outputs, api_name="attribute",
-                         trigger_mode="multiple", **model_limit)
-    sub_ev = r_question.submit(attribute, [r_image, r_question, r_model, state], r_outputs,
-                               api_visibility="private", **model_limit)
+    run_ev = r_run.click(
+        attribute,
+        [r_image, r_question, r_model, state],
+        r_outputs,
+        api_name="attribute",
+        trigger_mode="multiple",
+        **model_limit,
+    )
+    sub_ev = r_question.submit(
+        attribute, [r_image, r_question, r_model, state], r_outputs, api_visibility="private", **model_limit
+    )
     for ev in (run_ev, sub_ev):
         ev.failure(_error_status("reason"), [state], [r_status], api_visibility="private")
     r_stop.click(stop_reasoning, [state], [r_status], api_name="stop", concurrency_limit=None)
@@ -308,8 +333,9 @@ def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, An
 
 
 @handler(VLMError, status="reason")
-def attribute(image: ex.ImageInput | None, question: str, model_name: str, st: Session | None = None,
-              request: gr.Request = None) -> Iterator[tuple]:
+def attribute(
+    image: ex.ImageInput | None, question: str, model_name: str, st: Session | None = None, request: gr.Request = None
+) -> Iterator[tuple]:
     """Stream the reasoning with live per-span attribution (api_name="attribute").
 
     Yields (state, text, heatmaps, path plot, dynamics, status, raw JSON). Closing the
@@ -341,8 +367,9 @@ def attribute(image: ex.ImageInput | None, question: str, model_name: str, st: S
         session.close()
         yield st, skip, skip, skip, skip, "A run is already in progress in this tab.", skip
         return
-    run = ex.RunRecord(uuid.uuid4().hex[:12], ex.model_key(model_name), q, img, ex.image_ref(image),
-                       estimator_note=note)
+    run = ex.RunRecord(
+        uuid.uuid4().hex[:12], ex.model_key(model_name), q, img, ex.image_ref(image), estimator_note=note
+    )
     if st.run is not None:
         st.run.cleanup()
     st.run, st.point = run, None
@@ -353,12 +380,21 @@ def attribute(image: ex.ImageInput | None, question: str, model_name: str, st: S
         return readouts.attribution_running(run, text.n_tokens, time.perf_counter() - t0, st.recent_notice())
 
     def path(final: bool = False) -> tuple[go.Figure, str]:
-        return (figures.path_figure(run.path, [s.text for s in run.spans]),
-                figures.dynamics_markdown(run.path_length, run.tortuosity, run.label, len(run.spans), final=final))
+        return (
+            figures.path_figure(run.path, [s.text for s in run.spans]),
+            figures.dynamics_markdown(run.path_length, run.tortuosity, run.label, len(run.spans), final=final),
+        )
 
     try:
-        yield (st, [], [], figures.path_figure(None), figures.dynamics_markdown(0.0, None, "stable", 0),
-               status(), run.to_dict())
+        yield (
+            st,
+            [],
+            [],
+            figures.path_figure(None),
+            figures.dynamics_markdown(0.0, None, "stable", 0),
+            status(),
+            run.to_dict(),
+        )
         for ev in session:
             run.apply(ev)
             if isinstance(ev, TokenEvent):
@@ -412,48 +448,73 @@ def video_tab(state: gr.State, video_model: str, model_limit: dict[str, Any]) ->
     with gr.Tab("Video", id="video"):
         with gr.Row():
             with gr.Column(scale=2):
-                v_source = gr.Radio(["Video file", "Webcam"], value="Video file", label="Source",
-                                    info="Webcam: start the camera below, then Run; a camera that "
-                                    f"sends nothing for {WEBCAM_IDLE_S:g} s ends the stream.",
-                                    elem_id="video-source")
+                v_source = gr.Radio(
+                    ["Video file", "Webcam"],
+                    value="Video file",
+                    label="Source",
+                    info="Webcam: start the camera below, then Run; a camera that "
+                    f"sends nothing for {WEBCAM_IDLE_S:g} s ends the stream.",
+                    elem_id="video-source",
+                )
                 v_file = gr.Video(label="Video file", sources=["upload"], height=240, elem_id="video-file")
-                v_cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
-                                 elem_id="video-webcam")
-                v_fps = gr.Slider(0.5, 4, value=2, step=0.5, label="Frames per second fed to the model",
-                                  elem_id="video-fps")
-                v_question = gr.Textbox(label="Question", value="How many objects appeared?",
-                                        elem_id="video-question")
-                v_model = gr.Textbox(label="Video model (folder or Hugging Face id; the default is our "
-                                     "TaYS-trained demo model)", value=video_model, elem_id="video-model")
+                v_cam = gr.Image(
+                    sources=["webcam"], streaming=True, type="numpy", label="Webcam", elem_id="video-webcam"
+                )
+                v_fps = gr.Slider(
+                    0.5, 4, value=2, step=0.5, label="Frames per second fed to the model", elem_id="video-fps"
+                )
+                v_question = gr.Textbox(label="Question", value="How many objects appeared?", elem_id="video-question")
+                v_model = gr.Textbox(
+                    label="Video model (folder or Hugging Face id; the default is our TaYS-trained demo model)",
+                    value=video_model,
+                    elem_id="video-model",
+                )
                 with gr.Row():
                     v_run = gr.Button("Run TaYS", variant="primary", elem_id="video-run")
                     v_stop = gr.Button("Stop", variant="stop", elem_id="video-stop")
             with gr.Column(scale=3):
-                v_text = gr.Textbox(label="Reasoning (streams while frames arrive)", lines=6,
-                                    elem_id="video-text")
+                v_text = gr.Textbox(label="Reasoning (streams while frames arrive)", lines=6, elem_id="video-text")
                 with gr.Row():
                     v_ttft = gr.Markdown("**TTFT** –", elem_id="video-ttft")
                     v_delay = gr.Markdown("**Delay** –", elem_id="video-delay")
                 v_status = gr.Markdown(elem_id="video-status")
                 with gr.Group():
-                    v_other = gr.Radio(["interleaved", "batch"], value="interleaved",
-                                       label="Compare TaYS against", elem_id="video-compare-with")
+                    v_other = gr.Radio(
+                        ["interleaved", "batch"],
+                        value="interleaved",
+                        label="Compare TaYS against",
+                        elem_id="video-compare-with",
+                    )
                     v_compare = gr.Button("Compare on the same file", elem_id="video-compare")
                 v_compare_out = gr.Markdown(elem_id="video-compare-out")
-                v_compare_plot = gr.Plot(label="Latency: TaYS vs the other paradigm",
-                                         elem_id="video-compare-plot")
+                v_compare_plot = gr.Plot(label="Latency: TaYS vs the other paradigm", elem_id="video-compare-plot")
         vrows = stream_examples()
         if vrows:
-            gr.Examples(vrows, inputs=[v_file, v_question], label="Example videos (shapes-world streams)",
-                        elem_id="video-examples")
-    v_ev = v_run.click(video_run, [v_source, v_file, v_fps, v_question, v_model, state],
-                       [state, v_text, v_ttft, v_delay, v_status], api_name="video", **model_limit)
+            gr.Examples(
+                vrows,
+                inputs=[v_file, v_question],
+                label="Example videos (shapes-world streams)",
+                elem_id="video-examples",
+            )
+    v_ev = v_run.click(
+        video_run,
+        [v_source, v_file, v_fps, v_question, v_model, state],
+        [state, v_text, v_ttft, v_delay, v_status],
+        api_name="video",
+        **model_limit,
+    )
     v_ev.failure(_error_status("video"), [state], [v_status], api_visibility="private")
     v_stop.click(stop_video, [state], [v_status], api_name="video_stop", concurrency_limit=None)
-    v_cam.stream(push_webcam_frame, [v_cam, state], None, stream_every=0.25, concurrency_limit=None,
-                 api_visibility="private")
-    c_ev = v_compare.click(video_compare, [v_file, v_fps, v_question, v_other, v_model, state],
-                           [v_compare_out, v_compare_plot], api_name="video_compare", **model_limit)
+    v_cam.stream(
+        push_webcam_frame, [v_cam, state], None, stream_every=0.25, concurrency_limit=None, api_visibility="private"
+    )
+    c_ev = v_compare.click(
+        video_compare,
+        [v_file, v_fps, v_question, v_other, v_model, state],
+        [v_compare_out, v_compare_plot],
+        api_name="video_compare",
+        **model_limit,
+    )
     c_ev.failure(_error_status("video"), [state], [v_status], api_visibility="private")
 
 
@@ -467,8 +528,15 @@ def _video_source(kind: str, file: str | None, fps: float, st: Session) -> PushS
 
 
 @handler(VLMError, status="video")
-def video_run(kind: str, file: str | None, fps: float, question: str, model_name: str,
-              st: Session | None = None, request: gr.Request = None) -> Iterator[tuple]:
+def video_run(
+    kind: str,
+    file: str | None,
+    fps: float,
+    question: str,
+    model_name: str,
+    st: Session | None = None,
+    request: gr.Request = None,
+) -> Iterator[tuple]:
     """Run the TaYS engine on a file or the webcam; stream text and live TTFT / delay
     (api_name="video"). Yields (state, text, ttft, delay, status)."""
     fps = ex.check_fps(fps)
@@ -483,8 +551,16 @@ def video_run(kind: str, file: str | None, fps: float, question: str, model_name
 
         def work() -> None:
             try:
-                box["res"] = run_paradigm(vlm, src, q, "tays", max_new_tokens=VIDEO_MAX_NEW_TOKENS,
-                                          on_token=tokens.put, stop_event=stop, **run_options(vlm))
+                box["res"] = run_paradigm(
+                    vlm,
+                    src,
+                    q,
+                    "tays",
+                    max_new_tokens=VIDEO_MAX_NEW_TOKENS,
+                    on_token=tokens.put,
+                    stop_event=stop,
+                    **run_options(vlm),
+                )
             except BaseException as e:  # shown in the status line; the app keeps serving
                 box["error"] = f"{type(e).__name__}: {e}"
 
@@ -504,20 +580,34 @@ def video_run(kind: str, file: str | None, fps: float, question: str, model_name
                     first = rec.wall if first is None else first
                     latest = rec.wall
                 alive = th.is_alive()
-                yield (st, text, readouts.ttft_markdown(first, time.perf_counter() - t0),
-                       readouts.delay_markdown(latest, False),
-                       readouts.video_running(fps, kind == "Webcam", time.perf_counter() - t0))
+                yield (
+                    st,
+                    text,
+                    readouts.ttft_markdown(first, time.perf_counter() - t0),
+                    readouts.delay_markdown(latest, False),
+                    readouts.video_running(fps, kind == "Webcam", time.perf_counter() - t0),
+                )
                 if not alive:
                     break
             res = box.get("res")
             if res is None:
                 msg = box.get("error", "the run ended without a result")
-                yield (st, text, readouts.ttft_markdown(first, 0.0), readouts.delay_markdown(latest, False),
-                       f"**Error:** {msg}")
+                yield (
+                    st,
+                    text,
+                    readouts.ttft_markdown(first, 0.0),
+                    readouts.delay_markdown(latest, False),
+                    f"**Error:** {msg}",
+                )
                 return
             m = res.metrics
-            yield (st, res.text, readouts.ttft_markdown(m.get("ttft_question_s"), 0.0),
-                   readouts.delay_markdown(m.get("delay_s"), True), readouts.video_done(res))
+            yield (
+                st,
+                res.text,
+                readouts.ttft_markdown(m.get("ttft_question_s"), 0.0),
+                readouts.delay_markdown(m.get("delay_s"), True),
+                readouts.video_done(res),
+            )
         finally:
             stop.set()
             if st.push is not None and kind == "Webcam":
@@ -550,9 +640,16 @@ def push_webcam_frame(frame: np.ndarray | None, st: Session | None, request: gr.
 
 
 @handler(VLMError, status="video")
-def video_compare(file: str | None, fps: float, question: str, other: str, model_name: str,
-                  st: Session | None = None, request: gr.Request = None,
-                  progress: gr.Progress = gr.Progress()) -> tuple[str, go.Figure]:
+def video_compare(
+    file: str | None,
+    fps: float,
+    question: str,
+    other: str,
+    model_name: str,
+    st: Session | None = None,
+    request: gr.Request = None,
+    progress: gr.Progress = gr.Progress(),
+) -> tuple[str, go.Figure]:
     """TaYS vs interleaved or batch on the same file, one after the other (api_name="video_compare")."""
     fps = ex.check_fps(fps)
     q = ex.check_question(question)
@@ -568,8 +665,15 @@ def video_compare(file: str | None, fps: float, question: str, other: str, model
         st.video_stop = stop
         for i, paradigm in enumerate(("tays", other)):
             progress((i, 2), desc=f"running {paradigm} (plays the file in real time)")
-            res = run_paradigm(vlm, VideoFileSource(str(file), fps=fps, realtime=True), q, paradigm,
-                               max_new_tokens=VIDEO_MAX_NEW_TOKENS, stop_event=stop, **run_options(vlm))
+            res = run_paradigm(
+                vlm,
+                VideoFileSource(str(file), fps=fps, realtime=True),
+                q,
+                paradigm,
+                max_new_tokens=VIDEO_MAX_NEW_TOKENS,
+                stop_event=stop,
+                **run_options(vlm),
+            )
             rows.append(dict(res.metrics, paradigm=paradigm, answer=res.answer.strip()))
             if stop.is_set():
                 break
@@ -582,8 +686,10 @@ def video_compare(file: str | None, fps: float, question: str, other: str, model
 
 def lab_tab(state: gr.State, default_model: str, model_limit: dict[str, Any]) -> None:
     with gr.Tab("Estimator lab", id="lab"):
-        gr.Markdown("Run the cells top to bottom. Defaults are small so each step takes a minute or two on "
-                    "a CPU; the estimator you train or load here is used by this tab's Reasoning runs.")
+        gr.Markdown(
+            "Run the cells top to bottom. Defaults are small so each step takes a minute or two on "
+            "a CPU; the estimator you train or load here is used by this tab's Reasoning runs."
+        )
         l_model = gr.Textbox(label="Model", value=default_model, elem_id="lab-model")
         l_status = gr.Markdown(elem_id="lab-status")
         gr.Markdown("### 1. Collect labels (region-ablation effects on training scenes)")
@@ -602,33 +708,47 @@ def lab_tab(state: gr.State, default_model: str, model_limit: dict[str, Any]) ->
         gr.Markdown("### 3. Evaluate against the baselines (held-out scenes)")
         with gr.Row():
             l_eval_n = gr.Number(2, label="scenes", precision=0, elem_id="lab-eval-n")
-            l_methods = gr.CheckboxGroup(["vstream", "raw_attention", "input_x_gradient", "occlusion"],
-                                         value=["vstream", "raw_attention"], label="methods",
-                                         elem_id="lab-methods")
-            l_which = gr.Radio(["session", "shipped"], value="shipped", label="estimator",
-                               elem_id="lab-which")
+            l_methods = gr.CheckboxGroup(
+                ["vstream", "raw_attention", "input_x_gradient", "occlusion"],
+                value=["vstream", "raw_attention"],
+                label="methods",
+                elem_id="lab-methods",
+            )
+            l_which = gr.Radio(["session", "shipped"], value="shipped", label="estimator", elem_id="lab-which")
         l_eval = gr.Button("Evaluate", elem_id="lab-evaluate")
         l_eval_summary = gr.Markdown(elem_id="lab-eval-summary")
-        l_table = gr.Dataframe(headers=figures.EVAL_HEADERS, label="LDS / R^2 per method",
-                               elem_id="lab-table")
+        l_table = gr.Dataframe(headers=figures.EVAL_HEADERS, label="LDS / R^2 per method", elem_id="lab-table")
         l_plot = gr.Plot(elem_id="lab-plot")
         gr.Markdown("### 4. Save or load an estimator")
         with gr.Row():
             with gr.Column():
-                l_name = gr.Textbox("lab-estimator.safetensors", label="file name (saved under runs/estimators/)",
-                                    elem_id="lab-save-name")
+                l_name = gr.Textbox(
+                    "lab-estimator.safetensors",
+                    label="file name (saved under runs/estimators/)",
+                    elem_id="lab-save-name",
+                )
                 l_save = gr.Button("Save", elem_id="lab-save")
                 l_saved = gr.File(label="saved estimator", elem_id="lab-saved")
             with gr.Column():
-                l_upload = gr.File(label="estimator to load (.safetensors)", file_types=[".safetensors"],
-                                   type="filepath", elem_id="lab-load-file")
+                l_upload = gr.File(
+                    label="estimator to load (.safetensors)",
+                    file_types=[".safetensors"],
+                    type="filepath",
+                    elem_id="lab-load-file",
+                )
                 l_load = gr.Button("Load", elem_id="lab-load")
     for ev in (
-        l_collect.click(lab_collect, [l_model, l_n, l_masks, l_start, state], l_collect_out,
-                        api_name="lab_collect", **model_limit),
+        l_collect.click(
+            lab_collect, [l_model, l_n, l_masks, l_start, state], l_collect_out, api_name="lab_collect", **model_limit
+        ),
         l_train.click(lab_train, [l_epochs, l_lr, state], l_train_out, api_name="lab_train", **model_limit),
-        l_eval.click(lab_evaluate, [l_model, l_eval_n, l_methods, l_which, state],
-                     [l_table, l_plot, l_eval_summary], api_name="lab_evaluate", **model_limit),
+        l_eval.click(
+            lab_evaluate,
+            [l_model, l_eval_n, l_methods, l_which, state],
+            [l_table, l_plot, l_eval_summary],
+            api_name="lab_evaluate",
+            **model_limit,
+        ),
         l_save.click(lab_save, [l_name, state], [l_saved, l_status], api_name="lab_save"),
         l_load.click(lab_load, [l_upload, l_model, state], l_status, api_name="lab_load"),
     ):
@@ -636,8 +756,15 @@ def lab_tab(state: gr.State, default_model: str, model_limit: dict[str, Any]) ->
 
 
 @handler(VLMError, status="lab")
-def lab_collect(model_name: str, n: float, masks: float, start: float, st: Session | None = None,
-                request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> str:
+def lab_collect(
+    model_name: str,
+    n: float,
+    masks: float,
+    start: float,
+    st: Session | None = None,
+    request: gr.Request = None,
+    progress: gr.Progress = gr.Progress(),
+) -> str:
     """Cell 1: label n training scenes with region ablations (api_name="lab_collect")."""
     n, masks, start = ex.as_number(n, int), ex.as_number(masks, int), ex.as_number(start, int)
     if not 1 <= n <= 500:
@@ -661,8 +788,13 @@ def lab_collect(model_name: str, n: float, masks: float, start: float, st: Sessi
 
 
 @handler(VLMError, status="lab")
-def lab_train(epochs: float, lr: float, st: Session | None = None, request: gr.Request = None,
-              progress: gr.Progress = gr.Progress(track_tqdm=True)) -> str:
+def lab_train(
+    epochs: float,
+    lr: float,
+    st: Session | None = None,
+    request: gr.Request = None,
+    progress: gr.Progress = gr.Progress(track_tqdm=True),
+) -> str:
     """Cell 2: fit the linear estimator on the session's labels (api_name="lab_train")."""
     if len(st.lab_examples) < 2:
         raise VLMError("Collect at least 2 labelled scenes first (cell 1).")
@@ -672,17 +804,29 @@ def lab_train(epochs: float, lr: float, st: Session | None = None, request: gr.R
     with st.job("lab"):
         vlm = ex.get_model(st.lab_model)
         progress(0, desc="train estimator")
-        est, report = train_estimator(list(st.lab_examples), epochs=epochs, lr=lr, progress=True,
-                                      num_layers=int(vlm.num_layers), num_heads=int(vlm.num_heads))
+        est, report = train_estimator(
+            list(st.lab_examples),
+            epochs=epochs,
+            lr=lr,
+            progress=True,
+            num_layers=int(vlm.num_layers),
+            num_heads=int(vlm.num_heads),
+        )
         est.meta.update(model_identity(vlm))
         st.lab_estimator = est
     return readouts.trained_markdown(report, st.lab_model)
 
 
 @handler(VLMError, ValueError, status="lab")
-def lab_evaluate(model_name: str, n: float, methods: list[str], which: str, st: Session | None = None,
-                 request: gr.Request = None,
-                 progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[list[list[Any]], go.Figure, str]:
+def lab_evaluate(
+    model_name: str,
+    n: float,
+    methods: list[str],
+    which: str,
+    st: Session | None = None,
+    request: gr.Request = None,
+    progress: gr.Progress = gr.Progress(track_tqdm=True),
+) -> tuple[list[list[Any]], go.Figure, str]:
     """Cell 3: LDS / R^2 against the baselines on held-out scenes (api_name="lab_evaluate")."""
     n = ex.as_number(n, int)
     if not 1 <= n <= 200:
@@ -737,23 +881,30 @@ def annotation_tab(state: gr.State, db_path: str, runs: list[gr.events.Dependenc
     """`runs`: the Reasoning tab's run events; each finished run shows up here."""
     annotate, show_records, export = annotation_handlers(db_path)
     with gr.Tab("Annotation", id="annotation"):
-        gr.Markdown("Mark each span's heatmap of your last Reasoning run. Click the image to point at the "
-                    f"region that should have lit up. Records go to `{db_path}`.")
+        gr.Markdown(
+            "Mark each span's heatmap of your last Reasoning run. Click the image to point at the "
+            f"region that should have lit up. Records go to `{db_path}`."
+        )
         with gr.Row():
             with gr.Column(scale=3):
-                a_image = gr.Image(label="Span heatmap (click the right region)", interactive=False,
-                                   type="pil", elem_id="annot-image")
+                a_image = gr.Image(
+                    label="Span heatmap (click the right region)", interactive=False, type="pil", elem_id="annot-image"
+                )
             with gr.Column(scale=2):
                 a_name = gr.Textbox(label="Annotator", placeholder="your name", elem_id="annot-name")
                 a_span = gr.Slider(0, 1, value=0, step=1, label="span (0 = first)", elem_id="annot-span")
                 a_info = gr.Markdown(elem_id="annot-info")
-                a_verdict = gr.Radio([("grounded", "grounded"), ("wrong region", "wrong_region"),
-                                      ("not visual", "not_visual")], label="verdict", elem_id="annot-verdict")
+                a_verdict = gr.Radio(
+                    [("grounded", "grounded"), ("wrong region", "wrong_region"), ("not visual", "not_visual")],
+                    label="verdict",
+                    elem_id="annot-verdict",
+                )
                 a_note = gr.Textbox(label="note (optional)", elem_id="annot-note")
                 a_save = gr.Button("Save verdict", variant="primary", elem_id="annot-save")
                 a_status = gr.Markdown(elem_id="annot-status")
-        a_records = gr.Dataframe(headers=readouts.RECORD_HEADERS,
-                                 label="your records (latest per span)", elem_id="annot-records")
+        a_records = gr.Dataframe(
+            headers=readouts.RECORD_HEADERS, label="your records (latest per span)", elem_id="annot-records"
+        )
         with gr.Row():
             a_jsonl = gr.Button("Export JSONL", elem_id="annot-export-jsonl")
             a_csv = gr.Button("Export CSV", elem_id="annot-export-csv")
@@ -762,8 +913,9 @@ def annotation_tab(state: gr.State, db_path: str, runs: list[gr.events.Dependenc
         ev.then(annot_refresh, [state], [a_image, a_info, a_span], api_visibility="private")
     a_span.release(annot_span_changed, [a_span, state], [a_image, a_info, a_span], api_visibility="private")
     a_image.select(annot_click, [a_span, state], [a_image, a_info, a_span], api_visibility="private")
-    a_ev = a_save.click(annotate, [a_name, a_span, a_verdict, a_note, state], [a_status, a_records],
-                        api_name="annotate")
+    a_ev = a_save.click(
+        annotate, [a_name, a_span, a_verdict, a_note, state], [a_status, a_records], api_name="annotate"
+    )
     a_ev.failure(_error_status("annot"), [state], [a_status], api_visibility="private")
     a_name.blur(show_records, [a_name], [a_records], api_visibility="private")
     a_jsonl.click(lambda name: export("jsonl", name), [a_name], a_file, api_name="annotations_export")
@@ -780,8 +932,11 @@ def _annot_view(span: float, st: Session) -> AnnotView:
         return None, readouts.NO_RUN_YET, gr.update(maximum=1, value=0)
     i = max(0, min(int(span or 0), len(run.spans) - 1))
     region = run.region_at(st.point) if st.point else None
-    return (run.overlay(i, st.point), readouts.span_info(run, i, region),
-            gr.update(maximum=max(1, len(run.spans) - 1), value=i))
+    return (
+        run.overlay(i, st.point),
+        readouts.span_info(run, i, region),
+        gr.update(maximum=max(1, len(run.spans) - 1), value=i),
+    )
 
 
 @handler()
@@ -816,8 +971,9 @@ def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[...,
         return readouts.record_rows(shared_store(db_path).records(annotator=name.strip(), latest_only=True))
 
     @handler(VLMError, AnnotationError, ValueError, status="annot")
-    def annotate(name: str, span: float, verdict: str, note: str, st: Session | None = None,
-                 request: gr.Request = None) -> tuple[str, list[list[Any]]]:
+    def annotate(
+        name: str, span: float, verdict: str, note: str, st: Session | None = None, request: gr.Request = None
+    ) -> tuple[str, list[list[Any]]]:
         """Save one verdict for a span of this session's last run (api_name="annotate")."""
         name = str(name or "").strip()
         if not name:
@@ -832,9 +988,18 @@ def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[...,
             raise VLMError("Pick a verdict: grounded, wrong region or not visual.")
         point = st.point
         region = run.region_at(point) if point else None
-        rid = shared_store(db_path).add(name, run.run_id, i, verdict, span_text=run.spans[i].text, region=region,
-                                        point=point, model=run.model, image_ref=run.image_ref,
-                                        note=str(note or "")[:2000])
+        rid = shared_store(db_path).add(
+            name,
+            run.run_id,
+            i,
+            verdict,
+            span_text=run.spans[i].text,
+            region=region,
+            point=point,
+            model=run.model,
+            image_ref=run.image_ref,
+            note=str(note or "")[:2000],
+        )
         where = f" at region {region}" if region is not None else ""
         return f"Saved #{rid}: span {i} is {verdict}{where}.", records(name)
 
@@ -877,31 +1042,57 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="env GRADIO_SERVER_NAME")
     ap.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT")
-    ap.add_argument("--share", action="store_true", default=env("VSTREAM_SHARE") == "1",
-                    help="public gradio.live link (env VSTREAM_SHARE=1)")
+    ap.add_argument(
+        "--share",
+        action="store_true",
+        default=env("VSTREAM_SHARE") == "1",
+        help="public gradio.live link (env VSTREAM_SHARE=1)",
+    )
     ap.add_argument("--model", default=env("VSTREAM_MODEL", str(DEMO_MODEL_DIR)), help="env VSTREAM_MODEL")
-    ap.add_argument("--video-model", default=env("TAYS_MODEL", ex.default_video_model()),
-                    help="the Video tab's model (env TAYS_MODEL; default: assets/tays-model if shipped)")
-    ap.add_argument("--auth", default=env("VSTREAM_AUTH"),
-                    help="login for annotator links: user:pass[,user2:pass2] (env VSTREAM_AUTH)")
-    ap.add_argument("--annotations", default=env("VSTREAM_ANNOTATIONS", DEFAULT_ANNOTATIONS),
-                    help="SQLite file of the annotation store (env VSTREAM_ANNOTATIONS)")
-    ap.add_argument("--concurrency", type=int, default=int(env("VSTREAM_CONCURRENCY", "2")),
-                    help="model jobs run at once across all users; others queue (env VSTREAM_CONCURRENCY)")
-    ap.add_argument("--max-queue", type=int, default=int(env("VSTREAM_MAX_QUEUE", "64")),
-                    help="queued jobs before new ones are refused (env VSTREAM_MAX_QUEUE)")
+    ap.add_argument(
+        "--video-model",
+        default=env("TAYS_MODEL", ex.default_video_model()),
+        help="the Video tab's model (env TAYS_MODEL; default: assets/tays-model if shipped)",
+    )
+    ap.add_argument(
+        "--auth",
+        default=env("VSTREAM_AUTH"),
+        help="login for annotator links: user:pass[,user2:pass2] (env VSTREAM_AUTH)",
+    )
+    ap.add_argument(
+        "--annotations",
+        default=env("VSTREAM_ANNOTATIONS", DEFAULT_ANNOTATIONS),
+        help="SQLite file of the annotation store (env VSTREAM_ANNOTATIONS)",
+    )
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env("VSTREAM_CONCURRENCY", "2")),
+        help="model jobs run at once across all users; others queue (env VSTREAM_CONCURRENCY)",
+    )
+    ap.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(env("VSTREAM_MAX_QUEUE", "64")),
+        help="queued jobs before new ones are refused (env VSTREAM_MAX_QUEUE)",
+    )
     args = ap.parse_args(argv)
     if args.model == str(DEMO_MODEL_DIR) and not Path(args.model).exists():
-        raise SystemExit(f"error: the demo model is missing at {DEMO_MODEL_DIR}; "
-                         "train it with python -m vstream train-demo")
+        raise SystemExit(
+            f"error: the demo model is missing at {DEMO_MODEL_DIR}; train it with python -m vstream train-demo"
+        )
     if args.concurrency < 1:
         raise SystemExit("error: --concurrency must be at least 1")
     auth = parse_auth(args.auth)
     demo = build_ui(args.model, args.annotations, args.concurrency, args.video_model)
-    threading.Thread(target=ex.warm_up, args=(args.model, args.video_model), name="vstream-warm-up",
-                     daemon=True).start()
+    threading.Thread(
+        target=ex.warm_up, args=(args.model, args.video_model), name="vstream-warm-up", daemon=True
+    ).start()
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
         auth_message="Log in with the annotator account you were given." if auth else None,
         css=CSS,
     )

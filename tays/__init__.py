@@ -16,6 +16,7 @@
   three paradigms, held-out evaluation, benchmarks (``python -m tays data | train | evaluate | bench
   | memory``).
 """
+
 from tays.cache import VideoView
 from tays.decoder import attend_segments
 from tays.engine import StreamingEngine, TokenEvent

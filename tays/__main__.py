@@ -11,6 +11,7 @@ Each command parses its options here and calls its library function (`tays.bench
 LAST line of stdout (else indented), progress goes to stderr. What each measures: the modules'
 docstrings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def _print_json(out: dict[str, Any], one_line: bool) -> None:
 
 
 def bench_command(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tays bench", description="TTFT / delay / throughput of the "
-                                 "three paradigms on one shapes-world stream replayed in real time")
+    ap = argparse.ArgumentParser(
+        prog="python -m tays bench",
+        description="TTFT / delay / throughput of the three paradigms on one shapes-world stream replayed in real time",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     ap.add_argument("--fps", type=float, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--duration", type=float, default=12.0, help="stream length in seconds (>= 5)")
@@ -45,20 +48,39 @@ def bench_command(argv: list[str]) -> int:
     ap.add_argument("--step-tokens", type=int, default=8)
     ap.add_argument("--answer-tokens", type=int, default=8)
     ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the decoding and "
-                    "the ingestion thread get a core each; 0: torch default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the decoding and "
+        "the ingestion thread get a core each; 0: torch default)",
+    )
     ap.add_argument("--contention-steps", type=int, default=128)
     args = ap.parse_args(argv)
-    out = bench(args.model, args.fps, args.duration, args.paradigms, args.seed, args.question_at,
-                args.max_new_tokens, args.step_tokens, args.answer_tokens, args.speed, args.threads,
-                args.contention_steps)
+    out = bench(
+        args.model,
+        args.fps,
+        args.duration,
+        args.paradigms,
+        args.seed,
+        args.question_at,
+        args.max_new_tokens,
+        args.step_tokens,
+        args.answer_tokens,
+        args.speed,
+        args.threads,
+        args.contention_steps,
+    )
     _print_json(out, args.json)
     return 0
 
 
 def memory_command(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tays memory", description="peak memory of a long vs a short "
-                                 "sped-up TaYS stream with a visual window, each in a fresh process")
+    ap = argparse.ArgumentParser(
+        prog="python -m tays memory",
+        description="peak memory of a long vs a short "
+        "sped-up TaYS stream with a visual window, each in a fresh process",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--long", type=float, default=3600.0, help="seconds of the long stream")
     ap.add_argument("--short", type=float, default=300.0, help="seconds of the short stream")
@@ -89,8 +111,10 @@ def memory_run_command(argv: list[str]) -> int:
 
 
 def data_command(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tays data", description="build streaming CoT trajectories and "
-                                 "report what was kept and skipped (last line: JSON)")
+    ap = argparse.ArgumentParser(
+        prog="python -m tays data",
+        description="build streaming CoT trajectories and report what was kept and skipped (last line: JSON)",
+    )
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--annotations", type=Path, help="VideoEspresso-style annotation JSON")
     src.add_argument("--shapes", type=int, default=100, help="this many training-split shapes-world streams")
@@ -115,8 +139,10 @@ def train_command(argv: list[str]) -> int:
     from tays.train import PARADIGMS as TRAIN_PARADIGMS
     from tays.train import SetupError, train
 
-    ap = argparse.ArgumentParser(prog="python -m tays train", description="SFT of the demo model for streaming "
-                                 "video reasoning (TaYS, or the batch / interleaved baselines)")
+    ap = argparse.ArgumentParser(
+        prog="python -m tays train",
+        description="SFT of the demo model for streaming video reasoning (TaYS, or the batch / interleaved baselines)",
+    )
     ap.add_argument("--paradigm", choices=TRAIN_PARADIGMS, default="tays")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps (the LR schedule spans these)")
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
@@ -134,13 +160,21 @@ def train_command(argv: list[str]) -> int:
     ap.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (render + preprocess frames)")
-    ap.add_argument("--empty-step-weight", type=float, default=1.0,
-                    help="loss weight of an empty step's end-of-step token (\"nothing new\"), against 1 for every "
-                    "other token. The streaming layouts are mostly such steps; batch traces have none, so "
-                    "batch training is the same whatever this is")
-    ap.add_argument("--answer-weight", type=float, default=1.0,
-                    help="loss weight of the answer tokens (after </think>, with the final end), against 1. "
-                    "They are a few tokens of each trace, yet they are what accuracy measures")
+    ap.add_argument(
+        "--empty-step-weight",
+        type=float,
+        default=1.0,
+        help='loss weight of an empty step\'s end-of-step token ("nothing new"), against 1 for every '
+        "other token. The streaming layouts are mostly such steps; batch traces have none, so "
+        "batch training is the same whatever this is",
+    )
+    ap.add_argument(
+        "--answer-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the answer tokens (after </think>, with the final end), against 1. "
+        "They are a few tokens of each trace, yet they are what accuracy measures",
+    )
     args = ap.parse_args(argv)
     try:
         meta = train(**vars(args))
@@ -155,21 +189,30 @@ def evaluate_command(argv: list[str]) -> int:
     # imported when run, not at the top: evaluation brings the eval-model stack (transformers, seconds to import)
     from tays.evaluate import EVAL_PARADIGMS, CheckpointError, evaluate_checkpoints
 
-    ap = argparse.ArgumentParser(prog="python -m tays evaluate", description="accuracy, reasoning-event deviation, "
-                                 "TTFT and delay of the trained paradigms on held-out shapes-world streams")
+    ap = argparse.ArgumentParser(
+        prog="python -m tays evaluate",
+        description="accuracy, reasoning-event deviation, "
+        "TTFT and delay of the trained paradigms on held-out shapes-world streams",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     ap.add_argument("--n", type=int, default=200, help="streams to replay (from --split)")
     ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
-    ap.add_argument("--split", default="heldout", choices=("heldout", "val"), help="held-out streams (the reported "
-                    "figures) or validation streams (never trained on: for choosing training settings)")
+    ap.add_argument(
+        "--split",
+        default="heldout",
+        choices=("heldout", "val"),
+        help="held-out streams (the reported "
+        "figures) or validation streams (never trained on: for choosing training settings)",
+    )
     ap.add_argument("--tays", default="runs/tays/tays", help="TaYS checkpoint folder")
     ap.add_argument("--batch", default="runs/tays/batch", help="batch-SFT checkpoint folder")
     ap.add_argument("--interleaved", default="runs/tays/interleaved", help="interleaved-SFT checkpoint folder")
     ap.add_argument("--no-think", default=None, help="checkpoint for batch_no_think (default: --batch)")
     ap.add_argument("--paradigms", nargs="+", default=list(EVAL_PARADIGMS), choices=EVAL_PARADIGMS)
     ap.add_argument("--fps", type=float, default=2.0)
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (models load in their default dtype: "
-                    "bfloat16 on CUDA)")
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (models load in their default dtype: bfloat16 on CUDA)"
+    )
     ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
     ap.add_argument("--duration", type=float, default=None, help="stream length in s (default: seeded 8-20 s)")
     ap.add_argument("--question-at", type=float, default=0.0)
@@ -178,20 +221,42 @@ def evaluate_command(argv: list[str]) -> int:
     ap.add_argument("--answer-tokens", type=int, default=TRAINED["answer_tokens"])
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per paradigm (not real time)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
-    ap.add_argument("--workers", type=int, default=1, help="processes replaying streams concurrently, each in real "
-                    "time (they share the CPU: the timings include that)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes replaying streams concurrently, each in real "
+        "time (they share the CPU: the timings include that)",
+    )
     args = ap.parse_args(argv)
     if args.n < 1:
         raise SystemExit("evaluate: --n must be >= 1")
     if args.workers < 1:
         raise SystemExit("evaluate: --workers must be >= 1")
-    dirs = {"tays": args.tays, "batch": args.batch, "interleaved": args.interleaved,
-            "batch_no_think": args.no_think or args.batch}
+    dirs = {
+        "tays": args.tays,
+        "batch": args.batch,
+        "interleaved": args.interleaved,
+        "batch_no_think": args.no_think or args.batch,
+    }
     try:
         res = evaluate_checkpoints(
-            {p: dirs[p] for p in args.paradigms}, args.n, args.start, args.split, args.fps, args.device, args.speed,
-            args.duration, args.question_at, args.max_new_tokens, args.step_tokens, args.answer_tokens,
-            args.warmup, args.threads, args.workers)
+            {p: dirs[p] for p in args.paradigms},
+            args.n,
+            args.start,
+            args.split,
+            args.fps,
+            args.device,
+            args.speed,
+            args.duration,
+            args.question_at,
+            args.max_new_tokens,
+            args.step_tokens,
+            args.answer_tokens,
+            args.warmup,
+            args.threads,
+            args.workers,
+        )
     except CheckpointError as e:
         raise SystemExit(f"evaluate: {e}") from None
     _print_json(res, args.json)
@@ -202,8 +267,10 @@ COMMANDS = {
     "bench": (bench_command, "TTFT / delay / throughput of batch, interleaved and TaYS at several FPS"),
     "data": (data_command, "build streaming CoT trajectories (shapes world or VideoEspresso JSON), count skips"),
     "train": (train_command, "SFT of the demo model for streaming reasoning: --paradigm tays | batch | interleaved"),
-    "evaluate": (evaluate_command, "accuracy, event deviation, TTFT and delay of the trained paradigms on held-out "
-                 "streams"),
+    "evaluate": (
+        evaluate_command,
+        "accuracy, event deviation, TTFT and delay of the trained paradigms on held-out streams",
+    ),
     "memory": (memory_command, "peak memory of a one-hour vs a five-minute sped-up stream with a visual window"),
     "memory-run": (memory_run_command, "one memory measurement in this process (used by `memory`)"),
 }

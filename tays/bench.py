@@ -12,6 +12,7 @@ memory-run``), and reports each process's peak resident set size (VmHWM from /pr
 model, torch, caches, frames, Python objects; everything) plus RSS sampled during the stream and
 the video-cache size. Progress goes to stderr.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,24 @@ from vstream.world.shapes_video import Stream, make_stream
 __all__ = ["DEFAULT_MODEL", "METRIC_KEYS", "bench", "measure_decode_contention", "memory", "memory_run"]
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
-METRIC_KEYS = ("ttft_s", "ttft_question_s", "delay_s", "decode_tokens_per_s", "frames_per_s",
-               "event_deviation_s", "steps_matched", "tokens", "answer_tokens", "reasoning_steps", "frames",
-               "frame_groups", "ingest_lag_max_s", "stream_end_s", "decode_step_ms_p50", "decode_step_ms_p95")
+METRIC_KEYS = (
+    "ttft_s",
+    "ttft_question_s",
+    "delay_s",
+    "decode_tokens_per_s",
+    "frames_per_s",
+    "event_deviation_s",
+    "steps_matched",
+    "tokens",
+    "answer_tokens",
+    "reasoning_steps",
+    "frames",
+    "frame_groups",
+    "ingest_lag_max_s",
+    "stream_end_s",
+    "decode_step_ms_p50",
+    "decode_step_ms_p95",
+)
 
 
 def _log(msg: str) -> None:
@@ -70,10 +86,20 @@ def heldout_stream(seed_index: int, duration: float) -> Stream:
     return make_stream(HELDOUT_SEEDS[seed_index], duration=duration)
 
 
-def bench(model: str | None = None, fps: Sequence[float] = (1, 2, 3, 4, 5), duration: float = 12.0,
-          paradigms: Sequence[str] = PARADIGMS, seed: int = 0, question_at: float = 1.0, max_new_tokens: int = 128,
-          step_tokens: int = 8, answer_tokens: int = 8, speed: float = 1.0, threads: int = 1,
-          contention_steps: int = 128) -> dict[str, Any]:
+def bench(
+    model: str | None = None,
+    fps: Sequence[float] = (1, 2, 3, 4, 5),
+    duration: float = 12.0,
+    paradigms: Sequence[str] = PARADIGMS,
+    seed: int = 0,
+    question_at: float = 1.0,
+    max_new_tokens: int = 128,
+    step_tokens: int = 8,
+    answer_tokens: int = 8,
+    speed: float = 1.0,
+    threads: int = 1,
+    contention_steps: int = 128,
+) -> dict[str, Any]:
     """TTFT / delay / throughput of `paradigms` at each FPS (module docstring); fps, duration and
     speed of the replay, the rest as `run_paradigm` and `measure_decode_contention` take them."""
     set_threads(threads)
@@ -81,15 +107,18 @@ def bench(model: str | None = None, fps: Sequence[float] = (1, 2, 3, 4, 5), dura
     vlm = load_model(model)
     stream = heldout_stream(seed, duration)
     kw = dict(max_new_tokens=max_new_tokens, step_tokens=step_tokens, answer_tokens=answer_tokens)
-    _log(f"model {vlm!r}; stream seed {stream.seed}, {stream.duration:g} s, question {stream.question!r}; "
-         f"torch threads {torch.get_num_threads()}")
+    _log(
+        f"model {vlm!r}; stream seed {stream.seed}, {stream.duration:g} s, question {stream.question!r}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     _log("warm-up (not timed) ...")
     for p in paradigms:
         run_paradigm(vlm, ShapesSource(stream, fps=2.0, realtime=False), paradigm=p, **kw)
     _log("decode latency with the ingestion thread idle vs busy ...")
-    cont = measure_decode_contention(vlm, [f for _, f in stream.frames(2.0)[:24]], question=stream.question,
-                                     n_steps=contention_steps)
+    cont = measure_decode_contention(
+        vlm, [f for _, f in stream.frames(2.0)[:24]], question=stream.question, n_steps=contention_steps
+    )
     _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in cont.items()))
 
     results: dict[str, dict[str, Any]] = {p: {} for p in paradigms}
@@ -107,10 +136,12 @@ def bench(model: str | None = None, fps: Sequence[float] = (1, 2, 3, 4, 5), dura
             if r.messages:
                 m["messages"] = r.messages[:5]
             results[p][f"{f:g}"] = m
-            _log(f"{p:11s} fps {f:g}: ttft {_fmt(m['ttft_s'])} s (question {_fmt(m['ttft_question_s'])} s), "
-                 f"delay {_fmt(m['delay_s'])} s, decode {_fmt(m['decode_tokens_per_s'], 1)} tok/s, "
-                 f"ingest {_fmt(m['frames_per_s'], 1)} frames/s, lag {_fmt(m['ingest_lag_max_s'])} s, "
-                 f"deviation {_fmt(m['event_deviation_s'])} s, {m['tokens']} tokens")
+            _log(
+                f"{p:11s} fps {f:g}: ttft {_fmt(m['ttft_s'])} s (question {_fmt(m['ttft_question_s'])} s), "
+                f"delay {_fmt(m['delay_s'])} s, decode {_fmt(m['decode_tokens_per_s'], 1)} tok/s, "
+                f"ingest {_fmt(m['frames_per_s'], 1)} frames/s, lag {_fmt(m['ingest_lag_max_s'])} s, "
+                f"deviation {_fmt(m['event_deviation_s'])} s, {m['tokens']} tokens"
+            )
 
     out: dict[str, Any] = dict(results)
     out["decode_step_ms_p95_idle"] = cont.get("decode_step_ms_p95_idle")
@@ -118,11 +149,18 @@ def bench(model: str | None = None, fps: Sequence[float] = (1, 2, 3, 4, 5), dura
     out["contention"] = cont
     out["acceptance"] = _acceptance(results, cont)
     out["meta"] = {
-        "model": str(model or DEFAULT_MODEL), "stream_seed": stream.seed, "duration_s": stream.duration,
-        "question": stream.question, "question_at_s": question_at, "speed": speed,
-        "max_new_tokens": max_new_tokens, "step_tokens": step_tokens,
-        "answer_tokens": answer_tokens, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "wall_s": time.perf_counter() - t_start,
+        "model": str(model or DEFAULT_MODEL),
+        "stream_seed": stream.seed,
+        "duration_s": stream.duration,
+        "question": stream.question,
+        "question_at_s": question_at,
+        "speed": speed,
+        "max_new_tokens": max_new_tokens,
+        "step_tokens": step_tokens,
+        "answer_tokens": answer_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "wall_s": time.perf_counter() - t_start,
         "times": "wall clock (time.perf_counter), seconds since stream start",
     }
     _log(f"acceptance: {json.dumps(finite_json(out['acceptance']))}")
@@ -266,8 +304,15 @@ def _proc_status(key: str) -> float:
     return float("nan")
 
 
-def memory_run(duration: float, fps: float = 2.0, window: int = 8, model: str | None = None, seed: int = 0,
-               max_new_tokens: int = 64, threads: int = 1) -> dict[str, Any]:
+def memory_run(
+    duration: float,
+    fps: float = 2.0,
+    window: int = 8,
+    model: str | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    threads: int = 1,
+) -> dict[str, Any]:
     """One sped-up TaYS stream of `duration` seconds in this process: its memory figures."""
     set_threads(threads)
     rss0 = _proc_status("VmRSS")
@@ -285,8 +330,14 @@ def memory_run(duration: float, fps: float = 2.0, window: int = 8, model: str | 
     th = threading.Thread(target=sample, name="tays-rss", daemon=True)
     th.start()
     try:
-        res = run_paradigm(vlm, ShapesSource(stream, fps=fps, realtime=False), stream.question, "tays",
-                           max_new_tokens=max_new_tokens, visual_window=window)
+        res = run_paradigm(
+            vlm,
+            ShapesSource(stream, fps=fps, realtime=False),
+            stream.question,
+            "tays",
+            max_new_tokens=max_new_tokens,
+            visual_window=window,
+        )
     finally:
         done.set()
         th.join()
@@ -300,11 +351,16 @@ def memory_run(duration: float, fps: float = 2.0, window: int = 8, model: str | 
     per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads)
     per_token *= vlm.dtype.itemsize
     return {
-        "duration_s": duration, "fps": fps, "visual_window": window,
-        "frames": res.metrics.get("frames"), "frame_groups": res.metrics.get("frame_groups"),
-        "tokens": res.metrics.get("tokens"), "wall_s": wall,
+        "duration_s": duration,
+        "fps": fps,
+        "visual_window": window,
+        "frames": res.metrics.get("frames"),
+        "frame_groups": res.metrics.get("frame_groups"),
+        "tokens": res.metrics.get("tokens"),
+        "wall_s": wall,
         "stream_s_per_wall_s": duration / wall,
-        "rss_before_load_mb": rss0, "rss_after_load_mb": rss_loaded,
+        "rss_before_load_mb": rss0,
+        "rss_after_load_mb": rss_loaded,
         "rss_at_10_25_50_75_100pct_mb": [at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)],
         "rss_max_during_stream_mb": max(s[1] for s in samples),
         "peak_rss_mb": _proc_status("VmHWM"),
@@ -314,13 +370,32 @@ def memory_run(duration: float, fps: float = 2.0, window: int = 8, model: str | 
     }
 
 
-def memory(long: float = 3600.0, short: float = 300.0, fps: float = 2.0, window: int = 8, model: str | None = None,
-           max_new_tokens: int = 64, threads: int = 1) -> dict[str, Any]:
+def memory(
+    long: float = 3600.0,
+    short: float = 300.0,
+    fps: float = 2.0,
+    window: int = 8,
+    model: str | None = None,
+    max_new_tokens: int = 64,
+    threads: int = 1,
+) -> dict[str, Any]:
     """Peak memory of a `long` vs a `short` stream, each measured by `memory_run` in a fresh process."""
     runs: dict[str, Any] = {}
     for label, dur in (("short", short), ("long", long)):
-        cmd = [sys.executable, "-m", "tays", "memory-run", "--duration", str(dur), "--fps", str(fps),
-               "--window", str(window), "--max-new-tokens", str(max_new_tokens)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tays",
+            "memory-run",
+            "--duration",
+            str(dur),
+            "--fps",
+            str(fps),
+            "--window",
+            str(window),
+            "--max-new-tokens",
+            str(max_new_tokens),
+        ]
         if model:
             cmd += ["--model", model]
         if threads:
@@ -333,14 +408,17 @@ def memory(long: float = 3600.0, short: float = 300.0, fps: float = 2.0, window:
             raise SystemExit(f"memory-run for {dur:g} s failed (exit {p.returncode})")
         runs[label] = json.loads(lines[-1])
         r = runs[label]
-        _log(f"  {r['frames']} frames in {r['wall_s']:.1f} s; peak RSS {r['peak_rss_mb']:.1f} MiB, "
-             f"max during stream {r['rss_max_during_stream_mb']:.1f} MiB, "
-             f"video cache <= {r['video_cache_max_mb']:.2f} MiB")
+        _log(
+            f"  {r['frames']} frames in {r['wall_s']:.1f} s; peak RSS {r['peak_rss_mb']:.1f} MiB, "
+            f"max during stream {r['rss_max_during_stream_mb']:.1f} MiB, "
+            f"video cache <= {r['video_cache_max_mb']:.2f} MiB"
+        )
     s, l = runs["short"], runs["long"]
     out = {
         "measure": "peak RSS (VmHWM of /proc/self/status) of a fresh process per stream, model load included; "
-                   "also RSS sampled every 0.1 s during the stream",
-        "short": s, "long": l,
+        "also RSS sampled every 0.1 s during the stream",
+        "short": s,
+        "long": l,
         "peak_rss_ratio": l["peak_rss_mb"] / s["peak_rss_mb"],
         "peak_within_10pct": l["peak_rss_mb"] <= 1.10 * s["peak_rss_mb"],
         "stream_rss_ratio": l["rss_max_during_stream_mb"] / s["rss_max_during_stream_mb"],

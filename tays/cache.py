@@ -11,6 +11,7 @@ the W-1 groups before it. Groups that left the window stay in the buffer (unseen
 full; then the prompt and the groups still visible are compacted into fresh buffers of twice
 their size, so memory stays bounded and the copying is amortised.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,16 +63,16 @@ class KVCache:
         for a, b in keep:
             if b > a:
                 for li in range(len(self.keys)):
-                    keys[li][:, :, n:n + b - a] = self.keys[li][:, :, a:b]
-                    values[li][:, :, n:n + b - a] = self.values[li][:, :, a:b]
+                    keys[li][:, :, n : n + b - a] = self.keys[li][:, :, a:b]
+                    values[li][:, :, n : n + b - a] = self.values[li][:, :, a:b]
             n += b - a
         self.keys, self.values, self.capacity, self.length = keys, values, capacity, n
 
     def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one layer's (1, Hkv, n, D) K/V right after the committed tokens (not committed)."""
         n = self.length
-        self.keys[layer][:, :, n:n + k.shape[-2]] = k
-        self.values[layer][:, :, n:n + v.shape[-2]] = v
+        self.keys[layer][:, :, n : n + k.shape[-2]] = k
+        self.values[layer][:, :, n : n + v.shape[-2]] = v
 
     def put_stacked(self, kv: torch.Tensor) -> None:
         """`put` for every layer from (2 * layers, Hkv, n, D): the keys, then the values."""
@@ -154,7 +155,7 @@ class VideoCache(KVCache):
     def context_spans(self) -> list[tuple[int, int]]:
         """Token ranges a new group attends to (besides itself): the prompt + the W-1 groups before it."""
         W = self.visual_window
-        return self.spans(self.groups if W is None else (self.groups[-(W - 1):] if W > 1 else []))
+        return self.spans(self.groups if W is None else (self.groups[-(W - 1) :] if W > 1 else []))
 
     def spans(self, groups: Sequence[FrameGroup]) -> list[tuple[int, int]]:
         """The prompt + the given groups (contiguous, newest last) as at most two token ranges."""
@@ -179,7 +180,11 @@ class VideoCache(KVCache):
     def view(self, event: Any = None) -> VideoView:
         vis = self.visible()
         return VideoView(
-            keys=tuple(self.keys), values=tuple(self.values), spans=tuple(self.spans(vis)),
-            n_groups=self.n_groups, first_group=vis[0].index if vis else self.n_groups,
-            time=vis[-1].time if vis else -math.inf, event=event,
+            keys=tuple(self.keys),
+            values=tuple(self.values),
+            spans=tuple(self.spans(vis)),
+            n_groups=self.n_groups,
+            first_group=vis[0].index if vis else self.n_groups,
+            time=vis[-1].time if vis else -math.inf,
+            event=event,
         )

@@ -60,6 +60,7 @@ a form we could check, so we assume (and document) this layout, accepting a few 
          "description": "A man opens the door.", # or "caption" / "step": the reasoning step
          "question": "...", "answer": "..."}]}]  # optional triplet question / answer
 """
+
 from __future__ import annotations
 
 import json
@@ -223,7 +224,9 @@ def resample_times(duration: float, fps: float = DEFAULT_FPS) -> list[float]:
 
 
 def align_frames(
-    sample_times: Sequence[float], keyframes: Sequence[Keyframe], native_times: Sequence[float] | None = None,
+    sample_times: Sequence[float],
+    keyframes: Sequence[Keyframe],
+    native_times: Sequence[float] | None = None,
 ) -> tuple[list[float], list[int | None]]:
     """(source time per sample, keyframe index per sample or None); rule in the module docstring."""
     order = sorted(range(len(keyframes)), key=lambda i: (keyframes[i].start, i))
@@ -252,7 +255,10 @@ def align_frames(
 
 
 def place_steps(
-    keyframes: Sequence[Keyframe], sample_times: Sequence[float], source_times: Sequence[float], group_size: int,
+    keyframes: Sequence[Keyframe],
+    sample_times: Sequence[float],
+    source_times: Sequence[float],
+    group_size: int,
 ) -> list[tuple[int, float] | None]:
     """(group, time) of each keyframe's step, in keyframe order (rule in the module docstring);
     None when the video ends before a causal place for it."""
@@ -261,7 +267,7 @@ def place_steps(
     gtime = [sample_times[min(n, (g + 1) * group_size) - 1] for g in range(G)]
     content, run = [], -math.inf
     for g in range(G):
-        run = max([run, *source_times[g * group_size: min(n, (g + 1) * group_size)]])
+        run = max([run, *source_times[g * group_size : min(n, (g + 1) * group_size)]])
         content.append(run)
     out: list[tuple[int, float] | None] = []
     prev = -1
@@ -320,9 +326,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # Question and function words that carry no content (a short list: scikit-learn's English list
 # also drops content words such as "move").
-FUNCTION_WORDS = frozenset("""a an the at in on of to is are was were be been do does did what which who whom
+FUNCTION_WORDS = frozenset(
+    """a an the at in on of to is are was were be been do does did what which who whom
 where when why how that this these those it its and or there here from by with for as after before then
-""".split())
+""".split()
+)
 
 
 def content_words(text: str) -> list[str]:
@@ -376,8 +384,7 @@ class HFEncoder:
             self.model = AutoModel.from_pretrained(self.name).to(device).eval()
         except Exception as e:  # offline hub id, missing folder, unknown architecture, ...
             msg = " ".join(str(e).split())
-            raise EncoderError(f"could not load sentence encoder {self.name!r}: {type(e).__name__}: "
-                               f"{msg[:200]}") from e
+            raise EncoderError(f"could not load sentence encoder {self.name!r}: {type(e).__name__}: {msg[:200]}") from e
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -385,22 +392,28 @@ class HFEncoder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = self.tok([str(t) for t in texts[i:i + self.batch_size]], padding=True, truncation=True,
-                               max_length=self.max_length, return_tensors="pt").to(self.device)
+                enc = self.tok(
+                    [str(t) for t in texts[i : i + self.batch_size]],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 h = self.model(**enc).last_hidden_state[:, 0].float()
                 out.append(torch.nn.functional.normalize(h, dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 1))
 
 
 def make_encoder(name: str | None = None, corpus: Iterable[str] | None = None):
-    """"tfidf" / None -> `TfidfEncoder` (fitted on `corpus` if given); anything else -> `HFEncoder`."""
+    """ "tfidf" / None -> `TfidfEncoder` (fitted on `corpus` if given); anything else -> `HFEncoder`."""
     if name in (None, "", "tfidf"):
         return TfidfEncoder(corpus)
     return HFEncoder(name)
 
 
-def consistency_filter(pairs: Sequence[tuple[str, str]], encoder: Any, threshold: float = DEFAULT_THRESHOLD
-                       ) -> tuple[list[bool], list[float]]:
+def consistency_filter(
+    pairs: Sequence[tuple[str, str]], encoder: Any, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[list[bool], list[float]]:
     """(keep?, cosine) for each (question, step) pair."""
     if not pairs:
         return [], []
@@ -426,9 +439,10 @@ def check_sample(sample: VideoSample) -> None:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
             raise SkipSample("bad_timestamp", f"keyframe {i}: non-numeric timestamp")
         if kf.start < -EPS or kf.end > sample.duration + EPS or kf.time > sample.duration + EPS:
-            raise SkipSample("timestamp_beyond_video",
-                             f"keyframe {i} [{kf.start}, {kf.end}] @ {kf.time} outside the video "
-                             f"(0..{sample.duration:g} s)")
+            raise SkipSample(
+                "timestamp_beyond_video",
+                f"keyframe {i} [{kf.start}, {kf.end}] @ {kf.time} outside the video (0..{sample.duration:g} s)",
+            )
         if not (kf.start <= kf.time + EPS and kf.time <= kf.end + EPS):
             raise SkipSample("bad_interval", f"keyframe {i}: time {kf.time} not in [{kf.start}, {kf.end}]")
         if kf.start < last - EPS:
@@ -438,8 +452,13 @@ def check_sample(sample: VideoSample) -> None:
             raise SkipSample("missing_field:description", f"keyframe {i} has an empty description")
 
 
-def build_trajectory(sample: VideoSample, encoder: Any = None, threshold: float = DEFAULT_THRESHOLD,
-                     fps: float = DEFAULT_FPS, group_size: int = 2) -> Trajectory:
+def build_trajectory(
+    sample: VideoSample,
+    encoder: Any = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    fps: float = DEFAULT_FPS,
+    group_size: int = 2,
+) -> Trajectory:
     """One sample -> its trajectory (raises SkipSample)."""
     check_sample(sample)
     times = resample_times(sample.duration, fps)
@@ -458,18 +477,42 @@ def build_trajectory(sample: VideoSample, encoder: Any = None, threshold: float 
         st = Step(q, s, a, i, pl[0], pl[1], c)
         (steps if ok else dropped).append(st)
     for st in dropped:
-        log.info("%s: step %r dropped (question/step cosine %.3f < %.3f)", sample.video_id, st.text, st.consistency,
-                 threshold)
+        log.info(
+            "%s: step %r dropped (question/step cosine %.3f < %.3f)",
+            sample.video_id,
+            st.text,
+            st.consistency,
+            threshold,
+        )
     if not steps:
-        raise SkipSample("no_consistent_steps" if dropped else "no_placeable_steps",
-                         f"no step left ({len(dropped)} below the consistency threshold)")
-    return Trajectory(sample.video_id, sample.question, sample.answer, float(sample.duration), float(fps),
-                      int(group_size), times, src, kfo, steps, dropped, sample.read_frame, sample.events)
+        raise SkipSample(
+            "no_consistent_steps" if dropped else "no_placeable_steps",
+            f"no step left ({len(dropped)} below the consistency threshold)",
+        )
+    return Trajectory(
+        sample.video_id,
+        sample.question,
+        sample.answer,
+        float(sample.duration),
+        float(fps),
+        int(group_size),
+        times,
+        src,
+        kfo,
+        steps,
+        dropped,
+        sample.read_frame,
+        sample.events,
+    )
 
 
-def build_trajectories(samples: Iterable[VideoSample | SkipSample], encoder: Any = None,
-                       threshold: float = DEFAULT_THRESHOLD, fps: float = DEFAULT_FPS, group_size: int = 2,
-                       ) -> tuple[list[Trajectory], Counter]:
+def build_trajectories(
+    samples: Iterable[VideoSample | SkipSample],
+    encoder: Any = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    fps: float = DEFAULT_FPS,
+    group_size: int = 2,
+) -> tuple[list[Trajectory], Counter]:
     """Trajectories of the usable samples and a Counter of skip reasons (the run never stops on
     a bad sample). Items may be SkipSample markers from a loader (counted as they are). A
     TF-IDF encoder that is not fitted yet is fitted on every question and step of the samples."""
@@ -509,8 +552,17 @@ def shapes_sample(stream: Stream) -> VideoSample:
         q, a = shapes_triplet(e)
         kfs.append(Keyframe(float(e.interval[0]), float(e.interval[1]), round(float(t), 3), e.step, q, a))
     events = ShapesSource(stream, fps=DEFAULT_FPS, realtime=False).events
-    return VideoSample(f"shapes-{stream.seed}", stream.question, stream.answer, float(stream.duration), kfs,
-                       stream.frame_at, None, events, {"seed": stream.seed, "kind": stream.kind})
+    return VideoSample(
+        f"shapes-{stream.seed}",
+        stream.question,
+        stream.answer,
+        float(stream.duration),
+        kfs,
+        stream.frame_at,
+        None,
+        events,
+        {"seed": stream.seed, "kind": stream.kind},
+    )
 
 
 def shapes_samples(split: str, start: int, n: int, duration: float | None = None) -> list[VideoSample]:
@@ -602,12 +654,14 @@ def _parse_item(item: Any, base: Path, i: int) -> VideoSample:
     dur = item.get("duration")
     duration = float(dur) if isinstance(dur, (int, float)) and dur > 0 else video.duration
     if video.duration is not None and duration > video.duration + 0.5:
-        raise SkipSample("timestamp_beyond_video",
-                         f"{vid}: annotated duration {duration} s > video {video.duration:.2f} s")
+        raise SkipSample(
+            "timestamp_beyond_video", f"{vid}: annotated duration {duration} s > video {video.duration:.2f} s"
+        )
     meta = {k: item[k] for k in ("task", "evidence", "options") if k in item}
     meta["video_path"] = str(path)
-    return VideoSample(vid, str(item["question"]), str(answer), float(duration), kfs, video.read, video.times,
-                       None, meta)
+    return VideoSample(
+        vid, str(item["question"]), str(answer), float(duration), kfs, video.read, video.times, None, meta
+    )
 
 
 def load_videoespresso(path: str | Path) -> tuple[list[VideoSample], Counter]:
@@ -643,19 +697,42 @@ def load_videoespresso(path: str | Path) -> tuple[list[VideoSample], Counter]:
 def trajectory_record(t: Trajectory) -> dict[str, Any]:
     """A JSON-able summary of a trajectory (no pixels)."""
     return {
-        "video_id": t.video_id, "question": t.question, "answer": t.answer, "duration": t.duration, "fps": t.fps,
-        "group_size": t.group_size, "sample_times": t.sample_times, "source_times": t.source_times,
+        "video_id": t.video_id,
+        "question": t.question,
+        "answer": t.answer,
+        "duration": t.duration,
+        "fps": t.fps,
+        "group_size": t.group_size,
+        "sample_times": t.sample_times,
+        "source_times": t.source_times,
         "keyframe_of": t.keyframe_of,
-        "steps": [{"question": s.question, "text": s.text, "answer": s.answer, "keyframe": s.keyframe,
-                   "group": s.group, "time": s.time, "consistency": round(s.consistency, 4)} for s in t.steps],
-        "dropped": [{"question": s.question, "text": s.text, "consistency": round(s.consistency, 4)}
-                    for s in t.dropped],
+        "steps": [
+            {
+                "question": s.question,
+                "text": s.text,
+                "answer": s.answer,
+                "keyframe": s.keyframe,
+                "group": s.group,
+                "time": s.time,
+                "consistency": round(s.consistency, 4),
+            }
+            for s in t.steps
+        ],
+        "dropped": [
+            {"question": s.question, "text": s.text, "consistency": round(s.consistency, 4)} for s in t.dropped
+        ],
     }
 
 
-def build_dataset(encoder: Any, annotations: Path | None = None, shapes: int = 100, start: int = 0,
-                  threshold: float = DEFAULT_THRESHOLD, fps: float = DEFAULT_FPS, out: Path | None = None
-                  ) -> dict[str, Any]:
+def build_dataset(
+    encoder: Any,
+    annotations: Path | None = None,
+    shapes: int = 100,
+    start: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+    fps: float = DEFAULT_FPS,
+    out: Path | None = None,
+) -> dict[str, Any]:
     """Trajectories from a VideoEspresso-style annotation file, else from `shapes` training-split
     shapes-world streams from index `start` (a TF-IDF encoder is then fitted on the shapes-world
     texts); written as JSON lines to `out` if given. Returns the counts of what was kept and
@@ -673,6 +750,12 @@ def build_dataset(encoder: Any, annotations: Path | None = None, shapes: int = 1
         with out.open("w") as f:
             for t in trajs:
                 f.write(json.dumps(trajectory_record(t)) + "\n")
-    return {"trajectories": len(trajs), "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-            "steps": sum(len(t.steps) for t in trajs), "dropped_steps": sum(len(t.dropped) for t in trajs),
-            "encoder": getattr(encoder, "name", "tfidf"), "threshold": threshold}
+    return {
+        "trajectories": len(trajs),
+        "skipped": dict(skipped),
+        "skipped_total": sum(skipped.values()),
+        "steps": sum(len(t.steps) for t in trajs),
+        "dropped_steps": sum(len(t.dropped) for t in trajs),
+        "encoder": getattr(encoder, "name", "tfidf"),
+        "threshold": threshold,
+    }

@@ -7,6 +7,7 @@ them, a frame group must not see reasoning, and the batch / interleaved baseline
 cache. Not calling `model.forward` also leaves the model's `rope_deltas` state alone, so no
 `vlm.lock` is needed. Keys are cached post-RoPE, as transformers does.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,15 +80,21 @@ class Decoder:
         self.lm_head = vlm.model.lm_head
         self.embed_tokens = vlm.model.get_input_embeddings()
         self.device = vlm.device
-        self.kv_spec = KVSpec(len(self.layers), int(vlm.text_config.num_key_value_heads),
-                              int(self.layers[0].self_attn.head_dim), vlm.dtype, vlm.device)
+        self.kv_spec = KVSpec(
+            len(self.layers),
+            int(vlm.text_config.num_key_value_heads),
+            int(self.layers[0].self_attn.head_dim),
+            vlm.dtype,
+            vlm.device,
+        )
 
     def embed(self, ids: Sequence[int]) -> torch.Tensor:
         """(1, n, hidden) input embeddings of token ids."""
         return self.embed_tokens(torch.tensor(list(ids), dtype=torch.long, device=self.device))[None]
 
-    def run(self, h: torch.Tensor, pos: torch.Tensor, context: Context, store: Store,
-            need_logits: bool) -> torch.Tensor | None:
+    def run(
+        self, h: torch.Tensor, pos: torch.Tensor, context: Context, store: Store, need_logits: bool
+    ) -> torch.Tensor | None:
         """Run (1, L, hidden) embeddings at (3, 1, L) positions through the layers: per layer the
         chunk's K/V go to `store` and its queries attend to `context(layer, k, v)`. Returns the
         (1, L, vocab) logits, or None (the last layer's attention and MLP are then skipped: only

@@ -29,6 +29,7 @@ Positions are the decoupled ones of `tays.positions` (frames: 3-D mRoPE after th
 absolute group index; reasoning: R0 + i on all three axes), so the logits equal one full forward
 with `tays.mask.streaming_mask` (see `segments()` and tests/test_tays_engine.py).
 """
+
 from __future__ import annotations
 
 import queue
@@ -45,8 +46,17 @@ import torch
 from tays.cache import KVCache, VideoCache, VideoView
 from tays.decoder import Decoder
 from tays.forward import check_supported, video_interval
-from tays.ingest import (FLUSH, STOP, FrameRecord, Hooks, Ingestor, ingest_frames, ingest_mode, receive_groups,
-                         send_frames)
+from tays.ingest import (
+    FLUSH,
+    STOP,
+    FrameRecord,
+    Hooks,
+    Ingestor,
+    ingest_frames,
+    ingest_mode,
+    receive_groups,
+    send_frames,
+)
 from tays.ipc import IngestProcessError, WorkerHandle, spawn_worker
 from tays.mask import PROMPT, TEXT, Segment
 from tays.positions import text_position_ids
@@ -136,8 +146,12 @@ class StreamingEngine:
         self.ingest = ingest_mode(ingest, vlm.device)
         self._worker: WorkerHandle | None = None
         if self.ingest == "process":
-            cfg = dict(visual_window=self.visual_window, fps=self.fps, initial_capacity=self._initial_capacity,
-                       threads=max(1, int(ingest_threads)))
+            cfg = dict(
+                visual_window=self.visual_window,
+                fps=self.fps,
+                initial_capacity=self._initial_capacity,
+                threads=max(1, int(ingest_threads)),
+            )
             try:
                 self._worker = spawn_worker(vlm, cfg)
             except IngestProcessError as e:
@@ -200,8 +214,10 @@ class StreamingEngine:
         if self._worker is not None:
             hooks = Hooks(self._publish, self._item_done, self._worker_failed, self._stopping)
             conn, tp = self._worker.conn, self.vlm.temporal_patch_size
-            targets = [(send_frames, "ingest-send", (conn, self._video.stacked(0, P), P, self._queue, tp, hooks)),
-                       (receive_groups, "ingest", (conn, self._video, hooks, self.start_time))]
+            targets = [
+                (send_frames, "ingest-send", (conn, self._video.stacked(0, P), P, self._queue, tp, hooks)),
+                (receive_groups, "ingest", (conn, self._video, hooks, self.start_time)),
+            ]
         else:
             hooks = Hooks(self._publish, self._item_done, self._ingest_failed, self._stopping)
             ingestor = Ingestor(self.vlm, self.decoder, self._video, self._interval, P, self.start_time)
@@ -270,8 +286,9 @@ class StreamingEngine:
         """Block until every pushed frame was ingested (a group still missing frames waits for
         them). False on timeout. Re-raises an ingestion error."""
         with self._cv:
-            ok = self._cv.wait_for(lambda: self._done >= self._pushed or self._error is not None
-                                   or self._stopping.is_set(), timeout)
+            ok = self._cv.wait_for(
+                lambda: self._done >= self._pushed or self._error is not None or self._stopping.is_set(), timeout
+            )
         self._raise_error()
         return ok
 
@@ -279,13 +296,20 @@ class StreamingEngine:
         """Block until at least n frame groups are committed (or the stream ended / stopped)."""
         with self._cv:
             ok = self._cv.wait_for(
-                lambda: self._video.n_groups >= n or self._error is not None or self._stopping.is_set()
-                or (self._ended and self._done >= self._pushed), timeout)
+                lambda: (
+                    self._video.n_groups >= n
+                    or self._error is not None
+                    or self._stopping.is_set()
+                    or (self._ended and self._done >= self._pushed)
+                ),
+                timeout,
+            )
         self._raise_error()
         return ok and self._video.n_groups >= n
 
-    def play(self, frames: Iterable[Any], realtime: bool = True, speed: float = 1.0,
-             end: bool = True) -> threading.Thread:
+    def play(
+        self, frames: Iterable[Any], realtime: bool = True, speed: float = 1.0, end: bool = True
+    ) -> threading.Thread:
         """Feed frames from a thread (``tays-feeder``): items are (t, frame) pairs (as
         `vstream.world.shapes_video.Stream.frames` yields) or bare frames (t = count / fps). With
         realtime, each frame is pushed at its time (wall clock since this call, / speed).
@@ -447,9 +471,15 @@ class StreamingEngine:
             yield TokenEvent(tok, decoder.push(tok), i, time.perf_counter() - self.start_time, view.n_groups, view.time)
             if tok in waits:
                 with self._cv:
-                    self._cv.wait_for(lambda: self._video.n_groups > view.n_groups or self._error is not None
-                                      or self._stopping.is_set() or (stop_event is not None and stop_event.is_set())
-                                      or (self._ended and self._done >= self._pushed))
+                    self._cv.wait_for(  # the predicate runs here, in this iteration
+                        lambda: (
+                            self._video.n_groups > view.n_groups  # noqa: B023
+                            or self._error is not None
+                            or self._stopping.is_set()
+                            or (stop_event is not None and stop_event.is_set())
+                            or (self._ended and self._done >= self._pushed)
+                        )
+                    )
             if i + 1 < max_new_tokens:
                 logits = self.decode_step([tok])[-1]
             else:

@@ -29,6 +29,7 @@ is ``{paradigm: {"accuracy", "event_deviation_s", "ttft_s", "delay_s", ...}, "me
   replay different streams at the same time (each still in real time, each with its own models);
   they share the CPU, so their TTFT and delay include that contention (meta.workers says W).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,17 +70,32 @@ class CheckpointError(ValueError):
     not loadable on the device). The message is one line."""
 
 
-def run_one(vlm: VLM, stream: Stream, paradigm: str, *, fps: float = 2.0, speed: float = 1.0, realtime: bool = True,
-            max_new_tokens: int = 160, step_tokens: int = TRAINED["step_tokens"],
-            answer_tokens: int = TRAINED["answer_tokens"], question_at: float = 0.0) -> RunResult:
+def run_one(
+    vlm: VLM,
+    stream: Stream,
+    paradigm: str,
+    *,
+    fps: float = 2.0,
+    speed: float = 1.0,
+    realtime: bool = True,
+    max_new_tokens: int = 160,
+    step_tokens: int = TRAINED["step_tokens"],
+    answer_tokens: int = TRAINED["answer_tokens"],
+    question_at: float = 0.0,
+) -> RunResult:
     """One stream through one evaluated paradigm, with the SFT protocol; returns the RunResult."""
     src = ShapesSource(stream, fps=fps, realtime=realtime, speed=speed)
     no_think = paradigm == "batch_no_think"
     opts = dict(TRAINED, step_tokens=step_tokens, answer_tokens=answer_tokens)
     return run_paradigm(
-        vlm, src, stream.question, RUNNER[paradigm],
-        max_new_tokens=answer_tokens if no_think else max_new_tokens, question_at=question_at,
-        model_ends_reasoning=paradigm == "batch", **opts,
+        vlm,
+        src,
+        stream.question,
+        RUNNER[paradigm],
+        max_new_tokens=answer_tokens if no_think else max_new_tokens,
+        question_at=question_at,
+        model_ends_reasoning=paradigm == "batch",
+        **opts,
     )
 
 
@@ -92,13 +108,23 @@ def eval_stream(models: dict[str, VLM], stream: Stream, **kw: Any) -> dict[str, 
         k = m.get("steps_matched") or 0
         dev = m.get("event_deviation_s")
         recs[p] = {
-            "seed": stream.seed, "correct": normalize_answer(r.answer) == normalize_answer(stream.answer),
-            "ttft": m.get("ttft_s"), "delay": m.get("delay_s"),
-            "dev_sum": dev * k if k and dev is not None else 0.0, "matched": k if dev is not None else 0,
-            "deviation": dev, "tokens": m.get("tokens") or 0, "steps": len([s for s in r.steps if s.text]),
+            "seed": stream.seed,
+            "correct": normalize_answer(r.answer) == normalize_answer(stream.answer),
+            "ttft": m.get("ttft_s"),
+            "delay": m.get("delay_s"),
+            "dev_sum": dev * k if k and dev is not None else 0.0,
+            "matched": k if dev is not None else 0,
+            "deviation": dev,
+            "tokens": m.get("tokens") or 0,
+            "steps": len([s for s in r.steps if s.text]),
             "messages": r.messages[:2],
-            "example": {"seed": stream.seed, "question": stream.question, "truth": stream.answer,
-                        "text": r.text, "answer": r.answer},
+            "example": {
+                "seed": stream.seed,
+                "question": stream.question,
+                "truth": stream.answer,
+                "text": r.text,
+                "answer": r.answer,
+            },
         }
     return recs
 
@@ -106,7 +132,7 @@ def eval_stream(models: dict[str, VLM], stream: Stream, **kw: Any) -> dict[str, 
 def summarize(records: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Pool per-stream records (in stream order) into {paradigm: metrics}."""
     out: dict[str, Any] = {}
-    for p in (records[0] if records else {}):
+    for p in records[0] if records else {}:
         rs = [r[p] for r in records]
         matched = sum(r["matched"] for r in rs)
         out[p] = {
@@ -126,13 +152,22 @@ def summarize(records: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def _progress(i: int, n: int, stream: Stream, recs: dict[str, dict[str, Any]]) -> None:
     for p, r in recs.items():
-        _log(f"[{i + 1}/{n}] {p:14s} seed {stream.seed}: {'ok ' if r['correct'] else 'bad'} answer "
-             f"{r['example']['answer'].strip()!r} (truth {stream.answer!r}); ttft {r['ttft']}, delay {r['delay']}, "
-             f"deviation {r['deviation']}")
+        _log(
+            f"[{i + 1}/{n}] {p:14s} seed {stream.seed}: {'ok ' if r['correct'] else 'bad'} answer "
+            f"{r['example']['answer'].strip()!r} (truth {stream.answer!r}); ttft {r['ttft']}, delay {r['delay']}, "
+            f"deviation {r['deviation']}"
+        )
 
 
-def evaluate_models(models: dict[str, VLM], n: int = 200, start: int = 0, duration: float | None = None,
-                    progress: bool = True, split: str = "heldout", **kw: Any) -> dict[str, Any]:
+def evaluate_models(
+    models: dict[str, VLM],
+    n: int = 200,
+    start: int = 0,
+    duration: float | None = None,
+    progress: bool = True,
+    split: str = "heldout",
+    **kw: Any,
+) -> dict[str, Any]:
     """{paradigm: metrics} over `n` streams of `split` (held-out by default; "val" for choosing
     training settings); `models` maps each evaluated paradigm to its VLM. kw: run_one's options."""
     records = []
@@ -157,14 +192,38 @@ def _worker(job: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
     return out
 
 
-def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n: int, start: int,
-                      duration: float | None, workers: int, threads: int, warmup: int, device: str = "cpu",
-                      **kw: Any) -> dict[str, Any]:
+def evaluate_parallel(
+    dirs: dict[str, str],
+    paradigms: list[str],
+    split: str,
+    n: int,
+    start: int,
+    duration: float | None,
+    workers: int,
+    threads: int,
+    warmup: int,
+    device: str = "cpu",
+    **kw: Any,
+) -> dict[str, Any]:
     """evaluate_models over `workers` processes replaying streams concurrently (each in real time;
     they share the CPU, so timings include that contention)."""
-    jobs = [{"dirs": dirs, "paradigms": paradigms, "split": split, "n": n, "start": start, "duration": duration,
-             "worker": w, "workers": workers, "threads": threads, "warmup": warmup, "device": device, "kw": kw}
-            for w in range(workers)]
+    jobs = [
+        {
+            "dirs": dirs,
+            "paradigms": paradigms,
+            "split": split,
+            "n": n,
+            "start": start,
+            "duration": duration,
+            "worker": w,
+            "workers": workers,
+            "threads": threads,
+            "warmup": warmup,
+            "device": device,
+            "kw": kw,
+        }
+        for w in range(workers)
+    ]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_worker, jobs))
     return summarize([rec for _, rec in sorted((x for part in parts for x in part), key=lambda x: x[0])])
@@ -173,8 +232,10 @@ def evaluate_parallel(dirs: dict[str, str], paradigms: list[str], split: str, n:
 def _load(path: str, paradigm: str, split: str, device: str = "cpu") -> VLM:
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise CheckpointError(f"no checkpoint for {paradigm!r} at {p} (train one with: python -m tays train "
-                              f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)")
+        raise CheckpointError(
+            f"no checkpoint for {paradigm!r} at {p} (train one with: python -m tays train "
+            f"--paradigm {RUNNER[paradigm]} --out {p}; or pass --{RUNNER[paradigm]} DIR)"
+        )
     try:
         check_heldout(p, split)
         return load_vlm(str(p), device=device)
@@ -194,8 +255,9 @@ def _load_all(dirs: dict[str, str], paradigms: list[str], split: str, device: st
     return models
 
 
-def _warm_up(models: dict[str, VLM], split: str, start: int, duration: float | None, runs: int,
-             kw: dict[str, Any]) -> None:
+def _warm_up(
+    models: dict[str, VLM], split: str, start: int, duration: float | None, runs: int, kw: dict[str, Any]
+) -> None:
     """Untimed, not-real-time runs first, so the timed ones do not pay for lazy set-up."""
     if runs:
         ws = streams(split, start, 1, duration)[0]
@@ -204,11 +266,23 @@ def _warm_up(models: dict[str, VLM], split: str, start: int, duration: float | N
                 run_one(vlm, ws, p, realtime=False, **{k: v for k, v in kw.items() if k != "speed"})
 
 
-def evaluate_checkpoints(dirs: dict[str, str], n: int = 200, start: int = 0, split: str = "heldout",
-                         fps: float = 2.0, device: str = "cpu", speed: float = 1.0, duration: float | None = None,
-                         question_at: float = 0.0, max_new_tokens: int = 160,
-                         step_tokens: int = TRAINED["step_tokens"], answer_tokens: int = TRAINED["answer_tokens"],
-                         warmup: int = 1, threads: int = 1, workers: int = 1) -> dict[str, Any]:
+def evaluate_checkpoints(
+    dirs: dict[str, str],
+    n: int = 200,
+    start: int = 0,
+    split: str = "heldout",
+    fps: float = 2.0,
+    device: str = "cpu",
+    speed: float = 1.0,
+    duration: float | None = None,
+    question_at: float = 0.0,
+    max_new_tokens: int = 160,
+    step_tokens: int = TRAINED["step_tokens"],
+    answer_tokens: int = TRAINED["answer_tokens"],
+    warmup: int = 1,
+    threads: int = 1,
+    workers: int = 1,
+) -> dict[str, Any]:
     """{paradigm: metrics, "meta": {...}} of the checkpoints `dirs` ({evaluated paradigm: folder})
     over `n` streams of `split` (module docstring); every folder is checked before the long part.
     threads: torch threads (0: torch's default); workers: replay processes."""
@@ -217,8 +291,14 @@ def evaluate_checkpoints(dirs: dict[str, str], n: int = 200, start: int = 0, spl
     t0 = time.perf_counter()
     paradigms = list(dirs)
     models = _load_all(dirs, paradigms, split, device)
-    kw = dict(fps=fps, speed=speed, max_new_tokens=max_new_tokens, step_tokens=step_tokens,
-              answer_tokens=answer_tokens, question_at=question_at)
+    kw = dict(
+        fps=fps,
+        speed=speed,
+        max_new_tokens=max_new_tokens,
+        step_tokens=step_tokens,
+        answer_tokens=answer_tokens,
+        question_at=question_at,
+    )
     if workers > 1:
         del models
         res = evaluate_parallel(dirs, paradigms, split, n, start, duration, workers, threads, warmup, device, **kw)
@@ -226,16 +306,27 @@ def evaluate_checkpoints(dirs: dict[str, str], n: int = 200, start: int = 0, spl
         _warm_up(models, split, start, duration, warmup, kw)
         res = evaluate_models(models, n, start, duration, progress=True, split=split, **kw)
     res["meta"] = {
-        "checkpoints": {p: str(dirs[p]) for p in paradigms}, "n": n, "split": split,
-        "start": start, "fps": fps, "speed": speed, "duration": duration,
-        "question_at_s": question_at, "max_new_tokens": max_new_tokens, "step_tokens": step_tokens,
-        "answer_tokens": answer_tokens, "torch_threads": torch.get_num_threads(), "workers": workers,
+        "checkpoints": {p: str(dirs[p]) for p in paradigms},
+        "n": n,
+        "split": split,
+        "start": start,
+        "fps": fps,
+        "speed": speed,
+        "duration": duration,
+        "question_at_s": question_at,
+        "max_new_tokens": max_new_tokens,
+        "step_tokens": step_tokens,
+        "answer_tokens": answer_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "workers": workers,
         "device": device,
         "wall_s": time.perf_counter() - t0,
         "times": "ttft_s / delay_s: wall seconds since stream start; event_deviation_s: stream seconds",
     }
     for p in paradigms:
         r = res[p]
-        _log(f"{p:14s} accuracy {r['accuracy']}, event deviation {r['event_deviation_s']} s, "
-             f"ttft {r['ttft_s']} s, delay {r['delay_s']} s")
+        _log(
+            f"{p:14s} accuracy {r['accuracy']}, event deviation {r['event_deviation_s']} s, "
+            f"ttft {r['ttft_s']} s, delay {r['delay_s']} s"
+        )
     return res

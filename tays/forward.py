@@ -11,6 +11,7 @@ The decoder is transformers' own (`model.model.language_model`, sdpa or eager as
 hand it `inputs_embeds`, 3-D `position_ids` (3, 1, L) and the 4-D additive mask, passed as an
 already-prepared ``{layer_type: mask}`` dict so transformers uses it as is.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -89,8 +90,9 @@ class StreamingSequence:
         e, grid = encode_frames(self.vlm, frames)
         return self.add_frame_embeds(e, grid, time, index)
 
-    def add_frame_embeds(self, embeds: torch.Tensor, grid: tuple[int, int], time: float,
-                         index: int | None = None) -> Segment:
+    def add_frame_embeds(
+        self, embeds: torch.Tensor, grid: tuple[int, int], time: float, index: int | None = None
+    ) -> Segment:
         return self._add(Segment(FRAME, embeds.shape[0], time=float(time), grid=tuple(grid), index=index), embeds, None)
 
     def _add(self, seg: Segment, e: torch.Tensor, ids: torch.Tensor | None) -> Segment:
@@ -122,7 +124,8 @@ def streaming_forward(
     pos = streaming_position_ids(seq.segments, video_interval(vlm, fps), reasoning_base, vision_base, device=dev)
     mask = additive_mask(streaming_mask(seq.segments, visual_window, device=dev), dtype=vlm.dtype)
     layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
-    out = lm(inputs_embeds=embeds, position_ids=pos[:, None], attention_mask={t: mask for t in layer_types},
-             use_cache=False)
+    out = lm(
+        inputs_embeds=embeds, position_ids=pos[:, None], attention_mask={t: mask for t in layer_types}, use_cache=False
+    )
     h = out.last_hidden_state
     return h if return_hidden else model.lm_head(h)

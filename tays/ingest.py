@@ -16,6 +16,7 @@ image, time) and ("flush",) from the engine; ("ready", pid), ("group", segment, 
 ("error", exception) from the worker. The worker exits when the engine's socket closes, after
 reporting an error, or when the engine's process is gone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,7 @@ FLUSH = object()  # queue item: end of stream, ingest an incomplete group (padde
 
 
 def ingest_mode(requested: str, device: torch.device) -> str:
-    """"thread" or "process" for an engine's ``ingest`` argument ("auto": the ``TAYS_INGEST``
+    """ "thread" or "process" for an engine's ``ingest`` argument ("auto": the ``TAYS_INGEST``
     environment variable if set, else "process" on CPU and "thread" on CUDA)."""
     mode = requested
     if mode == "auto":
@@ -86,13 +87,15 @@ class Ingestor:
     """Frame groups into a video cache (module docstring). vision_base: V0 of the frame positions;
     t0: the perf_counter origin of `FrameRecord.committed_at`."""
 
-    def __init__(self, vlm: VLM, decoder: Decoder, cache: VideoCache, interval: torch.Tensor, vision_base: int,
-                 t0: float):
+    def __init__(
+        self, vlm: VLM, decoder: Decoder, cache: VideoCache, interval: torch.Tensor, vision_base: int, t0: float
+    ):
         self.vlm, self.decoder, self.cache = vlm, decoder, cache
         self.interval, self.vision_base, self.t0 = interval, vision_base, t0
 
-    def ingest(self, items: list[tuple[Any, float]],
-               on_new_buffers: Callable[[], None] | None = None) -> tuple[Segment, FrameRecord]:
+    def ingest(
+        self, items: list[tuple[Any, float]], on_new_buffers: Callable[[], None] | None = None
+    ) -> tuple[Segment, FrameRecord]:
         """Ingest one group of (frame, time) items and commit it; `on_new_buffers` is called if
         the cache had to replace its buffers first (the visible frames are the same)."""
         t_in = time.perf_counter()
@@ -153,8 +156,9 @@ def ingest_frames(ingestor: Ingestor, frames: queue.Queue, hooks: Hooks, stream:
         hooks.fail(e)
 
 
-def send_frames(conn: Connection, prompt_kv: torch.Tensor, vision_base: int, frames: queue.Queue, tp: int,
-                hooks: Hooks) -> None:
+def send_frames(
+    conn: Connection, prompt_kv: torch.Tensor, vision_base: int, frames: queue.Queue, tp: int, hooks: Hooks
+) -> None:
     """``tays-ingest-send`` (ingest="process"): the prompt's K/V, then the queued frames, to the
     worker. A frame that does not complete a group counts as done once sent (as the ingestion
     thread counts it once taken); a completed group counts when its K/V are committed."""
@@ -227,8 +231,14 @@ def run_worker(fd: int, snapshot: dict[str, Any], cfg: dict[str, Any]) -> None:
     torch.set_num_threads(int(cfg.get("threads", 1)))
     conn = Connection(fd)
     try:
-        vlm = VLM(model=snapshot["model"], tokenizer=None, image_processor=snapshot["image_processor"],
-                  arch=snapshot["arch"], device=torch.device("cpu"), dtype=snapshot["dtype"])
+        vlm = VLM(
+            model=snapshot["model"],
+            tokenizer=None,
+            image_processor=snapshot["image_processor"],
+            arch=snapshot["arch"],
+            device=torch.device("cpu"),
+            dtype=snapshot["dtype"],
+        )
         check_supported(vlm)
         decoder = Decoder(vlm)
         cache = VideoCache(decoder.kv_spec, cfg["initial_capacity"], cfg["visual_window"])

@@ -20,6 +20,7 @@ Messages are plain pickles over `multiprocessing.connection.Connection` byte fra
 multiprocessing's ForkingPickler, which would move tensors to shared memory); K/V travel as raw
 bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -129,9 +130,15 @@ def write_snapshot(vlm: VLM) -> str:
     try:
         save_model(vlm.model, os.path.join(path, "model.safetensors"))
         ip = vlm.image_processor
-        meta = {"model_class": type(vlm.model).__name__, "config_class": type(vlm.model.config).__name__,
-                "config": vlm.model.config.to_dict(), "image_processor_class": type(ip).__name__,
-                "image_processor": ip.to_dict(), "arch": vlm.arch, "dtype": str(vlm.dtype).removeprefix("torch.")}
+        meta = {
+            "model_class": type(vlm.model).__name__,
+            "config_class": type(vlm.model.config).__name__,
+            "config": vlm.model.config.to_dict(),
+            "image_processor_class": type(ip).__name__,
+            "image_processor": ip.to_dict(),
+            "arch": vlm.arch,
+            "dtype": str(vlm.dtype).removeprefix("torch."),
+        }
         with open(os.path.join(path, "meta.json"), "w") as f:
             json.dump(meta, f)
     except BaseException:
@@ -181,9 +188,14 @@ class _Server:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = "1"  # workers set their own torch thread count; the server computes nothing
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tays.server", str(b.fileno())],
-                                         pass_fds=[b.fileno()], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, env=env, cwd=str(ROOT))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tays.server", str(b.fileno())],
+                pass_fds=[b.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                cwd=str(ROOT),
+            )
         finally:
             b.close()
         self.sock = a
@@ -198,7 +210,7 @@ class _Server:
             try:
                 socket.send_fds(self.sock, [pickle.dumps(req)], list(fds))
                 data = self.sock.recv(1 << 20)
-            except (OSError, socket.timeout) as e:
+            except (TimeoutError, OSError) as e:
                 raise IngestProcessError(f"the ingestion server did not answer: {type(e).__name__}: {e}") from e
             if not data:
                 code = self.proc.poll()
@@ -350,8 +362,9 @@ def spawn_worker(vlm: VLM, cfg: dict[str, Any]) -> WorkerHandle:
             try:
                 path = write_snapshot(vlm)
             except Exception as e:
-                raise IngestProcessError(f"could not snapshot the model for the ingestion process: "
-                                         f"{type(e).__name__}: {e}") from e
+                raise IngestProcessError(
+                    f"could not snapshot the model for the ingestion process: {type(e).__name__}: {e}"
+                ) from e
             try:
                 rep = srv.request({**req, "path": path}, [b.fileno()])
             finally:

@@ -22,6 +22,7 @@ groups before it plus itself. The prompt is never evicted.
 The result is a boolean (L, L) matrix, True = query row may attend to key column;
 `additive_mask` turns it into the 4-D float mask (0 / dtype-min) attention kernels take.
 """
+
 from __future__ import annotations
 
 import math

@@ -21,6 +21,7 @@ prefill, frame ingestion where the paradigm waits for it, the decode step).
   ground-truth event (rule in `match_event`), in stream seconds (wall seconds x replay speed).
 * ``decode_step_ms_p50/p95``: latency of single-token decode forward passes of the run.
 """
+
 from __future__ import annotations
 
 import math
@@ -128,11 +129,19 @@ class RunResult:
 
     def to_dict(self, full: bool = False) -> dict[str, Any]:
         d = {
-            "paradigm": self.paradigm, "fps": self.fps, "question": self.question, "speed": self.speed,
-            "question_at": self.question_at, "stream_end": self.stream_end, "text": self.text,
-            "answer": self.answer, "frames_received": self.frames_received,
-            "frames_rejected": self.frames_rejected, "messages": list(self.messages),
-            "stopped": self.stopped, "metrics": dict(self.metrics),
+            "paradigm": self.paradigm,
+            "fps": self.fps,
+            "question": self.question,
+            "speed": self.speed,
+            "question_at": self.question_at,
+            "stream_end": self.stream_end,
+            "text": self.text,
+            "answer": self.answer,
+            "frames_received": self.frames_received,
+            "frames_rejected": self.frames_rejected,
+            "messages": list(self.messages),
+            "stopped": self.stopped,
+            "metrics": dict(self.metrics),
         }
         if full:
             d["tokens"] = [asdict(t) for t in self.tokens]
@@ -173,10 +182,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 _WORD = re.compile(r"[a-z]+")
 _VERBS = {
-    "appear": "appear", "appears": "appear", "appeared": "appear",
-    "move": "move", "moves": "move", "moved": "move",
-    "turn": "recolor", "turns": "recolor", "turned": "recolor",
-    "disappear": "disappear", "disappears": "disappear", "disappeared": "disappear",
+    "appear": "appear",
+    "appears": "appear",
+    "appeared": "appear",
+    "move": "move",
+    "moves": "move",
+    "moved": "move",
+    "turn": "recolor",
+    "turns": "recolor",
+    "turned": "recolor",
+    "disappear": "disappear",
+    "disappears": "disappear",
+    "disappeared": "disappear",
 }
 
 
@@ -214,8 +231,9 @@ def match_event(step_text: str, step_time: float, events: Sequence[EventTruth]) 
     return min(cands, key=lambda e: (abs(e.time - step_time), e.time))
 
 
-def event_deviation(steps: Sequence[StepRecord], events: Sequence[EventTruth] | None,
-                    speed: float = 1.0) -> tuple[float | None, int]:
+def event_deviation(
+    steps: Sequence[StepRecord], events: Sequence[EventTruth] | None, speed: float = 1.0
+) -> tuple[float | None, int]:
     """(mean |step emission - event time| in stream seconds, number of matched steps)."""
     if not events:
         return None, 0

@@ -45,6 +45,7 @@ rejected with a message in `RunResult.messages` (the engine never sees it); a so
 stops early ends the stream (message) and the answer is decoded from what was seen; every thread
 the run started (``tays-source``, the engine's ``tays-ingest``) is joined before returning.
 """
+
 from __future__ import annotations
 
 import math
@@ -166,10 +167,22 @@ class _Writer:
     `forward(ids) -> (last logits, frames seen, newest frame time)` function, recording tokens,
     steps and timed decode calls into the RunResult."""
 
-    def __init__(self, vlm: VLM, res: RunResult, t0: float, forward: Callable, *, step_tokens: int,
-                 reasoning_budget: int, answer_tokens: int, answer_prefix_ids: list[int],
-                 on_token: Callable[[TokenRecord], Any] | None, stopped: Callable[[], bool],
-                 period_ends_step: bool = True, model_ends_reasoning: bool = False):
+    def __init__(
+        self,
+        vlm: VLM,
+        res: RunResult,
+        t0: float,
+        forward: Callable,
+        *,
+        step_tokens: int,
+        reasoning_budget: int,
+        answer_tokens: int,
+        answer_prefix_ids: list[int],
+        on_token: Callable[[TokenRecord], Any] | None,
+        stopped: Callable[[], bool],
+        period_ends_step: bool = True,
+        model_ends_reasoning: bool = False,
+    ):
         tok = vlm.tokenizer
         self.res, self.t0, self._forward = res, t0, forward
         self.step_tokens = max(1, int(step_tokens))
@@ -197,8 +210,9 @@ class _Writer:
         self.logits, self.seen, self.seen_time = logits, int(seen), float(seen_t)
 
     def _emit(self, tok: int, phase: str) -> TokenRecord:
-        rec = TokenRecord(len(self.res.tokens), tok, self._dec.push(tok), _now() - self.t0, phase,
-                          self.seen, self.seen_time)
+        rec = TokenRecord(
+            len(self.res.tokens), tok, self._dec.push(tok), _now() - self.t0, phase, self.seen, self.seen_time
+        )
         self.res.tokens.append(rec)
         if self.on_token is not None:
             self.on_token(rec)
@@ -235,8 +249,16 @@ class _Writer:
                 continue
             self.pending = [tok]  # fed when the next step or the answer starts (sees newer frames)
             break
-        s = StepRecord(len(self.res.steps), "".join(r.text for r in recs).strip(), recs[0].wall, recs[-1].wall,
-                       len(recs), recs[0].frames_seen, recs[0].stream_time, closed)
+        s = StepRecord(
+            len(self.res.steps),
+            "".join(r.text for r in recs).strip(),
+            recs[0].wall,
+            recs[-1].wall,
+            len(recs),
+            recs[0].frames_seen,
+            recs[0].stream_time,
+            closed,
+        )
         self.res.steps.append(s)
         return s
 
@@ -260,8 +282,15 @@ class _Feed(threading.Thread):
     """Plays the source in a ``tays-source`` thread: checks every frame (size, readability),
     stamps its arrival and hands it on; ends the stream exactly once (also on errors / stop)."""
 
-    def __init__(self, source: FrameSource, res: RunResult, t0: float, stop: threading.Event,
-                 on_frame: Callable[[float, Any, float], None], on_end: Callable[[], None]):
+    def __init__(
+        self,
+        source: FrameSource,
+        res: RunResult,
+        t0: float,
+        stop: threading.Event,
+        on_frame: Callable[[float, Any, float], None],
+        on_end: Callable[[], None],
+    ):
         super().__init__(name=THREAD_PREFIX + "source", daemon=True)
         self.source, self.res, self.t0, self.stop = source, res, t0, stop
         self.on_frame, self.on_end = on_frame, on_end
@@ -290,7 +319,8 @@ class _Feed(threading.Thread):
                 if last_t is None or last_t < expected_last - 1e-6:
                     got = "no frame" if last_t is None else f"the last frame at t={last_t:.2f} s"
                     self.res.messages.append(
-                        f"the stream stopped early: {got}, but it should last {src.duration:.2f} s")
+                        f"the stream stopped early: {got}, but it should last {src.duration:.2f} s"
+                    )
         except StreamError as e:
             self.res.messages.append(str(e))
         except BaseException as e:  # e.g. the engine refused a push: recorded, the run goes on
@@ -368,11 +398,13 @@ def _grouper(seq: CausalSequence, res: RunResult, t0: float, tp: int):
         base = seq.next_pos
         for gi, grp in enumerate(groups):
             start = _now() - t0
-            t_enc = seq.add_frames([f for _, f, _ in grp], grp[-1][0], base=base if one_block else None,
-                                   group_index=gi if one_block else 0)
+            t_enc = seq.add_frames(
+                [f for _, f, _ in grp], grp[-1][0], base=base if one_block else None, group_index=gi if one_block else 0
+            )
             end = _now() - t0
-            res.groups.append(GroupRecord(len(res.groups), grp[-1][0], len(grp), max(a for _, _, a in grp),
-                                          start, end, t_enc))
+            res.groups.append(
+                GroupRecord(len(res.groups), grp[-1][0], len(grp), max(a for _, _, a in grp), start, end, t_enc)
+            )
         return len(groups)
 
     return ingest
@@ -395,8 +427,9 @@ def _run_batch(vlm, source, res, t0, stop, stopped, question, kw) -> None:
         seq.add_text(prompt, logits=False)
         _grouper(seq, res, t0, vlm.temporal_patch_size)(items, True, True)
         budget = min(kw["reasoning_budget"], (seq.n_groups + 1) * kw["step_tokens"])
-        w = _writer(vlm, res, t0, lambda ids: (seq.add_text(ids)[-1], seq.n_groups, seq.last_group_time),
-                    kw, budget, stopped)
+        w = _writer(
+            vlm, res, t0, lambda ids: (seq.add_text(ids)[-1], seq.n_groups, seq.last_group_time), kw, budget, stopped
+        )
         w.pending = list(header)
         while w.step() is not None:
             pass
@@ -419,8 +452,15 @@ def _run_interleaved(vlm, source, res, t0, stop, stopped, question, kw) -> None:
         ingest = _grouper(seq, res, t0, vlm.temporal_patch_size)
         items, ended = inbox.take()
         ingest(items, ended, True)  # the backlog: one vision block, before the first token
-        w = _writer(vlm, res, t0, lambda ids: (seq.add_text(ids)[-1], seq.n_groups, seq.last_group_time),
-                    kw, kw["reasoning_budget"], stopped)
+        w = _writer(
+            vlm,
+            res,
+            t0,
+            lambda ids: (seq.add_text(ids)[-1], seq.n_groups, seq.last_group_time),
+            kw,
+            kw["reasoning_budget"],
+            stopped,
+        )
         w.pending = list(header)
         w.step()
         over = False
@@ -561,8 +601,17 @@ def _tays_groups(eng: StreamingEngine, sink: _TaysSink, res: RunResult, t0: floa
         if lo >= n:
             break
         hi = min(lo + tp, n)
-        res.groups.append(GroupRecord(rec.index, rec.time, hi - lo, max(sink.arrivals[lo:hi]),
-                                      off + rec.committed_at - rec.ingest_s, off + rec.committed_at, rec.encode_s))
+        res.groups.append(
+            GroupRecord(
+                rec.index,
+                rec.time,
+                hi - lo,
+                max(sink.arrivals[lo:hi]),
+                off + rec.committed_at - rec.ingest_s,
+                off + rec.committed_at,
+                rec.encode_s,
+            )
+        )
 
 
 def _mark_ingesting(res: RunResult) -> None:
@@ -573,10 +622,20 @@ def _mark_ingesting(res: RunResult) -> None:
 
 
 def _writer(vlm, res, t0, forward, kw, budget, stopped) -> _Writer:
-    return _Writer(vlm, res, t0, forward, step_tokens=kw["step_tokens"], reasoning_budget=budget,
-                   answer_tokens=kw["answer_tokens"], answer_prefix_ids=kw["answer_prefix_ids"],
-                   on_token=kw["on_token"], stopped=stopped, period_ends_step=kw.get("period_ends_step", True),
-                   model_ends_reasoning=kw.get("model_ends_reasoning", False))
+    return _Writer(
+        vlm,
+        res,
+        t0,
+        forward,
+        step_tokens=kw["step_tokens"],
+        reasoning_budget=budget,
+        answer_tokens=kw["answer_tokens"],
+        answer_prefix_ids=kw["answer_prefix_ids"],
+        on_token=kw["on_token"],
+        stopped=stopped,
+        period_ends_step=kw.get("period_ends_step", True),
+        model_ends_reasoning=kw.get("model_ends_reasoning", False),
+    )
 
 
 _RUNNERS = {"batch": _run_batch, "interleaved": _run_interleaved, "tays": _run_tays}
@@ -633,14 +692,21 @@ def run_paradigm(
     if max_backlog is None and not source.realtime:
         max_backlog = 4
     kw = dict(
-        step_tokens=int(step_tokens), answer_tokens=answer_tokens, question_at=max(0.0, float(question_at)),
-        visual_window=visual_window, assistant_prefix=assistant_prefix,
+        step_tokens=int(step_tokens),
+        answer_tokens=answer_tokens,
+        question_at=max(0.0, float(question_at)),
+        visual_window=visual_window,
+        assistant_prefix=assistant_prefix,
         answer_prefix_ids=vlm.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else [],
-        reasoning_budget=int(max_new_tokens) - answer_tokens, max_backlog=max_backlog, on_token=on_token,
-        period_ends_step=bool(period_ends_step), model_ends_reasoning=bool(model_ends_reasoning),
+        reasoning_budget=int(max_new_tokens) - answer_tokens,
+        max_backlog=max_backlog,
+        on_token=on_token,
+        period_ends_step=bool(period_ends_step),
+        model_ends_reasoning=bool(model_ends_reasoning),
     )
-    res = RunResult(paradigm, fps, question, speed=float(getattr(source, "speed", 1.0)),
-                    events=getattr(source, "events", None))
+    res = RunResult(
+        paradigm, fps, question, speed=float(getattr(source, "speed", 1.0)), events=getattr(source, "events", None)
+    )
     stop = threading.Event()
 
     def stopped() -> bool:

@@ -19,6 +19,7 @@ given frame, do not depend on how many frames exist. Both bases can be overridde
 ``R0 = P + max(th, tw)``, which is where transformers 5.23's own `get_rope_index` puts text that
 follows a single video block).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,7 +43,10 @@ def time_interval(tokens_per_second: float, second_per_grid: float) -> torch.Ten
 
 
 def frame_position_ids(
-    base: int, group_index: int, grid: tuple[int, int], interval: torch.Tensor | float,
+    base: int,
+    group_index: int,
+    grid: tuple[int, int],
+    interval: torch.Tensor | float,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(3, th*tw) positions of frame group `group_index` (row-major tokens)."""

@@ -9,6 +9,7 @@ answer with ``</think>`` and says so in its training.json ("format"); it must be
 same protocol it was trained and evaluated with (`tays.evaluate`). Any other model (the image
 demo model, a Hugging Face VLM) keeps `run_paradigm`'s defaults: a sentence end closes a step.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,17 @@ __all__ = ["TRAINED", "chat_ids", "chat_template_ids", "run_options"]
 # the SFT protocol of `tays.train` (its assistant and answer prefixes), and the
 # step and answer lengths `python -m tays evaluate` runs it with
 TRAINED: dict[str, Any] = {
-    "assistant_prefix": THINK_OPEN, "answer_prefix": THINK_CLOSE, "period_ends_step": False,
-    "step_tokens": 24, "answer_tokens": 6,
+    "assistant_prefix": THINK_OPEN,
+    "answer_prefix": THINK_CLOSE,
+    "period_ends_step": False,
+    "step_tokens": 24,
+    "answer_tokens": 6,
 }
 
 
-def chat_template_ids(tok: PreTrainedTokenizerBase, question: str, system: str | None = None,
-                      assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+def chat_template_ids(
+    tok: PreTrainedTokenizerBase, question: str, system: str | None = None, assistant_prefix: str = ""
+) -> tuple[list[int], list[int]]:
     """(user-turn ids, assistant-header ids) from the tokenizer's chat template."""
     msgs: list[dict[str, Any]] = []
     if system is not None:
@@ -46,11 +51,12 @@ def chat_template_ids(tok: PreTrainedTokenizerBase, question: str, system: str |
     def enc(s: str) -> list[int]:
         return tok(s, add_special_tokens=False)["input_ids"] if s else []
 
-    return enc(base), enc(full[len(base):])
+    return enc(base), enc(full[len(base) :])
 
 
-def chat_ids(vlm: VLM, question: str, system: str | None = None,
-             assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+def chat_ids(
+    vlm: VLM, question: str, system: str | None = None, assistant_prefix: str = ""
+) -> tuple[list[int], list[int]]:
     """`chat_template_ids` with `vlm`'s tokenizer."""
     return chat_template_ids(vlm.tokenizer, question, system, assistant_prefix)
 

@@ -1,4 +1,5 @@
 """Picking the next token from a row of logits: one rule for the engine and the paradigm runner."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,13 @@ import torch
 __all__ = ["next_token"]
 
 
-def next_token(logits: torch.Tensor, suppress: Collection[int] = (), do_sample: bool = False,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> int:
+def next_token(
+    logits: torch.Tensor,
+    suppress: Collection[int] = (),
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> int:
     """Greedy (or, with do_sample, sampled at `temperature`) token of (vocab,) logits, never one of
     `suppress` (the protocol, not the model, decides when reasoning may end)."""
     if suppress:

@@ -5,6 +5,7 @@ forks one worker per engine (`tays.ingest.run_worker`), handing it the engine's 
 come over the socket FD as pickled dicts: ``ping``, ``load`` (a snapshot folder) and ``spawn`` (with
 the engine's socket as a passed file descriptor); replies are pickled dicts.
 """
+
 from __future__ import annotations
 
 import collections

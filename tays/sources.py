@@ -30,6 +30,7 @@ Backends: decord 0.6.0 reads video files; PyAV is used only where decord cannot 
 Resampling to ``fps`` is by timestamp: the frame shown at ``k / fps`` (the last one that started
 at or before it), for every ``k / fps`` before the end of the video.
 """
+
 from __future__ import annotations
 
 import math
@@ -117,8 +118,7 @@ class FrameChecker:
         elif orig != self.size:
             self.rejected += 1
             raise StreamError(
-                f"{where} rejected: it is {orig[0]}x{orig[1]} but the stream's frames are "
-                f"{self.size[0]}x{self.size[1]}"
+                f"{where} rejected: it is {orig[0]}x{orig[1]} but the stream's frames are {self.size[0]}x{self.size[1]}"
             )
         self.accepted += 1
         return img
@@ -220,8 +220,16 @@ class ShapesSource(FrameSource):
 class IterableSource(FrameSource):
     """Any iterable of frames or of (t, frame) pairs (bare frames get t = i / fps)."""
 
-    def __init__(self, frames: Iterable[Any], fps: float = 2.0, realtime: bool = False, speed: float = 1.0,
-                 duration: float | None = None, events: list[EventTruth] | None = None, name: str = "frames"):
+    def __init__(
+        self,
+        frames: Iterable[Any],
+        fps: float = 2.0,
+        realtime: bool = False,
+        speed: float = 1.0,
+        duration: float | None = None,
+        events: list[EventTruth] | None = None,
+        name: str = "frames",
+    ):
         self._items = frames
         self.fps = _check_fps(fps)
         self.realtime = bool(realtime)
@@ -252,8 +260,14 @@ class PushSource(FrameSource):
     frame for that long stops with a StreamError ("stopped early").
     """
 
-    def __init__(self, fps: float = 2.0, max_queue: int = 256, idle_timeout: float | None = None,
-                 rate_limit: bool = True, name: str = "push"):
+    def __init__(
+        self,
+        fps: float = 2.0,
+        max_queue: int = 256,
+        idle_timeout: float | None = None,
+        rate_limit: bool = True,
+        name: str = "push",
+    ):
         self.fps = _check_fps(fps)
         self.realtime = True
         self.duration = None
@@ -326,7 +340,8 @@ class PushSource(FrameSource):
                 if self.idle_timeout is not None and time.perf_counter() - idle_since > self.idle_timeout:
                     where = "before the first frame" if last is None else f"after t={last:.2f} s"
                     raise StreamError(
-                        f"the stream stopped early: no frame for {self.idle_timeout:g} s {where}") from None
+                        f"the stream stopped early: no frame for {self.idle_timeout:g} s {where}"
+                    ) from None
                 continue
             if item is _END:
                 return
@@ -380,7 +395,7 @@ class _DecordReader:
         times = [k / fps for k in range(int(math.ceil(self.end * fps - 1e-9)))]
         idx = np.clip(np.searchsorted(self.starts, np.asarray(times) + 1e-9, side="right") - 1, 0, self.n - 1)
         for a in range(0, len(times), _CHUNK):
-            chunk = idx[a:a + _CHUNK]
+            chunk = idx[a : a + _CHUNK]
             uniq = sorted(set(int(i) for i in chunk))
             try:
                 arr = self.vr.get_batch(uniq).asnumpy()
@@ -451,7 +466,8 @@ class _PyAVReader:
             raise
         except Exception as e:
             raise StreamError(
-                f"video {name} ended early: could not decode frame {i} (t~{k / fps:.2f} s): {_short(e)}") from e
+                f"video {name} ended early: could not decode frame {i} (t~{k / fps:.2f} s): {_short(e)}"
+            ) from e
         if prev is None:
             return
         end = self.end if self.end is not None and self.end > prev_t else prev_t + step
@@ -465,8 +481,15 @@ class VideoFileSource(FrameSource):
     `speed`) or as fast as it decodes. Opening checks the file and decodes its first frame, so
     a missing, empty, corrupt or undecodable file fails here with a one-line StreamError."""
 
-    def __init__(self, path: str | os.PathLike, fps: float = 2.0, realtime: bool = True, speed: float = 1.0,
-                 backend: str = "auto", events: list[EventTruth] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fps: float = 2.0,
+        realtime: bool = True,
+        speed: float = 1.0,
+        backend: str = "auto",
+        events: list[EventTruth] | None = None,
+    ):
         self.path = str(path)
         self.name = os.path.basename(self.path) or self.path
         self.fps = _check_fps(fps)
@@ -489,7 +512,8 @@ class VideoFileSource(FrameSource):
             raise
         except Exception as e:
             raise StreamError(
-                f"could not open video {self.name}: corrupt file or unsupported format ({_short(e)})") from e
+                f"could not open video {self.name}: corrupt file or unsupported format ({_short(e)})"
+            ) from e
         if self._reader.n == 0:
             raise StreamError(f"video {self.name} has no frames")
         try:
@@ -498,7 +522,8 @@ class VideoFileSource(FrameSource):
             raise
         except Exception as e:
             raise StreamError(
-                f"could not decode video {self.name}: unsupported codec or corrupt data ({_short(e)})") from e
+                f"could not decode video {self.name}: unsupported codec or corrupt data ({_short(e)})"
+            ) from e
         if first is None or np.asarray(first).size == 0:
             raise StreamError(f"could not decode video {self.name}: its first frame is empty")
         self.frame_size = (int(first.shape[1]), int(first.shape[0]))
@@ -511,4 +536,3 @@ class VideoFileSource(FrameSource):
     def native_frames(self) -> tuple[list[float], Callable[[int], np.ndarray]]:
         """The file's own frames, not resampled: their start times and a getter by index (RGB)."""
         return self._reader.native()
-

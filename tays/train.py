@@ -34,6 +34,7 @@ state + step) go to --run-dir every --save-every steps; rerunning the same comma
 safetensors with its tokenizer, image processor and a training.json (paradigm, seeds used,
 steps, minutes, data settings and skip counts).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from tays.data import (DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, SkipSample, Trajectory, build_trajectory,
-                       make_encoder, shapes_encoder, shapes_sample)
+from tays.data import (
+    DEFAULT_FPS,
+    DEFAULT_THRESHOLD,
+    EncoderError,
+    SkipSample,
+    Trajectory,
+    build_trajectory,
+    make_encoder,
+    shapes_encoder,
+    shapes_sample,
+)
 from tays.forward import video_interval
 from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
@@ -63,8 +73,17 @@ from vstream.world.shapes_video import make_stream
 if TYPE_CHECKING:  # annotation only: importing transformers costs seconds at start-up
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IGNORE", "PARADIGMS", "Layout", "SetupError", "StreamingLM", "TrajectoryCollator", "build_layout",
-           "reasoning_tokens", "train"]
+__all__ = [
+    "IGNORE",
+    "PARADIGMS",
+    "Layout",
+    "SetupError",
+    "StreamingLM",
+    "TrajectoryCollator",
+    "build_layout",
+    "reasoning_tokens",
+    "train",
+]
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
 PARADIGMS = ("tays", "batch", "interleaved")
@@ -165,8 +184,9 @@ def build_layout(traj: Trajectory, tok: PreTrainedTokenizerBase, paradigm: str) 
     return Layout(paradigm, items, G, [traj.group_time(g) for g in range(G)])
 
 
-def layout_tensors(layout: Layout, grids: list[tuple[int, int]], interval: torch.Tensor
-                   ) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int], list[int]]:
+def layout_tensors(
+    layout: Layout, grids: list[tuple[int, int]], interval: torch.Tensor
+) -> tuple[list[int], list[bool], torch.Tensor, torch.Tensor, list[int], list[int]]:
     """(input ids (0 at frame tokens), frame-token flags, (3, L) positions, (L, L) bool mask,
     labels, label roles) of a layout, frame group g having token grid grids[g]."""
     ids: list[int] = []
@@ -234,8 +254,14 @@ class TrajectoryCollator:
     (reason strings) in the batch are counted in `self.skipped` and listed under "skipped" in
     the batch; a batch with no usable trajectory holds only that list."""
 
-    def __init__(self, vlm: VLM, paradigm: str, fps: float = DEFAULT_FPS, empty_step_weight: float = 1.0,
-                 answer_weight: float = 1.0):
+    def __init__(
+        self,
+        vlm: VLM,
+        paradigm: str,
+        fps: float = DEFAULT_FPS,
+        empty_step_weight: float = 1.0,
+        answer_weight: float = 1.0,
+    ):
         for name, w in (("empty_step_weight", empty_step_weight), ("answer_weight", answer_weight)):
             if not w >= 0:
                 raise ValueError(f"{name} must be >= 0, got {w}")
@@ -257,7 +283,7 @@ class TrajectoryCollator:
             frames = [f for _, f in traj.frames()]
             grids = []
             for g in range(traj.n_groups):
-                pv, (_, th, tw), *_ = vlm.video_patches(frames[g * tp:(g + 1) * tp])
+                pv, (_, th, tw), *_ = vlm.video_patches(frames[g * tp : (g + 1) * tp])
                 pvs.append(pv)
                 grids.append((th, tw))
                 grid_rows.append([1, th * m, tw * m])
@@ -280,9 +306,16 @@ class TrajectoryCollator:
             attn[b, 0, :n, :n] = mk
             labels[b, :n] = torch.tensor(lab)
             roles[b, :n] = torch.tensor(r)
-        out = {"input_ids": ids, "frame_mask": fmask, "pixel_values": torch.cat(pvs),
-               "grid_thw": torch.tensor(grid_rows, dtype=torch.long), "position_ids": pos,
-               "attn": attn, "labels": labels, "skipped": skipped}
+        out = {
+            "input_ids": ids,
+            "frame_mask": fmask,
+            "pixel_values": torch.cat(pvs),
+            "grid_thw": torch.tensor(grid_rows, dtype=torch.long),
+            "position_ids": pos,
+            "attn": attn,
+            "labels": labels,
+            "skipped": skipped,
+        }
         w = self.role_weights[roles]
         if bool((w != 1.0).any()):  # else: the plain mean, bit for bit
             out["loss_weights"] = w
@@ -299,8 +332,18 @@ class StreamingLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, frame_mask, pixel_values, grid_thw, position_ids, attn, labels=None,
-                loss_weights=None, skipped=None):
+    def forward(
+        self,
+        input_ids,
+        frame_mask,
+        pixel_values,
+        grid_thw,
+        position_ids,
+        attn,
+        labels=None,
+        loss_weights=None,
+        skipped=None,
+    ):
         m = self.model
         emb = m.get_input_embeddings()(input_ids)
         if pixel_values.numel():
@@ -314,16 +357,19 @@ class StreamingLM(torch.nn.Module):
         mask.masked_fill_(~attn, torch.finfo(emb.dtype).min)
         lm = m.model.language_model
         layer_types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
-        h = lm(inputs_embeds=emb, position_ids=position_ids, attention_mask={t: mask for t in layer_types},
-               use_cache=False).last_hidden_state
+        h = lm(
+            inputs_embeds=emb, position_ids=position_ids, attention_mask={t: mask for t in layer_types}, use_cache=False
+        ).last_hidden_state
         logits = m.lm_head(h)
         loss = None
         if labels is not None and loss_weights is None:
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     labels.reshape(-1), ignore_index=IGNORE)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+            )
         elif labels is not None:  # weighted mean over the labelled tokens
-            ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                   labels.reshape(-1), ignore_index=IGNORE, reduction="none")
+            ce = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+            )
             w = loss_weights.reshape(-1).float() * (labels.reshape(-1) != IGNORE)
             loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
         return loss, logits
@@ -337,8 +383,15 @@ class TrainStreams(torch.utils.data.Dataset):
     """Index i -> the trajectory of the shapes-world stream with training seed `start + i`
     (built lazily), or a skip-reason string when the sample is skipped."""
 
-    def __init__(self, n: int, start: int = 0, duration: float | None = None,
-                 threshold: float = DEFAULT_THRESHOLD, encoder: Any = None, group_size: int = 2):
+    def __init__(
+        self,
+        n: int,
+        start: int = 0,
+        duration: float | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        encoder: Any = None,
+        group_size: int = 2,
+    ):
         if start < 0 or start + n > len(TRAIN_SEEDS):
             raise ValueError("more streams asked for than the training split holds")
         self.n, self.start, self.duration = n, start, duration
@@ -364,12 +417,27 @@ class SetupError(ValueError):
     seed range. The message is one line."""
 
 
-def train(paradigm: str = "tays", steps: int = 600, minutes: float | None = None, out: Path | None = None,
-          model: str = str(DEFAULT_MODEL), batch_size: int = 8, lr: float = 3e-4, run_dir: Path | None = None,
-          save_every: int = 100, seed: int = 0, seed_start: int = 0, duration: float | None = None,
-          threshold: float = DEFAULT_THRESHOLD, encoder: str = "tfidf", save_dtype: str = "float16",
-          threads: int = 0, workers: int = 0, empty_step_weight: float = 1.0,
-          answer_weight: float = 1.0) -> dict[str, Any] | None:
+def train(
+    paradigm: str = "tays",
+    steps: int = 600,
+    minutes: float | None = None,
+    out: Path | None = None,
+    model: str = str(DEFAULT_MODEL),
+    batch_size: int = 8,
+    lr: float = 3e-4,
+    run_dir: Path | None = None,
+    save_every: int = 100,
+    seed: int = 0,
+    seed_start: int = 0,
+    duration: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    encoder: str = "tfidf",
+    save_dtype: str = "float16",
+    threads: int = 0,
+    workers: int = 0,
+    empty_step_weight: float = 1.0,
+    answer_weight: float = 1.0,
+) -> dict[str, Any] | None:
     """SFT of `model` for `paradigm` on `steps` x `batch_size` training streams per process (see
     the module docstring and ``python -m tays train --help`` for every option). Checkpoints go to
     `run_dir` (default OUT.run), and a rerun resumes there; the final model goes to `out` (default
@@ -397,21 +465,19 @@ def train(paradigm: str = "tays", steps: int = 600, minutes: float | None = None
     n_streams = steps * batch_size * acc.num_processes
     if seed_start + n_streams > len(TRAIN_SEEDS):
         raise SetupError("--seed-start + streams used would leave the training split")
-    data = TrainStreams(n_streams, seed_start, duration, threshold, enc,
-                        vlm.temporal_patch_size)
+    data = TrainStreams(n_streams, seed_start, duration, threshold, enc, vlm.temporal_patch_size)
     try:
-        collate = TrajectoryCollator(vlm, paradigm, empty_step_weight=empty_step_weight,
-                                     answer_weight=answer_weight)
+        collate = TrajectoryCollator(vlm, paradigm, empty_step_weight=empty_step_weight, answer_weight=answer_weight)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers
+    )
     skipped: Counter = Counter()
     lm, opt, loader = acc.prepare(lm, opt, loader)
 
     state = run_dir / "latest"
-    recipe = {"paradigm": paradigm, "empty_step_weight": empty_step_weight,
-              "answer_weight": answer_weight}
+    recipe = {"paradigm": paradigm, "empty_step_weight": empty_step_weight, "answer_weight": answer_weight}
     try:
         record = resume(acc, state, match=recipe)
     except ValueError as e:
@@ -465,13 +531,21 @@ def train(paradigm: str = "tays", steps: int = 600, minutes: float | None = None
             "vision_tower": "frozen",
             "final_loss_ema": ema,
             "processes": acc.num_processes,
-            "data": {"fps": DEFAULT_FPS, "group_size": vlm.temporal_patch_size, "duration": duration,
-                     "threshold": threshold, "encoder": encoder,
-                     "skipped_this_run": dict(skipped)},
-            "format": {"assistant_prefix": THINK_OPEN, "answer_prefix": THINK_CLOSE, "end_of_step": END_OF_STEP,
-                       "streaming_calls": "one reasoning call per frame group" if paradigm != "batch" else None},
+            "data": {
+                "fps": DEFAULT_FPS,
+                "group_size": vlm.temporal_patch_size,
+                "duration": duration,
+                "threshold": threshold,
+                "encoder": encoder,
+                "skipped_this_run": dict(skipped),
+            },
+            "format": {
+                "assistant_prefix": THINK_OPEN,
+                "answer_prefix": THINK_CLOSE,
+                "end_of_step": END_OF_STEP,
+                "streaming_calls": "one reasoning call per frame group" if paradigm != "batch" else None,
+            },
         }
         save_final(final, vlm.tokenizer, vlm.image_processor, out, meta, getattr(torch, save_dtype))
         return meta
     return None
-

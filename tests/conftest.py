@@ -4,6 +4,7 @@ The folders look exactly like a downloaded checkpoint (config.json, model.safete
 generation_config.json, tokenizer files + chat_template.jinja, preprocessor_config.json), so
 tests exercise the same `load_vlm` path a real model takes, on CPU, in about a second.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,18 +49,33 @@ def save_tiny_qwen2_5_vl(path: Path, tokenizer, side: int = 112) -> Path:
     ids = special_ids(tokenizer)
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
             # head_dim 16 -> mrope sections must sum to 8
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            fullatt_block_indexes=[1], window_size=56, tokens_per_second=2,
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+            window_size=56,
+            tokens_per_second=2,
         ),
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
     )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
@@ -81,18 +97,36 @@ def save_tiny_qwen3_vl(path: Path, tokenizer, side: int = 128) -> Path:
     ids = special_ids(tokenizer)
     cfg = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
             pad_token_id=ids["pad_token_id"],
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
         ),
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
     )
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(cfg).eval()
@@ -102,8 +136,11 @@ def save_tiny_qwen3_vl(path: Path, tokenizer, side: int = 128) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(
-        min_pixels=side * side, max_pixels=side * side, patch_size=16,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        min_pixels=side * side,
+        max_pixels=side * side,
+        patch_size=16,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(path)
     return path
 

@@ -6,6 +6,7 @@ vision encoder, with the unablated mRoPE positions passed explicitly. That must 
 model's plain forward on prompt + trace with the painted `pixel_values` (within 1e-4 on per-token
 log-probabilities), whatever the batching. Ablating nothing must give exactly the unablated model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +17,9 @@ import torch
 from PIL import Image
 
 from vstream.attr import ablation as A
-from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.attr.spans import Span
 from vstream.model import VLM, load_vlm
+from vstream.world.assets import DEMO_MODEL_DIR
 
 ATOL = 1e-4
 
@@ -122,8 +123,9 @@ def test_empty_set_has_zero_effect_and_shapes(case):
     full = A.span_logprobs(vlm, inputs, gen, torch.zeros(1, n, dtype=torch.bool))[0]
     want = torch.stack([(full - lp)[:, s.token_start : s.token_end].sum(1) for s in spans], 1)
     torch.testing.assert_close(eff, want, atol=ATOL, rtol=0)
-    torch.testing.assert_close(base, torch.stack([full[s.token_start : s.token_end].sum() for s in spans]),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        base, torch.stack([full[s.token_start : s.token_end].sum() for s in spans]), atol=ATOL, rtol=0
+    )
     assert eff[3].abs().max() > 1e-4
 
 
@@ -138,8 +140,14 @@ def test_model_state_untouched(tiny_qwen2_5_vl):
     with pytest.raises(ValueError):
         A.span_logprobs(vlm, inputs, [276, 279], torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError):
-        A.ablation_effects(vlm, inputs, [276, 279], [Span(0, "thought", "x", 0, 5)], torch.ones(1, 2, dtype=torch.bool),
-                           torch.ones(2, inputs.image_token_positions.numel()))
+        A.ablation_effects(
+            vlm,
+            inputs,
+            [276, 279],
+            [Span(0, "thought", "x", 0, 5)],
+            torch.ones(1, 2, dtype=torch.bool),
+            torch.ones(2, inputs.image_token_positions.numel()),
+        )
 
 
 def test_trace_with_an_image_placeholder_is_refused_clearly(tiny_qwen2_5_vl):
@@ -148,6 +156,12 @@ def test_trace_with_an_image_placeholder_is_refused_clearly(tiny_qwen2_5_vl):
     inputs = vlm.build_inputs("What is in the image?", image=_noise(64, 64))
     n = inputs.image_token_positions.numel()
     with pytest.raises(A.PlaceholderInTrace, match="1 image/video placeholder"):
-        A.ablation_effects(vlm, inputs, [276, vlm.image_token_id, 23], [Span(0, "thought", "x", 0, 3)],
-                           torch.ones(1, 1, dtype=torch.bool), torch.ones(1, n))
+        A.ablation_effects(
+            vlm,
+            inputs,
+            [276, vlm.image_token_id, 23],
+            [Span(0, "thought", "x", 0, 3)],
+            torch.ones(1, 1, dtype=torch.bool),
+            torch.ones(1, n),
+        )
     assert A.span_logprobs(vlm, inputs, [276, 279, 23], torch.zeros(1, n, dtype=torch.bool)).shape == (1, 3)

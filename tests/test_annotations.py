@@ -1,6 +1,7 @@
 """The annotation store: what a user is promised (nothing acknowledged is ever lost, annotators
 never overwrite each other, bad input is refused clearly) checked by behaviour, including real
 concurrent processes and a SIGKILLed writer."""
+
 from __future__ import annotations
 
 import csv
@@ -37,17 +38,32 @@ def _add_many(path: str, annotator: str, n: int) -> list[int]:
 
 # ---------------------------------------------------------------------------- basics
 
+
 def test_round_trip_and_schema(store):
     assert store.path.parent.is_dir() and store.count() == 0
-    rid = store.add("  Alice ", "run-1", 2, "wrong_region", span_text="The red square is left.",
-                    region=4, point=(0.25, 1.0), model="demo", image_ref="scene:7", note="off by one")
+    rid = store.add(
+        "  Alice ",
+        "run-1",
+        2,
+        "wrong_region",
+        span_text="The red square is left.",
+        region=4,
+        point=(0.25, 1.0),
+        model="demo",
+        image_ref="scene:7",
+        note="off by one",
+    )
     assert isinstance(rid, int)
     (rec,) = store.records()
     assert rec["id"] == rid and rec["annotator"] == "Alice"  # stripped
     assert (rec["run_id"], rec["span_index"], rec["verdict"], rec["region"]) == ("run-1", 2, "wrong_region", 4)
     assert rec["point"] == (0.25, 1.0)
     assert (rec["span_text"], rec["model"], rec["image_ref"], rec["note"]) == (
-        "The red square is left.", "demo", "scene:7", "off by one")
+        "The red square is left.",
+        "demo",
+        "scene:7",
+        "off by one",
+    )
     assert rec["created_at"].endswith("+00:00")  # UTC ISO timestamp
     rid2 = store.add("bob", "run-1", 0, "not_visual")
     rec2 = store.records(annotator="bob")[0]
@@ -95,7 +111,10 @@ def test_filters_and_latest_only(store):
     assert keyed[("bob", "r1", 0)]["verdict"] == "not_visual"  # bob untouched by alice's re-mark
 
     assert [r["verdict"] for r in store.records(annotator="alice", run_id="r1")] == [
-        "grounded", "grounded", "wrong_region"]
+        "grounded",
+        "grounded",
+        "wrong_region",
+    ]
     assert len(store.records(annotator="alice", run_id="r1", latest_only=True)) == 2
     assert [r["annotator"] for r in store.records(run_id="r1", latest_only=True)] == ["alice", "bob", "alice"]
     assert store.records(annotator="nobody") == []
@@ -106,40 +125,43 @@ def test_filters_and_latest_only(store):
 GOOD = dict(annotator="alice", run_id="run-1", span_index=0, verdict="grounded")
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(annotator=""), "annotator is empty"),
-    (dict(annotator="   \t"), "annotator is empty"),
-    (dict(annotator=None), "annotator is empty"),
-    (dict(annotator=42), "annotator must be text"),
-    (dict(annotator="x" * 81), "annotator is too long"),
-    (dict(annotator="a\nb"), "single line"),
-    (dict(run_id=" "), "run_id is empty"),
-    (dict(run_id=b"run"), "run_id must be text"),
-    (dict(span_index=-1), "span_index must be 0 or more"),
-    (dict(span_index="3"), "span_index must be a whole number"),
-    (dict(span_index=1.0), "span_index must be a whole number"),
-    (dict(span_index=True), "span_index must be a whole number"),
-    (dict(span_index=2**70), "span_index is too large"),
-    (dict(verdict="maybe"), "unknown verdict"),
-    (dict(verdict=None), "verdict must be one of"),
-    (dict(region=1.5), "region must be a whole number"),
-    (dict(region="2"), "region must be a whole number"),
-    (dict(region=-3), "region must be 0 or more"),
-    (dict(point=(0.5,)), "point must be two numbers"),
-    (dict(point=(0.1, 0.2, 0.3)), "point must be two numbers"),
-    (dict(point="0.5,0.5"), "point must be two numbers"),
-    (dict(point=(float("nan"), 0.5)), "point must be two numbers"),
-    (dict(point=(0.5, float("inf"))), "point must be two numbers"),
-    (dict(point=(1.5, 0.5)), "between 0 and 1"),
-    (dict(point=(-0.1, 0.5)), "between 0 and 1"),
-    (dict(point=("a", 0.5)), "point must be two numbers"),
-    (dict(point=(True, 0.5)), "point must be two numbers"),
-    (dict(note="n" * 10_001), "note is too long"),
-    (dict(span_text="s" * 10_001), "span_text is too long"),
-    (dict(note="bad\x00nul"), "NUL"),
-    (dict(note="\ud800 lone surrogate"), "not valid Unicode"),
-    (dict(model=["m"]), "model must be text"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(annotator=""), "annotator is empty"),
+        (dict(annotator="   \t"), "annotator is empty"),
+        (dict(annotator=None), "annotator is empty"),
+        (dict(annotator=42), "annotator must be text"),
+        (dict(annotator="x" * 81), "annotator is too long"),
+        (dict(annotator="a\nb"), "single line"),
+        (dict(run_id=" "), "run_id is empty"),
+        (dict(run_id=b"run"), "run_id must be text"),
+        (dict(span_index=-1), "span_index must be 0 or more"),
+        (dict(span_index="3"), "span_index must be a whole number"),
+        (dict(span_index=1.0), "span_index must be a whole number"),
+        (dict(span_index=True), "span_index must be a whole number"),
+        (dict(span_index=2**70), "span_index is too large"),
+        (dict(verdict="maybe"), "unknown verdict"),
+        (dict(verdict=None), "verdict must be one of"),
+        (dict(region=1.5), "region must be a whole number"),
+        (dict(region="2"), "region must be a whole number"),
+        (dict(region=-3), "region must be 0 or more"),
+        (dict(point=(0.5,)), "point must be two numbers"),
+        (dict(point=(0.1, 0.2, 0.3)), "point must be two numbers"),
+        (dict(point="0.5,0.5"), "point must be two numbers"),
+        (dict(point=(float("nan"), 0.5)), "point must be two numbers"),
+        (dict(point=(0.5, float("inf"))), "point must be two numbers"),
+        (dict(point=(1.5, 0.5)), "between 0 and 1"),
+        (dict(point=(-0.1, 0.5)), "between 0 and 1"),
+        (dict(point=("a", 0.5)), "point must be two numbers"),
+        (dict(point=(True, 0.5)), "point must be two numbers"),
+        (dict(note="n" * 10_001), "note is too long"),
+        (dict(span_text="s" * 10_001), "span_text is too long"),
+        (dict(note="bad\x00nul"), "NUL"),
+        (dict(note="\ud800 lone surrogate"), "not valid Unicode"),
+        (dict(model=["m"]), "model must be text"),
+    ],
+)
 def test_bad_input_is_refused_clearly_and_saves_nothing(store, change, words):
     store.add(**GOOD, note="kept")
     kwargs = {**GOOD, **change}
@@ -153,8 +175,7 @@ def test_bad_input_is_refused_clearly_and_saves_nothing(store, change, words):
 
 
 def test_limits_and_friendly_normalisation_are_accepted(store):
-    store.add("x" * 80, "r", 0, "Wrong Region", note="n" * 10_000, span_text="s" * 10_000,
-              point=[0, 1], region=0)
+    store.add("x" * 80, "r", 0, "Wrong Region", note="n" * 10_000, span_text="s" * 10_000, point=[0, 1], region=0)
     store.add("y", "r", 3, " not-visual ", point=(0.0, 0.0))
     recs = store.records()
     assert [r["verdict"] for r in recs] == ["wrong_region", "not_visual"]
@@ -171,6 +192,7 @@ def test_bad_filter_arguments(store):
 
 
 # ---------------------------------------------------------------------------- files that are not ours
+
 
 def test_non_sqlite_file_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "notes.db"
@@ -229,9 +251,20 @@ def test_empty_file_becomes_a_store(tmp_path):
 
 # ---------------------------------------------------------------------------- export
 
+
 def _fill(store: AnnotationStore) -> None:
-    store.add("alice", "r1", 0, "grounded", point=(0.5, 0.25), region=2, note='says "hi", then\nleaves',
-              span_text="The cube, é ü 日本, is red.", model="m", image_ref="img.png")
+    store.add(
+        "alice",
+        "r1",
+        0,
+        "grounded",
+        point=(0.5, 0.25),
+        region=2,
+        note='says "hi", then\nleaves',
+        span_text="The cube, é ü 日本, is red.",
+        model="m",
+        image_ref="img.png",
+    )
     store.add("bob", "r1", 0, "not_visual")
     store.add("alice", "r1", 0, "wrong_region", note="=SUM(A1)")  # re-mark
 
@@ -286,6 +319,7 @@ def test_export_of_empty_store_and_bad_targets(store, tmp_path):
 
 
 # ---------------------------------------------------------------------------- concurrency + durability
+
 
 @pytest.mark.slow
 def test_concurrent_processes_and_threads_lose_nothing(tmp_path):
@@ -344,8 +378,12 @@ def _read_line(proc: subprocess.Popen, timeout: float = 60.0) -> str:
 def test_sigkill_loses_nothing_acknowledged(tmp_path):
     path = tmp_path / "ann.db"
     AnnotationStore(path).add("before", "run-k", 0, "grounded")
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(ROOT), str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(ROOT), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         acked = [int(_read_line(proc)) for _ in range(15)]
         os.kill(proc.pid, signal.SIGKILL)  # most likely mid-write of the next row

@@ -6,6 +6,7 @@ input (no image, 10,000-char question, corrupt image or video, unknown model id)
 AppError and the server keeps answering, two concurrent clients get their own results, the
 video endpoint reports TTFT, the lab cells run, and annotations stay per session.
 """
+
 from __future__ import annotations
 
 import json
@@ -189,8 +190,7 @@ def test_video_run_reports_ttft_and_rejects_corrupt_video(url, tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(os.urandom(2000))
     with pytest.raises(AppError, match="broken"):
-        client.predict("Video file", handle_file(str(bad)), 2, "How many objects appeared?", "",
-                       api_name="/video")
+        client.predict("Video file", handle_file(str(bad)), 2, "How many objects appeared?", "", api_name="/video")
     with pytest.raises(AppError, match="Upload a video file"):
         client.predict("Video file", None, 2, "How many objects appeared?", "", api_name="/video")
     s = STREAMS[0]
@@ -302,8 +302,9 @@ def test_webcam_that_stops_ends_the_run_with_a_message(monkeypatch):
 @pytest.mark.slow
 def test_compare_tays_against_interleaved(url):
     s = STREAMS[0]
-    table, plot = _client(url).predict(handle_file(str(EXAMPLES / s["file"])), 2, s["question"], "interleaved", "",
-                                       api_name="/video_compare")
+    table, plot = _client(url).predict(
+        handle_file(str(EXAMPLES / s["file"])), 2, s["question"], "interleaved", "", api_name="/video_compare"
+    )
     assert "| tays |" in table and "| interleaved |" in table
     assert "TTFT" in table
 
@@ -353,9 +354,20 @@ def test_cli_serves_with_login(tmp_path):
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--auth", "ann:secret",
-         "--annotations", str(tmp_path / "a.db")],
-        cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(ROOT / "app.py"),
+            "--port",
+            str(port),
+            "--auth",
+            "ann:secret",
+            "--annotations",
+            str(tmp_path / "a.db"),
+        ],
+        cwd=str(ROOT),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/"
     try:

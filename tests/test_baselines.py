@@ -1,5 +1,6 @@
 """Attribution baselines (vstream.attr.methods) and the evaluation (vstream.attr.evaluate), on tiny
 random Qwen2.5-VL / Qwen3-VL models with a stand-in estimator."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,16 @@ def _context(vlm, scene_seed: int = 3) -> AttributionContext:
     assert len(tokens) == N_NEW and rows.shape[0] == N_NEW  # eos is silenced in the tiny models
     regions = regions_for(inputs)
     est = StandIn(vlm.num_layers * vlm.num_heads)
-    return AttributionContext(vlm, inputs, torch.tensor(tokens), _spans(N_NEW), regions.assignment,
-                              token_attn=rows, estimator=est, regions=regions)
+    return AttributionContext(
+        vlm,
+        inputs,
+        torch.tensor(tokens),
+        _spans(N_NEW),
+        regions.assignment,
+        token_attn=rows,
+        estimator=est,
+        regions=regions,
+    )
 
 
 @pytest.fixture(scope="module", params=["tiny_qwen2_5_vl", "tiny_qwen3_vl"])
@@ -68,8 +77,9 @@ def test_every_method_returns_finite_spans_by_regions(ctx):
 
 
 def test_raw_attention_and_vstream_read_the_span_features(ctx):
-    feats = torch.stack([region_features(ctx.token_attn[s.token_start : s.token_end], ctx.assignment)
-                         for s in ctx.spans])
+    feats = torch.stack(
+        [region_features(ctx.token_attn[s.token_start : s.token_end], ctx.assignment) for s in ctx.spans]
+    )
     np.testing.assert_allclose(attribute("raw_attention", ctx), feats.sum(-1).numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(attribute("vstream", ctx), (feats @ ctx.estimator.w).numpy(), rtol=1e-5, atol=1e-6)
 
@@ -123,10 +133,18 @@ def test_input_x_gradient_matches_finite_differences(tiny_qwen2_5_vl_dir, monkey
     ctx = _context(vlm, scene_seed=5)
     scores = attribute("input_x_gradient", ctx)
     # the forward it differentiates is the ablation operator's unablated teacher-forced pass
-    _, base = ablation_effects(vlm, ctx.inputs, ctx.generated_ids, ctx.spans,
-                               torch.zeros(1, ctx.k, dtype=torch.bool), ctx.assignment, return_base=True)
-    np.testing.assert_allclose(_span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans), base.numpy(),
-                               rtol=1e-5, atol=1e-4)
+    _, base = ablation_effects(
+        vlm,
+        ctx.inputs,
+        ctx.generated_ids,
+        ctx.spans,
+        torch.zeros(1, ctx.k, dtype=torch.bool),
+        ctx.assignment,
+        return_base=True,
+    )
+    np.testing.assert_allclose(
+        _span_logps(vlm, ctx.inputs, ctx.generated_ids, ctx.spans), base.numpy(), rtol=1e-5, atol=1e-4
+    )
     eps = 1e-4
     pos_all = ctx.inputs.image_token_positions
     for k in range(ctx.k):
@@ -178,11 +196,21 @@ def test_top_masks_and_step_matching():
     assert top.sum(1).tolist() == [5, 5]
     assert top[0].tolist() == [True, True, True, False, True, True, False]
     assert E.top_masks(s[:, :3]).all()  # fewer than 5 regions: all of them
-    scene = Scene(1, "counting", "q?", [Step("I see a red circle.", 0), Step("I see a red circle.", 2),
-                                        Step("So there are 2 red objects.", None)], "2", [])
-    spans = [Span(0, "thought", "i see a Red circle. ", 0, 3), Span(1, "thought", "I see a red circle.", 3, 6),
-             Span(2, "thought", "Something else.", 6, 8), Span(3, "thought", "So there are 2 red objects.", 8, 9),
-             Span(4, "answer", "I see a red circle.", 9, 10)]
+    scene = Scene(
+        1,
+        "counting",
+        "q?",
+        [Step("I see a red circle.", 0), Step("I see a red circle.", 2), Step("So there are 2 red objects.", None)],
+        "2",
+        [],
+    )
+    spans = [
+        Span(0, "thought", "i see a Red circle. ", 0, 3),
+        Span(1, "thought", "I see a red circle.", 3, 6),
+        Span(2, "thought", "Something else.", 6, 8),
+        Span(3, "thought", "So there are 2 red objects.", 8, 9),
+        Span(4, "answer", "I see a red circle.", 9, 10),
+    ]
     assert E.match_steps(spans, scene) == [0, 1, None, 2, None]
 
 
@@ -191,15 +219,36 @@ def test_evaluate_json_has_every_key(tiny_qwen2_5_vl_dir, tmp_path, monkeypatch,
     est_file = tmp_path / "stand-in.safetensors"
     est_file.write_bytes(b"")  # main only checks that it exists; loading is monkeypatched
     monkeypatch.setattr(evaluate_cli, "load_estimator", lambda path, vlm: StandIn(vlm.num_layers * vlm.num_heads))
-    rc = evaluate_cli.main(["--json", "--n", "3", "--model", str(tiny_qwen2_5_vl_dir), "--estimator", str(est_file),
-                 "--max-new-tokens", "12"])
+    rc = evaluate_cli.main(
+        [
+            "--json",
+            "--n",
+            "3",
+            "--model",
+            str(tiny_qwen2_5_vl_dir),
+            "--estimator",
+            str(est_file),
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("lds", "r2", "top5_drop", "pointing", "seconds_per_span"):
         assert set(res[key]) == set(E.ALL_METHODS), key
     assert res["n"] == 3 and res["split"] == "heldout" and res["start"] == E.DEFAULT_START
-    for key in ("n_spans", "n_spans_matched", "n_pointing_spans", "n_spans_constant", "top5_drop_random",
-                "pointing_chance", "n_per_method", "ablation", "definitions", "r2_calibrated_vstream"):
+    for key in (
+        "n_spans",
+        "n_spans_matched",
+        "n_pointing_spans",
+        "n_spans_constant",
+        "top5_drop_random",
+        "pointing_chance",
+        "n_per_method",
+        "ablation",
+        "definitions",
+        "r2_calibrated_vstream",
+    ):
         assert key in res, key
     assert res["n_spans"] >= 1
     for m in E.ALL_METHODS:

@@ -1,4 +1,5 @@
 """`python -m vstream bench`: the JSON contract, on a tiny random model (seconds, not a timing test)."""
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ it launches the system chromium through `executable_path`.
     python -m pytest -q tests/test_browser.py
     VSTREAM_BROWSER_APP=path/to/other_app.py python -m pytest -q tests/test_browser.py   # another app script
 """
+
 from __future__ import annotations
 
 import json
@@ -99,8 +100,10 @@ class Server:
 
     def logs(self) -> str:
         state = "running" if self.alive() else f"exited with code {self.proc.returncode}"
-        return (f"app server {state}; its stderr (tail):\n{_tail(self.stderr)}\n"
-                f"its stdout (tail):\n{_tail(self.stdout, 1500)}")
+        return (
+            f"app server {state}; its stderr (tail):\n{_tail(self.stderr)}\n"
+            f"its stdout (tail):\n{_tail(self.stdout, 1500)}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -121,18 +124,26 @@ def server(tmp_path_factory) -> Server:
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(
             [sys.executable, str(APP), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=env,
+            stdout=fo,
+            stderr=fe,
+            stdin=subprocess.DEVNULL,
         )
     srv = Server(proc, f"http://127.0.0.1:{port}/", out, err)
     deadline = time.monotonic() + SERVER_START_S
     try:
         while srv.status() != 200:
             if not srv.alive():
-                pytest.fail(f"`python {APP.name} --port {port}` died before serving the page.\n{srv.logs()}",
-                            pytrace=False)
+                pytest.fail(
+                    f"`python {APP.name} --port {port}` died before serving the page.\n{srv.logs()}", pytrace=False
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"`python {APP.name} --port {port}` gave no HTTP 200 on {srv.url} "
-                            f"within {SERVER_START_S} s.\n{srv.logs()}", pytrace=False)
+                pytest.fail(
+                    f"`python {APP.name} --port {port}` gave no HTTP 200 on {srv.url} "
+                    f"within {SERVER_START_S} s.\n{srv.logs()}",
+                    pytrace=False,
+                )
             time.sleep(0.5)
         yield srv
     finally:
@@ -296,8 +307,14 @@ def _run_reasoning(page, server, shots, name: str) -> None:
     page.locator("#reason-run").click()
     _wait(page, server, shots, f"{name}: >= 2 heatmaps in #reason-heatmaps", _HEATMAPS_JS, 2, show=_REASON_SHOW)
     _wait(page, server, shots, f"{name}: a 3-D plotly plot in #reason-pca", _PLOT3D_JS, show=_REASON_SHOW)
-    _wait(page, server, shots, f"{name}: the run to finish (#reason-status no longer 'Running')",
-          _FINISHED_JS, show=_REASON_SHOW)
+    _wait(
+        page,
+        server,
+        shots,
+        f"{name}: the run to finish (#reason-status no longer 'Running')",
+        _FINISHED_JS,
+        show=_REASON_SHOW,
+    )
 
 
 # --------------------------------------------------------------------------- tests
@@ -321,17 +338,28 @@ def test_reasoning_example_and_video_ttft(page, server, screenshots):
     _pick_video(page, SAMPLE_VIDEO)
     _shot(page, screenshots, "06-video-loaded")
     page.locator("#video-run").click()
-    _wait(page, server, screenshots, "video: a TTFT value in #video-ttft",
-          f"(re) => new RegExp(re, 'i').test(({_TEXT_JS})('#video-ttft') || '')", TTFT_RE,
-          show=("#video-ttft", "#video-text", "#video-delay"))
+    _wait(
+        page,
+        server,
+        screenshots,
+        "video: a TTFT value in #video-ttft",
+        f"(re) => new RegExp(re, 'i').test(({_TEXT_JS})('#video-ttft') || '')",
+        TTFT_RE,
+        show=("#video-ttft", "#video-text", "#video-delay"),
+    )
     ttft = _text(page, "#video-ttft")
     assert re.search(TTFT_RE, ttft, re.I), ttft
     print(f"[browser] video TTFT shown: {re.search(TTFT_RE, ttft, re.I).group(0)!r}")
     _shot(page, screenshots, "07-video-ttft")
     if page.locator("#video-status").count():  # let the sample play to the end for the last picture
-        _wait(page, server, screenshots, "video: the run to finish (#video-status no longer 'Running')",
-              f"() => !/running/i.test((({_TEXT_JS})('#video-status')) || '')",
-              show=("#video-status", "#video-ttft", "#video-text", "#video-delay"))
+        _wait(
+            page,
+            server,
+            screenshots,
+            "video: the run to finish (#video-status no longer 'Running')",
+            f"() => !/running/i.test((({_TEXT_JS})('#video-status')) || '')",
+            show=("#video-status", "#video-ttft", "#video-text", "#video-delay"),
+        )
         status = _text(page, "#video-status")
         print(f"[browser] video status: {status.strip()!r}")
         assert not re.search(r"\berror\b", status, re.I), status
@@ -349,15 +377,21 @@ def test_two_sessions_see_only_their_own_result(browser, server, screenshots):
         for _, pg, *_ in sessions:  # start both before waiting on either: they run at the same time
             pg.locator("#reason-run").click()
         texts = []
-        for i, (_, pg, file, own, other) in enumerate(sessions, 1):
+        for i, (_, pg, file, own, _other) in enumerate(sessions, 1):
             name = f"session {i} ({file})"
             _wait(pg, server, screenshots, f"{name}: >= 2 heatmaps", _HEATMAPS_JS, 2, show=_REASON_SHOW)
             _wait(pg, server, screenshots, f"{name}: 3-D plot", _PLOT3D_JS, show=_REASON_SHOW)
             _wait(pg, server, screenshots, f"{name}: run finished", _FINISHED_JS, show=_REASON_SHOW)
             # wait for the answer text to settle (streaming has ended)
-            _wait(pg, server, screenshots, f"{name}: reasoning text mentions {own!r}",
-                  f"(w) => ((({_TEXT_JS})('#reason-text')) || '').toLowerCase().includes(w)", own,
-                  show=_REASON_SHOW)
+            _wait(
+                pg,
+                server,
+                screenshots,
+                f"{name}: reasoning text mentions {own!r}",
+                f"(w) => ((({_TEXT_JS})('#reason-text')) || '').toLowerCase().includes(w)",
+                own,
+                show=_REASON_SHOW,
+            )
             _shot(pg, screenshots, f"10-session{i}-result")
             texts.append(_text(pg, "#reason-text").lower())
         for (_, _, file, own, other), text in zip(sessions, texts):
@@ -374,13 +408,21 @@ def test_run_without_image_shows_error_and_app_keeps_serving(page, server, scree
     status_before = _text(page, "#reason-status")
     page.locator("#reason-run").click()
     # gr.Error arrives as an error toast; an app may instead write it into #reason-status.
-    _wait(page, server, screenshots, "an error message after Run without an image",
-          f"""(before) => {{
+    _wait(
+        page,
+        server,
+        screenshots,
+        "an error message after Run without an image",
+        f"""(before) => {{
             const toast = [...document.querySelectorAll('[data-testid=toast-body]')].map(t => t.innerText).join(' ');
             const status = (({_TEXT_JS})('#reason-status')) || '';
             const about = /image|picture|upload/i;  // the message must say what is missing
             return about.test(toast) || (status !== before && about.test(status));
-          }}""", status_before, timeout_ms=60_000, show=("#reason-status", "[data-testid=toast-body]"))
+          }}""",
+        status_before,
+        timeout_ms=60_000,
+        show=("#reason-status", "[data-testid=toast-body]"),
+    )
     _shot(page, screenshots, "20-error-no-image")
     assert server.alive(), server.logs()
     assert server.status() == 200, f"the app stopped serving after the error.\n{server.logs()}"

@@ -10,6 +10,7 @@ step, never an (S x S) matrix. Measured on the demo architecture (4 layers, 6 he
 tokens, random weights), CPU, 1 thread, 64 new tokens, next to a training job: sdpa 9-14 ms/token,
 capture on 11-14 ms/token, i.e. within the run-to-run noise.
 """
+
 from __future__ import annotations
 
 import threading
@@ -264,8 +265,13 @@ def _deferred_rows_case(kv_heads, mask, numpy_rows):
         row = []
         keep = torch.rand(1, 1, 1, s) > 0.3
         keep[..., -1] = True
-        m = None if mask == "none" else keep if mask == "bool" else (
-            torch.zeros(1, 1, 1, s).masked_fill(~keep, torch.finfo(torch.float32).min))
+        m = (
+            None
+            if mask == "none"
+            else keep
+            if mask == "bool"
+            else (torch.zeros(1, 1, 1, s).masked_fill(~keep, torch.finfo(torch.float32).min))
+        )
         for li, k in enumerate(keys):
             q = torch.randn(1, heads, 1, d)
             row.append(_decode_row_mass(mod, q, k[:, :, :s], m, d**-0.5, pos))

@@ -1,4 +1,5 @@
 """The demo model's data path, training loop (incl. resume) and evaluation command."""
+
 import json
 import os
 import shutil
@@ -111,9 +112,30 @@ def test_accelerate_data_parallel_on_two_cpu_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` without GPUs = 2 gloo processes on CPU."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vstream", "train-demo", "--steps", "2",
-           "--batch-size", "2", "--out", str(tmp_path / "m"), "--run-dir", str(tmp_path / "r")]
+    cmd = [
+        shutil.which("accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "vstream",
+        "train-demo",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "m"),
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "m" / "training.json").read_text())

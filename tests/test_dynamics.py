@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from vstream.attr.dynamics import (
-    DynamicsTracker, concentration, keep_top, label_trace, path_length, pca_path, tortuosity,
+    DynamicsTracker,
+    concentration,
+    keep_top,
+    label_trace,
+    path_length,
+    pca_path,
+    tortuosity,
 )
 
 

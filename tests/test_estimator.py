@@ -1,4 +1,5 @@
 """Labels (vstream.attr.labels) and the linear estimator (vstream.attr.estimator)."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,12 @@ def test_label_shards_round_trip_and_resume(own_tiny, tmp_path):
     new = LB.collect(vlm, 3, **kw)
     assert len(new) == 3  # a random model's text always yields one open "thought" span
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["labels-0000000.json", "labels-0000000.safetensors",
-                     "labels-0000002.json", "labels-0000002.safetensors"]
+    assert files == [
+        "labels-0000000.json",
+        "labels-0000000.safetensors",
+        "labels-0000002.json",
+        "labels-0000002.safetensors",
+    ]
     assert all(_is_safetensors(p) for p in out.glob("*.safetensors"))  # never pickle
     cfg, back = LB.load_labels(out)
     assert cfg["model"] == model_name(vlm) and cfg["num_layers"] == 2 and cfg["num_heads"] == 4
@@ -115,13 +120,26 @@ def test_lds():
 
 
 def _fake_vlm(name: str = "demo-model", layers: int = 2, heads: int = 3, arch: str = "qwen2_5_vl"):
-    return SimpleNamespace(model=SimpleNamespace(name_or_path=name, config=SimpleNamespace()),
-                           arch=arch, num_layers=layers, num_heads=heads)
+    return SimpleNamespace(
+        model=SimpleNamespace(name_or_path=name, config=SimpleNamespace()),
+        arch=arch,
+        num_layers=layers,
+        num_heads=heads,
+    )
 
 
 def test_save_load_round_trip(tmp_path):
-    est = E.LinearEstimator(2, 3, {"model": "demo-model", "model_type": "qwen2_5_vl", "backbone": "pixels",
-                                   "k_rule": "auto", "train_seeds": [[0, 10]]})
+    est = E.LinearEstimator(
+        2,
+        3,
+        {
+            "model": "demo-model",
+            "model_type": "qwen2_5_vl",
+            "backbone": "pixels",
+            "k_rule": "auto",
+            "train_seeds": [[0, 10]],
+        },
+    )
     with torch.no_grad():
         est.weight.copy_(torch.arange(6.0) - 2)
         est.region_bias.fill_(-0.5)
@@ -193,11 +211,19 @@ def _synthetic(n: int, lh: int = 8, k: int = 12, m: int = 32, seed: int = 0, noi
         masks = rng.random((m, k)) >= 0.5
         eff = np.einsum("mk,skl,l->ms", masks.astype(float), f, w) + c * masks.sum(1, keepdims=True)
         eff += noise * rng.normal(size=eff.shape) * eff.std()
-        out.append(LB.LabeledExample(
-            index=i, seed=i, family="synthetic", features=torch.tensor(f, dtype=torch.float32),
-            masks=torch.from_numpy(masks), effects=torch.tensor(eff, dtype=torch.float32),
-            base=torch.zeros(s), assignment=torch.zeros(k, 1, dtype=torch.uint8), tokens=torch.zeros(1, dtype=torch.long),
-        ))
+        out.append(
+            LB.LabeledExample(
+                index=i,
+                seed=i,
+                family="synthetic",
+                features=torch.tensor(f, dtype=torch.float32),
+                masks=torch.from_numpy(masks),
+                effects=torch.tensor(eff, dtype=torch.float32),
+                base=torch.zeros(s),
+                assignment=torch.zeros(k, 1, dtype=torch.uint8),
+                tokens=torch.zeros(1, dtype=torch.long),
+            )
+        )
     return out, w
 
 
@@ -208,8 +234,11 @@ def test_training_recovers_a_linear_ground_truth(c):
     assert est.num_layers == 2 and est.num_heads == 4
     assert rep["val"]["lds"] > 0.9 and rep["train"]["lds"] > 0.9
     assert rep["val"]["lds"] > rep["val_raw_attention"]["lds"] + (0.1 if c == 0 else 0.02)
-    cos = float(np.dot(est.weight.detach().numpy(), w_true)
-                / np.linalg.norm(est.weight.detach().numpy()) / np.linalg.norm(w_true))
+    cos = float(
+        np.dot(est.weight.detach().numpy(), w_true)
+        / np.linalg.norm(est.weight.detach().numpy())
+        / np.linalg.norm(w_true)
+    )
     assert cos > 0.95
     assert rep["val"]["r2"] > 0.8  # calibrated: predictions in the effects' units
     assert est.region_bias.item() == pytest.approx(c, abs=0.1)
@@ -222,14 +251,26 @@ def test_cli_collect_and_train(tiny_qwen2_5_vl_dir, tmp_path, capsys):
     from vstream.__main__ import main
 
     out = tmp_path / "labels"
-    rc = main(["collect", "--model", str(tiny_qwen2_5_vl_dir), "--n", "2", "--masks", "4",
-               "--max-new-tokens", "6", "--out", str(out)])
+    rc = main(
+        [
+            "collect",
+            "--model",
+            str(tiny_qwen2_5_vl_dir),
+            "--n",
+            "2",
+            "--masks",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["examples"] == 2
     est_path = tmp_path / "est.safetensors"
-    rc = main(["train-estimator", "--labels", str(out), "--out", str(est_path), "--epochs", "2",
-               "--val-fraction", "0"])
+    rc = main(["train-estimator", "--labels", str(out), "--out", str(est_path), "--epochs", "2", "--val-fraction", "0"])
     assert rc == 0
     est = E.load(est_path)
     assert est.meta["trained_examples"] == 2 and est.meta["num_heads"] == 4
@@ -248,8 +289,12 @@ def test_shipped_estimator(tiny_qwen2_5_vl):
     assert (est.num_layers, est.num_heads) == (4, 6) and est.meta["model"] == "demo-model"
     assert est.meta["trained_examples"] == 2000 and est.meta["masks_per_example"] == 32
     assert est.meta["k_rule"].startswith("auto") and est.meta["backbone"] == "pixels"
-    demo = SimpleNamespace(model=SimpleNamespace(name_or_path=str(DEMO_MODEL_DIR), config=SimpleNamespace()),
-                           arch="qwen2_5_vl", num_layers=4, num_heads=6)
+    demo = SimpleNamespace(
+        model=SimpleNamespace(name_or_path=str(DEMO_MODEL_DIR), config=SimpleNamespace()),
+        arch="qwen2_5_vl",
+        num_layers=4,
+        num_heads=6,
+    )
     assert E.load(path, demo).num_features == 24
     with pytest.raises(VLMError, match="4 layers x 6 heads.*2 layers x 4 heads") as info:
         E.load(path, tiny_qwen2_5_vl)

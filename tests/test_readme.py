@@ -1,4 +1,5 @@
 """The README's "From Python" example runs as written, from the repository root."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Regions: Ward + grid connectivity over backbone patches, mapped onto VLM image tokens."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,10 @@ def token_shares(r: Regions, boxes: np.ndarray, size: tuple[int, int]) -> np.nda
 # ----------------------------------------------------------------------------- structure
 
 
-@pytest.mark.parametrize("seed,grid,k", [(0, (8, 8), None), (1, (8, 8), 40), (2, (16, 16), None),
-                                         (3, (4, 4), None), (4, (6, 11), 30), (5, (16, 16), 128)])
+@pytest.mark.parametrize(
+    "seed,grid,k",
+    [(0, (8, 8), None), (1, (8, 8), 40), (2, (16, 16), None), (3, (4, 4), None), (4, (6, 11), 30), (5, (16, 16), 128)],
+)
 def test_regions_connected_one_hot_and_k(seed, grid, k):
     r = compute_regions(make_scene(seed).image(), grid, k=k, backbone=BB)
     assert_valid(r)
@@ -294,16 +297,32 @@ def tiny_dinov3_dir(tmp_path_factory):
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     path = tmp_path_factory.mktemp("tiny_dinov3")
-    cfg = DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          patch_size=16, num_register_tokens=4, image_size=128)
+    cfg = DINOv3ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=16,
+        num_register_tokens=4,
+        image_size=128,
+    )
     torch.manual_seed(0)
     DINOv3ViTModel(cfg).eval().save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True,
-        "size": {"height": 128, "width": 128}, "resample": 2, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-    }))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "DINOv3ViTImageProcessorFast",
+                "do_resize": True,
+                "size": {"height": 128, "width": 128},
+                "resample": 2,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            }
+        )
+    )
     return path
 
 

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 
 from vstream.world.shapes import (
-    CELL, COLORS, FAMILIES, HELDOUT_SEEDS, SHAPES, SIZE, TRAIN_SEEDS, make_scene, scenes, split_of,
+    CELL,
+    COLORS,
+    FAMILIES,
+    HELDOUT_SEEDS,
+    SHAPES,
+    SIZE,
+    TRAIN_SEEDS,
+    make_scene,
+    scenes,
+    split_of,
 )
 
 

@@ -1,4 +1,5 @@
 """Tests for the shapes-world video streams (vstream.world.shapes_video)."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def parse_steps(steps: list[str]) -> list[tuple]:
     colour: dict[str, str] = {}  # shape -> current colour of the visible object with that shape
     out = []
     for text in steps:
-        for kind, rx in _STEP_RES:
+        for kind, rx in _STEP_RES:  # noqa: B007 (kind is read after the break)
             m = rx.match(text)
             if m:
                 break
@@ -156,7 +157,10 @@ def test_boxes_in_canvas_and_on_grid_cells():
                 assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
                 assert x0 // CELL == (x1 - 1) // CELL and y0 // CELL == (y1 - 1) // CELL, box
             if e.kind == "move":
-                (fx, fy), (tx, ty) = (e.from_box[0] // CELL, e.from_box[1] // CELL), (e.box[0] // CELL, e.box[1] // CELL)
+                (fx, fy), (tx, ty) = (
+                    (e.from_box[0] // CELL, e.from_box[1] // CELL),
+                    (e.box[0] // CELL, e.box[1] // CELL),
+                )
                 assert abs(fx - tx) + abs(fy - ty) == 1  # a neighbouring cell
                 dx, dy = tx - fx, ty - fy
                 assert e.direction == {(1, 0): "right", (-1, 0): "left", (0, 1): "down", (0, -1): "up"}[(dx, dy)]
@@ -169,7 +173,7 @@ def test_state_never_overlaps_and_matches_pixels():
             st = s.state_at(t)
             for i, a in enumerate(st):
                 assert pixel(img, a.box) == COLORS[a.color], (seed, t, a)
-                for b in st[i + 1:]:
+                for b in st[i + 1 :]:
                     assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
 
 

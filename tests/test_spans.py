@@ -19,7 +19,7 @@ def test_spans_close_as_soon_as_their_end_arrives():
     assert [s.kind for s in sp.spans] == ["thought", "thought", "answer"]
     first = sp.spans[0]
     assert (first.token_start, first.token_end) == (1, 7)
-    assert "".join(pieces[first.token_start:first.token_end]).strip() == first.text
+    assert "".join(pieces[first.token_start : first.token_end]).strip() == first.text
 
 
 def test_decimal_point_is_not_a_sentence_end():

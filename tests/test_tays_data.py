@@ -1,6 +1,7 @@
 """TaYS data construction: 2 FPS alignment on hand-checked cases, step placement and strict
 causality, the consistency filter, bad-input skips (counted, logged, the run goes on), the
 VideoEspresso-style annotation file and the `data` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,12 @@ def test_align_frames_ties_and_continuous_sources():
 
 def test_place_steps_hand_checked():
     times = resample_times(5.0)  # groups of 2: (0, .5) (1, 1.5) (2, 2.5) (3, 3.5) (4, 4.5)
-    kfs = [Keyframe(1.0, 1.2, 1.0, "a"), Keyframe(2.0, 3.0, 2.9, "b"), Keyframe(3.6, 4.0, 3.7, "c"),
-           Keyframe(4.4, 5.0, 4.9, "d")]
+    kfs = [
+        Keyframe(1.0, 1.2, 1.0, "a"),
+        Keyframe(2.0, 3.0, 2.9, "b"),
+        Keyframe(3.6, 4.0, 3.7, "c"),
+        Keyframe(4.4, 5.0, 4.9, "d"),
+    ]
     src, _ = align_frames(times, kfs, None)
     assert src == [0.0, 0.5, 1.0, 1.5, 2.9, 2.9, 2.9, 3.5, 3.7, 4.9]
     places = place_steps(kfs, times, src, 2)
@@ -162,8 +167,14 @@ def test_filter_removes_planted_inconsistent_steps():
 
 def test_filter_scores_and_encoders():
     enc = TfidfEncoder(["Where does the circle move?", "The red circle moves up.", "A blue star appears."])
-    keep, cos = consistency_filter([("Where does the circle move at 3.0 s?", "The red circle moves up."),
-                                    ("Where does the circle move at 3.0 s?", "A blue star appears.")], enc, 0.4)
+    keep, cos = consistency_filter(
+        [
+            ("Where does the circle move at 3.0 s?", "The red circle moves up."),
+            ("Where does the circle move at 3.0 s?", "A blue star appears."),
+        ],
+        enc,
+        0.4,
+    )
     assert keep == [True, False] and cos[1] == 0.0
     again = TfidfEncoder(["Where does the circle move?", "The red circle moves up.", "A blue star appears."])
     assert (again.encode(["The red circle moves up."]) == enc.encode(["The red circle moves up."])).all()
@@ -177,8 +188,16 @@ def test_hf_encoder_on_a_tiny_local_model(tmp_path, tiny_tokenizer):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     enc = HFEncoder(str(tmp_path))
     v = enc.encode(["A red circle appears.", "What color is the circle?", "The cat sat."])
@@ -199,8 +218,14 @@ def test_videoespresso_file_skips_are_counted_and_logged(caplog):
     assert more == Counter({"keyframes_out_of_order": 1, "timestamp_beyond_video": 1})
     assert [t.video_id for t in trajs] == ["shapes-5"]
     text = caplog.text
-    for reason in ("unreadable_video", "missing_field:question", "keyframes_out_of_order", "timestamp_beyond_video",
-                   "broken.mp4", "not-there.mp4"):
+    for reason in (
+        "unreadable_video",
+        "missing_field:question",
+        "keyframes_out_of_order",
+        "timestamp_beyond_video",
+        "broken.mp4",
+        "not-there.mp4",
+    ):
         assert reason in text
 
 
@@ -212,8 +237,10 @@ def test_videoespresso_trajectory_hand_checked():
     assert t.source_times == [0.0, 0.5, 1.0, 1.25, 2.0, 2.5, 2.75, 3.5, 4.25, 4.25]
     assert t.keyframe_of == [None, None, None, 0, None, None, 1, None, 2, 2]
     assert [(st.text, st.group, st.time) for st in t.steps] == [
-        ("A yellow triangle appears.", 1, 1.5), ("A blue square appears.", 3, 3.5),
-        ("The yellow triangle disappears.", 4, 4.5)]
+        ("A yellow triangle appears.", 1, 1.5),
+        ("A blue square appears.", 3, 3.5),
+        ("The yellow triangle disappears.", 4, 4.5),
+    ]
     frames = t.frames()
     assert len(frames) == 10 and frames[0][1].mode == "RGB" and frames[0][1].size == (224, 224)
 
@@ -230,11 +257,19 @@ def test_bad_samples_never_stop_the_run(tmp_path):
     ]
     trajs, skipped = build_trajectories([bad[0], good, *bad[1:]])
     assert [t.video_id for t in trajs] == [good.video_id]
-    assert skipped == Counter({"timestamp_beyond_video": 1, "keyframes_out_of_order": 1, "bad_interval": 1,
-                               "no_keyframes": 1, "unreadable_video": 1})
+    assert skipped == Counter(
+        {
+            "timestamp_beyond_video": 1,
+            "keyframes_out_of_order": 1,
+            "bad_interval": 1,
+            "no_keyframes": 1,
+            "unreadable_video": 1,
+        }
+    )
     # a planted step that is the only one: nothing left -> skipped, counted
-    lone = VideoSample("lone", "q?", "a", 4.0, [Keyframe(1.0, 2.0, 1.0, "Bananas are yellow.", "Where is the car?")],
-                       good.read_frame)
+    lone = VideoSample(
+        "lone", "q?", "a", 4.0, [Keyframe(1.0, 2.0, 1.0, "Bananas are yellow.", "Where is the car?")], good.read_frame
+    )
     assert build_trajectories([lone])[1] == Counter({"no_consistent_steps": 1})
     # an unreadable annotation file
     p = tmp_path / "bad.json"
@@ -242,6 +277,7 @@ def test_bad_samples_never_stop_the_run(tmp_path):
     assert load_videoespresso(p) == ([], Counter({"unreadable_annotations": 1}))
 
 
+@pytest.mark.slow
 def test_data_cli_prints_counts(capsys):
     from tays.__main__ import main
 

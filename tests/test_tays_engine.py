@@ -1,5 +1,6 @@
 """TaYS engine: the oracle (engine logits == one full forward with the streaming mask and
 decoupled positions, within 1e-4), the dual cache under concurrency, eviction, threads."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ from tays.engine import THREAD_PREFIX, StreamingEngine
 from tays.forward import StreamingSequence, encode_frames, streaming_forward
 from tays.ipc import pid_alive
 from tays.mask import FRAME, PROMPT, TEXT
-from vstream.world.shapes_video import make_stream
 from vstream.model import VLMError, load_vlm
+from vstream.world.shapes_video import make_stream
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 ATOL = 1e-4
@@ -48,8 +49,9 @@ def demo_arch_vlm(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(params=["tiny", "demo_arch", "demo"])
 def vlm(request):
-    return request.getfixturevalue({"tiny": "tiny_qwen2_5_vl", "demo_arch": "demo_arch_vlm",
-                                    "demo": "demo_vlm"}[request.param])
+    return request.getfixturevalue(
+        {"tiny": "tiny_qwen2_5_vl", "demo_arch": "demo_arch_vlm", "demo": "demo_vlm"}[request.param]
+    )
 
 
 @pytest.fixture(params=["thread", "process"])
@@ -77,8 +79,16 @@ def _worker_gone(eng: StreamingEngine) -> bool:
     return eng.worker_pid is None or (not eng.worker_alive() and not pid_alive(eng.worker_pid))
 
 
-def _oracle(vlm, eng: StreamingEngine, frames, text_ids: list[list[int]], *, order: str = "history",
-            visual_window=None, reasoning_base=None) -> torch.Tensor:
+def _oracle(
+    vlm,
+    eng: StreamingEngine,
+    frames,
+    text_ids: list[list[int]],
+    *,
+    order: str = "history",
+    visual_window=None,
+    reasoning_base=None,
+) -> torch.Tensor:
     """Rebuild the engine's sequence from its history (frames re-encoded independently) and run
     one full forward through transformers' decoder. Returns the logits of the text rows, in
     decode order. order="grouped" lists all frame groups before all reasoning."""
@@ -90,7 +100,7 @@ def _oracle(vlm, eng: StreamingEngine, frames, text_ids: list[list[int]], *, ord
         if s.kind == PROMPT:
             items.append(("p", eng.prompt_ids, s))
         elif s.kind == FRAME:
-            grp = [f for _, f in frames[2 * s.index: 2 * s.index + 2]]
+            grp = [f for _, f in frames[2 * s.index : 2 * s.index + 2]]
             items.append(("f", grp, s))
         else:
             ids = next(texts)
@@ -106,12 +116,11 @@ def _oracle(vlm, eng: StreamingEngine, frames, text_ids: list[list[int]], *, ord
                 seq.add_frames(x, time=s.time, index=s.index)
             else:
                 seq.add_text(x, time=s.time, frames_seen=s.frames_seen)
-        logits = streaming_forward(vlm, seq, fps=eng.fps, visual_window=visual_window,
-                                   reasoning_base=reasoning_base)[0]
+        logits = streaming_forward(vlm, seq, fps=eng.fps, visual_window=visual_window, reasoning_base=reasoning_base)[0]
     rows, start = [], 0
     for s in seq.segments:
         if s.kind == TEXT:
-            rows.append(logits[start:start + s.length])
+            rows.append(logits[start : start + s.length])
         start += s.length
     return torch.cat(rows).float()
 
@@ -161,7 +170,7 @@ def test_streaming_mask_hides_later_frames(tiny_qwen2_5_vl, frames, ingest):
             eng.push_frames([f for _, f in frames[:2]])
             eng.wait_idle(60)
             a = eng.decode_step(eng.header_ids + r[:1])
-            eng.push_frames([f for _, f in frames[2:2 * n_groups]])
+            eng.push_frames([f for _, f in frames[2 : 2 * n_groups]])
             eng.wait_idle(60)
             b = eng.decode_step(r[1:])
             res[n_groups] = (a, b)
@@ -184,13 +193,14 @@ def test_batch_layout_sanity(tiny_qwen2_5_vl, frames):
         seq = StreamingSequence(vlm)
         seq.add_prompt(ids[:v0])
         for i in range(g):
-            seq.add_frames(vid[2 * i: 2 * i + 2], time=float(i))
+            seq.add_frames(vid[2 * i : 2 * i + 2], time=float(i))
         seq.add_text(ids[v1:], time=math.inf)
         # transformers 5.23 puts text after a video block at V0 + max(th, tw)
         ours = streaming_forward(vlm, seq, fps=2.0, reasoning_base=v0 + max(th, tw))[0]
-        whole = vlm.model.model.get_video_features(inp.model_kwargs["pixel_values_videos"],
-                                                    inp.model_kwargs["video_grid_thw"]).pooler_output[0]
-        per_group = torch.cat([encode_frames(vlm, vid[2 * i: 2 * i + 2])[0] for i in range(g)])
+        whole = vlm.model.model.get_video_features(
+            inp.model_kwargs["pixel_values_videos"], inp.model_kwargs["video_grid_thw"]
+        ).pooler_output[0]
+        per_group = torch.cat([encode_frames(vlm, vid[2 * i : 2 * i + 2])[0] for i in range(g)])
     torch.testing.assert_close(per_group, whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
@@ -208,12 +218,12 @@ def test_visual_window_eviction_matches_oracle(tiny_qwen2_5_vl, frames, ingest, 
         fed.append(eng.header_ids)
         outs.append(eng.decode_step(eng.header_ids))
         for gi in range(4):
-            eng.push_frames([f for _, f in frames[2 * gi: 2 * gi + 2]], [t for t, _ in frames[2 * gi: 2 * gi + 2]])
+            eng.push_frames([f for _, f in frames[2 * gi : 2 * gi + 2]], [t for t, _ in frames[2 * gi : 2 * gi + 2]])
             assert eng.wait_idle(60)
             v = eng.video_view()
             assert v.n_groups == gi + 1 and v.first_group == max(0, gi + 1 - window)
             caps.append(eng.video_capacity)
-            fed.append(r[gi:gi + 1])
+            fed.append(r[gi : gi + 1])
             outs.append(eng.decode_step(r[gi]))
         got = torch.cat(outs)
     P, k = eng.prompt_len, 16
@@ -300,7 +310,7 @@ def test_generate_streams_greedy_tokens(tiny_qwen2_5_vl, frames):
     # greedy: each token is the argmax of the oracle at the previous position
     fed = [eng.header_ids] + [[t] for t in toks[:-1]] + [[toks[-1]]] + [[more[0].token_id]]
     ref = _oracle(vlm, eng, frames, fed)
-    assert ref.argmax(-1)[len(eng.header_ids) - 1:].tolist() == toks + [e.token_id for e in more]
+    assert ref.argmax(-1)[len(eng.header_ids) - 1 :].tolist() == toks + [e.token_id for e in more]
 
 
 def test_generate_waits_for_frames_after_wait_tokens(tiny_qwen2_5_vl, frames):
@@ -475,7 +485,7 @@ def test_attend_segments_equals_one_softmax():
     ks = [torch.randn(1, 2, n, 8, generator=g) for n in (5, 0, 3)]
     vs = [torch.randn(1, 2, n, 8, generator=g) for n in (5, 0, 3)]
     causal = torch.ones(3, 3, dtype=torch.bool).tril()
-    out = attend_segments(q, [(ks[0], vs[0], None), (ks[1], vs[1], None), (ks[2], vs[2], causal)], 8 ** -0.5)
+    out = attend_segments(q, [(ks[0], vs[0], None), (ks[1], vs[1], None), (ks[2], vs[2], causal)], 8**-0.5)
     K = torch.cat(ks, 2).repeat_interleave(2, dim=1)
     V = torch.cat(vs, 2).repeat_interleave(2, dim=1)
     mask = torch.cat([torch.ones(3, 5, dtype=torch.bool), causal], 1)
@@ -502,7 +512,7 @@ def test_streaming_forward_is_differentiable(demo_arch_vlm, frames):
         assert logits.requires_grad
         n_r = len(r)
         start = len(seq) - e1.shape[0] - n_r
-        logits[0, start:start + n_r].logsumexp(-1).sum().backward()
+        logits[0, start : start + n_r].logsumexp(-1).sum().backward()
         assert e0.grad is not None and e0.grad.abs().sum() > 0
         assert e1.grad is None or e1.grad.abs().sum() == 0
     finally:

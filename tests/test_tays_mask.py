@@ -1,5 +1,6 @@
 """TaYS streaming mask and decoupled positions on hand-checked cases (pure torch, no model),
 plus the positions against Qwen2.5-VL's own get_rope_index."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,8 +61,12 @@ def test_mask_does_not_depend_on_segment_order():
 
 
 def test_mask_reasoning_before_any_frame_and_frames_seen_override():
-    segs = [Segment(PROMPT, 1), Segment(TEXT, 1, time=0.0), Segment(FRAME, 1, time=0.5, grid=(1, 1)),
-            Segment(TEXT, 1, time=0.2, frames_seen=1)]
+    segs = [
+        Segment(PROMPT, 1),
+        Segment(TEXT, 1, time=0.0),
+        Segment(FRAME, 1, time=0.5, grid=(1, 1)),
+        Segment(TEXT, 1, time=0.2, frames_seen=1),
+    ]
     m = streaming_mask(segs).int().tolist()
     assert m == [
         [1, 0, 0, 0],
@@ -93,8 +98,13 @@ def test_additive_mask():
 
 
 def test_positions_hand_checked():
-    segs = [Segment(PROMPT, 3), Segment(FRAME, 4, time=1.0, grid=(2, 2)), Segment(TEXT, 2, time=1.0),
-            Segment(FRAME, 4, time=2.0, grid=(2, 2)), Segment(TEXT, 1, time=2.0)]
+    segs = [
+        Segment(PROMPT, 3),
+        Segment(FRAME, 4, time=1.0, grid=(2, 2)),
+        Segment(TEXT, 2, time=1.0),
+        Segment(FRAME, 4, time=2.0, grid=(2, 2)),
+        Segment(TEXT, 1, time=2.0),
+    ]
     pos = streaming_position_ids(segs, interval=time_interval(2, 1.0))  # 2 temporal ids per group
     assert pos.tolist() == [
         [0, 1, 2, 3, 3, 3, 3, 3, 4, 5, 5, 5, 5, 5],
@@ -131,7 +141,9 @@ def test_frame_positions_match_get_rope_index(tiny_qwen2_5_vl, fps, n_frames):
     inp = vlm.build_inputs("What happens?", video=frames, fps=fps)
     kw = inp.model_kwargs
     ref, _ = vlm.model.model.get_rope_index(
-        kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], video_grid_thw=kw["video_grid_thw"],
+        kw["input_ids"],
+        mm_token_type_ids=kw["mm_token_type_ids"],
+        video_grid_thw=kw["video_grid_thw"],
         second_per_grid_ts=kw["second_per_grid_ts"],
     )
     ref = ref[:, 0]

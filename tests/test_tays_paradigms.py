@@ -2,6 +2,7 @@
 honest wall-clock metrics in the expected order; bad frames, early stops and broken sources end
 cleanly with a message and no thread left; a visual window keeps the video cache flat; the CLI
 prints its JSON last line."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import threading
 import pytest
 from PIL import Image
 
+from tays.bench import measure_decode_contention
 from tays.metrics import (
     DecodeCall,
     GroupRecord,
@@ -22,7 +24,6 @@ from tays.metrics import (
     match_event,
     percentile,
 )
-from tays.bench import measure_decode_contention
 from tays.paradigms import PARADIGMS, CausalSequence, run_paradigm
 from tays.protocol import chat_ids
 from tays.sources import EventTruth, IterableSource, PushSource, ShapesSource, StreamError
@@ -50,8 +51,9 @@ def runs(tiny_qwen2_5_vl, stream):
     out = {}
     for p in PARADIGMS:
         src = ShapesSource(stream, fps=2.0, realtime=True, speed=SPEED)
-        out[p] = run_paradigm(tiny_qwen2_5_vl, src, paradigm=p, max_new_tokens=40, step_tokens=4,
-                              answer_tokens=3, question_at=0.1)
+        out[p] = run_paradigm(
+            tiny_qwen2_5_vl, src, paradigm=p, max_new_tokens=40, step_tokens=4, answer_tokens=3, question_at=0.1
+        )
         assert not _tays_threads(), p
     return out
 
@@ -104,8 +106,15 @@ def test_bad_frame_mid_stream_is_rejected(tiny_qwen2_5_vl, stream):
         frames = stream.frames(2.0)[:8]
         frames[3] = (frames[3][0], Image.new("RGB", (100, 80)))
         frames.insert(5, (2.2, "not an image"))
-        r = run_paradigm(tiny_qwen2_5_vl, IterableSource(frames, fps=2.0), "What happens?", p,
-                         max_new_tokens=10, step_tokens=3, answer_tokens=2)
+        r = run_paradigm(
+            tiny_qwen2_5_vl,
+            IterableSource(frames, fps=2.0),
+            "What happens?",
+            p,
+            max_new_tokens=10,
+            step_tokens=3,
+            answer_tokens=2,
+        )
         assert r.frames_rejected == 2 and r.metrics["frames"] == 7, p
         assert any("rejected" in m and "100x80" in m and "224x224" in m for m in r.messages), r.messages
         assert _answered(r) and r.metrics["frame_groups"] == 4
@@ -118,13 +127,12 @@ def test_stream_that_stops_early(tiny_qwen2_5_vl, stream):
     for p in PARADIGMS:
         src = PushSource(fps=2.0, idle_timeout=0.3)
 
-        def producer():
+        def producer(src=src):
             for i, f in enumerate(frames):
                 src.push(f, t=i * 0.5)
 
         threading.Thread(target=producer).start()
-        r = run_paradigm(tiny_qwen2_5_vl, src, "What happens?", p, max_new_tokens=10, step_tokens=3,
-                         answer_tokens=2)
+        r = run_paradigm(tiny_qwen2_5_vl, src, "What happens?", p, max_new_tokens=10, step_tokens=3, answer_tokens=2)
         assert any("stopped early" in m for m in r.messages), (p, r.messages)
         assert r.metrics["frames"] == 3 and r.metrics["frame_groups"] == 2  # the last one padded
         assert _answered(r), p
@@ -157,8 +165,7 @@ def test_push_source_bad_frame_engine_keeps_working(tiny_qwen2_5_vl, stream):
 
     th = threading.Thread(target=producer)
     th.start()
-    r = run_paradigm(tiny_qwen2_5_vl, src, "What happens?", "tays", max_new_tokens=10, step_tokens=3,
-                     answer_tokens=2)
+    r = run_paradigm(tiny_qwen2_5_vl, src, "What happens?", "tays", max_new_tokens=10, step_tokens=3, answer_tokens=2)
     th.join()
     assert len(errors) == 1 and "320x240" in errors[0]
     assert r.metrics["frames"] == 6 and r.metrics["frame_groups"] == 3 and _answered(r)
@@ -170,8 +177,14 @@ def test_failing_source_ends_the_stream(tiny_qwen2_5_vl, stream):
         yield from stream.frames(2.0)[:3]
         raise StreamError("video clip.mp4 ended early: could not decode frame 3")
 
-    r = run_paradigm(tiny_qwen2_5_vl, IterableSource(frames(), fps=2.0), "What happens?", "interleaved",
-                     max_new_tokens=6, answer_tokens=2)
+    r = run_paradigm(
+        tiny_qwen2_5_vl,
+        IterableSource(frames(), fps=2.0),
+        "What happens?",
+        "interleaved",
+        max_new_tokens=6,
+        answer_tokens=2,
+    )
     assert "video clip.mp4 ended early: could not decode frame 3" in r.messages
     assert r.metrics["frames"] == 3 and _answered(r) and not _tays_threads()
 
@@ -190,8 +203,16 @@ def test_visual_window_keeps_memory_flat(tiny_qwen2_5_vl, stream):
     cap = {}
     for n, window in ((16, 2), (64, 2), (64, None)):
         frames = [stream.frame_at((i % 10) / 2) for i in range(n)]
-        r = run_paradigm(tiny_qwen2_5_vl, IterableSource(frames, fps=2.0), "What happens?", "tays",
-                         max_new_tokens=6, step_tokens=2, answer_tokens=2, visual_window=window)
+        r = run_paradigm(
+            tiny_qwen2_5_vl,
+            IterableSource(frames, fps=2.0),
+            "What happens?",
+            "tays",
+            max_new_tokens=6,
+            step_tokens=2,
+            answer_tokens=2,
+            visual_window=window,
+        )
         assert r.metrics["frame_groups"] == n // 2
         cap[n, window] = r.video_capacity_max
     assert cap[64, 2] == cap[16, 2]
@@ -215,7 +236,7 @@ def test_causal_sequence_matches_model_forward(tiny_qwen2_5_vl, stream):
     seq.add_text(ids[:v0], logits=False)
     base = seq.next_pos
     for g in range(2):
-        seq.add_frames(frames[2 * g: 2 * g + 2], time_s=g + 0.5, base=base, group_index=g)
+        seq.add_frames(frames[2 * g : 2 * g + 2], time_s=g + 0.5, base=base, group_index=g)
     got = seq.add_text(ids[v1:])
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
@@ -226,12 +247,14 @@ def test_chat_ids_match_the_engine(tiny_qwen2_5_vl):
     with StreamingEngine(tiny_qwen2_5_vl) as eng:
         eng.start("What happens?", assistant_prefix="<think>")
         assert (eng.prompt_ids, eng.header_ids) == tuple(
-            chat_ids(tiny_qwen2_5_vl, "What happens?", assistant_prefix="<think>"))
+            chat_ids(tiny_qwen2_5_vl, "What happens?", assistant_prefix="<think>")
+        )
 
 
 def test_decode_contention_measure(tiny_qwen2_5_vl, stream):
-    m = measure_decode_contention(tiny_qwen2_5_vl, [f for _, f in stream.frames(2.0)[:6]], n_steps=32,
-                                  block=8, visual_window=2)
+    m = measure_decode_contention(
+        tiny_qwen2_5_vl, [f for _, f in stream.frames(2.0)[:6]], n_steps=32, block=8, visual_window=2
+    )
     # every step is classified once; how many overlap ingestion depends on the machine's speed
     # (a fast one ingests a tiny-model group in a few ms, so few of 16 steps overlap it)
     assert m["steps_idle"] + m["steps_ingesting"] + m["steps_partial"] == 32, m
@@ -270,9 +293,11 @@ def test_match_event_rule():
     assert match_event("A red circle appears.", 5.0, EVENTS).time == 1.0
     assert match_event("Two circles.", 3.9, EVENTS).time == 4.0  # plural, nearest
     assert match_event("Nothing yet.", 1.0, EVENTS) is None
-    steps = [StepRecord(0, "A red circle appears.", 1.0, 1.5, 4, 1, 1.0, "period"),
-             StepRecord(1, "Hmm.", 2.0, 2.2, 2, 1, 1.0, "period"),
-             StepRecord(2, "The blue square appears.", 2.8, 3.0, 4, 2, 2.5, "period")]
+    steps = [
+        StepRecord(0, "A red circle appears.", 1.0, 1.5, 4, 1, 1.0, "period"),
+        StepRecord(1, "Hmm.", 2.0, 2.2, 2, 1, 1.0, "period"),
+        StepRecord(2, "The blue square appears.", 2.8, 3.0, 4, 2, 2.5, "period"),
+    ]
     dev, n = event_deviation(steps, EVENTS)
     assert n == 2 and dev == pytest.approx((0.5 + 0.5) / 2)
     assert event_deviation(steps, EVENTS, speed=2.0)[0] == pytest.approx((2.0 + 3.5) / 2)
@@ -281,11 +306,17 @@ def test_match_event_rule():
 
 def test_compute_metrics_from_records():
     r = RunResult("tays", 2.0, "q", question_at=1.0, stream_end=10.0)
-    r.tokens = [TokenRecord(0, 5, "A", 1.02, "reasoning", 0, -math.inf),
-                TokenRecord(1, 6, ".", 1.03, "reasoning", 0, -math.inf),
-                TokenRecord(2, 7, "2", 10.2, "answer", 10, 9.5)]
-    r.decode_calls = [DecodeCall(1.01, 1.02, 4), DecodeCall(1.02, 1.03, 1), DecodeCall(10.19, 10.2, 3),
-                      DecodeCall(10.2, 10.21, 1, produced=False)]
+    r.tokens = [
+        TokenRecord(0, 5, "A", 1.02, "reasoning", 0, -math.inf),
+        TokenRecord(1, 6, ".", 1.03, "reasoning", 0, -math.inf),
+        TokenRecord(2, 7, "2", 10.2, "answer", 10, 9.5),
+    ]
+    r.decode_calls = [
+        DecodeCall(1.01, 1.02, 4),
+        DecodeCall(1.02, 1.03, 1),
+        DecodeCall(10.19, 10.2, 3),
+        DecodeCall(10.2, 10.21, 1, produced=False),
+    ]
     r.groups = [GroupRecord(0, 0.5, 2, 0.5, 0.5, 0.6), GroupRecord(1, 1.5, 1, 1.5, 1.6, 1.7)]
     m = compute_metrics(r)
     assert m["ttft_s"] == pytest.approx(1.02) and m["ttft_question_s"] == pytest.approx(0.02)
@@ -301,12 +332,36 @@ def test_compute_metrics_from_records():
 # -- CLI ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_bench_json_last_line(tiny_qwen2_5_vl_dir, capsys):
     from tays.__main__ import main
 
-    rc = main(["bench", "--json", "--fps", "2", "4", "--duration", "5", "--speed", str(SPEED), "--model",
-               str(tiny_qwen2_5_vl_dir), "--paradigms", "batch", "tays", "--contention-steps", "16",
-               "--max-new-tokens", "12", "--step-tokens", "3", "--answer-tokens", "2"])
+    rc = main(
+        [
+            "bench",
+            "--json",
+            "--fps",
+            "2",
+            "4",
+            "--duration",
+            "5",
+            "--speed",
+            str(SPEED),
+            "--model",
+            str(tiny_qwen2_5_vl_dir),
+            "--paradigms",
+            "batch",
+            "tays",
+            "--contention-steps",
+            "16",
+            "--max-new-tokens",
+            "12",
+            "--step-tokens",
+            "3",
+            "--answer-tokens",
+            "2",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for p in ("batch", "tays"):
@@ -319,11 +374,26 @@ def test_cli_bench_json_last_line(tiny_qwen2_5_vl_dir, capsys):
     assert not _tays_threads()
 
 
+@pytest.mark.slow
 def test_cli_memory_run(tiny_qwen2_5_vl_dir, capsys):
     from tays.__main__ import main
 
-    assert main(["memory-run", "--duration", "6", "--window", "2", "--max-new-tokens", "6", "--model",
-                 str(tiny_qwen2_5_vl_dir)]) == 0
+    assert (
+        main(
+            [
+                "memory-run",
+                "--duration",
+                "6",
+                "--window",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--model",
+                str(tiny_qwen2_5_vl_dir),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["frames"] == 12 and out["peak_rss_mb"] > 0 and out["video_capacity_max_tokens"] > 0
     assert not _tays_threads()

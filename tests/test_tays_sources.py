@@ -1,5 +1,6 @@
 """TaYS frame sources: decord round trip of our own MP4s, the PyAV fallback, real-time pacing,
 one-line errors for bad files, the push source (the webcam) and its frame checks."""
+
 from __future__ import annotations
 
 import threading

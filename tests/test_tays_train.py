@@ -2,6 +2,7 @@
 path (TaYS: the StreamingEngine's incremental decode; batch / interleaved: CausalSequence), a
 2-step run per paradigm that resumes and saves, and `evaluate` printing its JSON on held-out
 streams. Everything on the tiny random Qwen2.5-VL (4x4 tokens per frame group)."""
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def _inference_logits(vlm, traj, layout) -> torch.Tensor:
             for it in layout.items[1:]:
                 if it[0] == "frame":
                     g = it[1]
-                    eng.push_frames(frames[g * tp:(g + 1) * tp], traj.sample_times[g * tp:(g + 1) * tp])
+                    eng.push_frames(frames[g * tp : (g + 1) * tp], traj.sample_times[g * tp : (g + 1) * tp])
                     assert eng.wait_idle(60)
                 else:
                     assert eng.frames_ingested == it[3]
@@ -87,9 +88,9 @@ def _inference_logits(vlm, traj, layout) -> torch.Tensor:
             g = it[1]
             if layout.paradigm == "batch":  # one vision block (as the batch runner prefills it)
                 base = seq.next_pos if base is None else base
-                seq.add_frames(frames[g * tp:(g + 1) * tp], 0.0, base=base, group_index=g)
+                seq.add_frames(frames[g * tp : (g + 1) * tp], 0.0, base=base, group_index=g)
             else:
-                seq.add_frames(frames[g * tp:(g + 1) * tp], 0.0)
+                seq.add_frames(frames[g * tp : (g + 1) * tp], 0.0)
         else:
             out.append(seq.add_text(it[1]))
     return torch.cat(out)
@@ -100,7 +101,7 @@ def _text_rows(layout, logits: torch.Tensor, tokens_per_group: int) -> torch.Ten
     for it in layout.items:
         n = tokens_per_group if it[0] == "frame" else len(it[1])
         if it[0] == "text":
-            rows.append(logits[i:i + n])
+            rows.append(logits[i : i + n])
         i += n
     return torch.cat(rows)
 
@@ -195,9 +196,28 @@ def _train(tmp: Path, model_dir: Path, paradigm: str, *extra: str) -> Path:
     from tays.__main__ import main
 
     out = tmp / paradigm
-    args = ["train", "--paradigm", paradigm, "--steps", "2", "--batch-size", "2", "--duration", "5",
-            "--model", str(model_dir), "--out", str(out), "--save-every", "1", "--save-dtype", "float32",
-            "--lr", "1e-3", *extra]
+    args = [
+        "train",
+        "--paradigm",
+        paradigm,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--duration",
+        "5",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--save-every",
+        "1",
+        "--save-dtype",
+        "float32",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
     assert main(args) == 0
     return out
 
@@ -210,6 +230,7 @@ def trained(tmp_path_factory, tiny_qwen2_5_vl_dir):
     return tmp, _train(tmp, tiny_qwen2_5_vl_dir, "tays")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paradigm", PARADIGMS)
 def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, trained, paradigm, capsys):
     from vstream.model import load_vlm
@@ -243,6 +264,7 @@ def test_train_two_steps_resumes_and_saves(tmp_path, tiny_qwen2_5_vl_dir, traine
     assert not torch.equal(w, w0)
 
 
+@pytest.mark.slow
 def test_run_options_follow_the_checkpoint(trained, tiny_qwen2_5_vl_dir, tmp_path):
     import shutil
 
@@ -257,14 +279,42 @@ def test_run_options_follow_the_checkpoint(trained, tiny_qwen2_5_vl_dir, tmp_pat
     assert run_options(load_vlm(str(bad), device="cpu")) == {}  # unreadable metadata: defaults, no crash
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers,split", [("1", "heldout"), ("2", "val")])
 def test_evaluate_prints_json(trained, capsys, workers, split):
     from tays.__main__ import main
 
     _, out = trained
-    rc = main(["evaluate", "--json", "--n", "2", "--tays", str(out), "--batch", str(out), "--interleaved", str(out),
-               "--duration", "5", "--speed", "8", "--warmup", "0", "--max-new-tokens", "24", "--step-tokens", "6",
-               "--answer-tokens", "3", "--workers", workers, "--split", split])
+    rc = main(
+        [
+            "evaluate",
+            "--json",
+            "--n",
+            "2",
+            "--tays",
+            str(out),
+            "--batch",
+            str(out),
+            "--interleaved",
+            str(out),
+            "--duration",
+            "5",
+            "--speed",
+            "8",
+            "--warmup",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--step-tokens",
+            "6",
+            "--answer-tokens",
+            "3",
+            "--workers",
+            workers,
+            "--split",
+            split,
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for p in ("tays", "batch", "interleaved", "batch_no_think"):
@@ -278,6 +328,7 @@ def test_evaluate_prints_json(trained, capsys, workers, split):
     assert res["meta"]["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_missing_or_overlapping_checkpoints(trained, tmp_path):
     import shutil
 
@@ -311,17 +362,25 @@ def test_eot_protocol_in_the_runner(tiny_qwen2_5_vl):
     from tays.paradigms import run_paradigm
     from tays.sources import ShapesSource
 
-    r = run_paradigm(tiny_qwen2_5_vl, ShapesSource(make_stream(5, duration=5.0), realtime=True, speed=10.0),
-                     paradigm="tays", max_new_tokens=24, step_tokens=3, answer_tokens=2, period_ends_step=False,
-                     assistant_prefix="<think>", answer_prefix="</think>")
+    r = run_paradigm(
+        tiny_qwen2_5_vl,
+        ShapesSource(make_stream(5, duration=5.0), realtime=True, speed=10.0),
+        paradigm="tays",
+        max_new_tokens=24,
+        step_tokens=3,
+        answer_tokens=2,
+        period_ends_step=False,
+        assistant_prefix="<think>",
+        answer_prefix="</think>",
+    )
     assert r.steps and all(s.closed_by in ("eot", "cap", "budget") for s in r.steps)
 
 
 def test_shipped_weights_fit_and_the_tays_checkpoint_loads():
     from tays.protocol import TRAINED, run_options
+    from vstream.model import load_vlm
     from vstream.world.assets import TAYS_MODEL_DIR
     from vstream.world.eval_model import check_heldout
-    from vstream.model import load_vlm
 
     assets = Path(__file__).resolve().parents[1] / "assets"
     assert sum(p.stat().st_size for p in assets.rglob("*.safetensors")) <= 25_000_000

@@ -1,4 +1,5 @@
 """The VLM adapter on tiny random Qwen2.5-VL / Qwen3-VL folders (CPU, a few seconds)."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vstream.model import normalize_image
-from vstream.model import VLM, VLMError, IncrementalDecoder, load_vlm
+from vstream.model import VLM, IncrementalDecoder, VLMError, load_vlm, normalize_image
 
 ARCHS = ["tiny_qwen2_5_vl", "tiny_qwen3_vl"]
 
@@ -136,7 +136,8 @@ def test_mm_token_type_ids_drive_mrope(tiny_qwen2_5_vl, tiny_qwen3_vl):
     assert not torch.allclose(with_mm[0, -1], without[0, -1])
     # image tokens get 2-D (row, col) positions
     pos, _ = vlm.model.model.get_rope_index(
-        inp.input_ids, mm_token_type_ids=inp.model_kwargs["mm_token_type_ids"],
+        inp.input_ids,
+        mm_token_type_ids=inp.model_kwargs["mm_token_type_ids"],
         image_grid_thw=inp.model_kwargs["image_grid_thw"],
     )
     img = pos[:, 0, inp.image_token_positions]
@@ -256,8 +257,14 @@ def test_stream_text_pieces_with_scripted_model(tiny_qwen2_5_vl, tiny_tokenizer)
                     break
             streamer.end()
 
-    fake = VLM(model=Scripted(), tokenizer=tiny_tokenizer, image_processor=tiny_qwen2_5_vl.image_processor,
-               arch="qwen2_5_vl", device=torch.device("cpu"), dtype=torch.float32)
+    fake = VLM(
+        model=Scripted(),
+        tokenizer=tiny_tokenizer,
+        image_processor=tiny_qwen2_5_vl.image_processor,
+        arch="qwen2_5_vl",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
     inp = tiny_qwen2_5_vl.build_inputs("q")
     got = list(fake.stream(inp))
     assert [t for t, _ in got] == script
@@ -313,7 +320,9 @@ def test_video_odd_frames_pad_last(tiny_qwen2_5_vl):
     frames = [_noise(64, 64, seed=i) for i in range(3)]
     inp = tiny_qwen2_5_vl.build_inputs("q", video=frames)
     assert inp.video_grid[0] == 2
-    assert torch.allclose(inp.model_kwargs["pixel_values_videos"], _reference_video_patches(tiny_qwen2_5_vl, inp.frames))
+    assert torch.allclose(
+        inp.model_kwargs["pixel_values_videos"], _reference_video_patches(tiny_qwen2_5_vl, inp.frames)
+    )
 
 
 def test_video_frame_pair_equals_image_path(vlm):
@@ -404,18 +413,32 @@ def test_not_a_model_folder(tmp_path):
 
 REAL_PREPROCESSOR = {
     # as shipped with Qwen/Qwen2.5-VL-7B-Instruct (legacy min/max_pixels keys)
-    "tiny_qwen2_5_vl_dir": {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-                            "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor",
-                            "processor_class": "Qwen2_5_VLProcessor"},
+    "tiny_qwen2_5_vl_dir": {
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    },
     # as shipped with Qwen/Qwen3-VL-*: size dict, patch 16, fast processor type
-    "tiny_qwen3_vl_dir": {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
-                          "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
-                          "image_processor_type": "Qwen2VLImageProcessorFast"},
+    "tiny_qwen3_vl_dir": {
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "Qwen3VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+    },
 }
 
 
-@pytest.mark.parametrize("fixture,ppt,grid", [("tiny_qwen2_5_vl_dir", 28, (17, 23)), ("tiny_qwen3_vl_dir", 32, (15, 20))])
+@pytest.mark.parametrize(
+    "fixture,ppt,grid", [("tiny_qwen2_5_vl_dir", 28, (17, 23)), ("tiny_qwen3_vl_dir", 32, (15, 20))]
+)
 def test_real_preprocessor_configs(request, tmp_path, fixture, ppt, grid):
     import shutil
 
@@ -481,8 +504,14 @@ def test_normalize_values():
 
 @pytest.mark.parametrize(
     "size,expect",
-    [((1, 1), (28, 28)), ((10, 20), (28, 56)), ((8000, 8000), (2048, 2048)), ((20, 1000), (28, 1400)),
-     ((4096, 100), (2048, 50)), ((3000, 2000), (2048, 1365))],
+    [
+        ((1, 1), (28, 28)),
+        ((10, 20), (28, 56)),
+        ((8000, 8000), (2048, 2048)),
+        ((20, 1000), (28, 1400)),
+        ((4096, 100), (2048, 50)),
+        ((3000, 2000), (2048, 1365)),
+    ],
 )
 def test_normalize_sizes(size, expect):
     assert normalize_image(Image.new("RGB", size)).size == expect
@@ -518,8 +547,13 @@ def test_normalize_arrays():
     assert normalize_image(rgba).getpixel((0, 0)) == (255, 255, 255)
     assert normalize_image(np.zeros((3, 30, 40), dtype=np.uint8)).size == (40, 30)  # CHW
     assert normalize_image(np.full((30, 40), 65535, dtype=np.uint16)).getpixel((0, 0)) == (255, 255, 255)
-    for bad in [np.full((30, 40), -0.5), np.full((30, 40), np.nan), np.zeros((30, 40), dtype=object),
-                np.zeros((0, 4, 3), dtype=np.uint8), np.zeros((5, 30, 40, 3), dtype=np.uint8)]:
+    for bad in [
+        np.full((30, 40), -0.5),
+        np.full((30, 40), np.nan),
+        np.zeros((30, 40), dtype=object),
+        np.zeros((0, 4, 3), dtype=np.uint8),
+        np.zeros((5, 30, 40, 3), dtype=np.uint8),
+    ]:
         with pytest.raises(VLMError):
             normalize_image(bad)
 

@@ -6,6 +6,7 @@ the demo model when it is present (with the shipped estimator if that exists too
 A random model rarely writes sentence ends, so the mechanics tests use a fixed-length splitter
 (a span every 4 tokens); the demo-model test uses the real sentence splitter.
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,11 +19,8 @@ import torch
 from PIL import Image
 
 from vstream.attr.capture import region_features
-from vstream.world.assets import ASSETS, DEMO_MODEL_DIR
 from vstream.attr.estimator import LinearEstimator
-from vstream.model import VLMError
 from vstream.attr.spans import Span
-from vstream.model import load_vlm
 from vstream.attr.worker import (
     DoneEvent,
     PathEvent,
@@ -31,6 +29,8 @@ from vstream.attr.worker import (
     TokenEvent,
     attribute_stream,
 )
+from vstream.model import VLMError, load_vlm
+from vstream.world.assets import ASSETS, DEMO_MODEL_DIR
 
 
 class StandIn:
@@ -171,8 +171,15 @@ def test_events_order_types_and_values(which, kind, request):
 
 def test_stop_event_stops_both_threads(tiny):
     stop = threading.Event()
-    session = attribute_stream(tiny, _noise(120, 100), "What is in the image?", _est(tiny),
-                               max_new_tokens=400, stop_event=stop, splitter=EveryN(4))
+    session = attribute_stream(
+        tiny,
+        _noise(120, 100),
+        "What is in the image?",
+        _est(tiny),
+        max_new_tokens=400,
+        stop_event=stop,
+        splitter=EveryN(4),
+    )
     events = []
     for e in session:
         events.append(e)
@@ -189,8 +196,9 @@ def test_stop_event_stops_both_threads(tiny):
 
 
 def test_cancel_method(tiny):
-    session = attribute_stream(tiny, _noise(120, 100), "What is in the image?", _est(tiny),
-                               max_new_tokens=400, splitter=EveryN(4))
+    session = attribute_stream(
+        tiny, _noise(120, 100), "What is in the image?", _est(tiny), max_new_tokens=400, splitter=EveryN(4)
+    )
     n = 0
     for e in session:
         if isinstance(e, TokenEvent):
@@ -203,8 +211,9 @@ def test_cancel_method(tiny):
 
 
 def test_closing_the_iterator_early_leaves_nothing_running(tiny):
-    session = attribute_stream(tiny, _noise(120, 100), "What is in the image?", _est(tiny),
-                               max_new_tokens=400, splitter=EveryN(2))
+    session = attribute_stream(
+        tiny, _noise(120, 100), "What is in the image?", _est(tiny), max_new_tokens=400, splitter=EveryN(2)
+    )
     it = iter(session)
     for e in it:
         if isinstance(e, SpanEvent):
@@ -317,8 +326,9 @@ def test_one_token_generation(tiny):
 
 def test_blank_image(tiny):
     img = Image.new("RGB", (150, 90), (255, 255, 255))
-    events = list(attribute_stream(tiny, img, "What is in the image?", _est(tiny), max_new_tokens=8,
-                                   splitter=EveryN(4)))
+    events = list(
+        attribute_stream(tiny, img, "What is in the image?", _est(tiny), max_new_tokens=8, splitter=EveryN(4))
+    )
     ev = _split(events)
     assert ev[DoneEvent][0].error is None
     k = ev[RegionsEvent][0].regions.k
@@ -329,15 +339,17 @@ def test_blank_image(tiny):
 
 def test_fewer_patches_than_k(tiny):
     # the tiny processor makes 4x4 = 16 image tokens: K=64 is reduced (and said so)
-    events = list(attribute_stream(tiny, _noise(120, 100), "What?", _est(tiny), k=64, max_new_tokens=8,
-                                   splitter=EveryN(4)))
+    events = list(
+        attribute_stream(tiny, _noise(120, 100), "What?", _est(tiny), k=64, max_new_tokens=8, splitter=EveryN(4))
+    )
     ev = _split(events)
     reg = ev[RegionsEvent][0]
     assert reg.regions.k <= 16 and reg.notes and any("reduced" in n for n in reg.notes)
     assert all(s.scores.shape == (reg.regions.k,) for s in ev[SpanEvent])
     # a 10x10 image (upscaled for the processor); heatmap still in the original size
-    events = list(attribute_stream(tiny, _noise(10, 10), "What?", _est(tiny), k=16, max_new_tokens=4,
-                                   splitter=EveryN(4)))
+    events = list(
+        attribute_stream(tiny, _noise(10, 10), "What?", _est(tiny), k=16, max_new_tokens=4, splitter=EveryN(4))
+    )
     ev = _split(events)
     assert ev[DoneEvent][0].error is None
     assert ev[SpanEvent][0].heatmap.shape == (10, 10)
@@ -367,8 +379,7 @@ def test_estimator_error_is_reported_and_stops(tiny):
                 raise RuntimeError("boom")
             return super().predict(f)
 
-    events = list(attribute_stream(tiny, _noise(120, 100), "What?", Flaky(8), max_new_tokens=400,
-                                   splitter=EveryN(3)))
+    events = list(attribute_stream(tiny, _noise(120, 100), "What?", Flaky(8), max_new_tokens=400, splitter=EveryN(3)))
     done = events[-1]
     assert isinstance(done, DoneEvent) and "boom" in done.error and done.n_tokens < 400
     assert _no_threads_left()

@@ -1,6 +1,7 @@
 """An import-linter contract the built-in ones cannot express: no module imports another
 module's underscore names (`from x import _y`). import-linter's graph knows modules, not
 names, so this contract reads each module's own `from ... import` statements."""
+
 from __future__ import annotations
 
 import ast

@@ -12,6 +12,7 @@ one-line message a person can act on, and leaves the file and every saved record
 Files that are not our SQLite store (any other file, another application's database, a
 corrupt one) are refused without being written to.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,34 @@ MAX_IMAGE_REF = 2_000
 MAX_INT = 2**63 - 1  # SQLite INTEGER
 
 COLUMNS = (
-    "id", "created_at", "annotator", "run_id", "span_index", "verdict", "region",
-    "point_x", "point_y", "model", "image_ref", "span_text", "note",
+    "id",
+    "created_at",
+    "annotator",
+    "run_id",
+    "span_index",
+    "verdict",
+    "region",
+    "point_x",
+    "point_y",
+    "model",
+    "image_ref",
+    "span_text",
+    "note",
 )
 # CSV keeps the flat point_x / point_y; records() and JSONL give "point": [x, y] or None.
 RECORD_KEYS = (
-    "id", "created_at", "annotator", "run_id", "span_index", "verdict", "region",
-    "point", "model", "image_ref", "span_text", "note",
+    "id",
+    "created_at",
+    "annotator",
+    "run_id",
+    "span_index",
+    "verdict",
+    "region",
+    "point",
+    "model",
+    "image_ref",
+    "span_text",
+    "note",
 )
 
 _SCHEMA = """
@@ -85,6 +107,7 @@ class AnnotationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -159,10 +182,11 @@ def _point(value: Any) -> tuple[float, float] | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # ----------------------------------------------------------------------------- store
+
 
 class AnnotationStore:
     """Append-only annotation records in one SQLite file (WAL, synchronous=FULL).
@@ -206,8 +230,9 @@ class AnnotationStore:
         except OSError as exc:
             raise AnnotationError(f"cannot read annotation store {p}: {_one_line(exc.strerror or exc)}") from None
         if head and head != SQLITE_MAGIC:  # an empty file is a valid, empty database
-            raise AnnotationError(f"{p} is not a SQLite database; choose another annotation store path"
-                                  " (the file was left untouched)")
+            raise AnnotationError(
+                f"{p} is not a SQLite database; choose another annotation store path (the file was left untouched)"
+            )
 
     def _init_schema(self) -> None:
         with self._connect() as con:
@@ -215,8 +240,10 @@ class AnnotationStore:
             ok = con.execute("PRAGMA quick_check(1)").fetchone()
             if not ok or ok[0] != "ok":
                 detail = _one_line(ok[0] if ok else "no result")[:120]
-                raise AnnotationError(f"annotation store {self.path} is corrupt ({detail});"
-                                      " restore it from a backup or choose another path")
+                raise AnnotationError(
+                    f"annotation store {self.path} is corrupt ({detail});"
+                    " restore it from a backup or choose another path"
+                )
             self.journal_mode = self._set_wal(con)
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -240,17 +267,23 @@ class AnnotationStore:
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if "annotations" not in tables:
             if tables - {"sqlite_sequence"}:
-                raise AnnotationError(f"{self.path} is a SQLite database of another application;"
-                                      " choose another annotation store path (the file was left untouched)")
+                raise AnnotationError(
+                    f"{self.path} is a SQLite database of another application;"
+                    " choose another annotation store path (the file was left untouched)"
+                )
             return False
         if version > SCHEMA_VERSION:
-            raise AnnotationError(f"annotation store {self.path} was written by a newer version"
-                                  f" (schema {version}, this one reads {SCHEMA_VERSION}); upgrade the app")
+            raise AnnotationError(
+                f"annotation store {self.path} was written by a newer version"
+                f" (schema {version}, this one reads {SCHEMA_VERSION}); upgrade the app"
+            )
         cols = {r[1] for r in con.execute("PRAGMA table_info(annotations)")}
         missing = [c for c in COLUMNS if c not in cols]
         if missing:
-            raise AnnotationError(f"{self.path} has an 'annotations' table that is not ours"
-                                  f" (missing {', '.join(missing)}); choose another annotation store path")
+            raise AnnotationError(
+                f"{self.path} has an 'annotations' table that is not ours"
+                f" (missing {', '.join(missing)}); choose another annotation store path"
+            )
         return version == SCHEMA_VERSION
 
     def _set_wal(self, con: sqlite3.Connection) -> str:
@@ -266,8 +299,9 @@ class AnnotationStore:
                     raise
                 time.sleep(0.02)
         if mode != "wal":
-            log.warning("annotation store %s: WAL not available on this filesystem, using journal_mode=%s",
-                        self.path, mode)
+            log.warning(
+                "annotation store %s: WAL not available on this filesystem, using journal_mode=%s", self.path, mode
+            )
         return mode
 
     @contextlib.contextmanager
@@ -290,11 +324,15 @@ class AnnotationStore:
         low = text.lower()
         p = self.path
         if "locked" in low or "busy" in low:
-            return AnnotationError(f"annotation store {p} is busy (another writer held it over {self.timeout:g} s);"
-                                   " nothing was saved, please try again")
+            return AnnotationError(
+                f"annotation store {p} is busy (another writer held it over {self.timeout:g} s);"
+                " nothing was saved, please try again"
+            )
         if "not a database" in low or "malformed" in low or "corrupt" in low:
-            return AnnotationError(f"annotation store {p} is corrupt or not a SQLite database ({text});"
-                                   " restore it from a backup or choose another path")
+            return AnnotationError(
+                f"annotation store {p} is corrupt or not a SQLite database ({text});"
+                " restore it from a backup or choose another path"
+            )
         if "disk is full" in low or "disk full" in low:
             return AnnotationError(f"no space left for annotation store {p}; nothing was saved")
         if "readonly" in low or "read-only" in low:
@@ -386,21 +424,36 @@ class AnnotationStore:
 
     # -- export ---------------------------------------------------------------------------------
 
-    def export_jsonl(self, path: str | os.PathLike[str], *, annotator: str | None = None,
-                     run_id: str | None = None, latest_only: bool = False) -> int:
+    def export_jsonl(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        annotator: str | None = None,
+        run_id: str | None = None,
+        latest_only: bool = False,
+    ) -> int:
         """One JSON object per line (point as [x, y] or null); returns rows written."""
+
         def write(fh, rows) -> int:
             n = 0
             for row in rows:
                 fh.write(json.dumps(self._record(row), ensure_ascii=False) + "\n")
                 n += 1
             return n
+
         return self._export(path, write, annotator, run_id, latest_only)
 
-    def export_csv(self, path: str | os.PathLike[str], *, annotator: str | None = None,
-                   run_id: str | None = None, latest_only: bool = False) -> int:
+    def export_csv(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        annotator: str | None = None,
+        run_id: str | None = None,
+        latest_only: bool = False,
+    ) -> int:
         """UTF-8 CSV with a header row and flat point_x / point_y; empty cell = no value.
         Cells are written verbatim (no spreadsheet-formula escaping) so the data round-trips."""
+
         def write(fh, rows) -> int:
             w = csv.writer(fh)
             w.writerow(COLUMNS)
@@ -409,6 +462,7 @@ class AnnotationStore:
                 w.writerow(["" if v is None else v for v in row])
                 n += 1
             return n
+
         return self._export(path, write, annotator, run_id, latest_only)
 
     def _export(self, path: Any, write, annotator: str | None, run_id: str | None, latest_only: bool) -> int:

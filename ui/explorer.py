@@ -2,6 +2,7 @@
 per-run record that the Reasoning, Annotation and Video tabs read. No Gradio here, so every
 rule the page enforces can be tested without a browser.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -148,8 +149,9 @@ def _shipped(path: str, model: str) -> LinearEstimator:
     return load_estimator(path, get_model(model))
 
 
-def estimator_for(vlm: VLM, model: str | None,
-                  session_estimator: LinearEstimator | None = None) -> tuple[Estimator, str]:
+def estimator_for(
+    vlm: VLM, model: str | None, session_estimator: LinearEstimator | None = None
+) -> tuple[Estimator, str]:
     """The estimator a run uses and a note saying which: the session's own (Estimator lab)
     when it fits the model, else the shipped one when it fits, else raw attention."""
     if session_estimator is not None:
@@ -181,9 +183,14 @@ class SpanRecord:
     latency_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "kind": self.kind, "text": self.text,
-                "scores": [round(float(s), 6) for s in self.scores], "top_regions": list(self.top_regions),
-                "latency_ms": round(float(self.latency_ms), 2)}
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "text": self.text,
+            "scores": [round(float(s), 6) for s in self.scores],
+            "top_regions": list(self.top_regions),
+            "latency_ms": round(float(self.latency_ms), 2),
+        }
 
 
 @dataclass
@@ -218,8 +225,17 @@ class RunRecord:
         if isinstance(ev, RegionsEvent):
             self.set_regions(ev.regions, ev.image_size)
         elif isinstance(ev, SpanEvent):
-            self.spans.append(SpanRecord(ev.span.index, ev.span.kind, ev.span.text, ev.scores, ev.heatmap,
-                                         list(ev.top_regions), ev.latency_ms))
+            self.spans.append(
+                SpanRecord(
+                    ev.span.index,
+                    ev.span.kind,
+                    ev.span.text,
+                    ev.scores,
+                    ev.heatmap,
+                    list(ev.top_regions),
+                    ev.latency_ms,
+                )
+            )
         elif isinstance(ev, PathEvent):
             p = ev.point
             self.path, self.path_length, self.tortuosity, self.label = p.path, p.path_length, p.tortuosity, p.label
@@ -277,12 +293,20 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "model": self.model, "question": self.question, "image_ref": self.image_ref,
-            "k": None if self.regions is None else int(self.regions.k), "spans": [s.to_dict() for s in self.spans],
-            "text": self.text, "answer": self.answer, "label": self.label,
+            "run_id": self.run_id,
+            "model": self.model,
+            "question": self.question,
+            "image_ref": self.image_ref,
+            "k": None if self.regions is None else int(self.regions.k),
+            "spans": [s.to_dict() for s in self.spans],
+            "text": self.text,
+            "answer": self.answer,
+            "label": self.label,
             "path_length": round(float(self.path_length), 6),
             "tortuosity": None if self.tortuosity is None else round(float(self.tortuosity), 6),
-            "done": self.done, "cancelled": self.cancelled, "error": self.error,
+            "done": self.done,
+            "cancelled": self.cancelled,
+            "error": self.error,
             "estimator": self.estimator_note,
         }
 

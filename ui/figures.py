@@ -3,6 +3,7 @@
 Pure functions (PIL, numpy, plotly; no Gradio), so the UI stays a thin wiring layer and the
 drawing can be tested on its own.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -90,27 +91,45 @@ def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str =
     if len(p):
         steps = np.arange(1, len(p) + 1)
         hover = [f"step {i}: {t}" for i, t in zip(steps, list(texts) + [""] * (len(p) - len(texts)))]
-        fig.add_trace(go.Scatter3d(
-            x=p[:, 0], y=p[:, 1], z=p[:, 2], mode="lines+markers+text", text=[str(s) for s in steps],
-            hovertext=hover, hoverinfo="text",
-            marker=dict(size=6, color=steps, colorscale="Viridis", cmin=1, cmax=max(2, len(p)),
-                        colorbar=dict(title="step", thickness=12)),
-            line=dict(color="#888", width=3), name="path",
-        ))
+        fig.add_trace(
+            go.Scatter3d(
+                x=p[:, 0],
+                y=p[:, 1],
+                z=p[:, 2],
+                mode="lines+markers+text",
+                text=[str(s) for s in steps],
+                hovertext=hover,
+                hoverinfo="text",
+                marker=dict(
+                    size=6,
+                    color=steps,
+                    colorscale="Viridis",
+                    cmin=1,
+                    cmax=max(2, len(p)),
+                    colorbar=dict(title="step", thickness=12),
+                ),
+                line=dict(color="#888", width=3),
+                name="path",
+            )
+        )
     fig.update_layout(
-        title=title or None, margin=dict(l=0, r=0, t=30 if title else 0, b=0), height=380,
-        scene=dict(xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"), showlegend=False,
+        title=title or None,
+        margin=dict(l=0, r=0, t=30 if title else 0, b=0),
+        height=380,
+        scene=dict(xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
+        showlegend=False,
     )
     return fig
 
 
-def dynamics_markdown(path_length: float | None, tortuosity: float | None, label: str, n_spans: int,
-                      final: bool = False) -> str:
+def dynamics_markdown(
+    path_length: float | None, tortuosity: float | None, label: str, n_spans: int, final: bool = False
+) -> str:
     """The path-shape readout (reason-dynamics)."""
     tort = "n/a (fewer than 2 spans or no net displacement)" if tortuosity is None else f"{tortuosity:.2f}"
     pl = 0.0 if path_length is None else path_length
     kind = "trace label" if final else "label so far"
-    return (f"**Path length** {pl:.3f} · **Tortuosity** {tort} · **{kind}** {label} · spans {n_spans}")
+    return f"**Path length** {pl:.3f} · **Tortuosity** {tort} · **{kind}** {label} · spans {n_spans}"
 
 
 def latency_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
@@ -128,8 +147,16 @@ def eval_rows(res: dict[str, Any]) -> list[list[Any]]:
     """`vstream.attr.evaluate.evaluate` result -> table rows [method, LDS, R^2, top-5 drop, pointing, s/span]."""
     rows = []
     for m in res.get("lds", {}):
-        rows.append([m, res["lds"].get(m), res.get("r2", {}).get(m), res.get("top5_drop", {}).get(m),
-                     res.get("pointing", {}).get(m), res.get("seconds_per_span", {}).get(m)])
+        rows.append(
+            [
+                m,
+                res["lds"].get(m),
+                res.get("r2", {}).get(m),
+                res.get("top5_drop", {}).get(m),
+                res.get("pointing", {}).get(m),
+                res.get("seconds_per_span", {}).get(m),
+            ]
+        )
     return rows
 
 
@@ -142,6 +169,10 @@ def eval_figure(res: dict[str, Any]) -> go.Figure:
     fig = go.Figure()
     for key, label in (("lds", "LDS"), ("r2", "R^2")):
         fig.add_trace(go.Bar(name=label, x=methods, y=[res.get(key, {}).get(m) for m in methods]))
-    fig.update_layout(barmode="group", height=320, margin=dict(l=40, r=10, t=30, b=30),
-                      title=f"held-out scenes: {res.get('n', '?')}, spans scored: {res.get('n_spans_lds', '?')}")
+    fig.update_layout(
+        barmode="group",
+        height=320,
+        margin=dict(l=40, r=10, t=30, b=30),
+        title=f"held-out scenes: {res.get('n', '?')}, spans scored: {res.get('n_spans_lds', '?')}",
+    )
     return fig

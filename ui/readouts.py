@@ -3,6 +3,7 @@
 Kept apart from app.py so the handlers there only wire widgets to library calls, and apart from
 Gradio so every message can be checked without a server.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,8 +38,7 @@ def reasoning_markdown(text: str, done: bool) -> str:
 def attribution_running(run: RunRecord, n_tokens: int, secs: float, notice: str = "") -> str:
     """`notice`: a message for a click the running job ignored (shown in bold)."""
     extra = f" **{notice}**" if notice else ""
-    return (f"Running… {n_tokens} tokens, {len(run.spans)} spans attributed "
-            f"({secs:.1f} s). {run.estimator_note}{extra}")
+    return f"Running… {n_tokens} tokens, {len(run.spans)} spans attributed ({secs:.1f} s). {run.estimator_note}{extra}"
 
 
 def attribution_final(run: RunRecord, n_tokens: int, secs: float) -> str:
@@ -46,8 +46,10 @@ def attribution_final(run: RunRecord, n_tokens: int, secs: float) -> str:
         return f"**Error:** {run.error}"
     if run.cancelled or not run.done:
         return f"Stopped after {n_tokens} tokens and {len(run.spans)} spans ({secs:.1f} s)."
-    return (f"Done in {secs:.1f} s: answer **{run.answer or '(none)'}** · {len(run.spans)} spans · "
-            f"{n_tokens} tokens. {run.estimator_note}")
+    return (
+        f"Done in {secs:.1f} s: answer **{run.answer or '(none)'}** · {len(run.spans)} spans · "
+        f"{n_tokens} tokens. {run.estimator_note}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,22 +77,28 @@ def video_running(fps: float, webcam: bool, secs: float) -> str:
 def video_done(res: RunResult) -> str:
     m = res.metrics
     notes = " ".join(dict.fromkeys(res.messages))[:400]
-    return (("Stopped. " if res.stopped else "Done. ")
-            + f"{m.get('frames', 0)} frames in {m.get('frame_groups', 0)} groups, "
-            f"{m.get('tokens', 0)} tokens, answer **{res.answer.strip() or '(none)'}**."
-            + (f" Messages: {notes}" if notes else ""))
+    return (
+        ("Stopped. " if res.stopped else "Done. ")
+        + f"{m.get('frames', 0)} frames in {m.get('frame_groups', 0)} groups, "
+        f"{m.get('tokens', 0)} tokens, answer **{res.answer.strip() or '(none)'}**."
+        + (f" Messages: {notes}" if notes else "")
+    )
 
 
 def comparison_markdown(rows: Sequence[dict[str, Any]], other: str) -> str:
     """`rows`: `RunResult.metrics` of TaYS, then of `other`, with 'paradigm' and 'answer' added."""
     lines = ["| paradigm | TTFT | delay | tokens | answer |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['paradigm']} | {_secs(r.get('ttft_question_s'))} | {_secs(r.get('delay_s'))} | "
-                     f"{r.get('tokens')} | {r['answer'] or '(none)'} |")
+        lines.append(
+            f"| {r['paradigm']} | {_secs(r.get('ttft_question_s'))} | {_secs(r.get('delay_s'))} | "
+            f"{r.get('tokens')} | {r['answer'] or '(none)'} |"
+        )
     if len(rows) == 2 and rows[0].get("ttft_question_s") is not None and rows[1].get("ttft_question_s") is not None:
         d = rows[1]["ttft_question_s"] - rows[0]["ttft_question_s"]
-        lines.append(f"\nTaYS's first token came {abs(d):.2f} s {'earlier' if d >= 0 else 'later'} than {other}'s "
-                     "(same file, model and FPS; the runs were played one after the other).")
+        lines.append(
+            f"\nTaYS's first token came {abs(d):.2f} s {'earlier' if d >= 0 else 'later'} than {other}'s "
+            "(same file, model and FPS; the runs were played one after the other)."
+        )
     return "\n".join(lines)
 
 
@@ -99,16 +107,20 @@ def comparison_markdown(rows: Sequence[dict[str, Any]], other: str) -> str:
 
 
 def collected_markdown(got: int, secs: float, n_scenes: int, n_spans: int, model: str) -> str:
-    return (f"Collected {got} labelled scenes in {secs:.1f} s "
-            f"(the others had no thinking span or were collected before). This session now holds {n_scenes} "
-            f"scenes, {n_spans} spans, for model `{model}`.")
+    return (
+        f"Collected {got} labelled scenes in {secs:.1f} s "
+        f"(the others had no thinking span or were collected before). This session now holds {n_scenes} "
+        f"scenes, {n_spans} spans, for model `{model}`."
+    )
 
 
 def trained_markdown(report: dict[str, Any], model: str) -> str:
     """`report`: what `vstream.attr.estimator.train` returns."""
     val, raw = report.get("val", {}), report.get("val_raw_attention", {})
-    lines = [f"Trained in {report.get('seconds', 0)} s (best epoch {report.get('best_epoch')}); "
-             f"examples {report.get('examples')}. The Reasoning tab now uses this estimator for `{model}`."]
+    lines = [
+        f"Trained in {report.get('seconds', 0)} s (best epoch {report.get('best_epoch')}); "
+        f"examples {report.get('examples')}. The Reasoning tab now uses this estimator for `{model}`."
+    ]
     if val:
         lines.append("| validation | LDS | R^2 |\n| --- | --- | --- |")
         lines.append(f"| estimator | {_3(val.get('lds'))} | {_3(val.get('r2'))} |")
@@ -118,8 +130,9 @@ def trained_markdown(report: dict[str, Any], model: str) -> str:
 
 def evaluated_summary(res: dict[str, Any]) -> str:
     """`res`: what `vstream.attr.evaluate.evaluate` returns."""
-    return (f"{res['n']} held-out scenes, {res['n_spans']} spans ({res['n_spans_lds']} scored for LDS), "
-            f"{res['seconds']} s.")
+    return (
+        f"{res['n']} held-out scenes, {res['n_spans']} spans ({res['n_spans_lds']} scored for LDS), {res['seconds']} s."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,10 +144,11 @@ NO_RUN_YET = "Run the model in the Reasoning tab first; its spans show up here."
 def span_info(run: RunRecord, i: int, region: int | None) -> str:
     """Span i of the run, its top regions and the region under the annotator's click (if any)."""
     s = run.spans[i]
-    return (f"**Span {i}** ({i + 1} of {len(run.spans)}, {s.kind}): {s.text}\n\n"
-            f"Top regions: {', '.join(map(str, s.top_regions))}"
-            + (f" · your click: region {region}" if region is not None
-               else " · click the image to mark the right region"))
+    return (
+        f"**Span {i}** ({i + 1} of {len(run.spans)}, {s.kind}): {s.text}\n\n"
+        f"Top regions: {', '.join(map(str, s.top_regions))}"
+        + (f" · your click: region {region}" if region is not None else " · click the image to mark the right region")
+    )
 
 
 RECORD_HEADERS = ["run", "span", "verdict", "region", "span text", "note"]
@@ -142,5 +156,7 @@ RECORD_HEADERS = ["run", "span", "verdict", "region", "span text", "note"]
 
 def record_rows(records: Sequence[dict[str, Any]]) -> list[list[Any]]:
     """`AnnotationStore.records` as rows under RECORD_HEADERS."""
-    return [[r.get("run_id"), r.get("span_index"), r.get("verdict"), r.get("region"), r.get("span_text"),
-             r.get("note")] for r in records]
+    return [
+        [r.get("run_id"), r.get("span_index"), r.get("verdict"), r.get("region"), r.get("span_text"), r.get("note")]
+        for r in records
+    ]

@@ -12,6 +12,7 @@ evaluation), `vstream.cli` (`python -m vstream ...`).
 Names are imported on first use, so `import vstream.model` (what `tays` does) does not pull in
 the attribution stack.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """python -m vstream <command> [options]: see `vstream.cli`."""
+
 import sys
 
 from vstream.cli import main

@@ -31,6 +31,7 @@ decoder over prompt + trace; the vocabulary projection is applied only to the tr
 in chunks, so long traces of large-vocabulary models do not materialise (masks x tokens x vocab)
 logits.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -71,8 +72,10 @@ def _check_trace(vlm: VLM, gen: torch.Tensor) -> None:
     ids = {int(getattr(vlm, name)) for name in ("image_token_id", "video_token_id") if hasattr(vlm, name)}
     bad = sum(int((gen == i).sum()) for i in ids)
     if bad:
-        raise PlaceholderInTrace(f"the generated trace contains {bad} image/video placeholder token(s); "
-                                 "it cannot be teacher-forced, so it has no ablation effects")
+        raise PlaceholderInTrace(
+            f"the generated trace contains {bad} image/video placeholder token(s); "
+            "it cannot be teacher-forced, so it has no ablation effects"
+        )
 
 
 @dataclass
@@ -113,15 +116,18 @@ def prepare(vlm: VLM, inputs: VLMInputs, generated_ids: Any) -> TeacherForced:
     p = inputs.prompt_len
     tf_kw = inputs.teacher_forced(gen)
     ids, mm = tf_kw["input_ids"], tf_kw["mm_token_type_ids"]
-    pos, _ = inner.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=torch.ones_like(ids),
-                                  image_grid_thw=kw["image_grid_thw"])
+    pos, _ = inner.get_rope_index(
+        ids, mm_token_type_ids=mm, attention_mask=torch.ones_like(ids), image_grid_thw=kw["image_grid_thw"]
+    )
     if pos.ndim != 3 or pos.shape[0] != 3:
         raise RuntimeError(f"unexpected mRoPE position ids of shape {tuple(pos.shape)}")
     tp = torch.as_tensor(inputs.image_token_positions, dtype=torch.long).reshape(-1).to(dev)
     pv, grid = kw["pixel_values"], kw["image_grid_thw"]
     if grid.shape[0] != 1 or pv.shape[0] != tp.numel() * vlm.merge_size**2:
-        raise ValueError(f"expected one image with {tp.numel()} tokens x {vlm.merge_size**2} patches, "
-                         f"got {pv.shape[0]} patches for grids {grid.tolist()}")
+        raise ValueError(
+            f"expected one image with {tp.numel()} tokens x {vlm.merge_size**2} patches, "
+            f"got {pv.shape[0]} patches for grids {grid.tolist()}"
+        )
     return TeacherForced(ids, mm, pos, pv, grid, gen, p, tp)
 
 
@@ -141,8 +147,9 @@ def _forward_logprobs(vlm: VLM, tf: TeacherForced, token_masks: torch.Tensor) ->
     """(B, N) token masks -> (B, T) log p(y_t) teacher-forced on each painted image."""
     inner = vlm.base_model
     b = token_masks.shape[0]
-    enc = inner.get_image_features(paint(tf.pixel_values, token_masks, vlm.merge_size),
-                                   tf.image_grid_thw.repeat(b, 1), return_dict=True)
+    enc = inner.get_image_features(
+        paint(tf.pixel_values, token_masks, vlm.merge_size), tf.image_grid_thw.repeat(b, 1), return_dict=True
+    )
     out = inner(
         input_ids=tf.input_ids.expand(b, -1),
         attention_mask=torch.ones(b, tf.input_ids.shape[1], dtype=torch.long, device=tf.input_ids.device),
@@ -191,11 +198,15 @@ def span_logprobs(
             if masks.ndim != 2 or masks.shape[1] != n:
                 raise ValueError(f"ablate_token_masks must be (M, {n}), got {tuple(masks.shape)}")
             masks = masks.to(device=tf.input_ids.device, dtype=torch.bool)
-            rows = [_forward_logprobs(vlm, tf, chunk) for chunk in masks.split(max(1, int(batch_size or len(masks) or 1)))]
+            rows = [
+                _forward_logprobs(vlm, tf, chunk) for chunk in masks.split(max(1, int(batch_size or len(masks) or 1)))
+            ]
             return torch.cat(rows, dim=0).float() if rows else torch.zeros(0, tf.n_tokens)
         finally:
             if hasattr(inner, "rope_deltas"):
                 inner.rope_deltas = saved
+
+
 def region_token_masks(region_masks: Any, assignment: torch.Tensor) -> torch.Tensor:
     """(M, K) region masks (True = ablated) x (K, N) assignment -> (M, N) token masks: a token
     is ablated when any region it belongs to is (hard assignments: exactly its region)."""

@@ -38,6 +38,7 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
 Without an estimator file a seeded random linear stand-in is used (the timing does not depend
 on the weights) and the JSON says so. The last output line is the JSON object.
 """
+
 from __future__ import annotations
 
 import sys
@@ -137,8 +138,9 @@ def occlusion_seconds(vlm: VLM, session: AttributionSession, token_ids: list[int
     uninstall(vlm)
     k = session.regions.k
     t0 = time.perf_counter()
-    eff = ablation_effects(vlm, session.inputs, token_ids, spans, torch.eye(k, dtype=torch.bool),
-                           session.regions.assignment)
+    eff = ablation_effects(
+        vlm, session.inputs, token_ids, spans, torch.eye(k, dtype=torch.bool), session.regions.assignment
+    )
     if vlm.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -163,8 +165,17 @@ def replay_seconds(vlm: VLM, session: AttributionSession, spans: list[Span]) -> 
     return total, scores_only
 
 
-def bench(vlm: VLM, estimator: Estimator, n: int = 24, start: int = DEFAULT_START, max_new_tokens: int = 128,
-          k: int | None = None, warmup: int = 1, occlusion: bool = True, progress: bool = True) -> dict:
+def bench(
+    vlm: VLM,
+    estimator: Estimator,
+    n: int = 24,
+    start: int = DEFAULT_START,
+    max_new_tokens: int = 128,
+    k: int | None = None,
+    warmup: int = 1,
+    occlusion: bool = True,
+    progress: bool = True,
+) -> dict:
 
     items = scenes("heldout", start, n + warmup)
     plain_iv = plain_s = live_iv = live_s = plain_cpu = live_cpu = 0
@@ -178,7 +189,7 @@ def bench(vlm: VLM, estimator: Estimator, n: int = 24, start: int = DEFAULT_STAR
         image = scene.image()
         inputs = vlm.build_inputs(scene.question, image=image)
         res: dict[str, Any] = {}
-        for mode in (("plain", "live") if i % 2 == 0 else ("live", "plain")):
+        for mode in ("plain", "live") if i % 2 == 0 else ("live", "plain"):
             if mode == "plain":
                 res["plain"] = run_plain(vlm, inputs, max_new_tokens)
             else:
@@ -187,8 +198,10 @@ def bench(vlm: VLM, estimator: Estimator, n: int = 24, start: int = DEFAULT_STAR
         live = res["live"]
         same &= ids == live["done"].token_ids
         if progress:
-            print(f"bench: prompt {i - warmup if counted else 'warm-up'}: {len(ids)} tokens, "
-                  f"{len(live['spans'])} spans", file=sys.stderr)
+            print(
+                f"bench: prompt {i - warmup if counted else 'warm-up'}: {len(ids)} tokens, {len(live['spans'])} spans",
+                file=sys.stderr,
+            )
         if not counted:
             continue
         pa, pb = _decode(ptimes)
@@ -208,7 +221,9 @@ def bench(vlm: VLM, estimator: Estimator, n: int = 24, start: int = DEFAULT_STAR
         ks.add(live["session"].regions.k)
         if occlusion and live["spans"]:
             try:
-                occl_s += occlusion_seconds(vlm, live["session"], live["done"].token_ids, [s.span for s in live["spans"]])
+                occl_s += occlusion_seconds(
+                    vlm, live["session"], live["done"].token_ids, [s.span for s in live["spans"]]
+                )
                 occl_spans += len(live["spans"])
             except PlaceholderInTrace:  # (random test models) no ablation of this trace: not timed
                 occl_skipped += 1
@@ -228,7 +243,9 @@ def bench(vlm: VLM, estimator: Estimator, n: int = 24, start: int = DEFAULT_STAR
         "span_latency_ms_p50": r(pct(50), 3),
         "span_latency_ms_p95": r(pct(95), 3),
         "speedup_vs_occlusion": r(occ_s / vs_s, 1),
-        "overhead_ratio_paired_quartiles": [r(float(q)) for q in np.percentile(paired, [25, 50, 75])] if paired else None,
+        "overhead_ratio_paired_quartiles": [r(float(q)) for q in np.percentile(paired, [25, 50, 75])]
+        if paired
+        else None,
         "overhead_ratio_cpu_time": r((plain_cpu / plain_iv) / (live_cpu / live_iv)) if plain_iv and live_cpu else None,
         "tokens_per_s_plain": r(tps_plain, 2),
         "tokens_per_s_live": r(tps_live, 2),

@@ -37,6 +37,7 @@ last token once more, exactly as the next decode step would have.
 Features (vSTREAM / AT2): for span S and region k, per (layer, head), the mean over the span's
 tokens of the attention mass on region k's tokens, flattened layer-major into L*H numbers.
 """
+
 from __future__ import annotations
 
 import threading
@@ -99,7 +100,7 @@ class AttentionRecorder:
         self._keys: list[torch.Tensor | None] = [None] * self.num_layers  # latest key cache per layer
 
     @classmethod
-    def for_vlm(cls, vlm: VLM, keep_cpu: bool = False) -> "AttentionRecorder":
+    def for_vlm(cls, vlm: VLM, keep_cpu: bool = False) -> AttentionRecorder:
         return cls(int(vlm.num_layers), keep_cpu=keep_cpu)
 
     # -- producer side (generation thread) -----------------------------------------------------
@@ -359,7 +360,9 @@ def _vstream_sdpa_forward(
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        state.recorder.record_query(module.layer_idx, query, key, attention_mask, scaling, state.positions_on(key.device))
+        state.recorder.record_query(
+            module.layer_idx, query, key, attention_mask, scaling, state.positions_on(key.device)
+        )
     return out
 
 

@@ -12,6 +12,7 @@ Shape statistics, following the vSTREAM analysis:
 A trace is labelled Fixation (sustained high concentration on one region), Wandering (low,
 unstable concentration with frequent switching of the top region) or stable.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -37,6 +37,7 @@ Files: safetensors (`weight` (L*H,), `region_bias` (1,), `bias` (1,)) with the m
 in the safetensors header; `load` refuses anything else (pickled .pt/.bin are never read) and refuses an estimator
 made for another layer/head count, or (unless overridden) another model.
 """
+
 from __future__ import annotations
 
 import json
@@ -136,12 +137,18 @@ class LinearEstimator(torch.nn.Module):
             raise VLMError(f"estimator files are .safetensors, got {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, format=FORMAT, num_layers=self.num_layers, num_heads=self.num_heads)
-        tensors = {"weight": self.weight.detach().float().cpu().contiguous(),
-                   "region_bias": self.region_bias.detach().float().cpu().reshape(1).contiguous(),
-                   "bias": self.bias.detach().float().cpu().reshape(1).contiguous()}
-        header = {"format": FORMAT, "vstream_estimator": json.dumps(meta, sort_keys=True),
-                  "model": str(meta.get("model", "")), "num_layers": str(self.num_layers),
-                  "num_heads": str(self.num_heads)}
+        tensors = {
+            "weight": self.weight.detach().float().cpu().contiguous(),
+            "region_bias": self.region_bias.detach().float().cpu().reshape(1).contiguous(),
+            "bias": self.bias.detach().float().cpu().reshape(1).contiguous(),
+        }
+        header = {
+            "format": FORMAT,
+            "vstream_estimator": json.dumps(meta, sort_keys=True),
+            "model": str(meta.get("model", "")),
+            "num_layers": str(self.num_layers),
+            "num_heads": str(self.num_heads),
+        }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=header)
         tmp.replace(path)
@@ -173,8 +180,10 @@ def load(path: str | Path, vlm: VLM | None = None, allow_model_mismatch: bool = 
     if not path.is_file():
         raise VLMError(f"estimator file not found: {path}")
     if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise VLMError(f"{path.name} is not a safetensors file: pickled checkpoints (.pt/.bin/...) are never "
-                       "loaded; save the estimator as .safetensors")
+        raise VLMError(
+            f"{path.name} is not a safetensors file: pickled checkpoints (.pt/.bin/...) are never "
+            "loaded; save the estimator as .safetensors"
+        )
     from safetensors import safe_open
 
     try:
@@ -182,8 +191,9 @@ def load(path: str | Path, vlm: VLM | None = None, allow_model_mismatch: bool = 
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a bad header
-        raise VLMError(f"{path.name} is not a readable safetensors file ({type(e).__name__}); "
-                       "pickled checkpoints are never loaded") from e
+        raise VLMError(
+            f"{path.name} is not a readable safetensors file ({type(e).__name__}); pickled checkpoints are never loaded"
+        ) from e
     if header.get("format") != FORMAT or "vstream_estimator" not in header:
         raise VLMError(f"{path.name} is a safetensors file but not a vSTREAM estimator ({FORMAT})")
     try:
@@ -318,8 +328,12 @@ def evaluate(estimator: LinearEstimator | None, examples: Sequence[Any]) -> dict
             w = torch.cat([estimator.weight.detach().float().cpu(), estimator.region_bias.detach().float().cpu()[None]])
             pred = x @ w + estimator.bias.detach().float().cpu()
     score, per = lds(pred.numpy(), y.numpy(), return_per_span=True)
-    out = {"lds": score, "spans": int(y.shape[0]), "spans_scored": int(np.isfinite(per).sum()),
-           "pearson": float(-pearson_loss(pred, y))}
+    out = {
+        "lds": score,
+        "spans": int(y.shape[0]),
+        "spans_scored": int(np.isfinite(per).sum()),
+        "pearson": float(-pearson_loss(pred, y)),
+    }
     if estimator is not None:
         out["r2"] = r2_score(pred.numpy(), y.numpy())
     return out
@@ -391,8 +405,9 @@ def train(
     tr_ex = [examples[i] for i in sorted(order[n_val:])]
 
     t0 = time.perf_counter()
-    fit = lambda exs, val, n_ep, desc: _fit(exs, val, lh, n_ep, lr, weight_decay, batch_spans, seed, progress, desc,
-                                            region_bias)
+    fit = lambda exs, val, n_ep, desc: _fit(
+        exs, val, lh, n_ep, lr, weight_decay, batch_spans, seed, progress, desc, region_bias
+    )
     est = LinearEstimator(L, H)
     w_raw, b, best_ep = fit(tr_ex, val_ex, epochs, "train estimator")
     _set(est, w_raw, b)
@@ -405,22 +420,43 @@ def train(
         final = examples
         w_raw, b, _ = fit(examples, [], best_ep + 1, "refit on all")
         _set(est, w_raw, b)
-        report["refit_on_all"] = {"examples": len(examples), "epochs": best_ep + 1,
-                                  "train": evaluate(est, examples)}
+        report["refit_on_all"] = {"examples": len(examples), "epochs": best_ep + 1, "train": evaluate(est, examples)}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    est.meta.update({
-        **{k: config[k] for k in ("model", "model_type", "backbone", "k_rule", "split", "ablation", "features",
-                                  "masks_per_example", "keep_prob") if k in config},
-        "num_layers": L, "num_heads": H,
-        "trained_examples": len(final), "validation_examples": len(val_ex), "refit_on_all": bool(final is examples),
-        "train_seeds": seed_ranges(int(e.seed) for e in final),  # [[lo, hi), ...] runs
-        "label_dirs": sources, "epochs": int(epochs), "best_epoch": best_ep, "lr": float(lr),
-        "loss": "-mean Pearson r across masks per span",
-        "feature_scaling": "column RMS, folded into weight", "init": "raw attention (w = 1)",
-        "calibration": "least squares a*(subset sum)+b, a folded into weight and region_bias, b = bias",
-        "region_bias": bool(region_bias),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    est.meta.update(
+        {
+            **{
+                k: config[k]
+                for k in (
+                    "model",
+                    "model_type",
+                    "backbone",
+                    "k_rule",
+                    "split",
+                    "ablation",
+                    "features",
+                    "masks_per_example",
+                    "keep_prob",
+                )
+                if k in config
+            },
+            "num_layers": L,
+            "num_heads": H,
+            "trained_examples": len(final),
+            "validation_examples": len(val_ex),
+            "refit_on_all": bool(final is examples),
+            "train_seeds": seed_ranges(int(e.seed) for e in final),  # [[lo, hi), ...] runs
+            "label_dirs": sources,
+            "epochs": int(epochs),
+            "best_epoch": best_ep,
+            "lr": float(lr),
+            "loss": "-mean Pearson r across masks per span",
+            "feature_scaling": "column RMS, folded into weight",
+            "init": "raw attention (w = 1)",
+            "calibration": "least squares a*(subset sum)+b, a folded into weight and region_bias, b = bias",
+            "region_bias": bool(region_bias),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
     return est, report
 
 
@@ -433,9 +469,19 @@ def _set(est: LinearEstimator, w: torch.Tensor, b: float) -> None:
     est.eval()
 
 
-def _fit(tr_ex: Sequence[Any], val_ex: Sequence[Any], lh: int, epochs: int, lr: float, weight_decay: float,
-         batch_spans: int, seed: int, progress: bool, desc: str,
-         region_bias: bool = True) -> tuple[torch.Tensor, float, int]:
+def _fit(
+    tr_ex: Sequence[Any],
+    val_ex: Sequence[Any],
+    lh: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_spans: int,
+    seed: int,
+    progress: bool,
+    desc: str,
+    region_bias: bool = True,
+) -> tuple[torch.Tensor, float, int]:
     """One optimisation run: (calibrated raw-space [weight, region bias] (L*H+1,), bias, best epoch).
 
     The region bias is the weight of a constant-1 region feature (its subset sum = the number
@@ -501,6 +547,9 @@ def heldout_report(est: LinearEstimator, label_dirs: Sequence[str | Path]) -> di
     if overlap:
         raise VLMError(f"--eval labels share {len(overlap)} scene seeds with the training labels")
     report = {"heldout": evaluate(est, held), "heldout_raw_attention": evaluate(None, held)}
-    est.meta["heldout"] = {"label_dirs": [str(d) for d in label_dirs], **report["heldout"],
-                           "raw_attention_lds": report["heldout_raw_attention"]["lds"]}
+    est.meta["heldout"] = {
+        "label_dirs": [str(d) for d in label_dirs],
+        **report["heldout"],
+        "raw_attention_lds": report["heldout_raw_attention"]["lds"],
+    }
     return report

@@ -40,6 +40,7 @@ Metrics (per method; "span" = a thinking span of the generated trace, the answer
 
 The last stdout line is one JSON object; progress bars go to stderr.
 """
+
 from __future__ import annotations
 
 import sys
@@ -77,8 +78,8 @@ DEFINITIONS = {
     "(keep prob 0.5); predicted = sum of scores over the ablated regions; constant-effect spans skipped",
     "r2": "mean over the same spans of squared Pearson(predicted, measured) across the subsets "
     "(R^2 of the best affine fit; scale-free)",
-    "r2_calibrated_vstream": "1 - SSE/SST of vSTREAM's calibrated subset predictions (scores + bias, nats) vs measured, "
-    "pooled over all non-constant (span, subset) pairs",
+    "r2_calibrated_vstream": "1 - SSE/SST of vSTREAM's calibrated subset predictions (scores + bias, nats) "
+    "vs measured, pooled over all non-constant (span, subset) pairs",
     "top5_drop": "mean over spans of the measured effect (nats) of ablating the span's 5 top-scored regions",
     "pointing": "share of thought spans matched to a step with an object whose top-scored region "
     "overlaps that object's mask",
@@ -107,7 +108,9 @@ def constant_spans(actual: np.ndarray, tol: float = CONSTANT_TOL) -> np.ndarray:
     return (a.max(0) - a.min(0)) < tol if a.size else np.zeros(a.shape[1], dtype=bool)
 
 
-def span_scores(predicted: np.ndarray, actual: np.ndarray, tol: float = CONSTANT_TOL) -> tuple[list[float], list[float], int]:
+def span_scores(
+    predicted: np.ndarray, actual: np.ndarray, tol: float = CONSTANT_TOL
+) -> tuple[list[float], list[float], int]:
     """Per-span LDS (Spearman) and R^2 (squared Pearson) across subsets, over non-constant spans.
 
     predicted, actual: (M, S). Returns (lds list, r2 list, number of constant spans skipped).
@@ -207,9 +210,16 @@ def evaluate(
     cal_p: list[np.ndarray] = []
     cal_a: list[np.ndarray] = []
     fam_lds: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    counts = dict(n_spans=0, n_spans_matched=0, n_pointing_spans=0, n_spans_constant=0,
-                  n_spans_lds=0, n_spans_lds_slow=0, n_examples_without_spans=0,
-                  n_examples_unteacherable=0)
+    counts = dict(
+        n_spans=0,
+        n_spans_matched=0,
+        n_pointing_spans=0,
+        n_spans_constant=0,
+        n_spans_lds=0,
+        n_spans_lds_slow=0,
+        n_examples_without_spans=0,
+        n_examples_unteacherable=0,
+    )
     ks: list[int] = []
     gen_tokens, gen_secs, gt_secs = 0, 0.0, 0.0
 
@@ -227,14 +237,16 @@ def evaluate(
         regions = regions_for(inputs)
         k, s_n = regions.k, len(spans)
         ks.append(k)
-        ctx = AttributionContext(vlm, inputs, gen, spans, regions.assignment,
-                                 token_attn=rows, estimator=estimator, regions=regions)
+        ctx = AttributionContext(
+            vlm, inputs, gen, spans, regions.assignment, token_attn=rows, estimator=estimator, regions=regions
+        )
 
         ablated = draw_masks(k, n_masks, keep_prob, mask_seed, scene.seed).numpy()  # True = ablated
         t0 = time.perf_counter()
         try:
-            actual = ablation_effects(vlm, inputs, gen, spans, torch.from_numpy(ablated),
-                                      regions.assignment).numpy()  # (M, S)
+            actual = ablation_effects(
+                vlm, inputs, gen, spans, torch.from_numpy(ablated), regions.assignment
+            ).numpy()  # (M, S)
         except PlaceholderInTrace:
             counts["n_examples_unteacherable"] += 1
             continue
@@ -269,8 +281,9 @@ def evaluate(
         for s in range(s_n):
             rand[s, rng.choice(k, size=min(TOP, k), replace=False)] = True
         blocks = [top_masks(scores[m]) for m in run] + [rand]
-        eff = ablation_effects(vlm, inputs, gen, spans,
-                               torch.from_numpy(np.concatenate(blocks)), regions.assignment).numpy()
+        eff = ablation_effects(
+            vlm, inputs, gen, spans, torch.from_numpy(np.concatenate(blocks)), regions.assignment
+        ).numpy()
         diag = np.arange(s_n)
         for j, m in enumerate(run):
             drop[m] += eff[j * s_n + diag, diag].tolist()

@@ -25,6 +25,7 @@ writes its own shards. Resuming: examples listed in existing sidecars of `--out`
 skipped because their trace had no thinking span) are not redone; a sidecar from a different
 setup (model, split, K rule, masks, ...) in `--out` is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,21 @@ FEATURES = (
     "the token's own decode query on the region's image tokens (vstream.attr.capture convention)"
 )
 # config keys that must agree for shards to be mixed / resumed in one folder
-_CONFIG_KEYS = ("format", "model", "model_type", "num_layers", "num_heads", "split", "backbone", "k_rule",
-                "masks_per_example", "keep_prob", "seed", "max_new_tokens", "span_kinds")
+_CONFIG_KEYS = (
+    "format",
+    "model",
+    "model_type",
+    "num_layers",
+    "num_heads",
+    "split",
+    "backbone",
+    "k_rule",
+    "masks_per_example",
+    "keep_prob",
+    "seed",
+    "max_new_tokens",
+    "span_kinds",
+)
 
 
 def k_rule(k: int | None) -> str:
@@ -123,10 +137,16 @@ class LabeledExample:
 
     def meta(self) -> dict[str, Any]:
         return {
-            "index": self.index, "seed": self.seed, "family": self.family, "k": self.k,
-            "n_tokens": int(self.tokens.numel()), "question": self.question, "trace": self.trace,
-            "spans": [{"text": t, "token_start": s, "token_end": e}
-                      for t, (s, e) in zip(self.span_texts, self.span_ranges)],
+            "index": self.index,
+            "seed": self.seed,
+            "family": self.family,
+            "k": self.k,
+            "n_tokens": int(self.tokens.numel()),
+            "question": self.question,
+            "trace": self.trace,
+            "spans": [
+                {"text": t, "token_start": s, "token_end": e} for t, (s, e) in zip(self.span_texts, self.span_ranges)
+            ],
         }
 
 
@@ -173,7 +193,9 @@ def thought_spans(vlm: VLM, tokens: Sequence[int], kinds: Sequence[str] = ("thou
     return [s for s in sp.spans if s.kind in kinds], text
 
 
-def draw_masks(n_regions: int, masks: int = 32, keep_prob: float = 0.5, seed: int = 0, scene_seed: int = 0) -> torch.Tensor:
+def draw_masks(
+    n_regions: int, masks: int = 32, keep_prob: float = 0.5, seed: int = 0, scene_seed: int = 0
+) -> torch.Tensor:
     """(masks, K) bool, True = ablated; each region kept independently with `keep_prob`."""
     rng = np.random.default_rng([int(seed), int(scene_seed)])
     return torch.from_numpy(rng.random((int(masks), int(n_regions))) >= float(keep_prob))
@@ -207,11 +229,19 @@ def label_example(
     masks = draw_masks(a.shape[0], masks_per_example, keep_prob, seed, scene.seed)
     effects, base = ablation_effects(vlm, inputs, tokens, spans, masks, a, batch_size=batch_size, return_base=True)
     return LabeledExample(
-        index=int(index), seed=int(scene.seed), family=str(getattr(scene, "family", "")),
-        features=feats.cpu(), masks=masks, effects=effects.float().cpu(), base=base.float().cpu(),
-        assignment=(a > 0).to(torch.uint8).cpu(), tokens=torch.tensor(tokens, dtype=torch.long),
-        span_texts=[s.text for s in spans], span_ranges=[(s.token_start, s.token_end) for s in spans],
-        trace=text, question=scene.question,
+        index=int(index),
+        seed=int(scene.seed),
+        family=str(getattr(scene, "family", "")),
+        features=feats.cpu(),
+        masks=masks,
+        effects=effects.float().cpu(),
+        base=base.float().cpu(),
+        assignment=(a > 0).to(torch.uint8).cpu(),
+        tokens=torch.tensor(tokens, dtype=torch.long),
+        span_texts=[s.text for s in spans],
+        span_ranges=[(s.token_start, s.token_end) for s in spans],
+        trace=text,
+        question=scene.question,
     )
 
 
@@ -225,8 +255,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(out: Path, config: dict[str, Any], examples: Sequence[LabeledExample],
-                skipped: Sequence[dict[str, Any]] = ()) -> Path:
+def write_shard(
+    out: Path, config: dict[str, Any], examples: Sequence[LabeledExample], skipped: Sequence[dict[str, Any]] = ()
+) -> Path:
     """Write one shard (safetensors + JSON sidecar, the sidecar last). Returns the sidecar path."""
     from safetensors.torch import save_file
 
@@ -290,15 +321,24 @@ def read_shard(side: Path) -> tuple[dict[str, Any], list[LabeledExample]]:
             raise VLMError(f"{st} is not a vSTREAM label shard ({FORMAT})")
         for m in meta.get("examples", []):
             p = f"e{m['index']}."
-            g = lambda name: f.get_tensor(p + name)
-            out.append(LabeledExample(
-                index=int(m["index"]), seed=int(m["seed"]), family=m.get("family", ""),
-                features=g("features"), masks=g("masks").bool(), effects=g("effects"), base=g("base"),
-                assignment=g("assignment"), tokens=g("tokens"),
-                span_texts=[s["text"] for s in m["spans"]],
-                span_ranges=[(int(s["token_start"]), int(s["token_end"])) for s in m["spans"]],
-                trace=m.get("trace", ""), question=m.get("question", ""),
-            ))
+            g = lambda name, p=p: f.get_tensor(p + name)
+            out.append(
+                LabeledExample(
+                    index=int(m["index"]),
+                    seed=int(m["seed"]),
+                    family=m.get("family", ""),
+                    features=g("features"),
+                    masks=g("masks").bool(),
+                    effects=g("effects"),
+                    base=g("base"),
+                    assignment=g("assignment"),
+                    tokens=g("tokens"),
+                    span_texts=[s["text"] for s in m["spans"]],
+                    span_ranges=[(int(s["token_start"]), int(s["token_end"])) for s in m["spans"]],
+                    trace=m.get("trace", ""),
+                    question=m.get("question", ""),
+                )
+            )
     return meta.get("config", {}), out
 
 
@@ -330,15 +370,31 @@ def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any]
 # collection
 
 
-def run_config(vlm: VLM, split: str, masks_per_example: int, keep_prob: float, k: int | None,
-               backbone_name: str, seed: int, max_new_tokens: int,
-               span_kinds: Sequence[str] = ("thought",)) -> dict[str, Any]:
+def run_config(
+    vlm: VLM,
+    split: str,
+    masks_per_example: int,
+    keep_prob: float,
+    k: int | None,
+    backbone_name: str,
+    seed: int,
+    max_new_tokens: int,
+    span_kinds: Sequence[str] = ("thought",),
+) -> dict[str, Any]:
 
     return {
-        "format": FORMAT, **model_identity(vlm), "split": split, "backbone": backbone_name,
-        "k_rule": k_rule(k), "masks_per_example": int(masks_per_example), "keep_prob": float(keep_prob),
-        "seed": int(seed), "max_new_tokens": int(max_new_tokens), "span_kinds": list(span_kinds),
-        "ablation": OPERATOR, "features": FEATURES,
+        "format": FORMAT,
+        **model_identity(vlm),
+        "split": split,
+        "backbone": backbone_name,
+        "k_rule": k_rule(k),
+        "masks_per_example": int(masks_per_example),
+        "keep_prob": float(keep_prob),
+        "seed": int(seed),
+        "max_new_tokens": int(max_new_tokens),
+        "span_kinds": list(span_kinds),
+        "ablation": OPERATOR,
+        "features": FEATURES,
     }
 
 
@@ -367,7 +423,6 @@ def collect(
     """
     from tqdm.auto import tqdm
 
-
     if not 0 < float(keep_prob) < 1:
         raise VLMError(f"keep_prob must be in (0, 1), got {keep_prob}")
     if int(masks_per_example) < 2:
@@ -390,14 +445,20 @@ def collect(
         buf.clear()
         skipped.clear()
 
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress,
-               desc=f"collect {split}" + (f" [{process_index}/{num_processes}]" if num_processes > 1 else ""),
-               unit="ex")
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        disable=not progress,
+        desc=f"collect {split}" + (f" [{process_index}/{num_processes}]" if num_processes > 1 else ""),
+        unit="ex",
+    )
     try:
         for idx in todo:
             scene = scenes(split, idx, 1)[0]
             try:
-                ex = label_example(vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds)
+                ex = label_example(
+                    vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds
+                )
                 why = "no thinking span in the trace"
             except PlaceholderInTrace as e:
                 ex, why = None, str(e)

@@ -16,6 +16,7 @@ The backbone is pluggable because DINOv3 (the paper's choice) has gated weights:
 
 The library never imports gradio.
 """
+
 from __future__ import annotations
 
 import json
@@ -206,8 +207,13 @@ class DinoV3Backbone:
     @staticmethod
     def _read_processor_config(path: Path) -> dict[str, Any]:
         proc: dict[str, Any] = {
-            "do_resize": True, "size": {"height": 224, "width": 224}, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": _IMAGENET_MEAN, "image_std": _IMAGENET_STD,
+            "do_resize": True,
+            "size": {"height": 224, "width": 224},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": _IMAGENET_MEAN,
+            "image_std": _IMAGENET_STD,
         }
         f = path / "preprocessor_config.json"
         if f.is_file():
@@ -243,8 +249,16 @@ class DinoV3Backbone:
             arr = arr * float(self.proc.get("rescale_factor", 1 / 255))
         if (W, H) != img.size:  # per channel in float, bilinear with antialiasing like the processor
             arr = np.stack(
-                [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c]), mode="F").resize(
-                    (W, H), Image.Resampling.BILINEAR)) for c in range(3)], axis=-1)
+                [
+                    np.asarray(
+                        Image.fromarray(np.ascontiguousarray(arr[..., c]), mode="F").resize(
+                            (W, H), Image.Resampling.BILINEAR
+                        )
+                    )
+                    for c in range(3)
+                ],
+                axis=-1,
+            )
         if self.proc.get("do_normalize", True):
             mean = np.asarray(self.proc.get("image_mean", _IMAGENET_MEAN), dtype=np.float32)
             std = np.asarray(self.proc.get("image_std", _IMAGENET_STD), dtype=np.float32)
@@ -258,8 +272,10 @@ class DinoV3Backbone:
         out = self.model(pixel_values=pv.to(self.device, self.dtype)).last_hidden_state
         prefix = 1 + self.num_register_tokens
         if out.shape[1] != prefix + h * w:
-            raise VLMError(f"DINOv3 returned {out.shape[1]} tokens, expected 1 CLS + {self.num_register_tokens} "
-                           f"registers + {h}x{w} patches")
+            raise VLMError(
+                f"DINOv3 returned {out.shape[1]} tokens, expected 1 CLS + {self.num_register_tokens} "
+                f"registers + {h}x{w} patches"
+            )
         feats = out[0, prefix:].float()
         if self.normalize:
             feats = torch.nn.functional.normalize(feats, dim=-1)
@@ -447,10 +463,10 @@ def _settle(
             first = np.r_[True, src[1:] != src[:-1]]  # best candidate per orphan
             parent = np.arange(c)
 
-            def find(x: int) -> int:
-                while parent[x] != x:
-                    parent[x] = parent[parent[x]]
-                    x = parent[x]
+            def find(x: int) -> int:  # called only in this iteration
+                while parent[x] != x:  # noqa: B023
+                    parent[x] = parent[parent[x]]  # noqa: B023
+                    x = parent[x]  # noqa: B023
                 return x
 
             for o, d in zip(src[first].tolist(), dst[first].tolist()):
@@ -574,8 +590,13 @@ def compute_regions(
     for note in notes:
         log.info("regions: %s", note)
     return Regions(
-        labels=labels.reshape(h, w), assignment=assignment, token_grid=(th, tw), image_size=original,
-        backbone=bb.name, k_requested=k_req, notes=notes,
+        labels=labels.reshape(h, w),
+        assignment=assignment,
+        token_grid=(th, tw),
+        image_size=original,
+        backbone=bb.name,
+        k_requested=k_req,
+        notes=notes,
     )
 
 

@@ -6,6 +6,7 @@ waits for the next character; every other terminator closes at once. `</think>` 
 open thought, and whatever follows is the answer span; `finish()` closes a span that never
 saw an end (a trace with no sentence end still yields one span).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -46,13 +46,14 @@ is garbage-collected (they hold only its inner state, never the session). Setup 
 regions, an estimator probe) runs when the session is created, so bad input raises a one-line
 `VLMError` before any thread exists. Times are `time.perf_counter()` seconds.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ class DoneEvent:
     time: float = 0.0
 
 
-Event = Union[RegionsEvent, TokenEvent, SpanEvent, PathEvent, DoneEvent]
+Event = RegionsEvent | TokenEvent | SpanEvent | PathEvent | DoneEvent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ class _Run:
         self._worker_thread: threading.Thread | None = None
 
     # -- public control ------------------------------------------------------------------------
-    def start(self) -> "_Run":
+    def start(self) -> _Run:
         if self._started:
             return self
         self._started = True
@@ -340,7 +341,6 @@ class _Run:
 
     def _generate(self) -> None:
         from transformers import StoppingCriteriaList
-
 
         self._decoder = IncrementalDecoder(self.vlm.tokenizer)
         kw = dict(self._gen_kwargs)
@@ -486,17 +486,28 @@ class _Run:
                 note = "no attention row was recorded (a single generated token): scores are zeros"
             else:
                 lo, hi = have - 1, have
-                note = (f"tokens {span.token_start}..{span.token_end - 1} have no recorded row (generation "
-                        f"stopped before feeding them back): used the last recorded row ({have - 1})")
+                note = (
+                    f"tokens {span.token_start}..{span.token_end - 1} have no recorded row (generation "
+                    f"stopped before feeding them back): used the last recorded row ({have - 1})"
+                )
         elif hi < span.token_end:
             note = f"{span.token_end - hi} last token(s) without a recorded row (generation stopped): {hi - lo} used"
         scores, heatmap, top, point, t_scores = self.compute_span(lo, hi, self.tracker)
         t1, c1 = time.perf_counter(), time.thread_time()
         sev = SpanEvent(
-            span=span, scores=scores, heatmap=heatmap, top_regions=top, span_end_time=t_end,
-            emitted_time=t1, latency_ms=(t1 - t_end) * 1000.0, compute_ms=(t1 - t0) * 1000.0,
-            scores_ms=(t_scores - t0) * 1000.0, compute_cpu_ms=(c1 - c0) * 1000.0,
-            n_rows=hi - lo, rows=(lo, hi), note=note,
+            span=span,
+            scores=scores,
+            heatmap=heatmap,
+            top_regions=top,
+            span_end_time=t_end,
+            emitted_time=t1,
+            latency_ms=(t1 - t_end) * 1000.0,
+            compute_ms=(t1 - t0) * 1000.0,
+            scores_ms=(t_scores - t0) * 1000.0,
+            compute_cpu_ms=(c1 - c0) * 1000.0,
+            n_rows=hi - lo,
+            rows=(lo, hi),
+            note=note,
         )
         return sev, PathEvent(point, t1)
 
@@ -520,7 +531,7 @@ class AttributionSession:
             raise AttributeError(name)
         return getattr(self._run, name)
 
-    def start(self) -> "AttributionSession":
+    def start(self) -> AttributionSession:
         self._run.start()
         return self
 
@@ -538,13 +549,13 @@ class AttributionSession:
     def running(self) -> bool:
         return self._run.running
 
-    def __iter__(self) -> "AttributionSession":
+    def __iter__(self) -> AttributionSession:
         return self
 
     def __next__(self) -> Event:
         return self._run.next_event()
 
-    def __enter__(self) -> "AttributionSession":
+    def __enter__(self) -> AttributionSession:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -577,6 +588,13 @@ def attribute_stream(
     `system=`, `row_timeout=`. Bad input raises `VLMError` here, before any thread starts.
     """
     return AttributionSession(
-        vlm, image, question, estimator, k=k, backbone=backbone, max_new_tokens=max_new_tokens,
-        stop_event=stop_event, **kwargs,
+        vlm,
+        image,
+        question,
+        estimator,
+        k=k,
+        backbone=backbone,
+        max_new_tokens=max_new_tokens,
+        stop_event=stop_event,
+        **kwargs,
     )

@@ -2,6 +2,7 @@
 
 Argument parsing and printing live here only; each command calls library functions.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """python -m vstream bench"""
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,20 @@ from vstream.world.assets import DEMO_MODEL_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream bench", description=(bench_mod.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m vstream bench", description=(bench_mod.__doc__ or "").splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
-    ap.add_argument("--estimator", default=None,
-                    help=f"estimator .safetensors (default {DEFAULT_ESTIMATOR.name}; random stand-in if absent)")
-    ap.add_argument("--n", type=int, default=24, help="held-out prompts measured (plus one warm-up); the decode-speed ratio is noisy on shared CPUs, so not too few")
+    ap.add_argument(
+        "--estimator",
+        default=None,
+        help=f"estimator .safetensors (default {DEFAULT_ESTIMATOR.name}; random stand-in if absent)",
+    )
+    ap.add_argument(
+        "--n",
+        type=int,
+        default=24,
+        help="held-out prompts measured (plus one warm-up); the decode-speed ratio is noisy on shared CPUs, "
+        "so not too few",
+    )
     ap.add_argument("--start", type=int, default=DEFAULT_START, help="offset into the held-out seed range")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=None, help="regions (default: auto)")
@@ -28,19 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vlm = load_vlm(args.model)
         est, est_name = load_estimator(args.estimator, vlm)
-        res = bench(vlm, est, n=args.n, start=args.start, max_new_tokens=args.max_new_tokens, k=args.k,
-                    occlusion=not args.no_occlusion)
+        res = bench(
+            vlm,
+            est,
+            n=args.n,
+            start=args.start,
+            max_new_tokens=args.max_new_tokens,
+            k=args.k,
+            occlusion=not args.no_occlusion,
+        )
     except (VLMError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res["estimator"] = est_name
     res["model"] = str(args.model)
     if not args.json:
-        print(f"decode tokens/s: plain {res['tokens_per_s_plain']}, live {res['tokens_per_s_live']} "
-              f"-> overhead_ratio {res['overhead_ratio']} (target >= 0.90)")
+        print(
+            f"decode tokens/s: plain {res['tokens_per_s_plain']}, live {res['tokens_per_s_live']} "
+            f"-> overhead_ratio {res['overhead_ratio']} (target >= 0.90)"
+        )
         print(f"span latency ms: p50 {res['span_latency_ms_p50']}, p95 {res['span_latency_ms_p95']} (target p95 <= 50)")
-        print(f"seconds per span: vSTREAM {res['vstream_s_per_span']}, occlusion {res['occlusion_s_per_span']} "
-              f"-> speedup {res['speedup_vs_occlusion']} (target >= 100)")
+        print(
+            f"seconds per span: vSTREAM {res['vstream_s_per_span']}, occlusion {res['occlusion_s_per_span']} "
+            f"-> speedup {res['speedup_vs_occlusion']} (target >= 100)"
+        )
     print(json.dumps(res))
     return 0
-

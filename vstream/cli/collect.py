@@ -1,4 +1,5 @@
 """python -m vstream collect"""
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from vstream.world.assets import DEMO_MODEL_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream collect", description=(labels.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m vstream collect", description=(labels.__doc__ or "").splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or hub id (default: the demo model)")
     ap.add_argument("--n", type=int, default=2000, help="number of scenes")
     ap.add_argument("--start", type=int, default=0, help="offset of the first scene in the split")
@@ -37,25 +38,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vlm = load_vlm(args.model, dtype=args.dtype, device=acc.device)
         t0 = time.perf_counter()
-        new = collect(vlm, args.n, args.split, args.start, args.masks, args.keep_prob, args.k, args.backbone,
-                      args.seed, args.max_new_tokens, out=args.out, process_index=acc.process_index,
-                      num_processes=acc.num_processes, shard_size=args.shard_size,
-                      progress=acc.is_local_main_process)
+        new = collect(
+            vlm,
+            args.n,
+            args.split,
+            args.start,
+            args.masks,
+            args.keep_prob,
+            args.k,
+            args.backbone,
+            args.seed,
+            args.max_new_tokens,
+            out=args.out,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+            shard_size=args.shard_size,
+            progress=acc.is_local_main_process,
+        )
         dt = time.perf_counter() - t0
     except VLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     acc.wait_for_everyone()
     mine = {
-        "process": acc.process_index, "new_examples": len(new), "seconds": round(dt, 1),
+        "process": acc.process_index,
+        "new_examples": len(new),
+        "seconds": round(dt, 1),
         "s_per_example": round(dt / len(new), 3) if new else None,
     }
     print(json.dumps(mine), file=sys.stderr)
     if acc.is_main_process:
         _, exs = load_labels(args.out)
-        print(json.dumps({
-            "out": str(args.out), "examples": len(exs), "spans": sum(e.n_spans for e in exs),
-            "processes": acc.num_processes, "this_process": mine,
-        }))
+        print(
+            json.dumps(
+                {
+                    "out": str(args.out),
+                    "examples": len(exs),
+                    "spans": sum(e.n_spans for e in exs),
+                    "processes": acc.num_processes,
+                    "this_process": mine,
+                }
+            )
+        )
     return 0
-

@@ -1,4 +1,5 @@
 """python -m vstream eval-model"""
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,18 @@ from vstream.world.eval_model import check_heldout, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream eval-model", description=(eval_model.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vstream eval-model", description=(eval_model.__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
     ap.add_argument("--n", type=int, default=600, help="scenes of --split (families cycle, so 600 = 100 each)")
     ap.add_argument("--start", type=int, default=0, help="offset into the split's seed range")
-    ap.add_argument("--split", choices=("heldout", "val"), default="heldout",
-                    help="held-out scenes for reporting; validation scenes for choosing a recipe")
+    ap.add_argument(
+        "--split",
+        choices=("heldout", "val"),
+        default="heldout",
+        help="held-out scenes for reporting; validation scenes for choosing a recipe",
+    )
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--json", action="store_true", help="print only the summary JSON as the last line")
     args = ap.parse_args(argv)
@@ -38,4 +45,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {f:10s} {a:.3f}")
     print(json.dumps(res))
     return 0
-

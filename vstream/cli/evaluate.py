@@ -1,4 +1,5 @@
 """python -m vstream evaluate"""
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,27 @@ from vstream.world.eval_model import check_heldout
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream evaluate", description=(evaluate_mod.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vstream evaluate", description=(evaluate_mod.__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
     ap.add_argument("--estimator", default=str(DEFAULT_ESTIMATOR), help="trained estimator (.safetensors)")
     ap.add_argument("--n", type=int, default=200, help="held-out scenes")
-    ap.add_argument("--start", type=int, default=DEFAULT_START,
-                    help=f"offset into the held-out seed range (default {DEFAULT_START}, disjoint from eval-model)")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
-    ap.add_argument("--slow-n", type=int, default=None,
-                    help="run input_x_gradient and occlusion on the first SLOW_N scenes only (default: all)")
+    ap.add_argument(
+        "--start",
+        type=int,
+        default=DEFAULT_START,
+        help=f"offset into the held-out seed range (default {DEFAULT_START}, disjoint from eval-model)",
+    )
+    ap.add_argument(
+        "--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS)
+    )
+    ap.add_argument(
+        "--slow-n",
+        type=int,
+        default=None,
+        help="run input_x_gradient and occlusion on the first SLOW_N scenes only (default: all)",
+    )
     ap.add_argument("--masks", type=int, default=N_MASKS, help="random region subsets per scene")
     ap.add_argument("--mask-seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -45,8 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(args.estimator).is_file():
                 raise VLMError(f"estimator not found: {args.estimator} (train one, or pass --estimator)")
             estimator = load_estimator(args.estimator, vlm)
-        res = evaluate(vlm, estimator, n=args.n, start=args.start, methods=methods, slow_n=args.slow_n,
-                       n_masks=args.masks, mask_seed=args.mask_seed, max_new_tokens=args.max_new_tokens)
+        res = evaluate(
+            vlm,
+            estimator,
+            n=args.n,
+            start=args.start,
+            methods=methods,
+            slow_n=args.slow_n,
+            n_masks=args.masks,
+            mask_seed=args.mask_seed,
+            max_new_tokens=args.max_new_tokens,
+        )
     except (VLMError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -55,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'method':18s} {'LDS':>7s} {'R^2':>7s} {'top5':>7s} {'point':>7s} {'s/span':>9s}")
         for m in methods:
             f = lambda v, w=7, p=3: f"{v:{w}.{p}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
-            print(f"{m:18s} {f(res['lds'][m])} {f(res['r2'][m])} {f(res['top5_drop'][m])} "
-                  f"{f(res['pointing'][m])} {f(res['seconds_per_span'][m], 9, 5)}")
-        print(f"{res['n']} held-out scenes, {res['n_spans']} spans ({res['n_spans_constant']} constant), "
-              f"{res['n_pointing_spans']} pointing spans; chance pointing {res['pointing_chance']}")
+            print(
+                f"{m:18s} {f(res['lds'][m])} {f(res['r2'][m])} {f(res['top5_drop'][m])} "
+                f"{f(res['pointing'][m])} {f(res['seconds_per_span'][m], 9, 5)}"
+            )
+        print(
+            f"{res['n']} held-out scenes, {res['n_spans']} spans ({res['n_spans_constant']} constant), "
+            f"{res['n_pointing_spans']} pointing spans; chance pointing {res['pointing_chance']}"
+        )
     print(json.dumps(res))
     return 0
-

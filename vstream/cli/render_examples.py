@@ -1,4 +1,5 @@
 """python -m vstream render-examples"""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,9 @@ from vstream.world.examples import render_examples
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream render-examples", description=(examples.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vstream render-examples", description=(examples.__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--out", type=Path, default=EXAMPLES_DIR)
     ap.add_argument("--per-family", type=int, default=3)
     ap.add_argument("--streams", type=int, default=2)

@@ -1,4 +1,5 @@
 """python -m vstream train-demo"""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,9 @@ from vstream.world.assets import DEMO_MODEL_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream train-demo", description=(train_demo.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vstream train-demo", description=(train_demo.__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps (the LR schedule spans these)")
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
     ap.add_argument("--batch-size", type=int, default=32, help="per process")
@@ -18,12 +21,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="checkpoints for resuming")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=0, help="data-loader processes per training process "
-                    "(0: render scenes in the training process; use a few on a GPU, where rendering is the bottleneck)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loader processes per training process "
+        "(0: render scenes in the training process; use a few on a GPU, where rendering is the bottleneck)",
+    )
     ap.add_argument("--probe-weight", type=float, default=1.0, help="weight of the vision-token probe loss")
-    ap.add_argument("--position-probe", action="store_true", help="also probe each vision token's grid row and "
-                    "column (not used for the shipped model yet)")
+    ap.add_argument(
+        "--position-probe",
+        action="store_true",
+        help="also probe each vision token's grid row and column (not used for the shipped model yet)",
+    )
     args = ap.parse_args(argv)
-    train_demo.train(args.steps, args.minutes, args.batch_size, args.lr, args.out, args.run_dir, args.save_every,
-                     args.seed, args.workers, args.probe_weight, args.position_probe)
+    train_demo.train(
+        args.steps,
+        args.minutes,
+        args.batch_size,
+        args.lr,
+        args.out,
+        args.run_dir,
+        args.save_every,
+        args.seed,
+        args.workers,
+        args.probe_weight,
+        args.position_probe,
+    )
     return 0

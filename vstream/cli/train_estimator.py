@@ -1,4 +1,5 @@
 """python -m vstream train-estimator"""
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,9 @@ from vstream.model import VLMError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vstream train-estimator", description=(estimator.__doc__ or '').splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m vstream train-estimator", description=(estimator.__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--labels", type=Path, nargs="+", default=[Path("runs/labels")], help="label folder(s)")
     ap.add_argument("--out", type=Path, default=Path("assets/estimator-demo.safetensors"))
     ap.add_argument("--eval", type=Path, nargs="*", default=[], help="held-out label folder(s) to report on")
@@ -24,8 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-region-bias", action="store_true", help="region score = w . f only (no shared constant)")
     args = ap.parse_args(argv)
     try:
-        est, report = train(args.labels, args.epochs, args.lr, args.val_fraction, args.seed, refit=not args.no_refit,
-                            region_bias=not args.no_region_bias)
+        est, report = train(
+            args.labels,
+            args.epochs,
+            args.lr,
+            args.val_fraction,
+            args.seed,
+            refit=not args.no_refit,
+            region_bias=not args.no_region_bias,
+        )
         if args.eval:
             report.update(heldout_report(est, args.eval))
         est.meta["report"] = {k: v for k, v in report.items() if k != "heldout"}
@@ -34,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     side = args.out.with_suffix(".json")
-    side.write_text(json.dumps({"estimator": str(args.out), **report,
-                                "meta": est.meta}, indent=1))
+    side.write_text(json.dumps({"estimator": str(args.out), **report, "meta": est.meta}, indent=1))
     print(json.dumps(report))
     return 0
-

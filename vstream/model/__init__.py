@@ -4,6 +4,7 @@ Load a supported VLM (`load_vlm`), build its chat inputs with the position and p
 vision token (`VLM.build_inputs`), stream tokens (`VLM.stream`); every user-facing failure is a
 one-line `VLMError`.
 """
+
 from vstream.model.decoding import IncrementalDecoder, event_stop
 from vstream.model.errors import VLMError
 from vstream.model.identity import model_identity, model_name

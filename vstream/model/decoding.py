@@ -1,4 +1,5 @@
 """Generation plumbing shared by every decoding loop: streamer, stop criteria, incremental text."""
+
 from __future__ import annotations
 
 import queue

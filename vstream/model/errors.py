@@ -1,4 +1,5 @@
 """The adapter's one exception type."""
+
 from __future__ import annotations
 
 from typing import Any

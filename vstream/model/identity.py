@@ -1,4 +1,5 @@
 """Who a model is, portably: the name and sizes an estimator or a label set is tied to."""
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ either crashes deep inside them or silently produces garbage. All of that is set
 one-line `VLMError`s for what cannot be fixed. Nothing is ever unpickled: arrays must already
 be numpy arrays, files are decoded by PIL only.
 """
+
 from __future__ import annotations
 
 import io
@@ -72,9 +73,7 @@ def _check_size(w: int, h: int) -> None:
     if w <= 0 or h <= 0:
         raise VLMError(f"image is empty ({w}x{h})")
     if w * h > MAX_PIXELS:
-        raise VLMError(
-            f"image is too large: {w}x{h} = {w * h / 1e6:.0f} megapixels (limit {MAX_PIXELS // 1_000_000})"
-        )
+        raise VLMError(f"image is too large: {w}x{h} = {w * h / 1e6:.0f} megapixels (limit {MAX_PIXELS // 1_000_000})")
     aspect = max(w, h) / min(w, h)
     if aspect > MAX_ASPECT:
         raise VLMError(f"image aspect ratio {aspect:.0f}:1 ({w}x{h}) is too extreme (limit {MAX_ASPECT:.0f}:1)")

@@ -1,4 +1,5 @@
 """A tokenized prompt plus where every vision token sits; the pixel geometry of tokens."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,11 +59,7 @@ class VLMInputs:
         return kw
 
 
-
-
-def token_boxes(
-    th: int, tw: int, ppt: int, resized: tuple[int, int], orig: tuple[int, int]
-) -> torch.Tensor:
+def token_boxes(th: int, tw: int, ppt: int, resized: tuple[int, int], orig: tuple[int, int]) -> torch.Tensor:
     """Row-major (th*tw, 4) boxes of each LLM token, mapped from resized to original pixels."""
     sx, sy = orig[0] / resized[0], orig[1] / resized[1]
     ys, xs = torch.meshgrid(torch.arange(th), torch.arange(tw), indexing="ij")

@@ -1,4 +1,5 @@
 """Load a supported VLM from a folder or hub id: safetensors only, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -80,14 +81,24 @@ def load_vlm(
         tokenizer.chat_template = _find_chat_template(path)
 
     vc = model.config.vision_config
-    for name, want in (("patch_size", vc.patch_size), ("merge_size", vc.spatial_merge_size),
-                       ("temporal_patch_size", vc.temporal_patch_size)):
+    for name, want in (
+        ("patch_size", vc.patch_size),
+        ("merge_size", vc.spatial_merge_size),
+        ("temporal_patch_size", vc.temporal_patch_size),
+    ):
         have = getattr(image_processor, name)
         if int(have) != int(want):
             raise VLMError(f"{path}: preprocessor_config {name}={have} does not match the model's {want}")
 
-    return VLM(model=model, tokenizer=tokenizer, image_processor=image_processor,
-               arch=model_type, device=dev, dtype=dt, path=path)
+    return VLM(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        arch=model_type,
+        device=dev,
+        dtype=dt,
+        path=path,
+    )
 
 
 def read_model_config(path: Path, what: str = "model") -> dict:
@@ -113,9 +124,7 @@ def resolve_model_path(name: str, trust_remote_code: bool) -> Path:
         if not p.is_dir():
             raise VLMError(f"model path is not a folder: {p}")
         return p
-    looks_like_path = (
-        name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") != 1 or name.endswith("/")
-    )
+    looks_like_path = name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") != 1 or name.endswith("/")
     if not looks_like_path:
         from huggingface_hub.utils import validate_repo_id
 
@@ -132,19 +141,24 @@ def _download(repo_id: str, trust_remote_code: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
-        "1", "true", "yes", "on"
-    } or os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    offline = (
+        bool(constants.HF_HUB_OFFLINE)
+        or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+        or os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    )
     patterns = _WEIGHT_PATTERNS + (["*.py"] if trust_remote_code else [])
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except (GatedRepoError, RepositoryNotFoundError) as e:
-        raise VLMError(f"could not download {repo_id}: no such model on the Hugging Face Hub, or it is "
-                       f"gated/private ({type(e).__name__}); pass a local path") from e
+        raise VLMError(
+            f"could not download {repo_id}: no such model on the Hugging Face Hub, or it is "
+            f"gated/private ({type(e).__name__}); pass a local path"
+        ) from e
     except Exception as e:  # offline, no network, DNS, timeouts, cache misses
         why = "offline mode (HF_HUB_OFFLINE)" if offline else "no network"
-        raise VLMError(f"could not download {repo_id}: {why} / not in local cache; pass a local path "
-                       f"({type(e).__name__})") from e
+        raise VLMError(
+            f"could not download {repo_id}: {why} / not in local cache; pass a local path ({type(e).__name__})"
+        ) from e
 
 
 def _find_chat_template(path: Path) -> str | None:
@@ -174,9 +188,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 _DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 
 

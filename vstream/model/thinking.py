@@ -3,6 +3,7 @@
 One home for the markers and for reading the answer back, so every consumer (live worker,
 evaluation, UI, TaYS protocol and training) splits a trace the same way.
 """
+
 from __future__ import annotations
 
 import re

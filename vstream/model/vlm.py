@@ -15,6 +15,7 @@ through `load_vlm` / `VLM`, so architecture quirks live here only:
 
 The library never imports gradio and only loads safetensors weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -107,7 +108,9 @@ class VLM:
         """The text decoder, which takes `inputs_embeds` with the image features already in."""
         lm = getattr(getattr(self.model, "model", None), "language_model", None)
         if lm is None:
-            raise RuntimeError(f"cannot find the language model of {type(self.model).__name__} (model.model.language_model)")
+            raise RuntimeError(
+                f"cannot find the language model of {type(self.model).__name__} (model.model.language_model)"
+            )
         return lm
 
     @property
@@ -370,7 +373,6 @@ class VLM:
         while new and new[-1] in drop:
             new.pop()
         return self.tokenizer.decode(new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
 
 
 _END = object()

@@ -1,4 +1,5 @@
 """Where the repository keeps what ships with it: weights in `assets/`, rendered `examples/`."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ A run folder holds `latest/`: the accelerate state (model, optimizer, RNG) plus 
 command resumes from it. The final model is saved as safetensors beside its tokenizer, image
 processor and a training.json, so `load_vlm(folder)` works offline.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,14 @@ def save_step(acc: Accelerator, state: Path, record: dict[str, Any]) -> None:
         (Path(state) / "step.json").write_text(json.dumps(record))
 
 
-def save_final(model: Any, tokenizer: Any, image_processor: Any, out: Path, meta: dict[str, Any],
-               dtype: torch.dtype = torch.float16) -> None:
+def save_final(
+    model: Any,
+    tokenizer: Any,
+    image_processor: Any,
+    out: Path,
+    meta: dict[str, Any],
+    dtype: torch.dtype = torch.float16,
+) -> None:
     """The trained model as a loadable folder. float16 on disk keeps shipped weights small;
     loading upcasts to the chosen dtype."""
     out = Path(out)

@@ -6,6 +6,7 @@ parameters.
 This module holds what training and evaluation share: the tokenizer corpus, the config,
 and turning scenes into model batches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,12 +41,10 @@ MERGE = 2  # MERGE x MERGE patches make one LLM token (56 px)
 def make_image_processor(patch: int = PATCH) -> Qwen2VLImageProcessorPil:
     # Fixed 224x224 input: every image becomes 8x8 patches -> 4x4 = 16 LLM tokens, one per
     # 56 px grid cell. Fewer, coarser tokens trained better in our CPU hour than 64.
-    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch,
-                                    merge_size=MERGE)
+    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch, merge_size=MERGE)
 
 
-def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6,
-                patch: int = PATCH) -> Qwen2_5_VLConfig:
+def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6, patch: int = PATCH) -> Qwen2_5_VLConfig:
     ids = special_ids(tokenizer)
     head_dim = hidden // heads
     t = head_dim // 2  # mRoPE sections (t, h, w) split the rotary half-dimension

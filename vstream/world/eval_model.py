@@ -7,6 +7,7 @@ Scenes come from one split only: held-out (`shapes.scenes("heldout", ...)`, the 
 or, with --split val, validation (for choosing a recipe without looking at held-out). A model whose
 training record claims seeds from the chosen split is refused. The last output line is JSON.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,7 +1,8 @@
 """Shapes-world samples (PNG scenes, MP4 streams) in examples/ for the gallery: render and list them.
 
-    python -m vstream render-examples --per-family 3 --streams 2
+python -m vstream render-examples --per-family 3 --streams 2
 """
+
 from __future__ import annotations
 
 import json
@@ -45,5 +46,8 @@ def stream_examples() -> list[list[str]]:
     if not index.exists():
         return []
     data = json.loads(index.read_text())
-    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in data.get("streams", [])
-            if (EXAMPLES_DIR / s["file"]).is_file()]
+    return [
+        [str(EXAMPLES_DIR / s["file"]), s["question"]]
+        for s in data.get("streams", [])
+        if (EXAMPLES_DIR / s["file"]).is_file()
+    ]

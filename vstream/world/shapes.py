@@ -8,6 +8,7 @@ Five task families mirror the paper's General/Math/Science/Document/Code spread,
 Seeds decide everything. Training, validation and held-out scenes come from disjoint seed
 ranges, and `scenes()` refuses to hand out a range that crosses into another split.
 """
+
 from __future__ import annotations
 
 import functools
@@ -142,9 +143,18 @@ def _polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, fl
     if shape == "cross":
         t = w / 6
         return [
-            (cx - t, y0), (cx + t, y0), (cx + t, cy - t), (x0 + w, cy - t), (x0 + w, cy + t),
-            (cx + t, cy + t), (cx + t, y0 + h), (cx - t, y0 + h), (cx - t, cy + t), (x0, cy + t),
-            (x0, cy - t), (cx - t, cy - t),
+            (cx - t, y0),
+            (cx + t, y0),
+            (cx + t, cy - t),
+            (x0 + w, cy - t),
+            (x0 + w, cy + t),
+            (cx + t, cy + t),
+            (cx + t, y0 + h),
+            (cx - t, y0 + h),
+            (cx - t, cy + t),
+            (x0, cy + t),
+            (x0, cy - t),
+            (cx - t, cy - t),
         ]
     return None
 

@@ -26,6 +26,7 @@ Conventions (what the rest of the project may rely on):
 MP4 export (`Stream.to_mp4`) encodes H.264 (libx264, yuv420p) with PyAV, whose wheels bundle
 ffmpeg with libx264; the files read back with decord 0.6.0.
 """
+
 from __future__ import annotations
 
 import math
@@ -313,6 +314,7 @@ def _events(rng: np.random.Generator, times: list[float], n_obj: int) -> tuple[l
 
 def _question(rng: np.random.Generator, kind: str, objects: list[ObjSpec], events: list[Event]):
     """(question, answer) of `kind` for these events, or None when its premise fails."""
+
     def once(k: str) -> list[int]:
         counts = {}
         for e in events:

@@ -3,6 +3,7 @@
 Real Qwen tokenizers cannot be downloaded here, so the demo model and the tiny test models
 use one trained on our own text. Byte-level BPE means any user question still tokenizes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

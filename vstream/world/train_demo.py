@@ -13,6 +13,7 @@ useful within minutes on CPU; it is not saved.
 Checkpoints (accelerate state + step) are written every `--save-every` steps to `--run-dir`;
 rerunning the same command resumes from the latest one.
 """
+
 from __future__ import annotations
 
 import json
@@ -188,8 +189,14 @@ def train(
     model = WithProbe(build_demo_model(tok), tok, weight=probe_weight, position=position_probe)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     data = TrainScenes(steps * batch_size * acc.num_processes)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=TrainCollator(tok, ip),
-                        num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=TrainCollator(tok, ip),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     model, opt, loader = acc.prepare(model, opt, loader)
 
     state = run_dir / "latest"
@@ -245,4 +252,3 @@ def train(
         acc.print(json.dumps(meta))
         return meta
     return None
-

@@ -24,6 +24,7 @@ Methods (Captum style: one file each, registered by name in `METHODS`):
 * ``occlusion``: leave-one-region-out: the measured effect of ablating region k alone, with the
   one ablation operator (`vstream.attr.ablation.ablation_effects`, K one-region masks, batched).
 """
+
 # importing a method's module registers it
 from vstream.attr.methods import (  # noqa: E402, F401, I001
     input_x_gradient,

@@ -1,4 +1,5 @@
 """The registry, the context every method reads, and the one `attribute` call."""
+
 from __future__ import annotations
 
 import time
@@ -15,13 +16,13 @@ from vstream.attr.regions import Regions
 from vstream.attr.spans import Span
 from vstream.model import VLM, VLMInputs
 
-METHODS: dict[str, Callable[["AttributionContext"], np.ndarray]] = {}
+METHODS: dict[str, Callable[[AttributionContext], np.ndarray]] = {}
 
 
 def register(name: str) -> Callable:
     """Decorator: make `fn(ctx) -> (n_spans, K)` available as `attribute(name, ctx)`."""
 
-    def deco(fn: Callable[["AttributionContext"], np.ndarray]) -> Callable:
+    def deco(fn: Callable[[AttributionContext], np.ndarray]) -> Callable:
         METHODS[name] = fn
         return fn
 

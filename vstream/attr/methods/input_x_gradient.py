@@ -4,6 +4,7 @@ x . grad is the first-order estimate of log p(x) - log p(x with the region's emb
 so its sign matches the ablation effect. On Qwen3-VL the DeepStack features injected inside the
 decoder are held fixed.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """``vstream``: the trained linear estimator on the span's attention features, no extra pass."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """``occlusion``: leave-one-region-out with the one ablation operator (`vstream.attr.ablation`)."""
+
 from __future__ import annotations
 
 import numpy as np

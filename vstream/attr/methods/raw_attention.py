@@ -1,4 +1,5 @@
 """``raw_attention``: the span's attention mass on each region, summed over layers and heads."""
+
 from __future__ import annotations
 
 import numpy as np
