@@ -170,74 +170,13 @@ class VLM:
             if (isinstance(video, (str, bytes, Image.Image, np.ndarray)) and not is_array_clip) or len(video) == 0:
                 raise VLMError("video must be a non-empty list of frames (PIL images or HxWx3 arrays)")
 
-        content: list[dict[str, str]] = []
-        if image is not None:
-            content.append({"type": "image"})
-        if video is not None:
-            content.append({"type": "video"})
-        content.append({"type": "text", "text": question})
-        messages: list[dict[str, Any]] = []
-        if system is not None:
-            messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": content})
-        try:
-            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:
-            raise VLMError(f"the tokenizer's chat template failed: {type(e).__name__}: {e}") from e
-        prompt = prompt + assistant_prefix
-        ids: list[int] = tok(prompt, add_special_tokens=False)["input_ids"]
-
-        n_img, n_vid = ids.count(self.image_token_id), ids.count(self.video_token_id)
-        if n_img != (image is not None) or n_vid != (video is not None):
-            raise VLMError(
-                f"chat template produced {n_img} image and {n_vid} video placeholders "
-                f"(expected {int(image is not None)} and {int(video is not None)})"
-            )
-
+        prompt, ids = self._template_ids(question, image is not None, video is not None, system, assistant_prefix)
         out = VLMInputs(model_kwargs={}, prompt=prompt, image_token_positions=torch.zeros(0, dtype=torch.long))
         kwargs: dict[str, torch.Tensor] = {}
         if image is not None:
-            img, orig = normalize_image_with_size(image)
-            proc = self.image_processor(images=[img], return_tensors="pt")
-            t, gh, gw = (int(v) for v in proc["image_grid_thw"][0])
-            th, tw = gh // self.merge_size, gw // self.merge_size
-            resized = (gw * self.patch_size, gh * self.patch_size)
-            k = ids.index(self.image_token_id)
-            ids[k : k + 1] = [self.image_token_id] * (t * th * tw)
-            kwargs["pixel_values"] = proc["pixel_values"]
-            kwargs["image_grid_thw"] = proc["image_grid_thw"].long()
-            out.token_grid, out.resized_size, out.image, out.original_size = (th, tw), resized, img, orig
-            out.token_boxes = token_boxes(th, tw, self.pixels_per_token, resized, orig)
-
+            ids = self._expand_image(ids, image, out, kwargs)
         if video is not None:
-            pv, grid, frames, vorig, vresized = self.video_patches(video)
-            g, th, tw = grid
-            per_group = th * tw
-            times = group_timestamps(len(frames), fps, self.temporal_patch_size)
-            k = ids.index(self.video_token_id)
-            if self.arch in _QWEN3_FAMILY:
-                # Qwen3-VL: each frame group is "<t seconds><vision_start>pads<vision_end>", and
-                # get_rope_index splits video_grid_thw per group to match
-                start_id = int(self.model.config.vision_start_token_id)
-                end_id = int(self.model.config.vision_end_token_id)
-                lo, hi = k, k + 1
-                if k > 0 and k + 1 < len(ids) and ids[k - 1] == start_id and ids[k + 1] == end_id:
-                    lo, hi = k - 1, k + 2
-                seq: list[int] = []
-                for ts in times:
-                    seq += tok(f"<{ts:.1f} seconds>", add_special_tokens=False)["input_ids"]
-                    seq += [start_id] + [self.video_token_id] * per_group + [end_id]
-                ids[lo:hi] = seq
-            else:
-                ids[k : k + 1] = [self.video_token_id] * (g * per_group)
-            kwargs["pixel_values_videos"] = pv
-            kwargs["video_grid_thw"] = torch.tensor([[g, th * self.merge_size, tw * self.merge_size]], dtype=torch.long)
-            if self.arch == "qwen2_5_vl":
-                kwargs["second_per_grid_ts"] = torch.tensor([self.temporal_patch_size / fps], dtype=torch.float32)
-            out.video_grid, out.frames, out.video_timestamps = grid, frames, times
-            out.video_original_size, out.video_resized_size = vorig, vresized
-            out.video_frame_groups = torch.arange(g).repeat_interleave(per_group)
-            out.video_token_boxes = token_boxes(th, tw, self.pixels_per_token, vresized, vorig).repeat(g, 1)
+            ids = self._expand_video(ids, video, fps, out, kwargs)
 
         input_ids = torch.tensor([ids], dtype=torch.long)
         mm = torch.zeros_like(input_ids)
@@ -253,6 +192,86 @@ class VLM:
         }
         out.model_kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
         return out
+
+    def _template_ids(
+        self, question: str, has_image: bool, has_video: bool, system: str | None, assistant_prefix: str
+    ) -> tuple[str, list[int]]:
+        """The chat-templated prompt and its ids, with one placeholder per image / video."""
+        tok = self.tokenizer
+        content: list[dict[str, str]] = []
+        if has_image:
+            content.append({"type": "image"})
+        if has_video:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": question})
+        messages: list[dict[str, Any]] = []
+        if system is not None:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": content})
+        try:
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:
+            raise VLMError(f"the tokenizer's chat template failed: {type(e).__name__}: {e}") from e
+        prompt = prompt + assistant_prefix
+        ids: list[int] = tok(prompt, add_special_tokens=False)["input_ids"]
+
+        n_img, n_vid = ids.count(self.image_token_id), ids.count(self.video_token_id)
+        if n_img != has_image or n_vid != has_video:
+            raise VLMError(
+                f"chat template produced {n_img} image and {n_vid} video placeholders "
+                f"(expected {int(has_image)} and {int(has_video)})"
+            )
+        return prompt, ids
+
+    def _expand_image(self, ids: list[int], image: Any, out: VLMInputs, kwargs: dict[str, torch.Tensor]) -> list[int]:
+        """One image pad per LLM token; the image's tensors go into `kwargs`, its geometry into `out`."""
+        img, orig = normalize_image_with_size(image)
+        proc = self.image_processor(images=[img], return_tensors="pt")
+        t, gh, gw = (int(v) for v in proc["image_grid_thw"][0])
+        th, tw = gh // self.merge_size, gw // self.merge_size
+        resized = (gw * self.patch_size, gh * self.patch_size)
+        k = ids.index(self.image_token_id)
+        ids[k : k + 1] = [self.image_token_id] * (t * th * tw)
+        kwargs["pixel_values"] = proc["pixel_values"]
+        kwargs["image_grid_thw"] = proc["image_grid_thw"].long()
+        out.token_grid, out.resized_size, out.image, out.original_size = (th, tw), resized, img, orig
+        out.token_boxes = token_boxes(th, tw, self.pixels_per_token, resized, orig)
+        return ids
+
+    def _expand_video(
+        self, ids: list[int], video: Sequence[Any], fps: float, out: VLMInputs, kwargs: dict[str, torch.Tensor]
+    ) -> list[int]:
+        """One video pad per LLM token of every frame group (on Qwen3-VL each group with its timestamp)."""
+        tok = self.tokenizer
+        pv, grid, frames, vorig, vresized = self.video_patches(video)
+        g, th, tw = grid
+        per_group = th * tw
+        times = group_timestamps(len(frames), fps, self.temporal_patch_size)
+        k = ids.index(self.video_token_id)
+        if self.arch in _QWEN3_FAMILY:
+            # Qwen3-VL: each frame group is "<t seconds><vision_start>pads<vision_end>", and
+            # get_rope_index splits video_grid_thw per group to match
+            start_id = int(self.model.config.vision_start_token_id)
+            end_id = int(self.model.config.vision_end_token_id)
+            lo, hi = k, k + 1
+            if k > 0 and k + 1 < len(ids) and ids[k - 1] == start_id and ids[k + 1] == end_id:
+                lo, hi = k - 1, k + 2
+            seq: list[int] = []
+            for ts in times:
+                seq += tok(f"<{ts:.1f} seconds>", add_special_tokens=False)["input_ids"]
+                seq += [start_id] + [self.video_token_id] * per_group + [end_id]
+            ids[lo:hi] = seq
+        else:
+            ids[k : k + 1] = [self.video_token_id] * (g * per_group)
+        kwargs["pixel_values_videos"] = pv
+        kwargs["video_grid_thw"] = torch.tensor([[g, th * self.merge_size, tw * self.merge_size]], dtype=torch.long)
+        if self.arch == "qwen2_5_vl":
+            kwargs["second_per_grid_ts"] = torch.tensor([self.temporal_patch_size / fps], dtype=torch.float32)
+        out.video_grid, out.frames, out.video_timestamps = grid, frames, times
+        out.video_original_size, out.video_resized_size = vorig, vresized
+        out.video_frame_groups = torch.arange(g).repeat_interleave(per_group)
+        out.video_token_boxes = token_boxes(th, tw, self.pixels_per_token, vresized, vorig).repeat(g, 1)
+        return ids
 
     def video_patches(
         self, video: Sequence[Any]
