@@ -25,9 +25,9 @@ from tays.ingest import FrameRecord
 from tays.ipc import prewarm
 from tays.mask import FRAME, PROMPT, TEXT, Segment, additive_mask, streaming_mask
 from tays.metrics import RunResult, TokenRecord
-from tays.paradigms import PARADIGMS, run_paradigm
+from tays.paradigms import run_paradigm
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids, time_interval
-from tays.protocol import TRAINED, chat_ids, run_options
+from tays.protocol import PARADIGMS, TRAINED, chat_ids, run_options
 from tays.sources import IterableSource, PushSource, ShapesSource, StreamError, VideoFileSource
 
 __all__ = [

@@ -24,8 +24,7 @@ from typing import Any
 from tays.bench import DEFAULT_MODEL, bench, memory, memory_run
 from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_dataset, make_encoder
 from tays.metrics import finite_json
-from tays.paradigms import PARADIGMS
-from tays.protocol import TRAINED
+from tays.protocol import PARADIGMS, TRAINED
 
 
 def _print_json(out: dict[str, Any], one_line: bool) -> None:
@@ -136,14 +135,13 @@ def data_command(argv: list[str]) -> int:
 
 def train_command(argv: list[str]) -> int:
     # imported when run, not at the top: training brings accelerate, which other commands never need
-    from tays.train import PARADIGMS as TRAIN_PARADIGMS
     from tays.train import SetupError, train
 
     ap = argparse.ArgumentParser(
         prog="python -m tays train",
         description="SFT of the demo model for streaming video reasoning (TaYS, or the batch / interleaved baselines)",
     )
-    ap.add_argument("--paradigm", choices=TRAIN_PARADIGMS, default="tays")
+    ap.add_argument("--paradigm", choices=PARADIGMS, default="tays")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps (the LR schedule spans these)")
     ap.add_argument("--minutes", type=float, default=None, help="stop early after this much wall time")
     ap.add_argument("--out", type=Path, default=None, help="final model folder (default runs/tays/PARADIGM)")

@@ -29,7 +29,8 @@ import torch
 
 from tays.engine import THREAD_PREFIX, StreamingEngine
 from tays.metrics import finite_json, overlap, percentile
-from tays.paradigms import PARADIGMS, run_paradigm
+from tays.paradigms import run_paradigm
+from tays.protocol import PARADIGMS
 from tays.sampling import next_token
 from tays.sources import FrameChecker, ShapesSource
 from vstream.model import VLM, load_vlm

@@ -63,18 +63,15 @@ from tays.forward import check_supported, encode_frames, video_interval
 from tays.mask import TEXT
 from tays.metrics import DecodeCall, GroupRecord, RunResult, StepRecord, TokenRecord, compute_metrics, overlap
 from tays.positions import frame_position_ids, text_position_ids
-from tays.protocol import chat_ids
+from tays.protocol import PARADIGMS, chat_ids
 from tays.sampling import next_token
 from tays.sources import FrameChecker, FrameSource, StreamError
 from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN, VLM, IncrementalDecoder
 
 __all__ = [
-    "PARADIGMS",
     "CausalSequence",
     "run_paradigm",
 ]
-
-PARADIGMS = ("batch", "interleaved", "tays")
 
 
 def _now() -> float:

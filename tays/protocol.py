@@ -21,7 +21,10 @@ from vstream.model import THINK_CLOSE, THINK_OPEN, VLM
 if TYPE_CHECKING:  # annotation only: importing transformers costs seconds at start-up
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TRAINED", "chat_ids", "chat_template_ids", "run_options"]
+__all__ = ["PARADIGMS", "TRAINED", "chat_ids", "chat_template_ids", "run_options"]
+
+# the three ways of reasoning over a stream, trained (tays.train) and run (tays.paradigms) alike
+PARADIGMS = ("batch", "interleaved", "tays")
 
 
 # the SFT protocol of `tays.train` (its assistant and answer prefixes), and the

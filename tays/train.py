@@ -63,7 +63,7 @@ from tays.data import (
 from tays.forward import video_interval
 from tays.mask import FRAME, PROMPT, TEXT, Segment, streaming_mask
 from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids
-from tays.protocol import chat_template_ids
+from tays.protocol import PARADIGMS, chat_template_ids
 from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN, VLM, VLMError, load_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.checkpoints import agreed_seconds, lr_at, resume, save_final, save_step
@@ -75,7 +75,6 @@ if TYPE_CHECKING:  # annotation only: importing transformers costs seconds at st
 
 __all__ = [
     "IGNORE",
-    "PARADIGMS",
     "Layout",
     "SetupError",
     "StreamingLM",
@@ -86,7 +85,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
-PARADIGMS = ("tays", "batch", "interleaved")
 IGNORE = -100
 OTHER, EMPTY_STEP, ANSWER = 0, 1, 2  # label roles, for the loss weights
 

@@ -24,8 +24,8 @@ from tays.metrics import (
     match_event,
     percentile,
 )
-from tays.paradigms import PARADIGMS, CausalSequence, run_paradigm
-from tays.protocol import chat_ids
+from tays.paradigms import CausalSequence, run_paradigm
+from tays.protocol import PARADIGMS, chat_ids
 from tays.sources import EventTruth, IterableSource, PushSource, ShapesSource, StreamError
 from vstream.world.shapes_video import make_stream
 

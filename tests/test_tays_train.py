@@ -14,9 +14,9 @@ import torch
 from tays.data import TfidfEncoder, build_trajectory, shapes_sample
 from tays.engine import StreamingEngine
 from tays.paradigms import CausalSequence
+from tays.protocol import PARADIGMS
 from tays.train import (
     IGNORE,
-    PARADIGMS,
     StreamingLM,
     TrajectoryCollator,
     build_layout,
