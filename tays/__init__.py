@@ -17,30 +17,22 @@
   | memory``).
 """
 
-from tays.cache import VideoView
-from tays.decoder import attend_segments
 from tays.engine import StreamingEngine, TokenEvent
-from tays.forward import StreamingSequence, encode_frames, streaming_forward
-from tays.ingest import FrameRecord
+from tays.forward import StreamingSequence, streaming_forward
 from tays.ipc import prewarm
-from tays.mask import FRAME, PROMPT, TEXT, Segment, additive_mask, streaming_mask
 from tays.metrics import RunResult, TokenRecord
 from tays.paradigms import run_paradigm
-from tays.positions import frame_position_ids, streaming_position_ids, text_position_ids, time_interval
-from tays.protocol import PARADIGMS, TRAINED, chat_ids, run_options
+from tays.protocol import PARADIGMS, TRAINED, run_options
 from tays.sources import IterableSource, PushSource, ShapesSource, StreamError, VideoFileSource
 
+# the names a notebook or the app needs; the mask, positions, caches and decoder loop are
+# imported from their modules (tays.mask, tays.positions, tays.cache, tays.decoder)
 __all__ = [
-    "FRAME",
     "PARADIGMS",
-    "PROMPT",
-    "TEXT",
     "TRAINED",
-    "FrameRecord",
     "IterableSource",
     "PushSource",
     "RunResult",
-    "Segment",
     "ShapesSource",
     "StreamError",
     "StreamingEngine",
@@ -48,18 +40,8 @@ __all__ = [
     "TokenEvent",
     "TokenRecord",
     "VideoFileSource",
-    "VideoView",
-    "additive_mask",
-    "attend_segments",
-    "chat_ids",
-    "encode_frames",
-    "frame_position_ids",
     "prewarm",
     "run_options",
     "run_paradigm",
     "streaming_forward",
-    "streaming_mask",
-    "streaming_position_ids",
-    "text_position_ids",
-    "time_interval",
 ]
