@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vstream.world import examples
 from vstream.world.assets import EXAMPLES_DIR
 from vstream.world.examples import render_examples
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vstream render-examples", description=(examples.__doc__ or "").splitlines()[0]
+        prog="python -m vstream render-examples",
+        description="Render shapes-world samples (PNG scenes, MP4 streams) into examples/ for the gallery.",
     )
     ap.add_argument("--out", type=Path, default=EXAMPLES_DIR)
     ap.add_argument("--per-family", type=int, default=3)
