@@ -63,7 +63,7 @@ from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.spans import Span, SpanSplitter
-from vstream.model import VLM, IncrementalDecoder, VLMError, event_stop, split_thinking
+from vstream.model import VLM, IncrementalDecoder, VLMError, event_stop, split_thinking, token_streamer
 
 __all__ = [
     "AttributionSession",
@@ -150,27 +150,6 @@ Event = RegionsEvent | TokenEvent | SpanEvent | PathEvent | DoneEvent
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _callback_streamer(fn):
-    """transformers streamer calling fn(list of new token ids), synchronously in generate();
-    the prompt (the first put) is skipped. Subclassed lazily, like vstream.model.decoding's streamer."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class _CallbackStreamer(BaseStreamer):
-        def __init__(self) -> None:
-            self.prompt_seen = False
-
-        def put(self, value: torch.Tensor) -> None:
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            fn(value.reshape(-1).tolist())
-
-        def end(self) -> None:
-            pass
-
-    return _CallbackStreamer()
 
 
 def _estimator_target(estimator: Estimator) -> tuple[torch.device, torch.dtype]:
@@ -345,7 +324,7 @@ class _Run:
         self._decoder = IncrementalDecoder(self.vlm.tokenizer)
         kw = dict(self._gen_kwargs)
         kw["stopping_criteria"] = StoppingCriteriaList([event_stop(self._stop, self._user_stop)])
-        kw["streamer"] = _callback_streamer(self._on_tokens)
+        kw["streamer"] = token_streamer(self._on_tokens)
         try:
             if not self._stopped():
                 with self.vlm.lock:  # nothing else runs on the model while we capture

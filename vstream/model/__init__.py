@@ -5,7 +5,7 @@ vision token (`VLM.build_inputs`), stream tokens (`VLM.stream`); every user-faci
 one-line `VLMError`.
 """
 
-from vstream.model.decoding import IncrementalDecoder, event_stop
+from vstream.model.decoding import IncrementalDecoder, event_stop, token_streamer
 from vstream.model.errors import VLMError
 from vstream.model.identity import model_identity, model_name
 from vstream.model.images import normalize_image, normalize_image_with_size
@@ -45,4 +45,5 @@ __all__ = [
     "resolve_device",
     "resolve_model_path",
     "split_thinking",
+    "token_streamer",
 ]

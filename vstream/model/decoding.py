@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
-class _QueueStreamer:
-    """transformers streamer that forwards new token ids to a queue (the prompt is skipped)."""
-
-    def __init__(self, q: queue.Queue):
-        self.q = q
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first puts the whole prompt
-            self.prompt_seen = True
-            return
-        self.q.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass  # the worker thread signals the end itself, also on errors
-
-
-def queue_streamer(q: queue.Queue):
-    # subclass lazily so importing this module does not import the generation stack
+def token_streamer(on_tokens: Callable[[list[int]], Any]):
+    """transformers streamer calling `on_tokens(new token ids)` synchronously inside generate();
+    the prompt (generate's first put) is skipped, and the end is left to the caller, which
+    signals it itself, also on errors."""
+    # subclassed lazily so importing this module does not import the generation stack
     from transformers.generation.streamers import BaseStreamer
 
-    cls = type("QueueStreamer", (_QueueStreamer, BaseStreamer), {})
-    return cls(q)
+    class TokenStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            on_tokens(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            pass
+
+    return TokenStreamer()
 
 
 def event_stop(*events: threading.Event | None):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the transformers classes only annotate here; importing them
         Qwen2VLImageProcessorPil,
     )
 
-from vstream.model.decoding import IncrementalDecoder, event_stop, queue_streamer
+from vstream.model.decoding import IncrementalDecoder, event_stop, token_streamer
 from vstream.model.errors import VLMError
 from vstream.model.images import normalize_image_with_size
 from vstream.model.inputs import VLMInputs, group_timestamps, token_boxes
@@ -352,7 +352,7 @@ class VLM:
         from transformers import StoppingCriteriaList
 
         kw["stopping_criteria"] = StoppingCriteriaList([event_stop(closed, stop_event)])
-        kw["streamer"] = queue_streamer(q)
+        kw["streamer"] = token_streamer(q.put)
 
         def work() -> None:
             try:
