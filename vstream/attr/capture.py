@@ -438,7 +438,11 @@ def uninstall(vlm: VLM) -> None:
 
 def is_capturing(vlm: VLM) -> bool:
     """Whether a capture is attached to any of the model's text attention modules."""
-    return any(getattr(m, _STATE_ATTR, None) is not None for m in text_attention_modules(vlm))
+    return _attached(text_attention_modules(vlm))
+
+
+def _attached(mods: list[torch.nn.Module]) -> bool:
+    return any(getattr(m, _STATE_ATTR, None) is not None for m in mods)
 
 
 @contextmanager
@@ -458,7 +462,7 @@ def capturing(vlm: VLM, image_positions: torch.Tensor, recorder: AttentionRecord
     pos = torch.as_tensor(image_positions).reshape(-1).long()
     if pos.numel() == 0:
         raise ValueError("no image token positions to capture attention on")
-    if is_capturing(vlm):
+    if _attached(mods):  # the modules found above: no second walk over the model
         raise RuntimeError("attention capture is already active on this model")
     state = _CaptureState(pos, recorder)
     for m in mods:
