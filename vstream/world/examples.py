@@ -33,21 +33,19 @@ def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: in
 
 def scene_examples() -> list[list[str]]:
     """[[image path, question], ...] from examples/index.json (shapes-world scenes)."""
-    index = EXAMPLES_DIR / "index.json"
-    if not index.exists():
-        return []
-    data = json.loads(index.read_text())
-    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in data.get("scenes", [])]
+    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in _index().get("scenes", [])]
 
 
 def stream_examples() -> list[list[str]]:
     """[[video path, question], ...] from examples/index.json (shapes-world streams)."""
-    index = EXAMPLES_DIR / "index.json"
-    if not index.exists():
-        return []
-    data = json.loads(index.read_text())
     return [
         [str(EXAMPLES_DIR / s["file"]), s["question"]]
-        for s in data.get("streams", [])
+        for s in _index().get("streams", [])
         if (EXAMPLES_DIR / s["file"]).is_file()
     ]
+
+
+def _index() -> dict:
+    """examples/index.json as `render_examples` wrote it ({} before anything was rendered)."""
+    index = EXAMPLES_DIR / "index.json"
+    return json.loads(index.read_text()) if index.exists() else {}
