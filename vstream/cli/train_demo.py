@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--position-probe",
         action="store_true",
-        help="also probe each vision token's grid row and column (not used for the shipped model yet)",
+        help="also probe each vision token's grid row and column",
+    )
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this model folder's weights (token embeddings matched by token text); "
+        "the shipped model is fine-tuned from the previous one this way",
     )
     args = ap.parse_args(argv)
     train_demo.train(
@@ -47,5 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         args.probe_weight,
         args.position_probe,
+        args.init,
     )
     return 0

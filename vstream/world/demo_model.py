@@ -9,13 +9,17 @@ and turning scenes into model batches.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
 
-from vstream.world.shapes import COLORS, FAMILIES, SHAPES, SIZE, Scene, scenes
+from vstream.world.shapes import COLORS, FAMILIES, SCALE, SHAPES, SIZE, Scene, scenes
 from vstream.world.tokenizer import build_tokenizer, special_ids
 
 SYSTEM = None  # the demo model needs no system prompt
@@ -39,9 +43,11 @@ MERGE = 2  # MERGE x MERGE patches make one LLM token (56 px)
 
 
 def make_image_processor(patch: int = PATCH) -> Qwen2VLImageProcessorPil:
-    # Fixed 224x224 input: every image becomes 8x8 patches -> 4x4 = 16 LLM tokens, one per
-    # 56 px grid cell. Fewer, coarser tokens trained better in our CPU hour than 64.
-    return Qwen2VLImageProcessorPil(min_pixels=SIZE * SIZE, max_pixels=SIZE * SIZE, patch_size=patch, merge_size=MERGE)
+    # Dynamic resolution between 224x224 (4x4 = 16 LLM tokens: video frames, kept small so
+    # streaming stays fast) and 448x448 (8x8 = 64 tokens: still scenes, an object ~2x2 tokens).
+    return Qwen2VLImageProcessorPil(
+        min_pixels=SIZE * SIZE, max_pixels=(SIZE * SCALE) ** 2, patch_size=patch, merge_size=MERGE
+    )
 
 
 def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6, patch: int = PATCH) -> Qwen2_5_VLConfig:
@@ -87,6 +93,37 @@ def demo_config(tokenizer, hidden: int = 192, layers: int = 4, heads: int = 6, p
 
 def build_demo_model(tokenizer, **kw) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(demo_config(tokenizer, **kw))
+
+
+def warm_start(model: Qwen2_5_VLForConditionalGeneration, tokenizer, init: Path) -> dict:
+    """Copy a saved model's weights into `model`: every tensor of the same name and shape, and
+    token embeddings row by row where the token's text exists in both vocabularies (a new world
+    adds words, so the tokenizer is rebuilt). Returns what was copied, for the training record."""
+    init = Path(init)
+    old = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).state_dict()
+    old_vocab = json.loads((init / "tokenizer.json").read_text())["model"]["vocab"]
+    own = model.state_dict()
+    copied, rows = 0, 0
+    for name, value in old.items():
+        if name in own and "embed_tokens" not in name and own[name].shape == value.shape:
+            own[name].copy_(value.to(own[name].dtype))
+            copied += 1
+    emb = model.get_input_embeddings().weight
+    old_emb = old["model.language_model.embed_tokens.weight"]
+    with torch.no_grad():
+        for text, new_id in tokenizer.get_vocab().items():
+            if text in old_vocab and old_vocab[text] < old_emb.shape[0]:
+                emb[new_id] = old_emb[old_vocab[text]].to(emb.dtype)
+                rows += 1
+    digest = hashlib.sha256((init / "model.safetensors").read_bytes()).hexdigest()[:16]
+    training = init / "training.json"
+    return {
+        "from": str(init),
+        "weights_sha256": digest,
+        "tensors_copied": copied,
+        "embedding_rows_copied": rows,
+        "its_training": json.loads(training.read_text()) if training.exists() else None,
+    }
 
 
 def prompt_text(tokenizer, question: str) -> str:

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SIZE = 224  # 4x4 LLM tokens for the demo Qwen2.5-VL (56 px each)
-GRID = 4  # objects sit in a 4x4 grid of 56 px cells (one demo-model token each)
+SIZE = 224  # the world's coordinates: boxes, cells and video frames are in these pixels
+GRID = 4  # objects sit in a 4x4 grid of 56 px cells
 CELL = SIZE // GRID
+# Still images are drawn SCALE times larger than the world: 448 px, 8x8 = 64 demo-model tokens,
+# so an object covers about 2x2 tokens and a region can group several. Video frames stay at 224.
+SCALE = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -30,7 +33,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 125, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-FAMILIES = ("attribute", "counting", "spatial", "reading", "chart", "existence")
+SHORT_FAMILIES = ("attribute", "counting", "spatial", "reading", "chart", "existence")
+# Multi-step reasoning (8-20 steps), each step grounded in one object.
+LONG_FAMILIES = ("compare_counts", "chain", "sum_boxes", "rank_bars", "odd_one_out")
+FAMILIES = SHORT_FAMILIES + LONG_FAMILIES
 # The paper's task categories these stand in for.
 PAPER_CATEGORY = {
     "attribute": "General",
@@ -39,6 +45,11 @@ PAPER_CATEGORY = {
     "reading": "Document",
     "chart": "Code",
     "existence": "Hallucination probe",
+    "compare_counts": "Math",
+    "chain": "Science",
+    "sum_boxes": "Document",
+    "rank_bars": "Code",
+    "odd_one_out": "General",
 }
 
 TRAIN_SEEDS = range(0, 900_000_000)
@@ -81,23 +92,32 @@ class Scene:
     answer: str
     objects: list[Obj]
     kind: str = field(default="")  # question variant within the family
+    scale: int = SCALE  # image pixels per world pixel
 
     @property
     def trace(self) -> str:
         """The target assistant text: `<think> step. step. </think> answer`."""
         return "<think> " + " ".join(s.text for s in self.steps) + " </think> " + self.answer
 
+    @property
+    def image_size(self) -> int:
+        return SIZE * self.scale
+
     def image(self) -> Image.Image:
-        return render(self.objects, chart=self.family == "chart")
+        return render(self.objects, chart=any(o.kind == "bar" for o in self.objects), scale=self.scale)
 
     def mask(self, i: int) -> np.ndarray:
-        """Boolean (SIZE, SIZE) mask of object i."""
-        m = Image.new("L", (SIZE, SIZE), 0)
-        _draw_obj(ImageDraw.Draw(m), self.objects[i], fill=255, outline=255)
+        """Boolean (image_size, image_size) mask of object i, in image pixels."""
+        m = Image.new("L", (self.image_size, self.image_size), 0)
+        _draw_obj(ImageDraw.Draw(m), self.objects[i], fill=255, outline=255, scale=self.scale)
         return np.asarray(m) > 0
 
+    def box(self, i: int) -> tuple[int, int, int, int]:
+        """Object i's box in image pixels."""
+        return tuple(v * self.scale for v in self.objects[i].box)
+
     def step_boxes(self) -> list[tuple[int, int, int, int] | None]:
-        return [None if s.obj is None else self.objects[s.obj].box for s in self.steps]
+        return [None if s.obj is None else self.box(s.obj) for s in self.steps]
 
     def to_dict(self) -> dict:
         return {
@@ -108,7 +128,8 @@ class Scene:
             "trace": self.trace,
             "answer": self.answer,
             "steps": [{"text": s.text, "obj": s.obj} for s in self.steps],
-            "objects": [vars(o) | {"box": list(o.box)} for o in self.objects],
+            "image_size": self.image_size,
+            "objects": [vars(o) | {"box": list(self.box(i))} for i, o in enumerate(self.objects)],
         }
 
 
@@ -116,11 +137,11 @@ class Scene:
 
 
 @functools.cache
-def background() -> Image.Image:
+def background(size: int = SIZE) -> Image.Image:
     # A gentle gradient: red grows to the right, green grows downwards. It gives the vision
     # encoder an absolute position cue (like lighting in a real photo).
-    x = np.linspace(0, 1, SIZE, dtype=np.float32)
-    bg = np.empty((SIZE, SIZE, 3), np.float32)
+    x = np.linspace(0, 1, size, dtype=np.float32)
+    bg = np.empty((size, size, 3), np.float32)
     bg[..., 0] = 205 + 40 * x[None, :]
     bg[..., 1] = 205 + 40 * x[:, None]
     bg[..., 2] = 225
@@ -171,39 +192,44 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill, outline=None) -
         draw.polygon(_polygon(shape, box), fill=fill, outline=outline)
 
 
-def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, fill=None, outline=None) -> None:
+def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, fill=None, outline=None, scale: int = 1) -> None:
     rgb = COLORS[o.color]
-    x0, y0, x1, y1 = o.box
+    box = tuple(v * scale for v in o.box)
+    x0, y0, x1, y1 = box
     if o.kind == "shape":
-        draw_shape(draw, o.shape, o.box, fill=fill or rgb, outline=outline)
+        draw_shape(draw, o.shape, box, fill=fill or rgb, outline=outline)
     elif o.kind == "bar":
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill or rgb)
     else:  # a coloured frame with a digit inside; the mask is the whole box
         if fill is not None:
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
             return
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(250, 250, 250), outline=rgb, width=5)
-        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), o.label, fill=(0, 0, 0), font=_font(34), anchor="mm")
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(250, 250, 250), outline=rgb, width=5 * scale)
+        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), o.label, fill=(0, 0, 0), font=_font(34 * scale), anchor="mm")
 
 
-def render(objects: list[Obj], chart: bool = False) -> Image.Image:
-    img = background().copy()
+def render(objects: list[Obj], chart: bool = False, scale: int = 1) -> Image.Image:
+    """The scene drawn at `scale` image pixels per world pixel."""
+    img = background(SIZE * scale).copy()
     draw = ImageDraw.Draw(img)
     if chart:
         for v in range(1, 7):
-            y = CHART_BASE - v * CHART_UNIT
-            draw.line((8, y, SIZE - 8, y), fill=(170, 170, 170), width=1)
-        draw.line((8, CHART_BASE, SIZE - 8, CHART_BASE), fill=(40, 40, 40), width=3)
+            y = (CHART_BASE - v * CHART_UNIT) * scale
+            draw.line((8 * scale, y, (SIZE - 8) * scale, y), fill=(170, 170, 170), width=scale)
+        y = CHART_BASE * scale
+        draw.line((8 * scale, y, (SIZE - 8) * scale, y), fill=(40, 40, 40), width=3 * scale)
     for o in objects:
-        _draw_obj(draw, o)
+        _draw_obj(draw, o, scale=scale)
     return img
 
 
 # ----------------------------------------------------------------------------- scenes
 
 
-def _place(rng: np.random.Generator, n: int, shapes=None, colors=None, kind="shape") -> list[Obj]:
-    cells = rng.choice(GRID * GRID, size=n, replace=False)
+def _place(rng: np.random.Generator, n: int, shapes=None, colors=None, kind="shape", cells=None) -> list[Obj]:
+    """`n` objects in distinct grid cells (random ones unless `cells`, raster indices, are given)."""
+    if cells is None:
+        cells = rng.choice(GRID * GRID, size=n, replace=False)
     objs = []
     for i, c in enumerate(cells):
         r, col = divmod(int(c), GRID)
@@ -291,17 +317,21 @@ def _reading(rng, seed) -> Scene:
     return Scene(seed, "reading", f"What number is in the {o.color} box?", steps, o.label, objs, "digit")
 
 
-def _chart(rng, seed) -> Scene:
-    n = int(rng.integers(3, 5))
-    colors = list(rng.choice(list(COLORS), size=n, replace=False))
-    slot = (SIZE - 16) // n
+def _bars(rng, colors: list[str], values: list[int]) -> list[Obj]:
+    slot = (SIZE - 16) // len(colors)
     objs = []
-    for i, c in enumerate(colors):
-        v = int(rng.integers(1, 7))
+    for i, (c, v) in enumerate(zip(colors, values)):
         w = int(rng.integers(slot // 2, slot * 3 // 4))
         x0 = 8 + i * slot + (slot - w) // 2
         objs.append(Obj("bar", "bar", str(c), (x0, CHART_BASE - v * CHART_UNIT, x0 + w, CHART_BASE), str(v)))
-    vals = [int(o.label) for o in objs]
+    return objs
+
+
+def _chart(rng, seed) -> Scene:
+    n = int(rng.integers(3, 5))
+    colors = list(rng.choice(list(COLORS), size=n, replace=False))
+    vals = [int(v) for v in rng.integers(1, 7, size=n)]
+    objs = _bars(rng, colors, vals)
     read = [Step(f"The {o.color} bar reaches {o.label}.", i) for i, o in enumerate(objs)]
     kind = str(rng.choice(["value", "tallest", "compare"]))
     if kind == "tallest" and vals.count(max(vals)) == 1:
@@ -340,6 +370,116 @@ def _existence(rng, seed) -> Scene:
     return Scene(seed, "existence", f"Is there a {c} {s}?", steps, "no", objs, "absent")
 
 
+# ----------------------------------------------------------------------------- long families
+# Each trace takes 8-20 steps; every step that reads the image names the object it relies on.
+
+
+def _compare_counts(rng, seed) -> Scene:
+    a, b = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
+    ka, kb = 0, 0
+    while ka + kb < 5:
+        ka, kb = (int(k) for k in rng.integers(1, 6, size=2))
+    others = [c for c in COLORS if c not in (a, b)]
+    colors = [a] * ka + [b] * kb + [str(c) for c in rng.choice(others, size=int(rng.integers(0, 3)))]
+    rng.shuffle(colors)
+    objs = _place(rng, len(colors), colors=colors)
+    steps = []
+    for color, k in ((a, ka), (b, kb)):
+        hits = _reading_order(objs, [i for i, o in enumerate(objs) if o.color == color])
+        steps += [Step(f"I see a {color} {objs[i].shape}.", i) for i in hits]
+        steps.append(Step(f"So there are {k} {color} objects.", None))
+    more = ka > kb
+    steps.append(Step(f"{ka} is {'more' if more else 'not more'} than {kb}.", None))
+    q = f"Are there more {a} objects than {b} objects?"
+    return Scene(seed, "compare_counts", q, steps, "yes" if more else "no", objs, "more")
+
+
+MOVES = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+
+
+def _walk(rng, hops: int) -> tuple[list[tuple[int, int]], list[str]]:
+    """A self-avoiding walk of `hops` moves between neighbouring grid cells."""
+    while True:
+        path, moves = [(int(rng.integers(GRID)), int(rng.integers(GRID)))], []
+        while len(moves) < hops:
+            r, c = path[-1]
+            options = [
+                (m, (r + dr, c + dc))
+                for m, (dr, dc) in MOVES.items()
+                if 0 <= r + dr < GRID and 0 <= c + dc < GRID and (r + dr, c + dc) not in path
+            ]
+            if not options:
+                break
+            m, cell = options[int(rng.integers(len(options)))]
+            moves.append(m)
+            path.append(cell)
+        if len(moves) == hops:
+            return path, moves
+
+
+def _chain(rng, seed) -> Scene:
+    path, moves = _walk(rng, int(rng.integers(6, 9)))
+    free = [c for c in range(GRID * GRID) if divmod(c, GRID) not in path]
+    extra = [int(c) for c in rng.choice(free, size=min(len(free), int(rng.integers(0, 4))), replace=False)]
+    cells = [r * GRID + c for r, c in path] + extra
+    shapes, colors = _unique_pairs(rng, len(cells))
+    objs = _place(rng, len(cells), shapes=shapes, colors=colors, cells=cells)
+    name = lambda i: f"{objs[i].color} {objs[i].shape}"  # noqa: E731
+    where = lambda i: f"row {path[i][0] + 1}, column {path[i][1] + 1}"  # noqa: E731
+    steps = [Step(f"The {name(0)} is in {where(0)}.", 0)]
+    steps += [Step(f"Going {m}, I reach the {name(i)} in {where(i)}.", i) for i, m in enumerate(moves, 1)]
+    last = len(moves)
+    steps.append(Step(f"The object I reach is {objs[last].color}.", last))
+    q = f"Start at the {name(0)} and go {', '.join(moves)}. What color is the object you reach?"
+    return Scene(seed, "chain", q, steps, objs[last].color, objs, f"{len(moves)} moves")
+
+
+def _sum_boxes(rng, seed) -> Scene:
+    n = int(rng.integers(4, 6))
+    colors = list(rng.choice(list(COLORS), size=n, replace=False))
+    objs = _place(rng, n, colors=colors, kind="box")
+    for o in objs:
+        o.label = str(int(rng.integers(10)))
+    order = _reading_order(objs, range(n))
+    read = lambda i: Step(f"The {objs[i].color} box shows {objs[i].label}.", i)  # noqa: E731
+    steps, total = [read(order[0])], int(objs[order[0]].label)
+    for i in order[1:]:
+        v = int(objs[i].label)
+        steps += [read(i), Step(f"{total} plus {v} is {total + v}.", None)]
+        total += v
+    steps.append(Step(f"So the sum is {total}.", None))
+    q = "What is the sum of the numbers in the boxes?"
+    return Scene(seed, "sum_boxes", q, steps, str(total), objs, f"{n} boxes")
+
+
+def _rank_bars(rng, seed) -> Scene:
+    n = int(rng.integers(4, 6))
+    colors = [str(c) for c in rng.choice(list(COLORS), size=n, replace=False)]
+    vals = [int(v) for v in rng.choice(np.arange(1, 7), size=n, replace=False)]
+    objs = _bars(rng, colors, vals)
+    steps = [Step(f"The {o.color} bar reaches {o.label}.", i) for i, o in enumerate(objs)]
+    order = sorted(range(n), key=lambda i: -vals[i])
+    steps.append(Step(f"The tallest is the {colors[order[0]]} bar.", order[0]))
+    steps += [Step(f"Next is the {colors[i]} bar.", i) for i in order[1:]]
+    q = "Order the bars from tallest to shortest."
+    return Scene(seed, "rank_bars", q, steps, " ".join(colors[i] for i in order), objs, f"{n} bars")
+
+
+def _odd_one_out(rng, seed) -> Scene:
+    n = int(rng.integers(7, 10))
+    by_color = rng.random() < 0.5
+    common, odd = rng.choice(list(COLORS) if by_color else list(SHAPES), size=2, replace=False)
+    same = [str(common)] * (n - 1) + [str(odd)]
+    rng.shuffle(same)
+    objs = _place(rng, n, colors=same) if by_color else _place(rng, n, shapes=same)
+    t = same.index(str(odd))
+    steps = [Step(f"I see a {objs[i].color} {objs[i].shape}.", i) for i in _reading_order(objs, range(n))]
+    trait = "colour" if by_color else "shape"
+    steps.append(Step(f"Only the {objs[t].color} {objs[t].shape} has another {trait}.", t))
+    q = "Which object is the odd one out?"
+    return Scene(seed, "odd_one_out", q, steps, f"{objs[t].color} {objs[t].shape}", objs, trait)
+
+
 _MAKERS = {
     "attribute": _attribute,
     "counting": _counting,
@@ -347,6 +487,11 @@ _MAKERS = {
     "reading": _reading,
     "chart": _chart,
     "existence": _existence,
+    "compare_counts": _compare_counts,
+    "chain": _chain,
+    "sum_boxes": _sum_boxes,
+    "rank_bars": _rank_bars,
+    "odd_one_out": _odd_one_out,
 }
 
 

@@ -42,25 +42,26 @@ from vstream.world.demo_model import (
     build_demo_model,
     make_image_processor,
     make_tokenizer,
+    warm_start,
 )
 from vstream.world.shapes import (
     CELL,
     COLORS,
     GRID,
     SHAPES,
-    SIZE,
     TRAIN_SEEDS,
     Scene,
     make_inventory,
     make_scene,
 )
 
-INVENTORY_SHARE = 2  # out of every 10 training samples: the dense "List every object." task
+INVENTORY_SHARE = 1  # out of every 10 training samples: the dense "List every object." task
+SMALL_SHARE = 1  # out of every 10: drawn at 224 px (16 tokens, as video frames are), not 448
 
 
 class TrainScenes(Dataset):
-    """Index i -> training sample with seed i: a scene of the six families, or (2 in 10) the
-    dense inventory task. Built lazily, so the data set costs no memory."""
+    """Index i -> training sample with seed i: a scene of any family, or (1 in 10) the dense
+    inventory task; 1 in 10 drawn small. Built lazily, so the data set costs no memory."""
 
     def __init__(self, n: int):
         if n > len(TRAIN_SEEDS):
@@ -72,27 +73,31 @@ class TrainScenes(Dataset):
 
     def __getitem__(self, i: int):
         seed = TRAIN_SEEDS[i]
-        return make_inventory(seed) if i % 10 < INVENTORY_SHARE else make_scene(seed)
+        scene = make_inventory(seed) if i % 10 < INVENTORY_SHARE else make_scene(seed)
+        if i % 10 >= 10 - SMALL_SHARE:
+            scene.scale = 1
+        return scene
 
 
-TOKEN_PX = MERGE * PATCH  # one LLM image token of the demo model covers 56x56 pixels
+TOKEN_PX = MERGE * PATCH  # one LLM image token of the demo model covers 56x56 image pixels
 KINDS = (*SHAPES, "box", "bar")
 PROBE_HEADS = (len(COLORS) + 1, len(KINDS) + 1, 10 + 1)  # colour, kind, digit/value; 0 = none
 POS_HEADS = (GRID, GRID)  # grid row, grid column of the token (the trace's "row 3", "column 2")
 
 
 def token_targets(scene: Scene, min_cover: float = 0.1) -> torch.Tensor:
-    """(16, 5) class ids per image token, raster order: colour, kind and digit of the object
+    """(tokens, 5) class ids per image token, raster order: colour, kind and digit of the object
     covering most of the token (0 = none), then the token's 0-based grid row and column."""
-    side = SIZE // TOKEN_PX
+    side = scene.image_size // TOKEN_PX
     cover = np.zeros((len(scene.objects), side, side), np.float32)
     for i in range(len(scene.objects)):
         m = scene.mask(i).reshape(side, TOKEN_PX, side, TOKEN_PX)
         cover[i] = m.mean(axis=(1, 3))
     out = torch.zeros((side * side, 5), dtype=torch.long)
     idx = torch.arange(side * side)
-    out[:, 3] = (idx // side) * TOKEN_PX // CELL
-    out[:, 4] = (idx % side) * TOKEN_PX // CELL
+    cell_px = CELL * scene.scale
+    out[:, 3] = (idx // side) * TOKEN_PX // cell_px
+    out[:, 4] = (idx % side) * TOKEN_PX // cell_px
     if not len(scene.objects):
         return out
     best, frac = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1)
@@ -176,6 +181,7 @@ def train(
     workers: int = 0,
     probe_weight: float = 1.0,
     position_probe: bool = False,
+    init: Path | None = None,
 ) -> dict | None:
     """Train (or resume) the demo model in every process of the current accelerate launch;
     returns the training record on the main process (None on the others)."""
@@ -186,7 +192,9 @@ def train(
     set_seed(seed)
     tok = make_tokenizer()
     ip = make_image_processor()
-    model = WithProbe(build_demo_model(tok), tok, weight=probe_weight, position=position_probe)
+    vlm = build_demo_model(tok)
+    init_record = warm_start(vlm, tok, init) if init is not None else None
+    model = WithProbe(vlm, tok, weight=probe_weight, position=position_probe)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     data = TrainScenes(steps * batch_size * acc.num_processes)
     loader = DataLoader(
@@ -247,6 +255,7 @@ def train(
             "final_probe_loss_ema": pema,
             "processes": acc.num_processes,
             "position_probe": position_probe,
+            "init": init_record,
         }
         save_final(final, tok, ip, out, meta)
         acc.print(json.dumps(meta))
