@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Qwen2.5-VL / Qwen3-VL models saved as real model folders.
+"""Shared fixtures: tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V models saved as real model folders.
 
 The folders look exactly like a downloaded checkpoint (config.json, model.safetensors,
 generation_config.json, tokenizer files + chat_template.jinja, preprocessor_config.json), so
@@ -173,3 +173,74 @@ def tiny_qwen3_vl(tiny_qwen3_vl_dir):
     from vstream.model import load_vlm
 
     return load_vlm(str(tiny_qwen3_vl_dir), device="cpu")
+
+
+def save_tiny_family(path: Path, name: str, side: int) -> Path:
+    """A supported architecture at its reduced size (vstream/model/configs/NAME.json, `reduced`),
+    random weights, eos silenced, processor fixed at side x side pixels."""
+    from vstream.model.families import family_of
+    from vstream.model.random_init import build_model, read_spec, reduce_spec, save_model_folder
+
+    spec = reduce_spec(read_spec(name))
+    spec["processor"]["min_pixels"] = spec["processor"]["max_pixels"] = side * side
+    model, tok, proc = build_model(spec, seed=0)
+    fam = family_of(spec["model_type"])
+    with torch.no_grad():
+        for t in set(fam.eos_tokens) | {fam.pad_token}:
+            model.lm_head.weight[tok.convert_tokens_to_ids(t)].zero_()
+    return save_model_folder(path, model, tok, proc)
+
+
+def save_tiny_qwen2_vl(path: Path, tokenizer, side: int = 112) -> Path:
+    """Qwen2-VL: text 64 wide x 2 layers, vision 32 wide x 2 blocks; 112 px -> 4x4 LLM tokens."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = special_ids(tokenizer)
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2),
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    _silence_eos(model, ids)
+    model.generation_config.eos_token_id = ids["eos_token_id"]
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4v_dir(tmp_path_factory) -> Path:
+    """GLM-4.1V at its reduced size (4 layers, 64 wide, partial RoPE), 112 px -> 4x4 LLM tokens."""
+    return save_tiny_family(tmp_path_factory.mktemp("tiny_glm4v"), "glm-4.1v-9b", 112)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4v(tiny_glm4v_dir):
+    from vstream.model import load_vlm
+
+    return load_vlm(str(tiny_glm4v_dir), device="cpu")

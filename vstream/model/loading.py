@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vstream.model.errors import VLMError
+from vstream.model.families import image_processor_class
 from vstream.model.vlm import SUPPORTED_MODEL_TYPES, VLM
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -46,14 +47,11 @@ def load_vlm(
         raise VLMError(f"{path} has no preprocessor_config.json (the image processor settings)")
 
     dev = resolve_device(device)
-    dt = _resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev)
     remote = {"trust_remote_code": True} if trust_remote_code else {}
 
     import transformers
     from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
 
     cls_name = SUPPORTED_MODEL_TYPES[model_type]
     cls = getattr(transformers, cls_name, None)
@@ -74,7 +72,7 @@ def load_vlm(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), **remote)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+        image_processor = image_processor_class(model_type).from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise VLMError(f"could not load tokenizer/image processor from {path}: {_first_line(e)}") from e
     if not getattr(tokenizer, "chat_template", None):
@@ -199,7 +197,7 @@ _DTYPES = {
 }
 
 
-def _resolve_dtype(dtype: str | torch.dtype, dev: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, dev: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

@@ -1,5 +1,8 @@
 """The thinking format: reasoning inside `<think> ... </think>`, the answer after it.
 
+GLM-4.1V-Thinking writes its answer as `<answer> ... <|begin_of_box|>X<|end_of_box|> ... </answer>`
+and ends its turn with `<|user|>`; those markers are read the same way.
+
 One home for the markers and for reading the answer back, so every consumer (live worker,
 evaluation, UI, TaYS protocol and training) splits a trace the same way.
 """
@@ -12,6 +15,8 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 END_OF_STEP = "<|eot|>"  # closes one reasoning step in the TaYS streaming format
 END_OF_TURN = "<|im_end|>"
+END_OF_TURN_MARKERS = (END_OF_TURN, "<|user|>", "<|endoftext|>", "<|observation|>")
+ANSWER_MARKERS = ("<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>")
 
 
 def split_thinking(text: str) -> tuple[str, str]:
@@ -26,8 +31,17 @@ def split_thinking(text: str) -> tuple[str, str]:
     if not close:
         if THINK_OPEN in text:
             return _strip_markers(text), ""
-        return "", tail.split(END_OF_TURN)[0].strip()
-    return _strip_markers(head), tail.split(END_OF_TURN)[0].strip()
+        return "", _answer(tail)
+    return _strip_markers(head), _answer(tail)
+
+
+def _answer(tail: str) -> str:
+    """The answer text up to the end of the turn, its answer/box markers removed."""
+    cut = min((i for i in (tail.find(m) for m in END_OF_TURN_MARKERS) if i >= 0), default=len(tail))
+    tail = tail[:cut]
+    for m in ANSWER_MARKERS:
+        tail = tail.replace(m, "")
+    return tail.strip()
 
 
 def _strip_markers(text: str) -> str:

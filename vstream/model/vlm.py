@@ -3,7 +3,10 @@
 Everything else in vstream (live attribution, TaYS streaming, the demo trainer, the UI) goes
 through `load_vlm` / `VLM`, so architecture quirks live here only:
 
-* Qwen2-VL, Qwen2.5-VL (also MiMo-VL, Cosmos-Reason1) and Qwen3-VL (incl. MoE / Thinking).
+* Qwen2-VL, Qwen2.5-VL (also MiMo-VL, Cosmos-Reason1), Qwen3-VL (incl. MoE / Thinking) and
+  GLM-4.1V-Thinking (`glm4v`: images only; its videos are frames of image tokens between
+  timestamps, a layout `build_inputs` does not write yet). Per-family facts live in
+  `vstream.model.families`.
 * We run the image processor and the chat template ourselves instead of transformers'
   `*Processor` classes: those need torchvision (absent here) for video, and we need the exact
   placement of every vision token anyway (attribution maps tokens back to image boxes).
@@ -38,6 +41,7 @@ if TYPE_CHECKING:  # the transformers classes only annotate here; importing them
 
 from vstream.model.decoding import IncrementalDecoder, event_stop, token_streamer
 from vstream.model.errors import VLMError
+from vstream.model.families import family_of
 from vstream.model.images import normalize_image_with_size
 from vstream.model.inputs import VLMInputs, group_timestamps, token_boxes
 
@@ -47,6 +51,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration",
 }
 _QWEN3_FAMILY = {"qwen3_vl", "qwen3_vl_moe"}
 
@@ -165,6 +170,8 @@ class VLM:
         for pad in (image_pad, video_pad):
             if pad in question or (system and pad in system) or pad in assistant_prefix:
                 raise VLMError(f"the text must not contain the placeholder token {pad}")
+        if video is not None and not family_of(self.arch).video:
+            raise VLMError(f"video input is not supported for {self.arch} models yet (images and text are)")
         if video is not None:
             is_array_clip = isinstance(video, np.ndarray) and video.ndim == 4  # (T, H, W, C)
             if (isinstance(video, (str, bytes, Image.Image, np.ndarray)) and not is_array_clip) or len(video) == 0:
