@@ -60,7 +60,8 @@ from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
 from vstream.attr.methods import METHODS, AttributionContext, attribute_timed
 from vstream.attr.regions import regions_for
 from vstream.attr.spans import Span
-from vstream.model import VLM
+from vstream.attr.userdata import DataSource
+from vstream.model import VLM, VLMError
 from vstream.world.assets import DEMO_ESTIMATOR
 from vstream.world.shapes import HELDOUT_SEEDS, Scene, scenes
 
@@ -186,16 +187,23 @@ def evaluate(
     mask_seed: int = 0,
     max_new_tokens: int = 96,
     progress: bool = True,
+    data: DataSource | None = None,
 ) -> dict[str, Any]:
-    """Run the evaluation on held-out scenes [start, start + n); see the module docstring.
+    """Run the evaluation on held-out scenes [start, start + n); see the module docstring. With
+    `data`, on the user's rows [start, start + n) instead (n None: all); pointing needs reference
+    objects, so it is not scored there, and a row whose image cannot be used is counted and skipped.
 
     `slow_n`: run input_x_gradient and occlusion only on the first slow_n scenes (default all)."""
 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if data is not None:
+        items: list[Any] = data.rows[int(start) :] if n is None else data.rows[int(start) : int(start) + int(n)]
+        n = len(items)
+    else:
+        items = scenes("heldout", start, n)
     slow_n = n if slow_n is None else min(int(slow_n), n)
-    items = scenes("heldout", start, n)
     t_all = time.perf_counter()
 
     lds: dict[str, list[float]] = defaultdict(list)
@@ -219,12 +227,19 @@ def evaluate(
         n_spans_lds_slow=0,
         n_examples_without_spans=0,
         n_examples_unteacherable=0,
+        n_examples_bad_image=0,
     )
     ks: list[int] = []
     gen_tokens, gen_secs, gt_secs = 0, 0.0, 0.0
 
     for i, scene in enumerate(tqdm(items, desc="evaluate", file=sys.stderr, disable=not progress)):
-        inputs = vlm.build_inputs(scene.question, image=scene.image())
+        try:
+            inputs = vlm.build_inputs(scene.question, image=scene.image())
+        except VLMError:
+            if data is None:
+                raise
+            counts["n_examples_bad_image"] += 1
+            continue
         t0 = time.perf_counter()
         tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)  # labels' own generation
         gen_secs += time.perf_counter() - t0
@@ -326,9 +341,9 @@ def evaluate(
         "ground_truth_seconds_per_example": round(gt_secs / max(1, len(ks)), 4),
         "generation_seconds_per_token": round(gen_secs / max(1, gen_tokens), 5),
         "k_mean": round(float(np.mean(ks)), 2) if ks else None,
-        "split": "heldout",
+        "split": "heldout" if data is None else data.name,
         "start": start,
-        "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]] if n else [],
+        "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]] if n and data is None else [],
         "masks_per_example": n_masks,
         "keep_prob": keep_prob,
         "mask_seed": mask_seed,

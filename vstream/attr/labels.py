@@ -50,6 +50,7 @@ from vstream.attr.regions import (
     regions_for,
 )
 from vstream.attr.spans import Span, SpanSplitter
+from vstream.attr.userdata import DataRow, DataSource
 from vstream.model import VLM, IncrementalDecoder, VLMError, VLMInputs, model_identity
 from vstream.world.shapes import Scene, scenes
 
@@ -203,7 +204,7 @@ def draw_masks(
 
 def label_example(
     vlm: VLM,
-    scene: Scene,
+    scene: Scene | DataRow,
     index: int = 0,
     masks_per_example: int = 32,
     keep_prob: float = 0.5,
@@ -400,7 +401,7 @@ def run_config(
 
 def collect(
     vlm: VLM,
-    n: int,
+    n: int | None,
     split: str = "train",
     start: int = 0,
     masks_per_example: int = 32,
@@ -415,11 +416,14 @@ def collect(
     shard_size: int = 25,
     progress: bool = True,
     span_kinds: Sequence[str] = ("thought",),
+    data: DataSource | None = None,
 ) -> list[LabeledExample]:
-    """Label shapes-world scenes `start .. start+n-1` of `split` (this process's share).
+    """Label shapes-world scenes `start .. start+n-1` of `split` (this process's share), or with
+    `data` the user's rows `start .. start+n-1` (n None: all; `split` becomes the data's name).
 
     Returns this call's new examples. With `out`, they are also written as shards of
-    `shard_size` examples, and examples already in `out` are skipped (resume).
+    `shard_size` examples, and examples already in `out` are skipped (resume). A user row whose
+    image turns out unreadable is recorded as skipped with its reason, like a trace without spans.
     """
     from tqdm.auto import tqdm
 
@@ -430,8 +434,15 @@ def collect(
     if not 0 <= int(process_index) < int(num_processes):
         raise VLMError(f"process_index {process_index} outside [0, {num_processes})")
     bb = load_backbone(backbone) if (backbone is None or isinstance(backbone, str)) else backbone
+    by_index: dict[int, DataRow] = {}
+    if data is not None:
+        split = data.name
+        chosen = data.rows[int(start) :] if n is None else data.rows[int(start) : int(start) + int(n)]
+        by_index = {r.index: r for r in chosen}
+        mine = [r.index for i, r in enumerate(chosen) if i % int(num_processes) == int(process_index)]
+    else:
+        mine = [start + i for i in range(int(n)) if i % int(num_processes) == int(process_index)]
     config = run_config(vlm, split, masks_per_example, keep_prob, k, bb.name, seed, max_new_tokens, span_kinds)
-    mine = [start + i for i in range(int(n)) if i % int(num_processes) == int(process_index)]
     done = done_indices(Path(out), config) if out is not None else set()
     todo = [i for i in mine if i not in done]
 
@@ -454,13 +465,17 @@ def collect(
     )
     try:
         for idx in todo:
-            scene = scenes(split, idx, 1)[0]
+            scene = by_index[idx] if data is not None else scenes(split, idx, 1)[0]
             try:
                 ex = label_example(
                     vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds
                 )
                 why = "no thinking span in the trace"
             except PlaceholderInTrace as e:
+                ex, why = None, str(e)
+            except VLMError as e:  # a user row's image that cannot be used
+                if data is None:
+                    raise
                 ex, why = None, str(e)
             if ex is None:
                 skipped.append({"index": idx, "seed": int(scene.seed), "why": why})

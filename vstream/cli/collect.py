@@ -13,6 +13,7 @@ from accelerate import Accelerator
 
 from vstream.attr import labels
 from vstream.attr.labels import collect, load_labels
+from vstream.attr.userdata import read_data
 from vstream.model import VLMError, load_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
 
@@ -20,8 +21,9 @@ from vstream.world.assets import DEMO_MODEL_DIR
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vstream collect", description=(labels.__doc__ or "").splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or hub id (default: the demo model)")
-    ap.add_argument("--n", type=int, default=2000, help="number of scenes")
-    ap.add_argument("--start", type=int, default=0, help="offset of the first scene in the split")
+    ap.add_argument("--data", default=None, help="your own rows: .jsonl, .csv or a datasets folder")
+    ap.add_argument("--n", type=int, default=None, help="number of scenes (default 2000) or rows (default all)")
+    ap.add_argument("--start", type=int, default=0, help="offset of the first scene in the split (or row in --data)")
     ap.add_argument("--split", choices=("train", "heldout"), default="train")
     ap.add_argument("--out", type=Path, default=Path("runs/labels"))
     ap.add_argument("--masks", type=int, default=32, help="random region masks per example")
@@ -36,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     try:
+        data = read_data(args.data) if args.data else None
         vlm = load_vlm(args.model, dtype=args.dtype, device=acc.device)
         t0 = time.perf_counter()
         new = collect(
             vlm,
-            args.n,
+            args.n if (args.n is not None or data is not None) else 2000,
             args.split,
             args.start,
             args.masks,
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             num_processes=acc.num_processes,
             shard_size=args.shard_size,
             progress=acc.is_local_main_process,
+            data=data,
         )
         dt = time.perf_counter() - t0
     except VLMError as e:
@@ -75,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                     "out": str(args.out),
                     "examples": len(exs),
                     "spans": sum(e.n_spans for e in exs),
+                    **(
+                        {"data": str(data.path), "data_format": data.kind, "bad_rows": len(data.skipped)}
+                        if data is not None
+                        else {}
+                    ),
                     "processes": acc.num_processes,
                     "this_process": mine,
                 }

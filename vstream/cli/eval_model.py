@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from vstream.attr.answers import evaluate_answers
+from vstream.attr.userdata import read_data
 from vstream.model import VLMError, load_vlm
 from vstream.world import eval_model
 from vstream.world.assets import DEMO_MODEL_DIR
@@ -18,8 +20,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m vstream eval-model", description=(eval_model.__doc__ or "").splitlines()[0]
     )
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
-    ap.add_argument("--n", type=int, default=600, help="scenes of --split (families cycle, so 600 = 100 each)")
-    ap.add_argument("--start", type=int, default=0, help="offset into the split's seed range")
+    ap.add_argument("--data", default=None, help="your own rows (.jsonl, .csv or a datasets folder) instead of scenes")
+    ap.add_argument("--out", type=Path, default=None, help="with --data: per-row JSONL, resumed when it exists")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="with --data: tokens per answer")
+    ap.add_argument(
+        "--n", type=int, default=None, help="scenes of --split (default 600; families cycle) or rows of --data"
+    )
+    ap.add_argument("--start", type=int, default=0, help="offset into the split's seed range (or the rows)")
     ap.add_argument(
         "--split",
         choices=("heldout", "val"),
@@ -30,10 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the summary JSON as the last line")
     args = ap.parse_args(argv)
     try:
+        if args.data:
+            data = read_data(args.data)
+            vlm = load_vlm(args.model)
+            res = evaluate_answers(vlm, data, args.n, args.start, args.max_new_tokens, args.out)
+            print(json.dumps(res))
+            return 0
         if Path(args.model).is_dir():
             check_heldout(Path(args.model), args.split)
         vlm = load_vlm(args.model)
-        res = evaluate(vlm, args.n, args.start, args.batch_size, progress=True, split=args.split)
+        n = 600 if args.n is None else args.n
+        res = evaluate(vlm, n, args.start, args.batch_size, progress=True, split=args.split)
     except (VLMError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from vstream.attr.evaluate import (
     evaluate,
     load_estimator,
 )
+from vstream.attr.userdata import read_data
 from vstream.model import VLMError, load_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.eval_model import check_heldout
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
     ap.add_argument("--estimator", default=str(DEFAULT_ESTIMATOR), help="trained estimator (.safetensors)")
-    ap.add_argument("--n", type=int, default=200, help="held-out scenes")
+    ap.add_argument("--data", default=None, help="your own rows (.jsonl, .csv or a datasets folder) instead of scenes")
+    ap.add_argument("--n", type=int, default=None, help="held-out scenes (default 200) or rows of --data (default all)")
     ap.add_argument(
         "--start",
         type=int,
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:
-        if Path(args.model).is_dir():
+        data = read_data(args.data) if args.data else None
+        if Path(args.model).is_dir() and data is None:
             check_heldout(Path(args.model))
         vlm = load_vlm(args.model)
         estimator = None
@@ -61,14 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate(
             vlm,
             estimator,
-            n=args.n,
-            start=args.start,
+            n=args.n if (args.n is not None or data is not None) else 200,
+            start=args.start if data is None or args.start != DEFAULT_START else 0,
             methods=methods,
             slow_n=args.slow_n,
             n_masks=args.masks,
             mask_seed=args.mask_seed,
             max_new_tokens=args.max_new_tokens,
+            data=data,
         )
+        if data is not None:
+            res["n_bad_rows"] = len(data.skipped)
     except (VLMError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{f(res['pointing'][m])} {f(res['seconds_per_span'][m], 9, 5)}"
             )
         print(
-            f"{res['n']} held-out scenes, {res['n_spans']} spans ({res['n_spans_constant']} constant), "
+            f"{res['n']} {'held-out scenes' if data is None else 'rows'}, {res['n_spans']} spans "
+            f"({res['n_spans_constant']} constant), "
             f"{res['n_pointing_spans']} pointing spans; chance pointing {res['pointing_chance']}"
         )
     print(json.dumps(res))
