@@ -429,6 +429,9 @@ def train(
                 for k in (
                     "model",
                     "model_type",
+                    "hidden_size",
+                    "vocab_size",
+                    "weights",
                     "backbone",
                     "k_rule",
                     "split",

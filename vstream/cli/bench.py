@@ -8,6 +8,7 @@ import sys
 
 from vstream.attr import bench as bench_mod
 from vstream.attr.bench import DEFAULT_ESTIMATOR, DEFAULT_START, bench, load_estimator
+from vstream.attr.estimator_lookup import find_estimator
 from vstream.model import VLMError, load_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"estimator .safetensors (default {DEFAULT_ESTIMATOR.name}; random stand-in if absent)",
     )
+    ap.add_argument("--estimators", default=None, help="folder of estimators: use the one that fits the model")
     ap.add_argument(
         "--n",
         type=int,
@@ -37,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--n must be >= 1")
     try:
         vlm = load_vlm(args.model)
-        est, est_name = load_estimator(args.estimator, vlm)
+        if args.estimators:
+            found = find_estimator(vlm, args.estimators, args.model)
+            if found.estimator is None:
+                raise VLMError(found.note)
+            print(found.note, file=sys.stderr)
+            est, est_name = found.estimator, str(found.path)
+        else:
+            est, est_name = load_estimator(args.estimator, vlm)
         res = bench(
             vlm,
             est,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vstream.attr import evaluate as evaluate_mod
+from vstream.attr.estimator_lookup import find_estimator
 from vstream.attr.evaluate import (
     ALL_METHODS,
     DEFAULT_ESTIMATOR,
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="model folder or Hugging Face id")
     ap.add_argument("--estimator", default=str(DEFAULT_ESTIMATOR), help="trained estimator (.safetensors)")
+    ap.add_argument("--estimators", default=None, help="folder of estimators: use the one that fits the model")
     ap.add_argument("--data", default=None, help="your own rows (.jsonl, .csv or a datasets folder) instead of scenes")
     ap.add_argument("--n", type=int, default=None, help="held-out scenes (default 200) or rows of --data (default all)")
     ap.add_argument(
@@ -57,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             check_heldout(Path(args.model))
         vlm = load_vlm(args.model)
         estimator = None
-        if "vstream" in methods:
+        if "vstream" in methods and args.estimators:
+            found = find_estimator(vlm, args.estimators, args.model)
+            if found.estimator is None:
+                raise VLMError(found.note)
+            print(found.note, file=sys.stderr)
+            estimator, args.estimator = found.estimator, str(found.path)
+        elif "vstream" in methods:
             if not Path(args.estimator).is_file():
                 raise VLMError(f"estimator not found: {args.estimator} (train one, or pass --estimator)")
             estimator = load_estimator(args.estimator, vlm)
