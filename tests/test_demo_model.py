@@ -21,9 +21,9 @@ from vstream.world.demo_model import (
     make_tokenizer,
 )
 from vstream.world.eval_model import check_heldout, evaluate, parse_answer
-from vstream.world.shapes import HELDOUT_SEEDS, SIZE, VAL_SEEDS, scenes
+from vstream.world.shapes import HELDOUT_SEEDS, SCALE, SIZE, VAL_SEEDS, scenes
 
-SIDE = SIZE // train_demo.TOKEN_PX  # image tokens per side
+SIDE = SIZE * SCALE // train_demo.TOKEN_PX  # image tokens per side of a still scene
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_probe_targets_name_the_objects_and_the_cells_the_trace_says():
         for obj_text, axis, num in re.findall(r"The (\w+ \w+) is in (row|column) (\d)", scene.trace):
             color, shape = obj_text.split()
             i = next(i for i, o in enumerate(scene.objects) if (o.color, o.shape) == (color, shape))
-            o = scene.objects[i]
-            cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2
+            x0, y0, x1, y1 = scene.box(i)
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
             tok_i = (cy // train_demo.TOKEN_PX) * SIDE + cx // train_demo.TOKEN_PX
             assert t[tok_i, 3 if axis == "row" else 4].item() == int(num) - 1  # what the trace says, 0-based
             assert t[tok_i, 0].item() == list(train_demo.COLORS).index(color) + 1

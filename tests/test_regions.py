@@ -26,7 +26,9 @@ from vstream.attr.regions import (
     regions_for,
     rgb_to_lab,
 )
-from vstream.world.shapes import SIZE, make_scene
+from vstream.world.shapes import SCALE, SIZE, make_scene
+
+IMG = SIZE * SCALE  # still scenes are drawn at this size
 
 BB = PixelBackbone()
 
@@ -69,7 +71,7 @@ def test_regions_connected_one_hot_and_k(seed, grid, k):
     n_tok = grid[0] * grid[1]
     want = auto_k(n_tok) if k is None else k
     assert r.k == min(want, n_tok) and r.k_requested == want
-    assert r.backbone == "pixels" and r.image_size == (SIZE, SIZE)
+    assert r.backbone == "pixels" and r.image_size == (IMG, IMG)
     # ids in reading order: region i first appears before region i+1 (row-major)
     first = [int(np.flatnonzero(r.labels.ravel() == i)[0]) for i in range(r.k)]
     assert first == sorted(first)
@@ -139,9 +141,9 @@ def test_assignment_follows_token_boxes_of_a_real_adapter(tiny_qwen2_5_vl):
 def test_assignment_is_area_plurality_on_a_fine_grid():
     img = make_scene(11).image()
     r = compute_regions(img, (8, 8), k=24, backbone=BB)
-    edges = np.arange(9) * SIZE / 8
+    edges = np.arange(9) * IMG / 8
     boxes = np.array([(edges[j], edges[i], edges[j + 1], edges[i + 1]) for i in range(8) for j in range(8)])
-    shares = token_shares(r, boxes, (SIZE, SIZE))
+    shares = token_shares(r, boxes, (IMG, IMG))
     own = r.token_labels
     assert np.all(shares[np.arange(64), own] >= shares.max(axis=1) - 0.05)
     assert np.mean(shares[np.arange(64), own] == shares.max(axis=1)) > 0.9
@@ -172,12 +174,13 @@ def test_regions_for_needs_an_image(tiny_qwen2_5_vl):
 def _object_ious(scenes, backbone, blank: bool = False) -> np.ndarray:
     ious = []
     for sc in scenes:
-        img = Image.new("RGB", (SIZE, SIZE), (200, 200, 200)) if blank else sc.image()
+        img = Image.new("RGB", (IMG, IMG), (200, 200, 200)) if blank else sc.image()
         r = compute_regions(img, (8, 8), backbone=backbone)
-        pl, own = r.pixel_labels((SIZE, SIZE)), r.token_labels
+        pl, own = r.pixel_labels((IMG, IMG)), r.token_labels
         for i, o in enumerate(sc.objects):
-            cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
-            reg = pl == own[int(cy // 28) * 8 + int(cx // 28)]  # region of the object's centre token
+            x0, y0, x1, y1 = sc.box(i)
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            reg = pl == own[int(cy // (IMG // 8)) * 8 + int(cx // (IMG // 8))]  # region of the object's centre token
             m = sc.mask(i)
             ious.append((m & reg).sum() / (m | reg).sum())
     return np.array(ious)
@@ -273,14 +276,14 @@ def test_heatmap_and_outlines():
     r = compute_regions(make_scene(16).image(), (8, 8), backbone=BB)
     scores = torch.arange(r.k, dtype=torch.float32)
     hm = r.scores_to_heatmap(scores)
-    assert hm.shape == (SIZE, SIZE) and hm.dtype == np.float32
+    assert hm.shape == (IMG, IMG) and hm.dtype == np.float32
     assert np.array_equal(hm, r.pixel_labels().astype(np.float32))
     hm2 = r.scores_to_heatmap(np.ones(r.k), size=(50, 30))
     assert hm2.shape == (30, 50) and np.all(hm2 == 1)
     with pytest.raises(VLMError, match="region scores"):
         r.scores_to_heatmap(np.ones(r.k + 1))
     ol = r.outlines()
-    assert ol.shape == (SIZE, SIZE) and ol.dtype == bool
+    assert ol.shape == (IMG, IMG) and ol.dtype == bool
     pl = r.pixel_labels()
     assert np.all(ol[:, :-1][pl[:, :-1] != pl[:, 1:]])  # every horizontal label change is marked
     assert 0.01 < ol.mean() < 0.3

@@ -8,7 +8,9 @@ from vstream.world.shapes import (
     COLORS,
     FAMILIES,
     HELDOUT_SEEDS,
+    LONG_FAMILIES,
     SHAPES,
+    SHORT_FAMILIES,
     SIZE,
     TRAIN_SEEDS,
     make_scene,
@@ -25,8 +27,19 @@ def test_deterministic_and_seed_sensitive():
 
 
 def test_families_cycle_and_every_family_has_questions():
-    got = [s.family for s in scenes("train", 0, 12)]
+    got = [s.family for s in scenes("train", 0, 2 * len(FAMILIES))]
     assert got == list(FAMILIES) * 2
+    assert set(SHORT_FAMILIES) | set(LONG_FAMILIES) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", LONG_FAMILIES)
+def test_long_families_reason_in_8_to_20_grounded_steps(family):
+    items = scenes("train", 0, 100, family=family)
+    steps = [len(s.steps) for s in items]
+    assert min(steps) >= 8 and max(steps) <= 20
+    # at least half the steps read the image (the others add, count or conclude)
+    grounded = [st.obj is not None for s in items for st in s.steps]
+    assert np.mean(grounded) >= 0.5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,21 +54,23 @@ def test_trace_format_and_ground_truth(family):
                 # the step names the object it relies on
                 assert o.color in st.text or o.shape in st.text
                 m = s.mask(st.obj)
-                x0, y0, x1, y1 = o.box
+                assert m.shape == (s.image_size, s.image_size) == s.image().size
+                x0, y0, x1, y1 = s.box(st.obj)
                 assert m.any() and not m[:y0].any() and not m[y1:].any()
                 assert not m[:, :x0].any() and not m[:, x1:].any()
-                assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+                assert 0 <= x0 < x1 <= s.image_size and 0 <= y0 < y1 <= s.image_size
+                assert o.box[2] <= SIZE and o.box[3] <= SIZE  # world coordinates
 
 
 def _pixel(s, o):
     img = np.asarray(s.image())
-    x0, y0, x1, y1 = o.box
+    x0, y0, x1, y1 = s.box(s.objects.index(o))
     return tuple(int(v) for v in img[(y0 + y1) // 2, (x0 + x1) // 2])
 
 
 def test_answers_follow_from_the_objects():
     """An independent oracle recomputes each answer from the object list."""
-    for s in scenes("train", 1000, 600):
+    for s in scenes("train", 1000, 1100):
         objs = s.objects
         q = s.question
         if s.family == "counting":
@@ -82,11 +97,33 @@ def test_answers_follow_from_the_objects():
             color = q.split()[-2]
             (o,) = [o for o in objs if o.color == color]
             assert s.answer == o.label
+        elif s.family == "compare_counts":
+            a, b = q.split()[3], q.split()[6]
+            count = lambda c: sum(o.color == c for o in objs)  # noqa: E731
+            assert s.answer == ("yes" if count(a) > count(b) else "no")
+        elif s.family == "chain":
+            start, moves = q.split(" and go ")
+            (o,) = [o for o in objs if start.endswith(f"{o.color} {o.shape}")]
+            r, c = o.cell
+            for m in moves.split(".")[0].split(", "):
+                dr, dc = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}[m]
+                r, c = r + dr, c + dc
+            (end,) = [o for o in objs if o.cell == (r, c)]
+            assert s.answer == end.color and _pixel(s, end) == COLORS[end.color]
+        elif s.family == "sum_boxes":
+            assert s.answer == str(sum(int(o.label) for o in objs))
+        elif s.family == "rank_bars":
+            tallest_first = sorted(objs, key=lambda o: o.box[1])
+            assert s.answer == " ".join(o.color for o in tallest_first)
+        elif s.family == "odd_one_out":
+            traits = [o.color for o in objs] if s.kind == "colour" else [o.shape for o in objs]
+            (odd,) = [o for o, t in zip(objs, traits) if traits.count(t) == 1]
+            assert s.answer == f"{odd.color} {odd.shape}"
 
 
 def test_objects_do_not_overlap_cells():
     for s in scenes("train", 0, 300):
-        if s.family in ("chart",):
+        if s.family in ("chart", "rank_bars"):
             continue
         cells = [o.cell for o in s.objects]
         assert len(set(cells)) == len(cells)

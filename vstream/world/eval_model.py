@@ -11,6 +11,7 @@ training record claims seeds from the chosen split is refused. The last output l
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -19,9 +20,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vstream.model import THINK_CLOSE, VLM, VLMError, normalize_answer, split_thinking
+from vstream.model import THINK_CLOSE, THINK_OPEN, VLM, VLMError, normalize_answer, split_thinking
 from vstream.world.demo_model import Collator
-from vstream.world.shapes import FAMILIES, SPLITS, Scene, scenes
+from vstream.world.shapes import FAMILIES, SHORT_FAMILIES, SPLITS, Scene, scenes
+
+
+SENTENCE = re.compile(r"[.!?](?!\d)")  # a sentence end, as the live span splitter cuts them
+
+
+def count_spans(text: str) -> int:
+    """Thinking sentences in a generated text (what the live pipeline attributes one by one)."""
+    thinking = split_thinking(text)[0] if THINK_CLOSE in text else text
+    thinking = thinking.replace(THINK_OPEN, " ")
+    return sum(1 for part in SENTENCE.split(thinking) if part.strip())
 
 
 def parse_answer(text: str) -> str:
@@ -64,6 +75,7 @@ def evaluate(
     items = scenes(split, start, n)
     per_family: dict[str, list[bool]] = defaultdict(list)
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    spans: dict[str, list[int]] = defaultdict(list)
     wrong: Counter = Counter()
     examples: list[dict] = []
     t0 = time.time()
@@ -73,6 +85,7 @@ def evaluate(
             pred = parse_answer(text)
             ok = pred == s.answer
             per_family[s.family].append(ok)
+            spans[s.family].append(count_spans(text))
             per_kind[f"{s.family}/{s.kind}"].append(ok)
             if not ok:
                 wrong[(s.family, s.answer, pred)] += 1
@@ -82,6 +95,8 @@ def evaluate(
     return {
         "accuracy": acc([x for v in per_family.values() for x in v]),
         "per_family": {f: acc(per_family[f]) for f in FAMILIES if f in per_family},
+        "short_families_mean": acc([acc(per_family[f]) for f in SHORT_FAMILIES if f in per_family]),
+        "spans_per_family": {f: round(sum(spans[f]) / len(spans[f]), 2) for f in FAMILIES if f in spans},
         "per_kind": {k: acc(v) for k, v in sorted(per_kind.items())},
         "n": n,
         "split": split,
