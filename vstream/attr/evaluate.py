@@ -85,6 +85,8 @@ DEFINITIONS = {
     "pointing": "share of thought spans matched to a step with an object whose top-scored region "
     "overlaps that object's mask",
     "seconds_per_span": "method wall-clock seconds / spans attributed",
+    "region_iou_median": "median over the objects the scenes' steps name of the pixel IoU between the "
+    "object's mask and its best-overlapping region (at the default K)",
 }
 
 
@@ -146,6 +148,15 @@ def top_masks(scores: np.ndarray, top: int = TOP) -> np.ndarray:
     idx = np.argsort(-s, axis=1, kind="stable")[:, : min(top, s.shape[1])]
     np.put_along_axis(out, idx, True, axis=1)
     return out
+
+
+def best_region_iou(pixel_labels: np.ndarray, mask: np.ndarray) -> float:
+    """Pixel IoU between an object's mask and the region that overlaps it best."""
+    best = 0.0
+    for r in np.unique(pixel_labels[mask]):
+        region = pixel_labels == r
+        best = max(best, float((region & mask).sum() / (region | mask).sum()))
+    return best
 
 
 def match_steps(spans: list[Span], scene: Scene) -> list[int | None]:
@@ -230,6 +241,8 @@ def evaluate(
         n_examples_bad_image=0,
     )
     ks: list[int] = []
+    image_tokens: list[int] = []
+    region_iou: list[float] = []
     gen_tokens, gen_secs, gt_secs = 0, 0.0, 0.0
 
     for i, scene in enumerate(tqdm(items, desc="evaluate", file=sys.stderr, disable=not progress)):
@@ -252,6 +265,11 @@ def evaluate(
         regions = regions_for(inputs)
         k, s_n = regions.k, len(spans)
         ks.append(k)
+        image_tokens.append(int(regions.assignment.shape[1]))
+        if data is None:  # do regions follow objects? every object a step of the scene names
+            size = (scene.image_size, scene.image_size)
+            named = sorted({st.obj for st in scene.steps if st.obj is not None})
+            region_iou += [best_region_iou(regions.pixel_labels(size), scene.mask(o)) for o in named]
         ctx = AttributionContext(
             vlm, inputs, gen, spans, regions.assignment, token_attn=rows, estimator=estimator, regions=regions
         )
@@ -341,6 +359,9 @@ def evaluate(
         "ground_truth_seconds_per_example": round(gt_secs / max(1, len(ks)), 4),
         "generation_seconds_per_token": round(gen_secs / max(1, gen_tokens), 5),
         "k_mean": round(float(np.mean(ks)), 2) if ks else None,
+        "image_tokens_mean": round(float(np.mean(image_tokens)), 2) if image_tokens else None,
+        "region_iou_median": round(float(np.median(region_iou)), 4) if region_iou else None,
+        "n_region_iou_objects": len(region_iou),
         "split": "heldout" if data is None else data.name,
         "start": start,
         "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]] if n and data is None else [],
