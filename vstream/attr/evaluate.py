@@ -196,7 +196,7 @@ def evaluate(
     n_masks: int = N_MASKS,
     keep_prob: float = KEEP_PROB,
     mask_seed: int = 0,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 192,
     progress: bool = True,
     data: DataSource | None = None,
 ) -> dict[str, Any]:

@@ -151,7 +151,7 @@ class LabeledExample:
         }
 
 
-def trace_with_attention(vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 96) -> tuple[list[int], torch.Tensor]:
+def trace_with_attention(vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 192) -> tuple[list[int], torch.Tensor]:
     """Greedy-generate with attention capture: (visible token ids, (T, L, H, N) CPU rows).
 
     Visible = up to the first eos. Row i belongs to generated token i (capture's convention);
@@ -211,7 +211,7 @@ def label_example(
     k: int | None = None,
     backbone: Backbone | str | None = None,
     seed: int = 0,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 192,
     span_kinds: Sequence[str] = ("thought",),
     batch_size: int | None = None,
 ) -> LabeledExample | None:
@@ -409,7 +409,7 @@ def collect(
     k: int | None = None,
     backbone: Backbone | str | None = None,
     seed: int = 0,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 192,
     out: str | Path | None = None,
     process_index: int = 0,
     num_processes: int = 1,

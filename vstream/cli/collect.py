@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=None, help="regions per image (default: auto)")
     ap.add_argument("--backbone", default=None, help="region backbone: pixels (default) or a DINOv3 id/path")
     ap.add_argument("--seed", type=int, default=0, help="mask seed (combined with each scene's seed)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--shard-size", type=int, default=25, help="examples per shard file")
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args(argv)

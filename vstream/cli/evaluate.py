@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--masks", type=int, default=N_MASKS, help="random region subsets per scene")
     ap.add_argument("--mask-seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--json", action="store_true", help="print only the summary JSON (as the last line)")
     args = ap.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

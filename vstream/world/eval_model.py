@@ -55,7 +55,7 @@ def check_heldout(model_dir: Path, split: str = "heldout") -> None:
 
 
 @torch.inference_mode()
-def generate_batch(vlm: VLM, batch: list[Scene], max_new_tokens: int = 288) -> list[str]:
+def generate_batch(vlm: VLM, batch: list[Scene], max_new_tokens: int = 192) -> list[str]:
     col = Collator(vlm.tokenizer, vlm.image_processor, padding_side="left")
     inputs = {k: v.to(vlm.device) for k, v in col(batch, with_targets=False).items()}
     out = vlm.model.generate(
