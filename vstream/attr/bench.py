@@ -113,10 +113,12 @@ def run_plain(vlm: VLM, inputs: VLMInputs, max_new_tokens: int) -> tuple[list[in
     return ids, times, cpu
 
 
-def run_live(vlm: VLM, image: Any, question: str, estimator: Estimator, k: int | None, max_new_tokens: int) -> dict:
-
+def run_live(
+    vlm: VLM, image: Any, question: str, estimator: Estimator, k: int | None, max_new_tokens: int, **kwargs: Any
+) -> dict:
+    """One `attribute_stream` run, consumed; `kwargs` go to it (e.g. `splitter=`)."""
     t0 = time.perf_counter()
-    session = attribute_stream(vlm, image, question, estimator, k=k, max_new_tokens=max_new_tokens)
+    session = attribute_stream(vlm, image, question, estimator, k=k, max_new_tokens=max_new_tokens, **kwargs)
     setup = time.perf_counter() - t0
     times, cpu, spans, done = [], [], [], None
     with session:

@@ -9,7 +9,9 @@ import sys
 from vstream.attr import bench as bench_mod
 from vstream.attr.bench import DEFAULT_ESTIMATOR, DEFAULT_START, bench, load_estimator
 from vstream.attr.estimator_lookup import find_estimator
+from vstream.attr.scale import DEFAULT_LENGTHS, bench_scale
 from vstream.model import VLMError, load_vlm
+from vstream.model.random_init import random_init_names, random_init_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
 
 
@@ -34,7 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=None, help="regions (default: auto)")
     ap.add_argument("--no-occlusion", action="store_true", help="skip the occlusion timing")
     ap.add_argument("--json", action="store_true", help="print only the summary JSON (as the last line)")
+    scale = ap.add_argument_group("real scale: speed and peak memory against trace length (vstream.attr.scale)")
+    scale.add_argument(
+        "--random-init",
+        default=None,
+        metavar="NAME",
+        help="a supported architecture at its published size with random weights: " + ", ".join(random_init_names()),
+    )
+    scale.add_argument("--reduced", action="store_true", help="with --random-init: its reduced size (a CPU)")
+    scale.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"generated-token trace lengths (default {' '.join(map(str, DEFAULT_LENGTHS))}); "
+        "with --model, runs the scale table on that model",
+    )
+    scale.add_argument("--image-side", type=int, default=448, help="side of the square noise image (pixels)")
+    scale.add_argument("--span-tokens", type=int, default=32, help="a span closes every this many tokens")
+    scale.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else float32), bfloat16, float32")
     args = ap.parse_args(argv)
+    if args.random_init or args.lengths:
+        return _scale(args)
     if args.n < 1:
         ap.error("--n must be >= 1")
     try:
@@ -71,5 +94,38 @@ def main(argv: list[str] | None = None) -> int:
             f"seconds per span: vSTREAM {res['vstream_s_per_span']}, occlusion {res['occlusion_s_per_span']} "
             f"-> speedup {res['speedup_vs_occlusion']} (target >= 100)"
         )
+    print(json.dumps(res))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    """The real-scale table (`vstream.attr.scale`) on a random-weight architecture or a model."""
+    try:
+        if args.random_init:
+            vlm = random_init_vlm(args.random_init, reduced=args.reduced, dtype=args.dtype)
+            name = args.random_init + (" (reduced)" if args.reduced else "")
+        else:
+            vlm, name = load_vlm(args.model, dtype=args.dtype), str(args.model)
+        res = bench_scale(
+            vlm,
+            tuple(args.lengths or DEFAULT_LENGTHS),
+            image_side=args.image_side,
+            span_tokens=args.span_tokens,
+            k=args.k,
+        )
+    except (VLMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res["model"] = name
+    if not args.json:
+        print(f"{name}: {res['parameters'] / 1e9:.2f} B parameters on {res['device_name']} ({res['dtype']})")
+        for r in res["rows"]:
+            ixg = r["input_x_gradient"]
+            ixg = ixg if isinstance(ixg, str) else f"{ixg['peak_mb']} MB"
+            print(
+                f"  T={r['trace_tokens']:5d}: decode {r['plain']['tokens_per_s']} tok/s plain, "
+                f"ratio {r['overhead_ratio']}, span p95 {r['vstream']['span_latency_ms_p95']} ms, "
+                f"peak MB plain {r['plain']['peak_mb']} / vstream {r['vstream']['peak_mb']} / ixg {ixg}"
+            )
     print(json.dumps(res))
     return 0

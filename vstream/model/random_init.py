@@ -48,8 +48,10 @@ def read_spec(name: str) -> dict[str, Any]:
 
 
 def reduce_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec with its `reduced` block merged in (sub-dicts merged one level deep)."""
+    """The spec with its `reduced` block merged in (sub-dicts merged one level deep); the
+    vocabulary shrinks to the tokenizer's own unless the block names a size."""
     out = json.loads(json.dumps(spec))
+    out["text_config"].pop("vocab_size", None)
     for key, over in spec.get("reduced", {}).items():
         if isinstance(over, dict) and isinstance(out.get(key), dict):
             out[key].update(over)
@@ -97,7 +99,7 @@ def build_config(spec: dict[str, Any], tokenizer) -> Any:
         raise VLMError(f"unsupported architecture {model_type!r}")
     fam = family_of(model_type)
     text = dict(spec["text_config"])
-    text["vocab_size"] = max(int(text.get("vocab_size", 0)), len(tokenizer))
+    text["vocab_size"] = max(int(text.get("vocab_size") or 0), len(tokenizer))
     ids = {attr: tokenizer.convert_tokens_to_ids(tok) for attr, tok in fam.config_ids}
     text["pad_token_id"] = tokenizer.convert_tokens_to_ids(fam.pad_token)
     text["eos_token_id"] = tokenizer.convert_tokens_to_ids(fam.eos_tokens[0])
@@ -147,9 +149,12 @@ def random_init_vlm(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     seed: int = 0,
+    silence_eos: bool = True,
 ) -> VLM:
     """A supported architecture at its published size (or reduced) with random weights, in memory
-    (nothing is written: a full-size model would be tens of GB on disk)."""
+    (nothing is written: a full-size model would be tens of GB on disk). With `silence_eos` the
+    output head's rows for the end-of-turn and pad tokens are zeroed, so generation always runs
+    to `max_new_tokens` (what a benchmark of trace lengths needs)."""
     spec = read_spec(name)
     if reduced:
         spec = reduce_spec(spec)
@@ -159,6 +164,11 @@ def random_init_vlm(
         model, tokenizer, proc = build_model(spec, seed, dev, dt)
     except torch.OutOfMemoryError as e:
         raise VLMError(f"{name} does not fit on {dev} in {dt}: {str(e).splitlines()[0]}") from e
+    if silence_eos:
+        fam = family_of(spec["model_type"])
+        with torch.no_grad():
+            for tok in set(fam.eos_tokens) | {fam.pad_token}:
+                model.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(tok)].zero_()
     return VLM(model=model, tokenizer=tokenizer, image_processor=proc, arch=spec["model_type"], device=dev, dtype=dt)
 
 
