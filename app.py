@@ -3,10 +3,11 @@
 Four tabs: Reasoning (live per-span heatmaps and a 3-D reliance path), Video (TaYS streaming
 reasoning on a file or a webcam, with latency readouts and a side-by-side comparison),
 Estimator lab (collect labels, train, evaluate, save/load) and Annotation (mark each span's
-heatmap; SQLite with JSONL/CSV export). This file only wires widgets to library calls.
+heatmap; SQLite with JSONL/CSV export). Runs can be saved, reopened and exported as HTML reports.
+This file only wires widgets to library calls.
 
     python app.py                       # embedded demo model on http://127.0.0.1:7860
-    python app.py --model Qwen/Qwen2.5-VL-3B-Instruct --host 0.0.0.0 --share --auth ann:secret
+    python app.py --models assets/demo-model,Qwen/Qwen2.5-VL-3B-Instruct --host 0.0.0.0 --auth ann:secret
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import functools
 import inspect
 import os
 import queue
+import signal
+import sys
 import tempfile
 import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,24 +37,31 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from tays import PushSource, StreamError, TokenRecord, VideoFileSource, run_options, run_paradigm
+from tays.ipc import shutdown_server
 from ui import explorer as ex
 from ui import figures, readouts
+from ui import video as vid
+from ui.access import Identity, ModelPolicy, check_admin, parse_models
 from ui.annotations import AnnotationError, shared_store
+from ui.report import report_html
+from ui.storage import SavedFiles, safe_name
 from vstream.attr.estimator import LinearEstimator, RawAttention
 from vstream.attr.estimator import load as load_estimator
 from vstream.attr.estimator import train as train_estimator
 from vstream.attr.evaluate import evaluate
 from vstream.attr.labels import LabeledExample, collect
+from vstream.attr.record import RunRecord, score_span
 from vstream.attr.worker import AttributionSession, PathEvent, TokenEvent, attribute_stream
 from vstream.model import VLMError, model_identity
-from vstream.world.assets import DEMO_MODEL_DIR
+from vstream.world.assets import DEMO_MODEL_DIR, ROOT
 from vstream.world.examples import scene_examples, stream_examples
 
 MAX_NEW_TOKENS = 256
 VIDEO_MAX_NEW_TOKENS = 160  # as `python -m tays evaluate`: a step per frame group on 20 s streams
 WEBCAM_IDLE_S = 5.0  # a webcam that sends nothing for this long ends the stream
 DEFAULT_ANNOTATIONS = "annotations/annotations.db"
-ESTIMATOR_DIR = Path("runs") / "estimators"
+DEFAULT_RUNS_DIR = "runs"
+SESSION_RUNS = 12  # runs one tab keeps in memory (live and reopened); the oldest is dropped
 _TOKEN_YIELD_S = 0.1  # stream text to the page at most this often (span events always go at once)
 
 
@@ -58,38 +70,83 @@ _TOKEN_YIELD_S = 0.1  # stream text to the page at most this often (span events 
 
 CSS = """
 #reason-text .textfield { font-size: 1.05em; line-height: 1.6; }
+#reason-text .textspan { cursor: pointer; }
 """
 
 
+@dataclass
+class Serving:
+    """What the operator decided when starting the page: the annotation store, where saved
+    files go and their caps, the admin login. One per process (`build_ui` sets it)."""
+
+    db_path: str = DEFAULT_ANNOTATIONS
+    files: SavedFiles = field(default_factory=lambda: SavedFiles(Path(DEFAULT_RUNS_DIR)))
+    admin: str | None = None
+    logins: bool = False
+
+
+SERVING = Serving()
+
+
 def build_ui(
-    default_model: str = str(DEMO_MODEL_DIR),
+    default_model: str | None = None,
     annotations: str | None = None,
     concurrency: int = 2,
     video_model: str | None = None,
+    models: list[str] | None = None,
+    allow_any_model: bool = False,
+    admin: str | None = None,
+    logins: bool = False,
+    runs_dir: str | os.PathLike[str] = DEFAULT_RUNS_DIR,
+    files_per_session: int = 20,
+    files_max_mb: float = 512,
 ) -> gr.Blocks:
-    """The whole explorer. `annotations`: SQLite path of the annotation store; `video_model`:
-    the Video tab's model (default: `ex.default_video_model()`)."""
+    """The whole explorer. `models`: the models a visitor may pick (default: the shipped ones;
+    `default_model` and `video_model` are added); `allow_any_model`: also any typed name.
+    `annotations`: SQLite path of the annotation store; `admin`: the login that may export
+    everyone's records; `runs_dir` and the caps: where saved runs, reports and estimators go."""
+    allowed = list(models or ex.shipped_models())
+    default_model = default_model or allowed[0]
     video_model = video_model or ex.default_video_model()
+    policy = ModelPolicy.of([default_model, *allowed, video_model], allow_any_model, root=ROOT)
+    ex.configure_models(policy)
     db_path = str(annotations or os.environ.get("VSTREAM_ANNOTATIONS") or DEFAULT_ANNOTATIONS)
+    SERVING.db_path, SERVING.admin, SERVING.logins = db_path, admin, bool(logins or admin)
+    SERVING.files = SavedFiles(Path(runs_dir), int(files_per_session), int(files_max_mb * 1024 * 1024))
     model_limit = dict(concurrency_limit=concurrency, concurrency_id="model")  # model jobs share one queue
-    with gr.Blocks(title="Thinking-VLM Explorer") as demo:
+    with gr.Blocks(title="Thinking-VLM Explorer", delete_cache=(1800, 3600)) as demo:
         state = gr.State(Session, delete_callback=lambda s: s.close() if isinstance(s, Session) else None)
         gr.Markdown(
             "# Thinking-VLM Explorer\nWatch a vision-language model think, with live per-sentence visual "
             "attribution (vSTREAM) and streaming video reasoning (TaYS). The default model is a tiny "
-            "Qwen2.5-VL-architecture model trained on our procedural shapes world; any Qwen2.5-VL / Qwen3-VL "
-            "Hugging Face id or folder works where weights are available."
+            "Qwen2.5-VL-architecture model trained on our procedural shapes world; the model menus list "
+            "what this server offers."
         )
         with gr.Tabs():
-            runs = reasoning_tab(state, default_model, model_limit)
-            video_tab(state, video_model, model_limit)
-            lab_tab(state, default_model, model_limit)
+            runs = reasoning_tab(state, policy, default_model, model_limit)
+            video_tab(state, policy, video_model, model_limit)
+            lab_tab(state, policy, default_model, model_limit)
             annotation_tab(state, db_path, runs)
         demo.unload(_on_unload)
     for fn in demo.fns.values():  # the State's per-page-load initialiser is no API endpoint
         if getattr(fn, "fn", None) is Session:
             fn.api_visibility = "private"
     return demo
+
+
+def model_menu(policy: ModelPolicy, value: str, label: str, elem_id: str) -> gr.Dropdown:
+    """A model picker offering the server's list; free text only with `--allow-any-model`.
+    Whatever an API client sends is handed to the policy as is (its preprocess is wrapped, as
+    in `image_input`), so "" means the default and every refusal is the policy's one message."""
+    comp = gr.Dropdown(
+        choices=policy.choices(),
+        value=policy.label(policy.resolve(value)),
+        label=label,
+        allow_custom_value=policy.allow_any,
+        elem_id=elem_id,
+    )
+    comp.preprocess = lambda payload: "" if payload is None else str(payload)
+    return comp
 
 
 def image_input(**kwargs: Any) -> gr.Image:
@@ -127,9 +184,16 @@ class Session:
     when Gradio drops the state (`gr.State(delete_callback=...)`)."""
 
     def __init__(self) -> None:
+        self.key = uuid.uuid4().hex  # names this session for the storage caps
         self.lock = threading.Lock()
         self.attr: AttributionSession | None = None  # running attribution
-        self.run: ex.RunRecord | None = None  # last attributed run
+        self.runs: OrderedDict[str, ex.RunView] = OrderedDict()  # this tab's runs, live and reopened
+        self.run: ex.RunView | None = None  # the run the Reasoning tab shows
+        self.annot_run: ex.RunView | None = None  # the run the Annotation tab marks (default: the latest)
+        self.span = 0  # selected span of `run`
+        self.shared_scale = True
+        self.segment_span: list[int | None] = []  # HighlightedText segment -> span index
+        self.annotation_ids: list[int] = []  # rows this session saved (what it may export without logins)
         self.video_stop: threading.Event | None = None
         self.push: PushSource | None = None  # fed by the webcam
         self.lab_examples: list[LabeledExample] = []
@@ -167,6 +231,19 @@ class Session:
         finally:
             self.jobs.discard(kind)
 
+    def add_run(self, view: ex.RunView) -> None:
+        """Keep `view` (newest last) and show it; beyond SESSION_RUNS the oldest is dropped."""
+        with self.lock:
+            old = self.runs.pop(view.run_id, None)
+            if old is not None and old is not view:  # the same run reopened from its file
+                old.cleanup()
+            self.runs[view.run_id] = view
+            self.runs.move_to_end(view.run_id)
+            while len(self.runs) > SESSION_RUNS:
+                _, old = self.runs.popitem(last=False)
+                old.cleanup()
+            self.run, self.annot_run, self.span, self.point = view, view, 0, None
+
     def close(self) -> None:
         attr, self.attr = self.attr, None
         if attr is not None:
@@ -175,8 +252,8 @@ class Session:
             self.video_stop.set()
         if self.push is not None:
             self.push.close()
-        if self.run is not None:
-            self.run.cleanup()
+        for view in list(self.runs.values()):
+            view.cleanup()
 
 
 _SESSIONS: weakref.WeakValueDictionary[str, Session] = weakref.WeakValueDictionary()
@@ -195,6 +272,16 @@ def _on_unload(request: gr.Request) -> None:
     st = _SESSIONS.pop(getattr(request, "session_hash", "") or "", None)
     if st is not None:
         st.close()
+
+
+def close_all_sessions() -> None:
+    """Server stopping: stop every tab's generation, video run and webcam feed."""
+    for st in list(_SESSIONS.values()):
+        st.close()
+
+
+def _identity(request: gr.Request | None) -> Identity:
+    return Identity(getattr(request, "username", None) or None, SERVING.admin)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -263,8 +350,11 @@ def _error_status(where: str) -> Callable[[Session | None], str]:
 # Reasoning tab
 
 
-def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, Any]) -> list[gr.events.Dependency]:
-    """Returns the run events (button and Enter), after which the Annotation tab refreshes."""
+def reasoning_tab(
+    state: gr.State, policy: ModelPolicy, default_model: str, model_limit: dict[str, Any]
+) -> list[gr.events.Dependency]:
+    """Returns the events after which a run is in the session's list (runs, reopened files);
+    the Annotation tab refreshes after each."""
     with gr.Tab("Reasoning", id="reasoning"):
         with gr.Row():
             with gr.Column(scale=2):
@@ -272,35 +362,70 @@ def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, An
                 r_question = gr.Textbox(
                     label="Question", placeholder="What color is the circle?", elem_id="reason-question"
                 )
-                r_model = gr.Textbox(
-                    label="Model (Hugging Face id or folder; empty = demo model)",
-                    value=default_model,
-                    elem_id="reason-model",
-                )
+                r_model = model_menu(policy, default_model, "Model", "reason-model")
                 with gr.Row():
                     r_run = gr.Button("Run", variant="primary", elem_id="reason-run")
                     r_stop = gr.Button("Stop", variant="stop", elem_id="reason-stop")
                 r_status = gr.Markdown("Pick an example or upload an image, then press Run.", elem_id="reason-status")
             with gr.Column(scale=3):
                 r_text = gr.HighlightedText(
-                    label="Reasoning (the span being written is highlighted)",
-                    color_map={"current": "#ffd54f"},
-                    combine_adjacent=True,
+                    label="Reasoning (the span being written is highlighted; when done, click a sentence to see it)",
+                    color_map={"current": "#ffd54f", "selected span": "#ffb74d", "span": "#e3f2fd"},
+                    combine_adjacent=False,
+                    show_legend=False,
                     elem_id="reason-text",
                 )
                 r_gallery = gr.Gallery(
-                    label="Span heatmaps (one per closed span; region outlines in white, top regions numbered)",
+                    label="Span heatmaps (click one to enlarge; region outlines in white, top regions numbered)",
                     columns=4,
-                    height=300,
+                    height=260,
+                    allow_preview=False,
                     elem_id="reason-heatmaps",
                 )
+        with gr.Row():
+            with gr.Column(scale=3):
+                r_view = gr.Plot(label="Selected span (hover a region for its score)", elem_id="reason-span-view")
+            with gr.Column(scale=2):
+                r_pick = gr.Dropdown(choices=[], label="Selected span", elem_id="reason-span-pick")
+                r_scale = gr.Radio(
+                    ["shared", "per span"],
+                    value="shared",
+                    label="Colour scale",
+                    info="shared: one range for every span of the run, so spans compare; per span: each its own",
+                    elem_id="reason-scale",
+                )
+                r_span_info = gr.Markdown(elem_id="reason-span-info")
+        with gr.Accordion("Compare methods for the selected span", open=False, elem_id="reason-compare-box"):
+            gr.Markdown(
+                "vSTREAM and raw attention come from the run itself; occlusion ablates each region in turn "
+                "(K extra forward passes), so it runs only when asked. All on one colour scale per method."
+            )
+            with gr.Row():
+                r_occ = gr.Button("Compute occlusion for this span", elem_id="reason-occlusion")
+            r_cmp_gallery = gr.Gallery(
+                label="vSTREAM · raw attention · occlusion", columns=3, height=300, elem_id="reason-compare"
+            )
+            r_cmp_table = gr.Dataframe(
+                headers=["method", "time (ms)", "top 3 regions", "rank agreement with the run's method"],
+                label="runtimes and agreement",
+                elem_id="reason-compare-table",
+            )
         with gr.Row():
             with gr.Column(scale=3):
                 r_pca = gr.Plot(label="Visual reliance path (PCA, coloured by step)", elem_id="reason-pca")
             with gr.Column(scale=2):
                 r_dyn = gr.Markdown(figures.dynamics_markdown(0.0, None, "stable", 0), elem_id="reason-dynamics")
+                with gr.Accordion("Runs: keep, share, reopen", open=True, elem_id="reason-runs-box"):
+                    r_runs = gr.Dropdown(choices=[], label="This tab's runs", elem_id="reason-runs")
+                    with gr.Row():
+                        r_save = gr.Button("Save run (.json)", elem_id="reason-save")
+                        r_report = gr.Button("Export HTML report", elem_id="reason-report")
+                    r_file = gr.File(label="download", elem_id="reason-file")
+                    r_open = gr.File(
+                        label="Open a saved run (.json)", file_types=[".json"], type="filepath", elem_id="reason-open"
+                    )
                 with gr.Accordion("Raw attribution (JSON)", open=False):
-                    r_json = gr.JSON(label="spans, scores, top regions", elem_id="reason-json")
+                    r_json = gr.JSON(label="the run record (the same as a saved file)", elem_id="reason-json")
         rows = scene_examples() + ex.photo_examples()
         if rows:
             gr.Examples(
@@ -314,6 +439,7 @@ def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, An
             r_plain_run = gr.Button("Run without attribution", elem_id="reason-plain-run")
             r_plain_out = gr.Markdown(elem_id="reason-plain-out")
     r_outputs = [state, r_text, r_gallery, r_pca, r_dyn, r_status, r_json]
+    span_outputs = [r_text, r_pick, r_view, r_span_info, r_cmp_gallery, r_cmp_table, r_runs]
     run_ev = r_run.click(
         attribute,
         [r_image, r_question, r_model, state],
@@ -325,11 +451,28 @@ def reasoning_tab(state: gr.State, default_model: str, model_limit: dict[str, An
     sub_ev = r_question.submit(
         attribute, [r_image, r_question, r_model, state], r_outputs, api_visibility="private", **model_limit
     )
+    after = []
     for ev in (run_ev, sub_ev):
         ev.failure(_error_status("reason"), [state], [r_status], api_visibility="private")
+        after.append(ev.then(show_selected, [state], span_outputs, api_visibility="private"))
     r_stop.click(stop_reasoning, [state], [r_status], api_name="stop", concurrency_limit=None)
     r_plain_run.click(reason, [r_image, r_question, r_model], r_plain_out, api_name="reason", **model_limit)
-    return [run_ev, sub_ev]
+    r_text.select(select_sentence, [state], span_outputs, api_visibility="private")
+    r_gallery.select(select_gallery, [state], span_outputs, api_visibility="private")
+    r_pick.input(select_span, [r_pick, state], span_outputs, api_name="span")
+    r_scale.input(set_scale, [r_scale, state], [r_gallery, *span_outputs], api_visibility="private")
+    r_occ.click(compare_occlusion, [state], span_outputs, api_name="span_occlusion", **model_limit).failure(
+        _error_status("reason"), [state], [r_status], api_visibility="private"
+    )
+    run_outputs = [r_text, r_gallery, r_pca, r_dyn, r_status, r_json, *span_outputs[1:]]
+    r_runs.input(switch_run, [r_runs, state], run_outputs, api_visibility="private")
+    for btn, fn, name in ((r_save, save_run, "run_save"), (r_report, export_report, "run_report")):
+        btn.click(fn, [state], [r_file, r_status], api_name=name).failure(
+            _error_status("reason"), [state], [r_status], api_visibility="private"
+        )
+    open_ev = r_open.upload(open_run, [r_open, state], run_outputs, api_name="run_open")
+    open_ev.failure(_error_status("reason"), [state], [r_status], api_visibility="private")
+    return [*after, open_ev]
 
 
 @handler(VLMError, status="reason")
@@ -367,12 +510,8 @@ def attribute(
         session.close()
         yield st, skip, skip, skip, skip, "A run is already in progress in this tab.", skip
         return
-    run = ex.RunRecord(
-        uuid.uuid4().hex[:12], ex.model_key(model_name), q, img, ex.image_ref(image), estimator_note=note
-    )
-    if st.run is not None:
-        st.run.cleanup()
-    st.run, st.point = run, None
+    run = ex.RunView(RunRecord.new(ex.model_label(model_name), q, img, ex.image_ref(image), vlm, est), note)
+    st.add_run(run)
     text = ex.LiveText()
     t0, last = time.perf_counter(), 0.0
 
@@ -393,7 +532,7 @@ def attribute(
             figures.path_figure(None),
             figures.dynamics_markdown(0.0, None, "stable", 0),
             status(),
-            run.to_dict(),
+            run.live_dict(),
         )
         for ev in session:
             run.apply(ev)
@@ -405,15 +544,177 @@ def attribute(
                     yield st, text.segments(), skip, skip, skip, status(), skip
             elif isinstance(ev, PathEvent):
                 last = time.perf_counter()
-                yield st, text.segments(), run.gallery(), *path(), status(), run.to_dict()
+                yield st, text.segments(), run.gallery(st.shared_scale), *path(), status(), run.live_dict()
+        run.record.add_raw_attention(session)  # the compare view's second method, from the recorded rows
         final = readouts.attribution_final(run, text.n_tokens, time.perf_counter() - t0)
-        run.done = True
-        yield st, text.segments(done=True), run.gallery(), *path(final=True), final, run.to_dict()
+        run.record.done = True
+        yield st, text.segments(done=True), run.gallery(st.shared_scale), *path(final=True), final, run.to_dict()
     finally:
         session.close()
         with st.lock:
             if st.attr is session:
                 st.attr = None
+
+
+# -- the selected span, the compare view, the run list ---------------------------------------
+
+
+def _span_outputs(st: Session) -> tuple[Any, ...]:
+    """(text, span menu, large view, span info, compare gallery, compare table, run menu) for
+    the session's shown run and selected span."""
+    run = st.run
+    runs_menu = gr.update(
+        choices=[(v.title(), k) for k, v in reversed(st.runs.items())], value=run.run_id if run else None
+    )
+    if run is None or not run.spans:
+        st.segment_span = []
+        return gr.skip(), gr.update(choices=[], value=None), None, readouts.NO_SPANS, [], [], runs_menu
+    i = st.span = max(0, min(int(st.span), len(run.spans) - 1))
+    segs, st.segment_span = ex.spans_segments(run, i)
+    pick = gr.update(choices=[(f"{j}: {s.text[:70]}", j) for j, s in enumerate(run.spans)], value=i)
+    compare = [
+        (run.overlay_file(i, shared=True, method=m, colorbar=True), f"{m} · {run.spans[i].methods[m]['ms']:.3g} ms")
+        for m in ("vstream", "raw_attention", "occlusion")
+        if m in run.spans[i].methods
+    ]
+    return (
+        segs,
+        pick,
+        run.span_figure(i, st.shared_scale),
+        readouts.span_view_info(run, i, st.shared_scale),
+        compare,
+        ex.compare_rows(run, i),
+        runs_menu,
+    )
+
+
+@handler()
+def show_selected(st: Session | None, request: gr.Request = None) -> tuple[Any, ...]:
+    """After a run: its spans become clickable and the first one is shown large."""
+    return _span_outputs(st)
+
+
+@handler()
+def select_sentence(st: Session | None, evt: gr.SelectData, request: gr.Request = None) -> tuple[Any, ...]:
+    """A click on a sentence of a finished run selects its span."""
+    if st.reasoning_busy() or evt is None:
+        return (gr.skip(),) * 7
+    idx = evt.index if isinstance(evt.index, int) else (evt.index or [None])[0]
+    owner = st.segment_span
+    if isinstance(idx, int) and 0 <= idx < len(owner) and owner[idx] is not None:
+        st.span = owner[idx]
+    return _span_outputs(st)
+
+
+@handler()
+def select_gallery(st: Session | None, evt: gr.SelectData, request: gr.Request = None) -> tuple[Any, ...]:
+    """A click on a heatmap thumbnail selects its span."""
+    if evt is not None and isinstance(evt.index, int):
+        st.span = evt.index
+    if st.reasoning_busy():  # the text is still streaming: leave it alone
+        return (gr.skip(), *_span_outputs(st)[1:])
+    return _span_outputs(st)
+
+
+@handler(VLMError)
+def select_span(span: float | None, st: Session | None = None, request: gr.Request = None) -> tuple[Any, ...]:
+    """Show span `span` (0 = first) of the shown run (api_name="span")."""
+    if span is not None:
+        st.span = ex.as_number(span, int)
+    return _span_outputs(st)
+
+
+@handler()
+def set_scale(scale: str, st: Session | None, request: gr.Request = None) -> tuple[Any, ...]:
+    """Shared colour scale across spans, or each span's own range."""
+    st.shared_scale = scale != "per span"
+    gallery = st.run.gallery(st.shared_scale) if st.run is not None else []
+    return gallery, *_span_outputs(st)
+
+
+@handler(VLMError, status="reason")
+def compare_occlusion(st: Session | None = None, request: gr.Request = None) -> tuple[Any, ...]:
+    """Score the selected span by occlusion (one ablated pass per region) with the run's model
+    (api_name="span_occlusion")."""
+    run = st.run
+    if run is None or not run.spans:
+        raise VLMError("Run the model (or open a saved run) first.")
+    vlm = ex.get_model(run.model)
+    try:
+        score_span(vlm, run.record, st.span, "occlusion")
+    except VLMError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model that cannot re-score this run: say so
+        raise VLMError(f"occlusion failed: {type(e).__name__}: {e}") from None
+    return _span_outputs(st)
+
+
+def _show_run(st: Session, status: str) -> tuple[Any, ...]:
+    """Everything the Reasoning tab shows for the session's current run (switch, reopen)."""
+    run = st.run
+    segs, pick, view, info, cmp, rows, menu = _span_outputs(st)
+    return (
+        segs,
+        run.gallery(st.shared_scale),
+        figures.path_figure(run.path, [s.text for s in run.spans]),
+        figures.dynamics_markdown(run.path_length, run.tortuosity, run.label, len(run.spans), final=True),
+        status,
+        run.to_dict(),
+        pick,
+        view,
+        info,
+        cmp,
+        rows,
+        menu,
+    )
+
+
+@handler(VLMError)
+def switch_run(run_id: str, st: Session | None = None, request: gr.Request = None) -> tuple[Any, ...]:
+    """Show another of this tab's runs."""
+    view = st.runs.get(str(run_id or ""))
+    if view is None:
+        raise VLMError(f"That run is no longer in this tab (at most {SESSION_RUNS} are kept); open its saved file.")
+    st.run, st.annot_run, st.span, st.point = view, view, 0, None
+    return _show_run(st, readouts.run_shown(view))
+
+
+@handler(VLMError, status="reason")
+def open_run(file: str | None, st: Session | None = None, request: gr.Request = None) -> tuple[Any, ...]:
+    """Reopen a saved run file (.json) in this tab: view it, compare, annotate (api_name="run_open")."""
+    if not file:
+        raise VLMError("Choose a saved run file (.json).")
+    record = ex.open_run_file(str(file))
+    st.add_run(ex.RunView(record, opened=True))
+    return _show_run(st, readouts.run_shown(st.run))
+
+
+def _current(st: Session) -> ex.RunView:
+    run = st.run
+    if run is None or not run.spans:
+        raise VLMError("Nothing to save yet: run the model first (or open a saved run).")
+    if st.reasoning_busy() and not run.done:
+        raise VLMError("The run is still going: wait for it to finish, or press Stop.")
+    return run
+
+
+@handler(VLMError, OSError, status="reason")
+def save_run(st: Session | None = None, request: gr.Request = None) -> tuple[str, str]:
+    """Save the shown run as one JSON file (server copy under the caps, and a download)
+    (api_name="run_save")."""
+    run = _current(st)
+    data = run.record.to_json().encode("utf-8")
+    path = SERVING.files.write(st.key, "runs", f"run-{run.run_id}.json", data)
+    return str(path), f"Saved run `{run.run_id}` ({len(data) / 1e3:.0f} kB): download it below; reopen it any time."
+
+
+@handler(VLMError, OSError, status="reason")
+def export_report(st: Session | None = None, request: gr.Request = None) -> tuple[str, str]:
+    """The shown run as a self-contained HTML report (api_name="run_report")."""
+    run = _current(st)
+    data = report_html(run.record).encode("utf-8")
+    path = SERVING.files.write(st.key, "reports", f"report-{run.run_id}.html", data)
+    return str(path), f"Report for run `{run.run_id}` ({len(data) / 1e6:.1f} MB, works offline): download it below."
 
 
 @handler()
@@ -444,7 +745,7 @@ def reason(image: ex.ImageInput | None, question: str, model_name: str) -> Itera
 # Video tab
 
 
-def video_tab(state: gr.State, video_model: str, model_limit: dict[str, Any]) -> None:
+def video_tab(state: gr.State, policy: ModelPolicy, video_model: str, model_limit: dict[str, Any]) -> None:
     with gr.Tab("Video", id="video"):
         with gr.Row():
             with gr.Column(scale=2):
@@ -464,20 +765,29 @@ def video_tab(state: gr.State, video_model: str, model_limit: dict[str, Any]) ->
                     0.5, 4, value=2, step=0.5, label="Frames per second fed to the model", elem_id="video-fps"
                 )
                 v_question = gr.Textbox(label="Question", value="How many objects appeared?", elem_id="video-question")
-                v_model = gr.Textbox(
-                    label="Video model (folder or Hugging Face id; the default is our TaYS-trained demo model)",
-                    value=video_model,
-                    elem_id="video-model",
+                v_model = model_menu(
+                    policy, video_model, "Video model (the default is our TaYS-trained demo model)", "video-model"
                 )
                 with gr.Row():
                     v_run = gr.Button("Run TaYS", variant="primary", elem_id="video-run")
                     v_stop = gr.Button("Stop", variant="stop", elem_id="video-stop")
             with gr.Column(scale=3):
-                v_text = gr.Textbox(label="Reasoning (streams while frames arrive)", lines=6, elem_id="video-text")
                 with gr.Row():
-                    v_ttft = gr.Markdown("**TTFT** –", elem_id="video-ttft")
-                    v_delay = gr.Markdown("**Delay** –", elem_id="video-delay")
-                v_status = gr.Markdown(elem_id="video-status")
+                    v_frame = gr.Image(
+                        label="The frame the model is seeing", interactive=False, height=220, elem_id="video-frame"
+                    )
+                    with gr.Column():
+                        v_ttft = gr.Markdown("**TTFT** –", elem_id="video-ttft")
+                        v_delay = gr.Markdown("**Delay** –", elem_id="video-delay")
+                        v_status = gr.Markdown(elem_id="video-status")
+                v_steps = gr.Dataframe(
+                    headers=vid.STEP_HEADERS,
+                    label="Reasoning steps (stream time: the newest frame the step could see; said at: "
+                    "seconds after the stream started)",
+                    wrap=True,
+                    elem_id="video-steps",
+                )
+                v_text = gr.Textbox(label="Reasoning (streams while frames arrive)", lines=4, elem_id="video-text")
                 with gr.Group():
                     v_other = gr.Radio(
                         ["interleaved", "batch"],
@@ -499,7 +809,7 @@ def video_tab(state: gr.State, video_model: str, model_limit: dict[str, Any]) ->
     v_ev = v_run.click(
         video_run,
         [v_source, v_file, v_fps, v_question, v_model, state],
-        [state, v_text, v_ttft, v_delay, v_status],
+        [state, v_text, v_ttft, v_delay, v_status, v_frame, v_steps],
         api_name="video",
         **model_limit,
     )
@@ -537,13 +847,14 @@ def video_run(
     st: Session | None = None,
     request: gr.Request = None,
 ) -> Iterator[tuple]:
-    """Run the TaYS engine on a file or the webcam; stream text and live TTFT / delay
-    (api_name="video"). Yields (state, text, ttft, delay, status)."""
+    """Run the TaYS engine on a file or the webcam; stream text, live TTFT / delay, the frame
+    being seen and the steps with their stream times (api_name="video"). Yields (state, text,
+    ttft, delay, status, frame, steps)."""
     fps = ex.check_fps(fps)
     q = ex.check_question(question)
     with st.job("video"):
         vlm = ex.get_model(model_name)
-        src = _video_source(kind, file, fps, st)
+        src = vid.TappedSource(_video_source(kind, file, fps, st))
         stop = threading.Event()
         st.video_stop = stop
         tokens: queue.Queue[TokenRecord] = queue.Queue()
@@ -567,7 +878,9 @@ def video_run(
         th = threading.Thread(target=work, name="app-video-run", daemon=True)
         t0 = time.perf_counter()
         th.start()
-        text, first, latest = "", None, None
+        log = vid.StepLog()
+        first, latest, shown_t = None, None, None
+        skip = gr.skip()
         try:
             while True:
                 th.join(0.25)
@@ -576,16 +889,21 @@ def video_run(
                         rec = tokens.get_nowait()
                     except queue.Empty:
                         break
-                    text += rec.text
+                    log.add(rec)
                     first = rec.wall if first is None else first
                     latest = rec.wall
                 alive = th.is_alive()
+                frame = src.last_frame()
+                new_frame = frame is not None and frame[0] != shown_t
+                shown_t = frame[0] if frame is not None else shown_t
                 yield (
                     st,
-                    text,
+                    log.text(),
                     readouts.ttft_markdown(first, time.perf_counter() - t0),
                     readouts.delay_markdown(latest, False),
-                    readouts.video_running(fps, kind == "Webcam", time.perf_counter() - t0),
+                    readouts.video_running(fps, kind == "Webcam", time.perf_counter() - t0, shown_t),
+                    frame[1] if new_frame else skip,
+                    log.rows(),
                 )
                 if not alive:
                     break
@@ -594,19 +912,23 @@ def video_run(
                 msg = box.get("error", "the run ended without a result")
                 yield (
                     st,
-                    text,
+                    log.text(),
                     readouts.ttft_markdown(first, 0.0),
                     readouts.delay_markdown(latest, False),
                     f"**Error:** {msg}",
+                    skip,
+                    log.rows(),
                 )
                 return
             m = res.metrics
             yield (
                 st,
-                res.text,
+                log.text(),
                 readouts.ttft_markdown(m.get("ttft_question_s"), 0.0),
                 readouts.delay_markdown(m.get("delay_s"), True),
                 readouts.video_done(res),
+                skip,
+                log.rows(),
             )
         finally:
             stop.set()
@@ -684,13 +1006,13 @@ def video_compare(
 # Estimator lab
 
 
-def lab_tab(state: gr.State, default_model: str, model_limit: dict[str, Any]) -> None:
+def lab_tab(state: gr.State, policy: ModelPolicy, default_model: str, model_limit: dict[str, Any]) -> None:
     with gr.Tab("Estimator lab", id="lab"):
         gr.Markdown(
             "Run the cells top to bottom. Defaults are small so each step takes a minute or two on "
             "a CPU; the estimator you train or load here is used by this tab's Reasoning runs."
         )
-        l_model = gr.Textbox(label="Model", value=default_model, elem_id="lab-model")
+        l_model = model_menu(policy, default_model, "Model", "lab-model")
         l_status = gr.Markdown(elem_id="lab-status")
         gr.Markdown("### 1. Collect labels (region-ablation effects on training scenes)")
         with gr.Row():
@@ -724,7 +1046,7 @@ def lab_tab(state: gr.State, default_model: str, model_limit: dict[str, Any]) ->
             with gr.Column():
                 l_name = gr.Textbox(
                     "lab-estimator.safetensors",
-                    label="file name (saved under runs/estimators/)",
+                    label="file name (kept on the server under the saved-files caps, and offered for download)",
                     elem_id="lab-save-name",
                 )
                 l_save = gr.Button("Save", elem_id="lab-save")
@@ -852,14 +1174,14 @@ def lab_evaluate(
 
 @handler(VLMError, OSError, status="lab")
 def lab_save(name: str, st: Session | None = None, request: gr.Request = None) -> tuple[str, str]:
-    """Cell 4a: save the session's estimator under runs/estimators/ and offer it for download."""
+    """Cell 4a: save the session's estimator (under the saved-files caps) and offer it for download."""
     if st.lab_estimator is None:
         raise VLMError("No estimator in this session yet: train one first (cell 2).")
-    base = Path(str(name or "").strip() or "lab-estimator.safetensors").name  # no paths from the web
-    if not base.endswith(".safetensors"):
-        base += ".safetensors"
-    path = st.lab_estimator.save(ESTIMATOR_DIR / base)
-    return str(path), f"Saved `{path}`."
+    base = safe_name(str(name or ""), ".safetensors", "lab-estimator")  # no paths from the web
+    with tempfile.TemporaryDirectory(prefix="vstream-estimator-") as tmp:
+        data = st.lab_estimator.save(Path(tmp) / base).read_bytes()
+    path = SERVING.files.write(st.key, "estimators", base, data)
+    return str(path), f"Saved `{path.name}`."
 
 
 @handler(VLMError, status="lab")
@@ -878,12 +1200,14 @@ def lab_load(file: str | None, model_name: str, st: Session | None = None, reque
 
 
 def annotation_tab(state: gr.State, db_path: str, runs: list[gr.events.Dependency]) -> None:
-    """`runs`: the Reasoning tab's run events; each finished run shows up here."""
+    """`runs`: the Reasoning tab's events after which a run joins the session's list."""
     annotate, show_records, export = annotation_handlers(db_path)
     with gr.Tab("Annotation", id="annotation"):
         gr.Markdown(
-            "Mark each span's heatmap of your last Reasoning run. Click the image to point at the "
-            f"region that should have lit up. Records go to `{db_path}`."
+            "Mark each span's heatmap of any run of this tab: the latest, an earlier one, or a saved run "
+            "you reopened (Reasoning tab, *Open a saved run*). Click the image to point at the region that "
+            "should have lit up."
+            + (" You are logged in: records are saved under your login name." if SERVING.logins else "")
         )
         with gr.Row():
             with gr.Column(scale=3):
@@ -891,7 +1215,12 @@ def annotation_tab(state: gr.State, db_path: str, runs: list[gr.events.Dependenc
                     label="Span heatmap (click the right region)", interactive=False, type="pil", elem_id="annot-image"
                 )
             with gr.Column(scale=2):
-                a_name = gr.Textbox(label="Annotator", placeholder="your name", elem_id="annot-name")
+                a_run = gr.Dropdown(choices=[], label="Run", elem_id="annot-run")
+                a_name = gr.Textbox(
+                    label="Annotator" + (" (your login is used)" if SERVING.logins else ""),
+                    placeholder="your name",
+                    elem_id="annot-name",
+                )
                 a_span = gr.Slider(0, 1, value=0, step=1, label="span (0 = first)", elem_id="annot-span")
                 a_info = gr.Markdown(elem_id="annot-info")
                 a_verdict = gr.Radio(
@@ -909,46 +1238,76 @@ def annotation_tab(state: gr.State, db_path: str, runs: list[gr.events.Dependenc
             a_jsonl = gr.Button("Export JSONL", elem_id="annot-export-jsonl")
             a_csv = gr.Button("Export CSV", elem_id="annot-export-csv")
             a_file = gr.File(label="export", elem_id="annot-export-file")
+    view = [a_image, a_info, a_span, a_run]
     for ev in runs:
-        ev.then(annot_refresh, [state], [a_image, a_info, a_span], api_visibility="private")
-    a_span.release(annot_span_changed, [a_span, state], [a_image, a_info, a_span], api_visibility="private")
-    a_image.select(annot_click, [a_span, state], [a_image, a_info, a_span], api_visibility="private")
+        ev.then(annot_refresh, [state], view, api_visibility="private")
+    a_run.input(annot_pick_run, [a_run, state], view, api_name="annotate_run")
+    a_span.release(annot_span_changed, [a_span, state], view, api_visibility="private")
+    a_image.select(annot_click, [a_span, state], view, api_visibility="private")
     a_ev = a_save.click(
         annotate, [a_name, a_span, a_verdict, a_note, state], [a_status, a_records], api_name="annotate"
     )
     a_ev.failure(_error_status("annot"), [state], [a_status], api_visibility="private")
-    a_name.blur(show_records, [a_name], [a_records], api_visibility="private")
-    a_jsonl.click(lambda name: export("jsonl", name), [a_name], a_file, api_name="annotations_export")
-    a_csv.click(lambda name: export("csv", name), [a_name], a_file, api_name="annotations_export_csv")
+    a_name.blur(show_records, [a_name, state], [a_records], api_visibility="private")
+    a_jsonl.click(export_jsonl_of(export), [a_name, state], a_file, api_name="annotations_export")
+    a_csv.click(export_csv_of(export), [a_name, state], a_file, api_name="annotations_export_csv")
 
 
-AnnotView = tuple[Image.Image | None, str, dict[str, Any]]  # span overlay, its text, the span slider
+def export_jsonl_of(export: Callable[..., str]) -> Callable[..., str]:
+    def annotations_export(name: str, st: Session | None = None, request: gr.Request = None) -> str:
+        """Your records as JSONL (everyone's: only for the admin login, with no name typed)."""
+        return export("jsonl", name, st, request)
+
+    return annotations_export
+
+
+def export_csv_of(export: Callable[..., str]) -> Callable[..., str]:
+    def annotations_export_csv(name: str, st: Session | None = None, request: gr.Request = None) -> str:
+        """Your records as CSV (everyone's: only for the admin login, with no name typed)."""
+        return export("csv", name, st, request)
+
+    return annotations_export_csv
+
+
+AnnotView = tuple[Image.Image | None, str, dict[str, Any], dict[str, Any]]  # overlay, text, span slider, run menu
 
 
 def _annot_view(span: float, st: Session) -> AnnotView:
-    """Show span `span` of this session's last run (overlay, text, top regions)."""
-    run = st.run
+    """Show span `span` of the run being annotated (overlay, text, top regions)."""
+    run = st.annot_run
+    menu = gr.update(choices=[(v.title(), k) for k, v in reversed(st.runs.items())], value=run.run_id if run else None)
     if run is None or not run.spans:
-        return None, readouts.NO_RUN_YET, gr.update(maximum=1, value=0)
+        return None, readouts.NO_RUN_YET, gr.update(maximum=1, value=0), menu
     i = max(0, min(int(span or 0), len(run.spans) - 1))
     region = run.region_at(st.point) if st.point else None
     return (
         run.overlay(i, st.point),
         readouts.span_info(run, i, region),
         gr.update(maximum=max(1, len(run.spans) - 1), value=i),
+        menu,
     )
 
 
 @handler()
 def annot_refresh(st: Session | None, request: gr.Request = None) -> AnnotView:
-    """After a run: reset the click and show its first span."""
+    """After a run (or a reopened file): reset the click and show its first span."""
     st.point = None
+    return _annot_view(0, st)
+
+
+@handler(VLMError)
+def annot_pick_run(run_id: str, st: Session | None = None, request: gr.Request = None) -> AnnotView:
+    """Annotate another of this tab's runs (api_name="annotate_run")."""
+    view = st.runs.get(str(run_id or ""))
+    if view is None:
+        raise VLMError("That run is not in this tab: run it, or open its saved file in the Reasoning tab.")
+    st.annot_run, st.point = view, None
     return _annot_view(0, st)
 
 
 @handler()
 def annot_click(span: float, st: Session | None, evt: gr.SelectData, request: gr.Request = None) -> AnnotView:
-    run = st.run
+    run = st.annot_run
     if run is not None and evt is not None and evt.index is not None:
         x, y = evt.index[:2]
         st.point = run.point_at(x, y)
@@ -963,25 +1322,32 @@ def annot_span_changed(span: float, st: Session | None, request: gr.Request = No
 
 def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
     """(annotate, show_records, export) on the store at `db_path`, which is only known when the
-    page is built. The store opens on first use, so a bad path shows in the tab."""
+    page is built. The store opens on first use, so a bad path shows in the tab.
 
-    def records(name: str) -> list[list[Any]]:
-        if not name or not name.strip():
-            return []
-        return readouts.record_rows(shared_store(db_path).records(annotator=name.strip(), latest_only=True))
+    Whose records a visitor sees and exports: with logins, their own login's (the admin login
+    may export everyone's); without logins, only the rows this browser session saved, whatever
+    name is typed, so nobody can read another annotator's work by typing their name."""
+
+    def records(ident: Identity, st: Session) -> list[list[Any]]:
+        store = shared_store(db_path)
+        if ident.username:
+            return readouts.record_rows(store.records(annotator=ident.username, latest_only=True))
+        return readouts.record_rows(store.records(ids=st.annotation_ids, latest_only=True))
 
     @handler(VLMError, AnnotationError, ValueError, status="annot")
     def annotate(
         name: str, span: float, verdict: str, note: str, st: Session | None = None, request: gr.Request = None
     ) -> tuple[str, list[list[Any]]]:
-        """Save one verdict for a span of this session's last run (api_name="annotate")."""
-        name = str(name or "").strip()
-        if not name:
+        """Save one verdict for a span of the run chosen in the tab (default: the latest)
+        (api_name="annotate")."""
+        ident = _identity(request)
+        who = ident.annotator(name)
+        if not who:
             raise VLMError("Type your annotator name first.")
-        run = st.run
+        run = st.annot_run
         if run is None or not run.spans:
-            raise VLMError("Nothing to annotate yet: run the model in the Reasoning tab first.")
-        i = int(span or 0)
+            raise VLMError("Nothing to annotate yet: run the model in the Reasoning tab first (or open a saved run).")
+        i = ex.as_number(span if span is not None else 0, int)
         if not 0 <= i < len(run.spans):
             raise VLMError(f"span {i} does not exist (this run has {len(run.spans)})")
         if not verdict:
@@ -989,7 +1355,7 @@ def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[...,
         point = st.point
         region = run.region_at(point) if point else None
         rid = shared_store(db_path).add(
-            name,
+            who,
             run.run_id,
             i,
             verdict,
@@ -1000,21 +1366,32 @@ def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[...,
             image_ref=run.image_ref,
             note=str(note or "")[:2000],
         )
+        st.annotation_ids.append(rid)
         where = f" at region {region}" if region is not None else ""
-        return f"Saved #{rid}: span {i} is {verdict}{where}.", records(name)
+        return f"Saved #{rid}: span {i} of run {run.run_id} is {verdict}{where}.", records(ident, st)
 
     @handler(VLMError, ValueError)  # AnnotationError is a ValueError
-    def show_records(name: str) -> list[list[Any]]:
-        return records(name)
+    def show_records(name: str, st: Session | None = None, request: gr.Request = None) -> list[list[Any]]:
+        return records(_identity(request), st)
 
     @handler(VLMError, OSError, ValueError)
-    def export(fmt: str, name: str = "") -> str:
-        """Download the records as JSONL or CSV: the named annotator's, or all when no name is
-        given (api_name="annotations_export" / "annotations_export_csv")."""
+    def export(fmt: str, name: str = "", st: Session | None = None, request: gr.Request = None) -> str:
+        """Download records as JSONL or CSV: your own; everyone's (or a named annotator's) only
+        for the admin login."""
         store = shared_store(db_path)
-        who = str(name or "").strip() or None
+        ident = _identity(request)
+        typed = str(name or "").strip()
+        kw: dict[str, Any]
+        if ident.is_admin:
+            kw = {"annotator": typed or None}
+        elif ident.username:
+            kw = {"annotator": ident.username}
+        else:
+            if not st.annotation_ids:
+                raise VLMError("Nothing to export: this session has saved no verdicts yet.")
+            kw = {"ids": list(st.annotation_ids)}
         out = Path(tempfile.mkdtemp(prefix="vstream-annotations-")) / f"annotations.{fmt}"
-        (store.export_jsonl if fmt == "jsonl" else store.export_csv)(out, annotator=who)
+        (store.export_jsonl if fmt == "jsonl" else store.export_csv)(out, **kw)
         return str(out)
 
     return annotate, show_records, export
@@ -1048,21 +1425,60 @@ def main(argv: list[str] | None = None) -> None:
         default=env("VSTREAM_SHARE") == "1",
         help="public gradio.live link (env VSTREAM_SHARE=1)",
     )
-    ap.add_argument("--model", default=env("VSTREAM_MODEL", str(DEMO_MODEL_DIR)), help="env VSTREAM_MODEL")
+    ap.add_argument(
+        "--model",
+        default=env("VSTREAM_MODEL"),
+        help="the default model of the Reasoning and lab tabs (env VSTREAM_MODEL; default: the first of --models)",
+    )
     ap.add_argument(
         "--video-model",
         default=env("TAYS_MODEL", ex.default_video_model()),
         help="the Video tab's model (env TAYS_MODEL; default: assets/tays-model if shipped)",
     )
     ap.add_argument(
+        "--models",
+        default=env("VSTREAM_MODELS"),
+        help="comma-separated models a visitor may pick, folders or hub ids (env VSTREAM_MODELS; default: the "
+        "shipped demo and TaYS models); --model and --video-model are always on the list",
+    )
+    ap.add_argument(
+        "--allow-any-model",
+        action="store_true",
+        default=env("VSTREAM_ALLOW_ANY_MODEL") == "1",
+        help="also load any folder or hub id a visitor types (a local lab only: it lets visitors read the "
+        "server's disk and download models; env VSTREAM_ALLOW_ANY_MODEL=1)",
+    )
+    ap.add_argument(
         "--auth",
         default=env("VSTREAM_AUTH"),
-        help="login for annotator links: user:pass[,user2:pass2] (env VSTREAM_AUTH)",
+        help="logins: user:pass[,user2:pass2] (env VSTREAM_AUTH); annotations are saved under the login name",
+    )
+    ap.add_argument(
+        "--admin",
+        default=env("VSTREAM_ADMIN"),
+        help="the --auth user who may export everyone's annotation records (env VSTREAM_ADMIN)",
     )
     ap.add_argument(
         "--annotations",
         default=env("VSTREAM_ANNOTATIONS", DEFAULT_ANNOTATIONS),
         help="SQLite file of the annotation store (env VSTREAM_ANNOTATIONS)",
+    )
+    ap.add_argument(
+        "--runs-dir",
+        default=env("VSTREAM_RUNS_DIR", DEFAULT_RUNS_DIR),
+        help="where saved runs, reports and lab estimators go (env VSTREAM_RUNS_DIR)",
+    )
+    ap.add_argument(
+        "--files-per-session",
+        type=int,
+        default=int(env("VSTREAM_FILES_PER_SESSION", "20")),
+        help="saved runs, reports and estimators one browser session may write (env VSTREAM_FILES_PER_SESSION)",
+    )
+    ap.add_argument(
+        "--files-max-mb",
+        type=float,
+        default=float(env("VSTREAM_FILES_MAX_MB", "512")),
+        help="the most --runs-dir may hold, in MB; saving stops there (env VSTREAM_FILES_MAX_MB)",
     )
     ap.add_argument(
         "--concurrency",
@@ -1077,25 +1493,75 @@ def main(argv: list[str] | None = None) -> None:
         help="queued jobs before new ones are refused (env VSTREAM_MAX_QUEUE)",
     )
     args = ap.parse_args(argv)
-    if args.model == str(DEMO_MODEL_DIR) and not Path(args.model).exists():
+    models = parse_models(args.models) or ex.shipped_models()
+    default_model = args.model or models[0]
+    if default_model == str(DEMO_MODEL_DIR) and not Path(default_model).exists():
         raise SystemExit(
             f"error: the demo model is missing at {DEMO_MODEL_DIR}; train it with python -m vstream train-demo"
         )
     if args.concurrency < 1:
         raise SystemExit("error: --concurrency must be at least 1")
+    if args.files_per_session < 0 or args.files_max_mb < 0:
+        raise SystemExit("error: --files-per-session and --files-max-mb must not be negative")
     auth = parse_auth(args.auth)
-    demo = build_ui(args.model, args.annotations, args.concurrency, args.video_model)
-    threading.Thread(
-        target=ex.warm_up, args=(args.model, args.video_model), name="vstream-warm-up", daemon=True
-    ).start()
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue).launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        auth=auth,
-        auth_message="Log in with the annotator account you were given." if auth else None,
-        css=CSS,
+    try:
+        admin = check_admin(args.admin, [u for u, _ in auth or []])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    demo = build_ui(
+        default_model,
+        args.annotations,
+        args.concurrency,
+        args.video_model,
+        models=models,
+        allow_any_model=args.allow_any_model,
+        admin=admin,
+        logins=bool(auth),
+        runs_dir=args.runs_dir,
+        files_per_session=args.files_per_session,
+        files_max_mb=args.files_max_mb,
     )
+    threading.Thread(
+        target=ex.warm_up, args=(default_model, args.video_model), name="vstream-warm-up", daemon=True
+    ).start()
+    stop_on_signals()
+    try:
+        demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue).launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            auth=auth,
+            auth_message="Log in with the account you were given." if auth else None,
+            css=CSS,
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shut_down(demo)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a service manager, `docker stop`) ends the app like Ctrl-C does: through
+    KeyboardInterrupt in the main thread, so `shut_down` runs and nothing prints a traceback."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal while shutting down: ignore
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def shut_down(demo: gr.Blocks) -> None:
+    """Stop serving, end every tab's generation, video run and webcam feed (joining their
+    threads), then the TaYS ingestion server and its worker processes. Annotations need nothing:
+    every acknowledged one is already committed (`ui.annotations`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        demo.close()
+    close_all_sessions()
+    with contextlib.suppress(Exception):
+        shutdown_server()
+    print("Stopped.", file=sys.stderr)
 
 
 if __name__ == "__main__":

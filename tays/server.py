@@ -37,6 +37,13 @@ def serve(fd: int) -> None:
     def reply(obj: dict[str, Any]) -> None:
         sock.send(pickle.dumps(obj))
 
+    # the parent hanging up mid-request (the app stopped during a load or a spawn) ends the server
+    # quietly: there is nobody left to answer, and a BrokenPipeError traceback would only alarm
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        _loop(sock, models, reply)
+
+
+def _loop(sock: socket.socket, models: collections.OrderedDict[str, dict[str, Any]], reply: Any) -> None:
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)

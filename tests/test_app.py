@@ -114,7 +114,7 @@ def test_reason_streams(url):
         ("no image", "Pick an example or upload an image"),
         ("long question", "10000 characters"),
         ("corrupt image", "could not read image"),
-        ("unknown model", "could not download no-such-org/no-such-model"),
+        ("unknown model", "Model 'no-such-org/no-such-model' is not available on this server"),
         ("empty question", "Type a question"),
     ],
 )
@@ -179,8 +179,12 @@ def test_annotations_are_per_session(server):
     rows = [json.loads(line) for line in Path(exported).read_text().strip().splitlines()]
     assert rows and all(r["annotator"] == "alice" for r in rows)
     assert rows[-1]["verdict"] == "grounded" and rows[-1]["span_index"] == 0
-    csv_path = a.predict("", api_name="/annotations_export_csv")  # no name: the whole store
+    csv_path = a.predict("", api_name="/annotations_export_csv")  # no logins: this session's own records
     assert "alice" in Path(csv_path).read_text()
+    # another visitor typing alice's name (or none) gets nothing of hers: no logins, no admin
+    for name in ("alice", ""):
+        with pytest.raises(AppError, match="Nothing to export"):
+            b.predict(name, api_name="/annotations_export")
     assert db.exists()
 
 
@@ -194,12 +198,14 @@ def test_video_run_reports_ttft_and_rejects_corrupt_video(url, tmp_path):
     with pytest.raises(AppError, match="Upload a video file"):
         client.predict("Video file", None, 2, "How many objects appeared?", "", api_name="/video")
     s = STREAMS[0]
-    text, ttft, delay, status = client.predict(
+    text, ttft, delay, status, _frame, steps = client.predict(
         "Video file", handle_file(str(EXAMPLES / s["file"])), 2, s["question"], "", api_name="/video"
     )
     assert "TTFT" in ttft and ttft.rstrip().endswith(" s"), ttft
     assert "Delay" in delay and " s " in delay, delay
     assert "Done" in status and text.strip(), status
+    assert "<|" not in text and "|>" not in text, text  # no raw special tokens
+    assert steps["data"] and steps["headers"][:3] == ["step", "stream time (s)", "said at (s)"]
 
 
 @pytest.mark.slow
@@ -292,7 +298,7 @@ def test_webcam_that_stops_ends_the_run_with_a_message(monkeypatch):
     th.start()
     outs += list(gen)
     th.join()
-    _, text, ttft, delay, status = outs[-1]
+    _, text, ttft, delay, status, _frame, _steps = outs[-1]
     assert "stopped early" in status, status
     assert "TTFT" in ttft
     assert not st.video_busy

@@ -28,7 +28,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ MAX_LONG_TEXT = 10_000  # note, span_text
 MAX_ID_TEXT = 500  # run_id, model
 MAX_IMAGE_REF = 2_000
 MAX_INT = 2**63 - 1  # SQLite INTEGER
+MAX_IDS = 10_000  # ids one query may name (SQLite allows 32,766 parameters)
 
 COLUMNS = (
     "id",
@@ -388,8 +389,14 @@ class AnnotationStore:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def _query(self, annotator: str | None, run_id: str | None, latest_only: bool) -> tuple[str, list[Any]]:
+    def _query(
+        self, annotator: str | None, run_id: str | None, latest_only: bool, ids: Collection[int] | None = None
+    ) -> tuple[str, list[Any]]:
         where, args = [], []
+        if ids is not None:  # only these rows (a visitor's own, when the page has no logins)
+            ids = sorted({int(i) for i in ids})[-MAX_IDS:]
+            where.append(f"id IN ({', '.join('?' * len(ids))})" if ids else "0")
+            args.extend(ids)
         if annotator is not None:
             where.append("annotator = ?")
             args.append(_text("annotator", annotator, MAX_ANNOTATOR, required=True, single_line=True))
@@ -410,10 +417,17 @@ class AnnotationStore:
         d["point"] = None if px is None or py is None else (px, py)
         return {k: d[k] for k in RECORD_KEYS}
 
-    def records(self, annotator: str | None = None, run_id: str | None = None, latest_only: bool = False) -> list[dict]:
-        """Rows in insertion order, optionally one annotator's / one run's; `latest_only` keeps
-        each (annotator, run_id, span_index)'s newest row, i.e. the current verdicts."""
-        sql, args = self._query(annotator, run_id, latest_only)
+    def records(
+        self,
+        annotator: str | None = None,
+        run_id: str | None = None,
+        latest_only: bool = False,
+        ids: Collection[int] | None = None,
+    ) -> list[dict]:
+        """Rows in insertion order, optionally one annotator's / one run's / only the row `ids`;
+        `latest_only` keeps each (annotator, run_id, span_index)'s newest row, i.e. the current
+        verdicts."""
+        sql, args = self._query(annotator, run_id, latest_only, ids)
         with self._connect() as con:
             return [self._record(r) for r in con.execute(sql, args)]
 
@@ -431,6 +445,7 @@ class AnnotationStore:
         annotator: str | None = None,
         run_id: str | None = None,
         latest_only: bool = False,
+        ids: Collection[int] | None = None,
     ) -> int:
         """One JSON object per line (point as [x, y] or null); returns rows written."""
 
@@ -441,7 +456,7 @@ class AnnotationStore:
                 n += 1
             return n
 
-        return self._export(path, write, annotator, run_id, latest_only)
+        return self._export(path, write, annotator, run_id, latest_only, ids)
 
     def export_csv(
         self,
@@ -450,6 +465,7 @@ class AnnotationStore:
         annotator: str | None = None,
         run_id: str | None = None,
         latest_only: bool = False,
+        ids: Collection[int] | None = None,
     ) -> int:
         """UTF-8 CSV with a header row and flat point_x / point_y; empty cell = no value.
         Cells are written verbatim (no spreadsheet-formula escaping) so the data round-trips."""
@@ -463,9 +479,17 @@ class AnnotationStore:
                 n += 1
             return n
 
-        return self._export(path, write, annotator, run_id, latest_only)
+        return self._export(path, write, annotator, run_id, latest_only, ids)
 
-    def _export(self, path: Any, write, annotator: str | None, run_id: str | None, latest_only: bool) -> int:
+    def _export(
+        self,
+        path: Any,
+        write,
+        annotator: str | None,
+        run_id: str | None,
+        latest_only: bool,
+        ids: Collection[int] | None = None,
+    ) -> int:
         """Write to a temp file beside the target, fsync, then os.replace: a reader (or a crash)
         sees the old file or the complete new one, never half of one."""
         if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
@@ -476,7 +500,7 @@ class AnnotationStore:
             raise AnnotationError(f"refusing to export over the annotation store itself ({target})")
         if target.is_dir():
             raise AnnotationError(f"export path {target} is a directory, not a file")
-        sql, args = self._query(annotator, run_id, latest_only)
+        sql, args = self._query(annotator, run_id, latest_only, ids)
         tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import shutil
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +19,12 @@ from PIL import Image
 
 from tays import prewarm
 from ui import figures
+from ui.access import ModelPolicy, not_available
 from vstream.attr.estimator import Estimator, LinearEstimator, RawAttention
 from vstream.attr.estimator import load as load_estimator
-from vstream.attr.regions import Regions
+from vstream.attr.record import RunRecord, load_run
 from vstream.attr.spans import SpanSplitter
-from vstream.attr.worker import DoneEvent, Event, PathEvent, RegionsEvent, SpanEvent
+from vstream.attr.worker import Event, RegionsEvent
 from vstream.model import VLM, VLMError, load_vlm, normalize_image_with_size
 from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, EXAMPLES_DIR, TAYS_MODEL_DIR
 
@@ -108,9 +108,30 @@ def image_ref(image: ImageInput) -> str:
 # models and estimators
 
 
+POLICY = ModelPolicy.of([str(DEMO_MODEL_DIR)])  # replaced by `configure_models` when the page is built
+
+
+def configure_models(policy: ModelPolicy) -> None:
+    """The server's model list (`--models`, `--allow-any-model`); every load goes through it."""
+    global POLICY
+    POLICY = policy
+
+
+def shipped_models() -> list[str]:
+    """The models that ship with the repository: the demo model and, if present, the TaYS one."""
+    return [str(DEMO_MODEL_DIR)] + ([str(TAYS_MODEL_DIR)] if (TAYS_MODEL_DIR / "config.json").is_file() else [])
+
+
 def model_key(name: str | None) -> str:
-    """Empty means the demo model, so both spellings share one loaded copy and one lab state."""
-    return str(name or "").strip() or str(DEMO_MODEL_DIR)
+    """The model a visitor's choice names: empty means the default, so both spellings share one
+    loaded copy and one lab state; a name outside the server's list is refused here, before any
+    disk or network access (`ui.access.ModelPolicy`)."""
+    return POLICY.resolve(name)
+
+
+def model_label(name: str | None) -> str:
+    """The public name of a visitor's model choice (what menus show and runs record)."""
+    return POLICY.label(model_key(name))
 
 
 def default_video_model() -> str:
@@ -124,9 +145,18 @@ def _model(name: str) -> VLM:
 
 
 def get_model(name: str | None) -> VLM:
-    """Load (once, shared by all sessions: weights are read-only, generation takes `vlm.lock`)."""
+    """Load (once, shared by all sessions: weights are read-only, generation takes `vlm.lock`).
+    A name the operator did not list (only possible with `--allow-any-model`) that fails to load,
+    for whatever reason, gives the same one message as a forbidden one: the page never tells a
+    visitor whether a path exists."""
+    key = model_key(name)
     with _load_lock:  # two first requests must not load the same model twice
-        return _model(model_key(name))
+        if POLICY.is_listed(key):
+            return _model(key)
+        try:
+            return _model(key)
+        except Exception:
+            raise VLMError(not_available(key)) from None
 
 
 def warm_up(name: str | None, video: str | None = None) -> None:
@@ -172,82 +202,51 @@ def estimator_for(
 # one attributed run, as the tabs read it
 
 
-@dataclass
-class SpanRecord:
-    index: int
-    kind: str
-    text: str
-    scores: np.ndarray
-    heatmap: np.ndarray
-    top_regions: list[int]
-    latency_ms: float = 0.0
+class RunView:
+    """A run (`vstream.attr.record.RunRecord`) as the page shows it: its region maps at drawing
+    size, overlay files written once per span and scale, the click-to-region mapping.
+    `shared`: one colour scale for all spans (default) or each span's own range."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "kind": self.kind,
-            "text": self.text,
-            "scores": [round(float(s), 6) for s in self.scores],
-            "top_regions": list(self.top_regions),
-            "latency_ms": round(float(self.latency_ms), 2),
-        }
+    def __init__(self, record: RunRecord, note: str = "", opened: bool = False) -> None:
+        self.record = record
+        self.note = note  # which estimator, shown in the status line
+        self.opened = opened  # reopened from a file (not run in this session)
+        self.pixel_labels: np.ndarray | None = None
+        self.outlines: np.ndarray | None = None
+        self.centres: np.ndarray | None = None
+        self.out_dir: Path | None = None  # overlay PNGs (the gallery serves files)
+        self._files: dict[tuple[int, str, bool], str] = {}
+        if record.regions is not None:
+            self.refresh_regions()
 
-
-@dataclass
-class RunRecord:
-    """What a finished (or running) attribution run leaves behind for the other tabs."""
-
-    run_id: str
-    model: str
-    question: str
-    image: Image.Image
-    image_ref: str
-    regions: Regions | None = None
-    pixel_labels: np.ndarray | None = None
-    outlines: np.ndarray | None = None
-    centres: np.ndarray | None = None
-    spans: list[SpanRecord] = field(default_factory=list)
-    text: str = ""
-    answer: str = ""
-    label: str = "stable"
-    path: np.ndarray | None = None
-    path_length: float = 0.0
-    tortuosity: float | None = None
-    done: bool = False
-    cancelled: bool = False
-    error: str | None = None
-    estimator_note: str = ""
-    out_dir: Path | None = None  # where overlay PNGs are written once each (the gallery serves files)
-    _files: dict[int, str] = field(default_factory=dict)
+    def __getattr__(self, name: str) -> Any:  # run_id, spans, model, ... read through to the record
+        if name == "record":
+            raise AttributeError(name)
+        return getattr(self.record, name)
 
     def apply(self, ev: Event) -> None:
-        """Fold one attribution event into the record (token text is `LiveText`'s)."""
+        self.record.apply(ev)
         if isinstance(ev, RegionsEvent):
-            self.set_regions(ev.regions, ev.image_size)
-        elif isinstance(ev, SpanEvent):
-            self.spans.append(
-                SpanRecord(
-                    ev.span.index,
-                    ev.span.kind,
-                    ev.span.text,
-                    ev.scores,
-                    ev.heatmap,
-                    list(ev.top_regions),
-                    ev.latency_ms,
-                )
-            )
-        elif isinstance(ev, PathEvent):
-            p = ev.point
-            self.path, self.path_length, self.tortuosity, self.label = p.path, p.path_length, p.tortuosity, p.label
-        elif isinstance(ev, DoneEvent):
-            self.text, self.answer, self.label = ev.text, ev.answer, ev.label
-            self.cancelled, self.error, self.done = ev.cancelled, ev.error, True
+            self.refresh_regions()
 
-    def set_regions(self, regions: Regions, image_size: tuple[int, int]) -> None:
-        self.regions = regions
-        self.pixel_labels = regions.pixel_labels(image_size)
-        self.outlines = regions.outlines(image_size)
-        self.centres = figures.region_centres(self.pixel_labels, regions.k)
+    def refresh_regions(self) -> None:
+        rec = self.record
+        self.pixel_labels = rec.pixel_labels()
+        self.outlines = rec.regions.outlines(rec.image_size or None)
+        self.centres = figures.region_centres(self.pixel_labels, rec.k)
+
+    def title(self) -> str:
+        """How the run is named in menus: id, question, and whether it was reopened."""
+        q = self.record.question
+        return f"{self.record.run_id} · {q[:50]}{'…' if len(q) > 50 else ''}" + (" (file)" if self.opened else "")
+
+    def scale(self, i: int, shared: bool = True, method: str | None = None) -> tuple[float, float]:
+        rec = self.record
+        m = method or rec.method
+        if shared:
+            scores = [rec.span_scores(j, m) for j, s in enumerate(rec.spans) if m in s.methods]
+            return figures.span_scale(scores or [rec.span_scores(i, m)], 0, shared=True)
+        return figures.span_scale([rec.span_scores(i, m)], 0, shared=False)
 
     def region_at(self, point: tuple[float, float]) -> int | None:
         """Region id under an (x, y) point in [0, 1] of the image."""
@@ -258,57 +257,144 @@ class RunRecord:
         y = min(h - 1, max(0, int(point[1] * h)))
         return int(self.pixel_labels[y, x])
 
-    def overlay(self, i: int, point: tuple[float, float] | None = None) -> Image.Image:
-        s = self.spans[i]
-        return figures.overlay(self.image, s.heatmap, self.outlines, s.top_regions, self.centres, point=point)
+    def overlay(
+        self, i: int, point: tuple[float, float] | None = None, shared: bool = True, method: str | None = None
+    ) -> Image.Image:
+        rec = self.record
+        scores = rec.span_scores(i, method)
+        top = rec.spans[i].top_regions if method in (None, rec.method) else _top(scores)
+        return figures.overlay(
+            rec.image,
+            scores[self.pixel_labels],
+            self.outlines,
+            top[:3],
+            self.centres,
+            point=point,
+            scale=self.scale(i, shared, method),
+        )
 
-    def overlay_file(self, i: int) -> str:
-        """Span i's overlay as a PNG file, written once (re-sending a file costs nothing, while a
-        PIL image would be re-encoded and rewritten into Gradio's cache on every update)."""
-        if i not in self._files:
+    def overlay_file(self, i: int, shared: bool = True, method: str | None = None, colorbar: bool = False) -> str:
+        """Span i's overlay as a PNG file, written once per (span, method, scale); re-sending a
+        file costs nothing, while a PIL image would be re-encoded into Gradio's cache each time.
+        A shared scale changes as spans arrive, so those files are keyed by the span count too."""
+        m = method or self.record.method
+        key = (i, f"{m}{'+bar' if colorbar else ''}{len(self.record.spans) if shared else ''}", shared)
+        if key not in self._files:
             if self.out_dir is None:
-                self.out_dir = Path(tempfile.mkdtemp(prefix=f"vstream-run-{self.run_id}-"))
-            path = self.out_dir / f"span{i:03d}.png"
-            self.overlay(i).save(path)
-            self._files[i] = str(path)
-        return self._files[i]
+                self.out_dir = Path(tempfile.mkdtemp(prefix=f"vstream-run-{self.record.run_id}-"))
+            path = self.out_dir / f"span{i:03d}-{m}-{'shared' if shared else 'own'}-{len(self._files)}.png"
+            img = self.overlay(i, shared=shared, method=m)
+            if colorbar:
+                img = figures.with_colorbar(img, self.scale(i, shared, m))
+            img.save(path)
+            self._files[key] = str(path)
+        return self._files[key]
 
-    def gallery(self) -> list[tuple[str, str]]:
+    def gallery(self, shared: bool = True) -> list[tuple[str, str]]:
         """The heatmap gallery: one captioned overlay per closed span."""
         items = []
-        for i, s in enumerate(self.spans):
+        for i, s in enumerate(self.record.spans):
             top = ", ".join(str(r) for r in s.top_regions[:3])
-            items.append((self.overlay_file(i), f"span {i} [{s.kind}] {s.text[:80]} | top regions {top}"))
+            items.append((self.overlay_file(i, shared), f"span {i} [{s.kind}] {s.text[:80]} | top regions {top}"))
         return items
+
+    def span_figure(self, i: int, shared: bool = True) -> Any:
+        """The large, hoverable view of span i (plotly)."""
+        rec = self.record
+        s = rec.spans[i]
+        scale = self.scale(i, shared)
+        title = f"span {i} [{s.kind}]: {s.text[:90]}  ·  {'shared' if shared else 'per-span'} scale"
+        return figures.span_figure(
+            rec.image,
+            self.pixel_labels,
+            rec.span_scores(i),
+            scale,
+            self.outlines,
+            s.top_regions[:3],
+            self.centres,
+            title,
+        )
 
     def point_at(self, x: float, y: float) -> tuple[float, float]:
         """An annotator's click in overlay pixels as (x, y) in [0, 1]. The overlay is drawn at the
         image's original size, which is the heatmaps' size."""
-        h, w = self.pixel_labels.shape if self.pixel_labels is not None else (self.image.height, self.image.width)
+        img = self.record.image
+        h, w = self.pixel_labels.shape if self.pixel_labels is not None else (img.height, img.width)
         return min(1.0, max(0.0, x / w)), min(1.0, max(0.0, y / h))
 
     def cleanup(self) -> None:
         if self.out_dir is not None:
             shutil.rmtree(self.out_dir, ignore_errors=True)
+            self.out_dir, self._files = None, {}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "model": self.model,
-            "question": self.question,
-            "image_ref": self.image_ref,
-            "k": None if self.regions is None else int(self.regions.k),
-            "spans": [s.to_dict() for s in self.spans],
-            "text": self.text,
-            "answer": self.answer,
-            "label": self.label,
-            "path_length": round(float(self.path_length), 6),
-            "tortuosity": None if self.tortuosity is None else round(float(self.tortuosity), 6),
-            "done": self.done,
-            "cancelled": self.cancelled,
-            "error": self.error,
-            "estimator": self.estimator_note,
-        }
+    def live_dict(self) -> dict[str, Any]:
+        """What the page's JSON shows while a run streams: the record without the image and maps
+        (the finished run's JSON is the full `to_dict`, the same as a saved file)."""
+        d = self.record.to_dict()
+        d.pop("image", None)
+        d.pop("regions", None)
+        return d
+
+
+def open_run_file(path: str) -> RunRecord:
+    """A visitor's uploaded run file, checked (size first, then every field); one-line
+    RunFileError if it is not a run."""
+    if not str(path).lower().endswith(".json"):
+        raise VLMError("A saved run is a .json file (from Save run).")
+    return load_run(path)
+
+
+def _top(scores: np.ndarray, n: int = 5) -> list[int]:
+    return [int(r) for r in np.argsort(-np.asarray(scores), kind="stable")[:n]]
+
+
+def spans_segments(view: RunView, selected: int | None) -> tuple[list[tuple[str, str | None]], list[int | None]]:
+    """A finished run's text as HighlightedText segments, one per span (so a click on a sentence
+    names its span), the selected span marked; and each segment's span index (None between)."""
+    rec = view.record
+    pieces = rec.tokens
+    segs: list[tuple[str, str | None]] = []
+    owner: list[int | None] = []
+    pos = 0
+    for i, s in enumerate(rec.spans):
+        if not pieces:
+            break
+        if s.token_start > pos:
+            segs.append(("".join(pieces[pos : s.token_start]), None))
+            owner.append(None)
+        segs.append(("".join(pieces[s.token_start : s.token_end]), "selected span" if i == selected else "span"))
+        owner.append(i)
+        pos = max(pos, s.token_end)
+    if not pieces:  # a run without token pieces: one segment per span text
+        for i, s in enumerate(rec.spans):
+            segs.append((s.text + " ", "selected span" if i == selected else "span"))
+            owner.append(i)
+    elif pos < len(pieces):
+        segs.append(("".join(pieces[pos:]), None))
+        owner.append(None)
+    return segs, owner
+
+
+def compare_rows(view: RunView, i: int) -> list[list[Any]]:
+    """Rows [method, time (ms), top 3 regions, rank agreement with the run's method] for span i."""
+    rec = view.record
+    s = rec.spans[i]
+    base = rec.span_scores(i)
+    rows = []
+    for m in ("vstream", "raw_attention", "occlusion"):
+        if m not in s.methods:
+            continue
+        sc = np.asarray(s.methods[m]["scores"], dtype=np.float64)
+        rows.append([m, round(float(s.methods[m]["ms"]), 3), ", ".join(map(str, _top(sc, 3))), _spearman(base, sc)])
+    return rows
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return round(float(np.corrcoef(ra, rb)[0, 1]), 3)
 
 
 class LiveText:

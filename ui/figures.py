@@ -6,12 +6,14 @@ drawing can be tested on its own.
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # a short perceptual ramp (dark blue -> purple -> orange -> yellow), interpolated per pixel
 _RAMP = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], dtype=np.float32)
@@ -26,12 +28,33 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return (_RAMP[lo] * (1 - f) + _RAMP[hi] * f).astype(np.uint8)
 
 
-def normalise(heatmap: np.ndarray) -> np.ndarray:
-    """Min-max scale to [0, 1] per map (each span's own range, so weak spans stay readable);
-    a constant map becomes zeros."""
+def normalise(heatmap: np.ndarray, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale to [0, 1]: with `scale` = (low, high) on that fixed range (a shared scale, so spans
+    compare), else min-max per map (each span's own range); a constant map becomes zeros."""
     h = np.asarray(heatmap, dtype=np.float32)
-    lo, hi = float(np.nanmin(h)), float(np.nanmax(h))
-    return (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+    lo, hi = (float(np.nanmin(h)), float(np.nanmax(h))) if scale is None else (float(scale[0]), float(scale[1]))
+    return np.clip((h - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(h)
+
+
+def span_scale(
+    scores: Sequence[np.ndarray], i: int, shared: bool = True, symmetric: bool = False
+) -> tuple[float, float]:
+    """The colour range for span i: over every span's scores (`shared`, default) or its own."""
+    vals = [np.asarray(s, dtype=np.float64).reshape(-1) for s in (scores if shared else [scores[i]])]
+    v = np.concatenate(vals) if vals else np.zeros(1)
+    v = v[np.isfinite(v)] if v.size else v
+    if not v.size:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    if symmetric:
+        m = max(abs(lo), abs(hi))
+        lo, hi = -m, m
+    return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's bundled scalable font at `size` px (no system fonts needed)."""
+    return ImageFont.load_default(size=max(8, int(size)))
 
 
 def region_centres(pixel_labels: np.ndarray, k: int) -> np.ndarray:
@@ -53,34 +76,148 @@ def overlay(
     centres: np.ndarray | None = None,
     alpha: float = 0.6,
     point: tuple[float, float] | None = None,
+    scale: tuple[float, float] | None = None,
 ) -> Image.Image:
     """Blend a span's (H, W) region-score map over the image, draw region outlines in white and
-    number the top regions (1 = highest). `point`: an (x, y) in [0, 1] marked with a cross
-    (an annotator's click). The heatmap must have the image's size (w, h) = (W, H)."""
+    number the top regions (1 = highest) in labels sized to the image. `scale`: the (low, high)
+    colour range (default: this map's own min-max). `point`: an (x, y) in [0, 1] marked with a
+    cross (an annotator's click). The heatmap must have the image's size (w, h) = (W, H)."""
     base = image.convert("RGB")
     h = np.asarray(heatmap)
     if (h.shape[1], h.shape[0]) != base.size:
         base = base.resize((h.shape[1], h.shape[0]))
     rgb = np.asarray(base, dtype=np.float32)
-    heat = colormap(normalise(h)).astype(np.float32)
+    heat = colormap(normalise(h, scale)).astype(np.float32)
     out = rgb * (1 - alpha) + heat * alpha
     if outlines is not None:
         out[np.asarray(outlines, dtype=bool)] = 255.0
     img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
+    size = max(11, min(img.width, img.height) // 14)
+    f = font(size)
     if centres is not None:
         for rank, r in enumerate(top_regions):
             if 0 <= int(r) < len(centres):
                 x, y = centres[int(r)]
                 label = str(rank + 1)
-                draw.rectangle([x - 5, y - 7, x + 5 + 5 * (len(label) - 1), y + 6], fill=(0, 0, 0))
-                draw.text((x - 3, y - 6), label, fill=(255, 255, 255))
+                x0, y0, x1, y1 = draw.textbbox((x, y), label, font=f, anchor="mm")
+                pad = max(2, size // 5)
+                draw.rounded_rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], radius=pad, fill=(0, 0, 0))
+                draw.text((x, y), label, fill=(255, 255, 255), font=f, anchor="mm")
     if point is not None:
         x, y = point[0] * img.width, point[1] * img.height
+        arm = max(8, size // 2)
         for d, col in ((2, (0, 0, 0)), (0, (0, 255, 120))):
-            draw.line([x - 8, y, x + 8, y], fill=col, width=3 + d)
-            draw.line([x, y - 8, x, y + 8], fill=col, width=3 + d)
+            draw.line([x - arm, y, x + arm, y], fill=col, width=3 + d)
+            draw.line([x, y - arm, x, y + arm], fill=col, width=3 + d)
     return img
+
+
+def with_colorbar(img: Image.Image, scale: tuple[float, float], title: str = "score") -> Image.Image:
+    """`img` with a vertical colour bar on its right, labelled with the scale's ends and middle
+    (what a colour means, in the estimator's units: predicted ablation effect)."""
+    lo, hi = float(scale[0]), float(scale[1])
+    h = img.height
+    size = max(10, min(18, h // 16))
+    f = font(size)
+    bar_w, pad = max(12, h // 20), size // 2 + 4
+    labels = [f"{v:.3g}" for v in (hi, (lo + hi) / 2, lo)]
+    text_w = max(int(ImageDraw.Draw(img).textlength(t, font=f)) for t in [*labels, title]) + 6
+    out = Image.new("RGB", (img.width + pad + bar_w + text_w + 4, h), (255, 255, 255))
+    out.paste(img, (0, 0))
+    top, bottom = size + 6, h - size // 2 - 2
+    ramp = colormap(np.linspace(1.0, 0.0, max(2, bottom - top))[:, None].repeat(bar_w, 1))
+    out.paste(Image.fromarray(ramp), (img.width + pad, top))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([img.width + pad, top, img.width + pad + bar_w - 1, bottom - 1], outline=(60, 60, 60))
+    x = img.width + pad + bar_w + 3
+    draw.text((img.width + pad, 1), title, fill=(30, 30, 30), font=f)
+    for t, y in zip(labels, (top, (top + bottom) / 2, bottom)):
+        draw.text((x, y), t, fill=(30, 30, 30), font=f, anchor="lm")
+    return out
+
+
+def png_data_uri(img: Image.Image) -> str:
+    """A PNG as a data: URI (for a plotly image trace or an HTML report: no file to serve)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plotly_colorscale() -> list[list[Any]]:
+    """The overlay's colour ramp as a plotly colorscale (so the interactive view matches)."""
+    n = len(_RAMP) - 1
+    return [[i / n, f"rgb({r},{g},{b})"] for i, (r, g, b) in enumerate(_RAMP.astype(int))]
+
+
+def span_figure(
+    image: Image.Image,
+    pixel_labels: np.ndarray,
+    scores: np.ndarray,
+    scale: tuple[float, float],
+    outlines: np.ndarray | None = None,
+    top_regions: Sequence[int] = (),
+    centres: np.ndarray | None = None,
+    title: str = "",
+    max_side: int = 96,
+) -> go.Figure:
+    """The large span view: the image with the span's region scores blended over it, a colour
+    bar, the top regions numbered, and the region id and score under the mouse. `pixel_labels`:
+    (H, W) region per pixel of the drawn size; scores are painted on a grid of at most `max_side`
+    cells a side (hover and colour need no more)."""
+    lab = np.asarray(pixel_labels)
+    H, W = lab.shape
+    base = image.convert("RGB")
+    if base.size != (W, H):
+        base = base.resize((W, H))
+    if outlines is not None:
+        arr = np.asarray(base).copy()
+        arr[np.asarray(outlines, dtype=bool)] = 255
+        base = Image.fromarray(arr)
+    step = max(1, int(np.ceil(max(H, W) / max_side)))
+    ys, xs = np.arange(step // 2, H, step), np.arange(step // 2, W, step)
+    grid = lab[np.ix_(ys, xs)]
+    sc = np.asarray(scores, dtype=np.float64).reshape(-1)
+    z = sc[grid]
+    fig = go.Figure()
+    fig.add_trace(go.Image(source=png_data_uri(base), hoverinfo="skip"))
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=xs,
+            y=ys,
+            customdata=grid,
+            zmin=scale[0],
+            zmax=scale[1],
+            colorscale=plotly_colorscale(),
+            opacity=0.6,
+            hovertemplate="region %{customdata}<br>score %{z:.4f}<extra></extra>",
+            colorbar=dict(title=dict(text="score", side="right"), thickness=14),
+            name="scores",
+        )
+    )
+    if centres is not None:
+        for rank, r in enumerate(top_regions):
+            if 0 <= int(r) < len(centres):
+                x, y = centres[int(r)]
+                fig.add_annotation(
+                    x=float(x),
+                    y=float(y),
+                    text=f"<b>{rank + 1}</b>",
+                    showarrow=False,
+                    font=dict(size=18, color="white"),
+                    bgcolor="rgba(0,0,0,0.75)",
+                    borderpad=3,
+                )
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=14)) if title else None,
+        margin=dict(l=0, r=0, t=36 if title else 4, b=0),
+        height=520,
+        xaxis=dict(visible=False, range=[-0.5, W - 0.5], constrain="domain"),
+        yaxis=dict(visible=False, range=[H - 0.5, -0.5], scaleanchor="x", constrain="domain"),
+        plot_bgcolor="white",
+    )
+    return fig
 
 
 def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str = "") -> go.Figure:

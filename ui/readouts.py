@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tays import RunResult
-from ui.explorer import RunRecord
+from ui.explorer import RunView
+from ui.video import clean
 from vstream.model import split_thinking
 
 
@@ -35,20 +36,45 @@ def reasoning_markdown(text: str, done: bool) -> str:
     return out
 
 
-def attribution_running(run: RunRecord, n_tokens: int, secs: float, notice: str = "") -> str:
+def attribution_running(run: RunView, n_tokens: int, secs: float, notice: str = "") -> str:
     """`notice`: a message for a click the running job ignored (shown in bold)."""
     extra = f" **{notice}**" if notice else ""
-    return f"Running… {n_tokens} tokens, {len(run.spans)} spans attributed ({secs:.1f} s). {run.estimator_note}{extra}"
+    return f"Running… {n_tokens} tokens, {len(run.spans)} spans attributed ({secs:.1f} s). {run.note}{extra}"
 
 
-def attribution_final(run: RunRecord, n_tokens: int, secs: float) -> str:
+def attribution_final(run: RunView, n_tokens: int, secs: float) -> str:
     if run.error:
         return f"**Error:** {run.error}"
     if run.cancelled or not run.done:
         return f"Stopped after {n_tokens} tokens and {len(run.spans)} spans ({secs:.1f} s)."
     return (
         f"Done in {secs:.1f} s: answer **{run.answer or '(none)'}** · {len(run.spans)} spans · "
-        f"{n_tokens} tokens. {run.estimator_note}"
+        f"{n_tokens} tokens. {run.note}"
+    )
+
+
+NO_SPANS = "No span yet: run the model, or open a saved run, then pick a span here."
+
+
+def span_view_info(run: RunView, i: int, shared: bool) -> str:
+    """What the large view shows: the span, its top regions and the scale's meaning."""
+    s = run.spans[i]
+    lo, hi = run.scale(i, shared)
+    scale = f"shared across the run's {len(run.spans)} spans" if shared else "this span's own range"
+    return (
+        f"**Span {i}** of {len(run.spans)} [{s.kind}]: {s.text}\n\n"
+        f"Top regions: {', '.join(map(str, s.top_regions[:5]))} · heatmap ready {s.latency_ms:.1f} ms after the "
+        f"sentence closed.\n\nColour scale {lo:.3g} to {hi:.3g} ({scale}); a score is the predicted drop in the "
+        "sentence's log-probability when the region is removed."
+    )
+
+
+def run_shown(run: RunView) -> str:
+    """Status line when a kept or reopened run is shown."""
+    where = "opened from a file" if run.opened else "from this tab"
+    return (
+        f"Run `{run.run_id}` ({where}): answer **{run.answer or '(none)'}** · {len(run.spans)} spans · "
+        f"model `{run.model}`."
     )
 
 
@@ -69,8 +95,11 @@ def delay_markdown(delay: float | None, final: bool) -> str:
     return f"**Delay** {delay:.2f} s ({what})"
 
 
-def video_running(fps: float, webcam: bool, secs: float) -> str:
-    waiting = "waiting for webcam frames (start the webcam)" if webcam else "playing the file"
+def video_running(fps: float, webcam: bool, secs: float, frame_t: float | None = None) -> str:
+    if frame_t is not None:
+        waiting = f"seeing the frame at {frame_t:.1f} s"
+    else:
+        waiting = "waiting for webcam frames (start the webcam)" if webcam else "playing the file"
     return f"Running TaYS at {fps:g} FPS, {waiting}… {secs:.1f} s"
 
 
@@ -80,7 +109,7 @@ def video_done(res: RunResult) -> str:
     return (
         ("Stopped. " if res.stopped else "Done. ")
         + f"{m.get('frames', 0)} frames in {m.get('frame_groups', 0)} groups, "
-        f"{m.get('tokens', 0)} tokens, answer **{res.answer.strip() or '(none)'}**."
+        f"{m.get('tokens', 0)} tokens, answer **{clean(res.answer) or '(none)'}**."
         + (f" Messages: {notes}" if notes else "")
     )
 
@@ -91,7 +120,7 @@ def comparison_markdown(rows: Sequence[dict[str, Any]], other: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['paradigm']} | {_secs(r.get('ttft_question_s'))} | {_secs(r.get('delay_s'))} | "
-            f"{r.get('tokens')} | {r['answer'] or '(none)'} |"
+            f"{r.get('tokens')} | {clean(r['answer']) or '(none)'} |"
         )
     if len(rows) == 2 and rows[0].get("ttft_question_s") is not None and rows[1].get("ttft_question_s") is not None:
         d = rows[1]["ttft_question_s"] - rows[0]["ttft_question_s"]
@@ -141,7 +170,7 @@ def evaluated_summary(res: dict[str, Any]) -> str:
 NO_RUN_YET = "Run the model in the Reasoning tab first; its spans show up here."
 
 
-def span_info(run: RunRecord, i: int, region: int | None) -> str:
+def span_info(run: RunView, i: int, region: int | None) -> str:
     """Span i of the run, its top regions and the region under the annotator's click (if any)."""
     s = run.spans[i]
     return (

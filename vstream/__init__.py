@@ -34,6 +34,9 @@ _PUBLIC = {
     "SpanEvent": ("vstream.attr.worker", "SpanEvent"),
     "PathEvent": ("vstream.attr.worker", "PathEvent"),
     "DoneEvent": ("vstream.attr.worker", "DoneEvent"),
+    "RunRecord": ("vstream.attr.record", "RunRecord"),
+    "attribute_run": ("vstream.attr.record", "attribute_run"),
+    "load_run": ("vstream.attr.record", "load_run"),
 }
 __all__ = [
     "AttributionContext",
@@ -42,13 +45,16 @@ __all__ = [
     "LinearEstimator",
     "PathEvent",
     "RegionsEvent",
+    "RunRecord",
     "SpanEvent",
     "TokenEvent",
     "VLM",
     "VLMError",
     "attribute",
+    "attribute_run",
     "attribute_stream",
     "load_estimator",
+    "load_run",
     "load_vlm",
     "regions_for",
 ]
@@ -57,6 +63,7 @@ if TYPE_CHECKING:
     from vstream.attr.estimator import LinearEstimator
     from vstream.attr.estimator import load as load_estimator
     from vstream.attr.methods import AttributionContext, attribute
+    from vstream.attr.record import RunRecord, attribute_run, load_run
     from vstream.attr.regions import regions_for
     from vstream.attr.worker import (
         AttributionSession,
