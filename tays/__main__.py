@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tays.bench import DEFAULT_MODEL, bench, memory, memory_run
+from tays.bench import DEFAULT_MODEL, bench, memory, memory_run, set_threads, trace_memory
 from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_dataset, make_encoder
 from tays.metrics import finite_json
 from tays.protocol import PARADIGMS, TRAINED
+from vstream.model import VLMError
 
 
 def _print_json(out: dict[str, Any], one_line: bool) -> None:
@@ -55,8 +56,36 @@ def bench_command(argv: list[str]) -> int:
         "the ingestion thread get a core each; 0: torch default)",
     )
     ap.add_argument("--contention-steps", type=int, default=128)
+    ap.add_argument(
+        "--random-init",
+        default=None,
+        metavar="NAME",
+        help="Qwen2.5-VL at its published size with random weights: qwen2.5-vl-3b or qwen2.5-vl-7b",
+    )
+    ap.add_argument("--reduced", action="store_true", help="with --random-init: its reduced size (a CPU)")
+    ap.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of the paradigm table: peak memory and decode speed against these trace lengths",
+    )
     args = ap.parse_args(argv)
-    out = bench(
+    try:
+        if args.lengths:
+            set_threads(args.threads)
+            out = trace_memory(args.lengths, args.model, args.random_init, args.reduced)
+        else:
+            out = _bench(args)
+    except (VLMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_json(out, args.json)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    return bench(
         args.model,
         args.fps,
         args.duration,
@@ -69,9 +98,9 @@ def bench_command(argv: list[str]) -> int:
         args.speed,
         args.threads,
         args.contention_steps,
+        args.random_init,
+        args.reduced,
     )
-    _print_json(out, args.json)
-    return 0
 
 
 def memory_command(argv: list[str]) -> int:

@@ -11,6 +11,11 @@ with a visual window, each in a fresh Python process (`memory_run`, through ``py
 memory-run``), and reports each process's peak resident set size (VmHWM from /proc/self/status:
 model, torch, caches, frames, Python objects; everything) plus RSS sampled during the stream and
 the video-cache size. Progress goes to stderr.
+
+`trace_memory` is the real-scale figure: peak memory and decode speed of one TaYS run against the
+length of its generated trace (one reasoning step of T tokens while the stream is ingested), on
+the demo model or on a supported architecture with random weights (``--random-init NAME``, at its
+published size or ``--reduced``; `vstream.model.random_init`). TaYS runs Qwen2.5-VL only.
 """
 
 from __future__ import annotations
@@ -28,17 +33,27 @@ from typing import Any
 import torch
 
 from tays.engine import THREAD_PREFIX, StreamingEngine
+from tays.forward import SUPPORTED_ARCHS
 from tays.metrics import finite_json, overlap, percentile
 from tays.paradigms import run_paradigm
 from tays.protocol import PARADIGMS
 from tays.sampling import next_token
 from tays.sources import FrameChecker, ShapesSource
-from vstream.model import VLM, load_vlm
+from vstream.model import VLM, VLMError, load_vlm
+from vstream.model.random_init import random_init_vlm, read_spec
 from vstream.world.assets import DEMO_MODEL_DIR, ROOT
 from vstream.world.shapes import HELDOUT_SEEDS
 from vstream.world.shapes_video import Stream, make_stream
 
-__all__ = ["DEFAULT_MODEL", "METRIC_KEYS", "bench", "measure_decode_contention", "memory", "memory_run"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "METRIC_KEYS",
+    "bench",
+    "measure_decode_contention",
+    "memory",
+    "memory_run",
+    "trace_memory",
+]
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
 METRIC_KEYS = (
@@ -69,8 +84,14 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
-def load_model(model: str | None) -> VLM:
-    """The model folder `model`, or the demo model (SystemExit if it is not there yet)."""
+def load_model(model: str | None, random_init: str | None = None, reduced: bool = False) -> VLM:
+    """The model folder `model`, the demo model (SystemExit if it is not there yet), or with
+    `random_init` that architecture with random weights (on a GPU when there is one)."""
+    if random_init:
+        arch = read_spec(random_init)["model_type"]
+        if arch not in SUPPORTED_ARCHS:  # refused before building billions of random weights
+            raise VLMError(f"TaYS streaming supports {', '.join(SUPPORTED_ARCHS)} for now; {random_init} is {arch}")
+        return random_init_vlm(random_init, reduced=reduced)
     path = Path(model) if model else DEFAULT_MODEL
     if model is None and not (path / "config.json").is_file():
         raise SystemExit(f"no model at {path} (the demo model is not there yet); pass --model PATH")
@@ -100,12 +121,14 @@ def bench(
     speed: float = 1.0,
     threads: int = 1,
     contention_steps: int = 128,
+    random_init: str | None = None,
+    reduced: bool = False,
 ) -> dict[str, Any]:
     """TTFT / delay / throughput of `paradigms` at each FPS (module docstring); fps, duration and
     speed of the replay, the rest as `run_paradigm` and `measure_decode_contention` take them."""
     set_threads(threads)
     t_start = time.perf_counter()
-    vlm = load_model(model)
+    vlm = load_model(model, random_init, reduced)
     stream = heldout_stream(seed, duration)
     kw = dict(max_new_tokens=max_new_tokens, step_tokens=step_tokens, answer_tokens=answer_tokens)
     _log(
@@ -150,7 +173,7 @@ def bench(
     out["contention"] = cont
     out["acceptance"] = _acceptance(results, cont)
     out["meta"] = {
-        "model": str(model or DEFAULT_MODEL),
+        "model": _model_label(model, random_init, reduced),
         "stream_seed": stream.seed,
         "duration_s": stream.duration,
         "question": stream.question,
@@ -427,3 +450,93 @@ def memory(
     }
     _log(f"peak ratio long/short {out['peak_rss_ratio']:.3f} (within 10%: {out['peak_within_10pct']})")
     return out
+
+
+def _model_label(model: str | None, random_init: str | None, reduced: bool) -> str:
+    if random_init:
+        return f"random-init {random_init}" + (" (reduced)" if reduced else "")
+    return str(model or DEFAULT_MODEL)
+
+
+class _Peak:
+    """Peak memory above the level at entry: CUDA allocator on a GPU, sampled RSS on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb, self._stop = device, 0.0, threading.Event()
+
+    def __enter__(self) -> _Peak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._base = self._peak = _proc_status("VmRSS")
+            self._th = threading.Thread(target=self._sample, name="tays-peak", daemon=True)
+            self._th.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, _proc_status("VmRSS"))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._th.join()
+            peak = max(self._peak, _proc_status("VmRSS"))
+        self.mb = round(peak - self._base, 1)
+
+
+def trace_memory(
+    lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192),
+    model: str | None = None,
+    random_init: str | None = None,
+    reduced: bool = False,
+    duration: float = 12.0,
+    fps: float = 2.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Peak memory and decode speed of a TaYS run against its generated-trace length T: one
+    reasoning step of T tokens (no early step end) while a sped-up held-out stream is ingested."""
+    vlm = load_model(model, random_init, reduced)
+    stream = heldout_stream(seed, duration)
+    run = lambda t: run_paradigm(  # noqa: E731
+        vlm,
+        ShapesSource(stream, fps=fps, realtime=False),
+        stream.question,
+        "tays",
+        max_new_tokens=int(t),
+        step_tokens=int(t),
+        answer_tokens=1,
+        period_ends_step=False,
+    )
+    run(min(8, min(lengths)))  # warm-up
+    rows = []
+    for t in lengths:
+        _log(f"trace length {t} ...")
+        with _Peak(vlm.device) as peak:
+            r = run(t)
+        rows.append(
+            {
+                "trace_tokens": int(t),
+                "tokens": r.metrics.get("tokens"),
+                "decode_tokens_per_s": r.metrics.get("decode_tokens_per_s"),
+                "frames": r.metrics.get("frames"),
+                "video_cache_tokens_max": r.video_capacity_max,
+                "peak_mb": peak.mb,
+            }
+        )
+    return {
+        "rows": rows,
+        "model": _model_label(model, random_init, reduced),
+        "parameters": sum(p.numel() for p in vlm.model.parameters()),
+        "device": str(vlm.device),
+        "dtype": str(vlm.dtype).replace("torch.", ""),
+        "stream_s": duration,
+        "fps": fps,
+        "measure": "peak above the level before each run: CUDA max_memory_allocated on a GPU, "
+        "RSS sampled every 5 ms on a CPU",
+    }

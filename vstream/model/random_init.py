@@ -103,6 +103,7 @@ def build_config(spec: dict[str, Any], tokenizer) -> Any:
     ids = {attr: tokenizer.convert_tokens_to_ids(tok) for attr, tok in fam.config_ids}
     text["pad_token_id"] = tokenizer.convert_tokens_to_ids(fam.pad_token)
     text["eos_token_id"] = tokenizer.convert_tokens_to_ids(fam.eos_tokens[0])
+    text["bos_token_id"] = text["pad_token_id"]  # the released ids would lie outside a reduced vocabulary
     extra = {"tie_word_embeddings": spec["tie_word_embeddings"]} if "tie_word_embeddings" in spec else {}
     return AutoConfig.for_model(model_type, text_config=text, vision_config=dict(spec["vision_config"]), **ids, **extra)
 
