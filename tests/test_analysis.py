@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from vstream.attr import analysis
-from vstream.attr.analysis import FEATURES, RiskModel, TraceDynamics, analyze, prefix_features
+from vstream.attr.analysis import TraceDynamics, analyze, fit_risk_model, prefix_features
 from vstream.attr.analysis_plots import write_plots
+from vstream.attr.risk import FEATURES, RiskModel
 from vstream.model import VLMError
 
 
@@ -60,7 +61,7 @@ def test_short_traces_are_left_out_of_timing():
 
 
 def test_risk_model_round_trips_as_json(tmp_path):
-    risk = RiskModel.fit(_traces(6))
+    risk = fit_risk_model(_traces(6))
     path = tmp_path / "risk.json"
     risk.save(path)
     again = RiskModel.load(path)
@@ -75,7 +76,7 @@ def test_risk_model_round_trips_as_json(tmp_path):
 def test_risk_model_needs_both_outcomes():
     rng = np.random.default_rng(8)
     with pytest.raises(VLMError, match="both correct and failed"):
-        RiskModel.fit([_trace(rng, i, True) for i in range(10)])
+        fit_risk_model([_trace(rng, i, True) for i in range(10)])
 
 
 def test_plots_are_written(tmp_path):

@@ -415,8 +415,29 @@ def test_demo_model_live_sentences():
     assert len(spans) >= 2 and done.n_spans == len(spans)
     assert spans[0].span.kind == "thought" and spans[0].span.closed_by in ".!?"
     assert spans[0].emitted_time < ev[TokenEvent][-1].time < done.gen_end_time
-    assert all(s.heatmap.shape == (224, 224) for s in spans)
+    assert all(s.heatmap.shape == scene.image().size[::-1] for s in spans)
     assert done.n_tokens < 128, "the demo model should end its trace with eos"
     assert all(s.n_rows == s.span.n_tokens for s in spans)  # ended at eos: every token has its row
     assert done.answer and "</think>" in done.text
     assert _no_threads_left()
+
+
+def test_risk_readout_follows_the_dynamics(tiny):
+    """With a risk model, each PathEvent carries P(failure) computed from the path so far: the
+    same number the offline features give on the spans' scores."""
+    from vstream.attr.dynamics import DynamicsTracker
+    from vstream.attr.risk import FEATURES, RiskModel, point_features
+
+    n = len(FEATURES)
+    risk = RiskModel(np.zeros(n), np.ones(n), np.linspace(-1, 1, n), 0.2)
+    est = _linear(tiny)
+    events = list(attribute_stream(tiny, _noise(96, 96), "Why?", est, max_new_tokens=16, splitter=EveryN(4), risk=risk))
+    ev = _split(events)
+    tracker, points = DynamicsTracker(), []
+    for s, p in zip(ev[SpanEvent], ev[PathEvent]):
+        points.append(tracker.add(s.scores))
+        want = float(risk.probability(point_features(points, np.stack(tracker.raw))))
+        assert p.risk == pytest.approx(want) and 0 < p.risk < 1
+    assert ev[DoneEvent][0].risk == ev[PathEvent][-1].risk
+    plain = _split(list(attribute_stream(tiny, _noise(96, 96), "Why?", est, max_new_tokens=8, splitter=EveryN(4))))
+    assert all(p.risk is None for p in plain[PathEvent]) and plain[DoneEvent][0].risk is None

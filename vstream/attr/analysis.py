@@ -8,8 +8,7 @@ shape predicts failure before reasoning ends. This module measures that on our o
   the estimator (as the live worker does) and keeps the per-span region-effect vectors;
 * `prefix_features` turns the first share of a trace's spans into dynamics features (path
   length, tortuosity, concentration, switching), as they would be known live at that point;
-* `RiskModel` is a small logistic regression over those features, fitted on validation traces
-  and stored as JSON (coefficients only), so the app can show a live failure probability;
+* `vstream.attr.risk.RiskModel` is fitted here on validation traces (`fit_risk_model`);
 * `analyze` compares correct and failed held-out traces (rank tests, AUC with bootstrap
   intervals at 10% .. 100% elapsed, per-step fidelity R^2, label vs failure type).
 """
@@ -17,12 +16,10 @@ shape predicts failure before reasoning ends. This module measures that on our o
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,19 +32,12 @@ from vstream.attr.estimator import Estimator
 from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
 from vstream.attr.methods import AttributionContext, attribute
 from vstream.attr.regions import regions_for
-from vstream.model import VLM, VLMError
+from vstream.attr.risk import FEATURES, RiskModel, point_features
+from vstream.model import VLM
 from vstream.world.eval_model import parse_answer
 from vstream.world.shapes import Scene
 
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
-FEATURES = (
-    "path_length",
-    "log_tortuosity",
-    "concentration_mean",
-    "concentration_std",
-    "switch_rate",
-    "effect_mass",
-)
 MIN_TIMED_SPANS = 8  # AUC by elapsed reasoning: only traces long enough for "30% elapsed" to hide the end
 HALLUCINATION_FAMILIES = ("existence",)  # hallucination probes: a failure there is a hallucination
 
@@ -138,22 +128,10 @@ def prefix_points(scores: np.ndarray, fraction: float) -> list[PathPoint]:
     return [tracker.add(s) for s in scores[: prefix_length(len(scores), fraction)]]
 
 
-def point_features(points: Sequence[PathPoint], scores: np.ndarray) -> dict[str, float]:
-    """Dynamics features as known at the last of `points` (what the live readout sees)."""
-    last = points[-1]
-    conc = np.array([p.concentration for p in points])
-    tops = [int(np.argmax(s)) for s in scores[: len(points)]]
-    switches = sum(a != b for a, b in zip(tops, tops[1:])) / max(1, len(tops) - 1)
-    tort = last.tortuosity if last.tortuosity is not None else 1.0
-    mass = float(np.mean([np.maximum(s, 0).sum() for s in scores[: len(points)]]))
-    return {
-        "path_length": float(last.path_length),
-        "log_tortuosity": float(np.log(max(tort, 1.0))),
-        "concentration_mean": float(conc.mean()),
-        "concentration_std": float(conc.std()),
-        "switch_rate": float(switches),
-        "effect_mass": mass,
-    }
+def fit_risk_model(traces: Sequence[TraceDynamics], fractions: Sequence[float] = FRACTIONS) -> RiskModel:
+    """Fit on every (trace, fraction) prefix, so one model serves any point of a live trace."""
+    x = np.concatenate([feature_matrix(traces, f) for f in fractions])
+    return RiskModel.fit(x, np.tile([not t.correct for t in traces], len(fractions)))
 
 
 def prefix_features(scores: np.ndarray, fraction: float) -> dict[str, float]:
@@ -167,64 +145,6 @@ def feature_matrix(traces: Sequence[TraceDynamics], fraction: float) -> np.ndarr
         feats = point_features(t.points[: prefix_length(len(t.scores), fraction)], t.scores)
         rows.append([feats[f] for f in FEATURES])
     return np.array(rows).reshape(len(rows), len(FEATURES))
-
-
-# ----------------------------------------------------------------------------------------------
-# the risk model
-
-
-@dataclass
-class RiskModel:
-    """Logistic regression over standardised dynamics features -> P(failure). JSON, no pickle."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    coef: np.ndarray
-    intercept: float
-    heldout_auc: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def fit(cls, traces: Sequence[TraceDynamics], fractions: Sequence[float] = FRACTIONS) -> RiskModel:
-        """Fit on every (trace, fraction) prefix, so one model serves any point of a live trace."""
-        from sklearn.linear_model import LogisticRegression
-
-        x = np.concatenate([feature_matrix(traces, f) for f in fractions])
-        y = np.tile([not t.correct for t in traces], len(fractions))
-        if len(set(y.tolist())) < 2:
-            raise VLMError("the risk model needs both correct and failed traces to fit")
-        mean, std = x.mean(0), x.std(0) + 1e-9
-        lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit((x - mean) / std, y)
-        return cls(mean, std, lr.coef_[0], float(lr.intercept_[0]))
-
-    def probability(self, features: dict[str, float] | np.ndarray) -> np.ndarray:
-        x = np.array([features[f] for f in FEATURES]) if isinstance(features, dict) else np.asarray(features)
-        z = ((x - self.mean) / self.std) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "features": list(FEATURES),
-            "mean": self.mean.tolist(),
-            "std": self.std.tolist(),
-            "coef": self.coef.tolist(),
-            "intercept": self.intercept,
-            "heldout_auc": self.heldout_auc,
-        }
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> RiskModel:
-        try:
-            d = json.loads(Path(path).read_text())
-            if d["features"] != list(FEATURES):
-                raise VLMError(f"{path} was fitted on other features: {d['features']}")
-            return cls(
-                np.array(d["mean"]), np.array(d["std"]), np.array(d["coef"]), float(d["intercept"]), d["heldout_auc"]
-            )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise VLMError(f"cannot read the risk model {path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +249,7 @@ def analyze(
 ) -> tuple[dict[str, Any], RiskModel]:
     """The paper's analysis on `heldout` traces; the risk model is fitted on `fit_on` (another split)."""
     failed = np.array([not t.correct for t in heldout])
-    risk = RiskModel.fit(fit_on)
+    risk = fit_risk_model(fit_on)
     full = {f: feature_matrix(heldout, 1.0)[:, i] for i, f in enumerate(FEATURES)}
     tort_full = np.exp(full["log_tortuosity"])
     # By elapsed reasoning: long traces only (a 2-step trace shows its whole path at any share),

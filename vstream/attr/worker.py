@@ -62,6 +62,7 @@ from vstream.attr.capture import AttentionRecorder, capturing, install, span_fea
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
 from vstream.attr.regions import Backbone, Regions, regions_for
+from vstream.attr.risk import RiskModel, point_features
 from vstream.attr.spans import Span, SpanSplitter
 from vstream.model import VLM, IncrementalDecoder, VLMError, event_stop, split_thinking, token_streamer
 
@@ -124,6 +125,7 @@ class SpanEvent:
 class PathEvent:
     point: PathPoint  # coords (3,), path (n, 3), path_length, tortuosity, concentration, label
     time: float
+    risk: float | None = None  # P(failure) from the dynamics so far, when a risk model is given
 
 
 @dataclass
@@ -138,6 +140,7 @@ class DoneEvent:
     tokens_per_s: float
     cancelled: bool
     error: str | None = None
+    risk: float | None = None  # P(failure) after the last span, when a risk model is given
     token_ids: list[int] = field(default_factory=list)
     gen_start_time: float = 0.0  # generate() called (prefill starts)
     first_token_time: float = 0.0
@@ -205,6 +208,7 @@ class _Run:
         splitter: Any = None,
         system: str | None = None,
         row_timeout: float = 30.0,
+        risk: RiskModel | None = None,
     ):
         if not callable(getattr(estimator, "predict", None)):
             raise VLMError(f"estimator must have a predict(features) method, got {type(estimator).__name__}")
@@ -241,6 +245,9 @@ class _Run:
 
         self.recorder = AttentionRecorder.for_vlm(vlm)
         self.tracker = DynamicsTracker()
+        self.risk_model = risk
+        self._points: list[PathPoint] = []
+        self._risk: float | None = None
         self._splitter = splitter if splitter is not None else SpanSplitter()
         self._user_stop = stop_event
         self._stop = threading.Event()  # cancel(): stop generating, still score what closed
@@ -378,6 +385,7 @@ class _Run:
             text=text,
             answer=split_thinking(text)[1],
             label=label_trace(self.tracker.raw),
+            risk=self._risk,
             n_tokens=len(self.token_ids),
             n_spans=self._n_spans,
             tokens_per_s=float(rate),
@@ -488,7 +496,11 @@ class _Run:
             rows=(lo, hi),
             note=note,
         )
-        return sev, PathEvent(point, t1)
+        if self.risk_model is not None and point is not None:
+            self._points.append(point)
+            feats = point_features(self._points, np.stack(self.tracker.raw))
+            self._risk = float(self.risk_model.probability(feats))
+        return sev, PathEvent(point, t1, self._risk)
 
 
 class AttributionSession:
@@ -564,7 +576,8 @@ def attribute_stream(
     `DoneEvent`; `.close()` it (or use `with`) to stop early with nothing left running.
     `estimator` is anything with `predict((K, L*H) features) -> (K,)` (a `LinearEstimator`).
     Keyword extras: `regions=` (precomputed), `splitter=` (span policy with push/finish),
-    `system=`, `row_timeout=`. Bad input raises `VLMError` here, before any thread starts.
+    `system=`, `row_timeout=`, `risk=` (a `vstream.attr.risk.RiskModel`: each PathEvent then
+    carries the failure probability so far). Bad input raises `VLMError` here, before any thread starts.
     """
     return AttributionSession(
         vlm,
