@@ -397,3 +397,24 @@ def _raised(fn):
     except VLMError as e:
         return [e]
     return []
+
+
+@pytest.mark.parametrize("name", ["blocks", "voronoi"])
+def test_content_free_partitions(name):
+    """The paper's region baselines: K connected pieces of the token grid, the same for the same
+    image and different for another, ignoring what the image shows."""
+    from scipy.ndimage import label as connected
+
+    a, b = make_scene(21).image(), make_scene(22).image()
+    r = compute_regions(a, (8, 8), backbone=name)
+    assert r.backbone == name and r.k == 16 and r.grid == (8, 8)
+    assert torch.equal(r.assignment.sum(0), torch.ones(64)) and (r.tokens_per_region >= 1).all()
+    assert np.array_equal(compute_regions(a, (8, 8), backbone=name).labels, r.labels)
+    assert not np.array_equal(compute_regions(b, (8, 8), backbone=name).labels, r.labels)
+    for i in range(r.k):
+        assert connected(r.labels == i)[1] == 1
+        if name == "blocks":
+            ys, xs = np.nonzero(r.labels == i)
+            assert len(ys) == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)  # a full rectangle
+    assert r.pixel_labels().shape == (IMG, IMG)
+    assert compute_regions(a, (8, 8), k=32, backbone=name).k == 32

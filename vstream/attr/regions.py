@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vstream.attr.partitions import PARTITIONS
 from vstream.model import (
     VLMError,
     VLMInputs,
@@ -293,6 +294,8 @@ def load_backbone(spec: str | Backbone | None = None, **kwargs: Any) -> Backbone
         raise VLMError(f"backbone must be a name/path or a Backbone, got {type(spec).__name__}")
     if spec is None or spec.strip().lower() in {"", "pixels", "pixel", "default"}:
         return PixelBackbone(**kwargs)
+    if spec.strip().lower() in PARTITIONS:  # content-free baselines (random blocks, Voronoi cells)
+        return PARTITIONS[spec.strip().lower()]()
     return DinoV3Backbone(spec.strip(), **kwargs)
 
 
@@ -539,6 +542,9 @@ def compute_regions(
     bb = load_backbone(backbone) if (backbone is None or isinstance(backbone, str)) else backbone
     img, original = normalize_image_with_size(image)
 
+    if hasattr(bb, "partition"):  # a content-free baseline partition of the token grid
+        kk = min(auto_k(th * tw) if k is None else min(K_MAX, max(K_MIN, int(k))), th * tw)
+        return _from_token_labels(bb.partition(img, (th, tw), kk), original, bb.name, kk)
     feats, grid = bb.patch_features(img)
     h, w = (int(v) for v in grid)
     feats = np.asarray(feats, dtype=np.float64)
@@ -597,6 +603,20 @@ def compute_regions(
         backbone=bb.name,
         k_requested=k_req,
         notes=notes,
+    )
+
+
+def _from_token_labels(labels: np.ndarray, image_size: tuple[int, int], name: str, k: int) -> Regions:
+    """Regions whose grid is the token grid itself (ids relabelled in reading order)."""
+    th, tw = labels.shape
+    uniq, first = np.unique(labels, return_index=True)
+    remap = np.empty(int(labels.max()) + 1, dtype=np.int64)
+    remap[uniq[np.argsort(first)]] = np.arange(len(uniq))
+    labels = remap[labels]
+    assignment = torch.zeros(len(uniq), th * tw, dtype=torch.float32)
+    assignment[torch.from_numpy(labels.ravel()), torch.arange(th * tw)] = 1.0
+    return Regions(
+        labels=labels, assignment=assignment, token_grid=(th, tw), image_size=image_size, backbone=name, k_requested=k
     )
 
 

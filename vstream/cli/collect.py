@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--masks", type=int, default=32, help="random region masks per example")
     ap.add_argument("--keep-prob", type=float, default=0.5)
     ap.add_argument("--k", type=int, default=None, help="regions per image (default: auto)")
-    ap.add_argument("--backbone", default=None, help="region backbone: pixels (default) or a DINOv3 id/path")
+    ap.add_argument(
+        "--backbone",
+        default=None,
+        help="region backbone: pixels (default), a DINOv3 id/path, or the content-free baselines blocks / voronoi",
+    )
     ap.add_argument("--seed", type=int, default=0, help="mask seed (combined with each scene's seed)")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--shard-size", type=int, default=25, help="examples per shard file")
