@@ -177,7 +177,7 @@ def _object_ious(scenes, backbone, blank: bool = False) -> np.ndarray:
         img = Image.new("RGB", (IMG, IMG), (200, 200, 200)) if blank else sc.image()
         r = compute_regions(img, (8, 8), backbone=backbone)
         pl, own = r.pixel_labels((IMG, IMG)), r.token_labels
-        for i, o in enumerate(sc.objects):
+        for i in range(len(sc.objects)):
             x0, y0, x1, y1 = sc.box(i)
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             reg = pl == own[int(cy // (IMG // 8)) * 8 + int(cx // (IMG // 8))]  # region of the object's centre token
