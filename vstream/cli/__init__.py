@@ -17,6 +17,7 @@ COMMANDS = {
     "train-estimator": ("train_estimator", "train the linear vSTREAM estimator on collected labels"),
     "evaluate": ("evaluate", "faithfulness of vSTREAM vs baselines (LDS, R^2, top-5 drop, pointing)"),
     "analyze": ("analyze", "reasoning dynamics: path shape and failure prediction on held-out traces"),
+    "transfer": ("transfer", "estimator transfer across families, LDS vs labels, region methods"),
 }
 
 
