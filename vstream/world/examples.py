@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from vstream.model import normalize_answer
 from vstream.world.assets import EXAMPLES_DIR
 from vstream.world.shapes import FAMILIES, scenes
 from vstream.world.shapes_video import streams
@@ -34,6 +38,35 @@ def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: in
 def scene_examples() -> list[list[str]]:
     """[[image path, question], ...] from examples/index.json (shapes-world scenes)."""
     return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in _index().get("scenes", [])]
+
+
+def scene_example_labels() -> list[str]:
+    """One caption per `scene_examples()` row: its family and ground-truth answer."""
+    return [f"{s['family']} · truth: {s['answer']}" for s in _index().get("scenes", [])]
+
+
+def example_truth(image: Image.Image, question: str) -> dict | None:
+    """The gallery scene this (image, question) pair is, if any: its index entry (answer,
+    family, trace, ...). Matched on the question and the pixels, so a copy the browser uploaded
+    back is still recognised; None for anything else."""
+    want = np.asarray(image.convert("RGB"))
+    for s in _index().get("scenes", []):
+        if s["question"].strip() != question.strip():
+            continue
+        path = EXAMPLES_DIR / s["file"]
+        if not path.is_file():
+            continue
+        with Image.open(path) as im:
+            have = np.asarray(im.convert("RGB"))
+        if have.shape == want.shape and np.array_equal(have, want):
+            return s
+    return None
+
+
+def answer_verdict(truth: dict, answer: str) -> str:
+    """One line comparing the model's answer with an example's ground truth."""
+    ok = normalize_answer(answer) == normalize_answer(truth["answer"])
+    return f"{'✓ right' if ok else '✗ wrong'}: ground truth {truth['answer']!r}, model {answer.strip()!r}"
 
 
 def stream_examples() -> list[list[str]]:

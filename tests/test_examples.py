@@ -1,0 +1,28 @@
+"""The gallery knows each example's ground truth and recognises its images."""
+
+import numpy as np
+from PIL import Image
+
+from vstream.world.examples import answer_verdict, example_truth, scene_example_labels, scene_examples
+
+
+def test_every_example_carries_its_truth():
+    rows, labels = scene_examples(), scene_example_labels()
+    assert rows and len(rows) == len(labels)
+    for (path, question), label in zip(rows, labels):
+        truth = example_truth(Image.open(path), question)
+        assert truth is not None and label.endswith(f"truth: {truth['answer']}")
+
+
+def test_other_images_and_questions_are_not_examples():
+    path, question = scene_examples()[0]
+    img = Image.open(path).convert("RGB")
+    assert example_truth(img, question + " Really?") is None
+    arr = np.asarray(img).copy()
+    arr[0, 0] = 255 - arr[0, 0]
+    assert example_truth(Image.fromarray(arr), question) is None
+
+
+def test_verdict_compares_normalised_answers():
+    assert answer_verdict({"answer": "red"}, " Red.").startswith("✓ right")
+    assert answer_verdict({"answer": "red"}, "blue").startswith("✗ wrong")
