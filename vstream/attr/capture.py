@@ -244,7 +244,9 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
     lens = torch.tensor([st.layers[0][1] for st in steps])
     s = int(lens.max())
     n_layers = len(keys)
-    same = all(k.shape == keys[0].shape for k in keys)
+    # layers split over devices (device_map="auto") are computed where their keys are and the
+    # rows gathered on the first layer's device
+    same = all(k.shape == keys[0].shape and k.device == keys[0].device for k in keys)
     groups = [list(range(n_layers))] if same else [[li] for li in range(n_layers)]
     valid = torch.arange(s).unsqueeze(0) < lens.unsqueeze(1)  # (T, S)
     t = len(steps)
@@ -273,7 +275,7 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
                 else:
                     scores[i, j, :, :n] = scores[i, j, :, :n] + m[..., :n].float()
         probs = torch.softmax(scores, dim=-1)
-        out.append(probs.index_select(3, steps[0].positions.to(probs.device)))
+        out.append(probs.index_select(3, steps[0].positions.to(probs.device)).to(keys[0].device))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (T, L, H, N)
 
 

@@ -10,7 +10,8 @@ from vstream.attr import bench as bench_mod
 from vstream.attr.bench import DEFAULT_ESTIMATOR, DEFAULT_START, bench, load_estimator
 from vstream.attr.estimator_lookup import find_estimator
 from vstream.attr.scale import DEFAULT_LENGTHS, bench_scale
-from vstream.model import VLMError, load_vlm
+from vstream.cli.model_options import add_load_options, load_from_args
+from vstream.model import VLMError
 from vstream.model.random_init import random_init_names, random_init_vlm
 from vstream.world.assets import DEMO_MODEL_DIR
 
@@ -55,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--image-side", type=int, default=448, help="side of the square noise image (pixels)")
     scale.add_argument("--span-tokens", type=int, default=32, help="a span closes every this many tokens")
     scale.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else float32), bfloat16, float32")
+    add_load_options(ap)
     args = ap.parse_args(argv)
     if args.random_init or args.lengths:
         return _scale(args)
     if args.n < 1:
         ap.error("--n must be >= 1")
     try:
-        vlm = load_vlm(args.model)
+        vlm = load_from_args(args)
         if args.estimators:
             found = find_estimator(vlm, args.estimators, args.model)
             if found.estimator is None:
@@ -105,7 +107,7 @@ def _scale(args: argparse.Namespace) -> int:
             vlm = random_init_vlm(args.random_init, reduced=args.reduced, dtype=args.dtype)
             name = args.random_init + (" (reduced)" if args.reduced else "")
         else:
-            vlm, name = load_vlm(args.model, dtype=args.dtype), str(args.model)
+            vlm, name = load_from_args(args, dtype=args.dtype), str(args.model)
         res = bench_scale(
             vlm,
             tuple(args.lengths or DEFAULT_LENGTHS),

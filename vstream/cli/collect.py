@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from vstream.attr import labels
 from vstream.attr.labels import collect, load_labels
 from vstream.attr.userdata import read_data
-from vstream.model import VLMError, load_vlm
+from vstream.cli.model_options import add_load_options, load_from_args
+from vstream.model import VLMError
 from vstream.world.assets import DEMO_MODEL_DIR
 
 
@@ -38,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--shard-size", type=int, default=25, help="examples per shard file")
     ap.add_argument("--dtype", default="auto")
+    add_load_options(ap)
     args = ap.parse_args(argv)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     try:
         data = read_data(args.data) if args.data else None
-        vlm = load_vlm(args.model, dtype=args.dtype, device=acc.device)
+        vlm = load_from_args(args, dtype=args.dtype, device=acc.device if args.device_map is None else "auto")
         t0 = time.perf_counter()
         new = collect(
             vlm,

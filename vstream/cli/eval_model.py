@@ -9,7 +9,8 @@ from pathlib import Path
 
 from vstream.attr.answers import evaluate_answers
 from vstream.attr.userdata import read_data
-from vstream.model import VLMError, load_vlm
+from vstream.cli.model_options import add_load_options, load_from_args
+from vstream.model import VLMError
 from vstream.world import eval_model
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.eval_model import check_heldout, evaluate
@@ -35,17 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--json", action="store_true", help="print only the summary JSON as the last line")
+    add_load_options(ap)
     args = ap.parse_args(argv)
     try:
         if args.data:
             data = read_data(args.data)
-            vlm = load_vlm(args.model)
+            vlm = load_from_args(args)
             res = evaluate_answers(vlm, data, args.n, args.start, args.max_new_tokens, args.out)
             print(json.dumps(res))
             return 0
         if Path(args.model).is_dir():
             check_heldout(Path(args.model), args.split)
-        vlm = load_vlm(args.model)
+        vlm = load_from_args(args)
         n = 600 if args.n is None else args.n
         res = evaluate(vlm, n, args.start, args.batch_size, progress=True, split=args.split)
     except (VLMError, ValueError) as e:

@@ -18,7 +18,8 @@ from vstream.attr.evaluate import (
     load_estimator,
 )
 from vstream.attr.userdata import read_data
-from vstream.model import VLMError, load_vlm
+from vstream.cli.model_options import add_load_options, load_from_args
+from vstream.model import VLMError
 from vstream.world.assets import DEMO_MODEL_DIR
 from vstream.world.eval_model import check_heldout
 
@@ -51,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--json", action="store_true", help="print only the summary JSON (as the last line)")
+    add_load_options(ap)
     args = ap.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:
         data = read_data(args.data) if args.data else None
         if Path(args.model).is_dir() and data is None:
             check_heldout(Path(args.model))
-        vlm = load_vlm(args.model)
+        vlm = load_from_args(args)
         estimator = None
         if "vstream" in methods and args.estimators:
             found = find_estimator(vlm, args.estimators, args.model)

@@ -21,12 +21,17 @@ def load_vlm(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    load_in: str | None = None,
 ) -> VLM:
     """Load a supported VLM from a local folder or a Hugging Face id (safetensors only).
 
     dtype "auto" = bfloat16 on CUDA, float32 otherwise; device "auto" = cuda if available.
-    Every user-facing failure (missing path, offline hub id, unsupported architecture, no
-    safetensors) is a one-line VLMError.
+    `device_map="auto"` spreads the layers over every GPU through accelerate (the VLM's device
+    is then the one its input embeddings sit on; attention capture gathers rows there).
+    `load_in` "4bit" / "8bit" quantises the weights with bitsandbytes (a CUDA GPU and the
+    package needed). Every user-facing failure (missing path, offline hub id, unsupported
+    architecture, no safetensors, a model that does not fit) is a one-line VLMError.
     """
     path = resolve_model_path(str(name_or_path), trust_remote_code)
     raw = read_model_config(path)
@@ -60,15 +65,23 @@ def load_vlm(
     if cls is None:
         raise VLMError(f"transformers {transformers.__version__} has no {cls_name}; upgrade transformers")
     load_kw: dict[str, Any] = dict(dtype=dt, attn_implementation="sdpa", use_safetensors=True, **remote)
-    if dev.type == "cuda":
-        load_kw["device_map"] = str(dev)
+    if dev.type == "cuda" or device_map is not None:
+        load_kw["device_map"] = device_map if device_map is not None else str(dev)
+    if load_in is not None:
+        load_kw["quantization_config"] = _quantization(load_in, dev, dt)
     try:
         model = cls.from_pretrained(str(path), **load_kw)
-        if dev.type != "cuda":
+        if "device_map" not in load_kw:
             model = model.to(dev)
+    except torch.OutOfMemoryError as e:
+        raise VLMError(_does_not_fit(path, dev, dt)) from e
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        if "out of memory" in str(e).lower():
+            raise VLMError(_does_not_fit(path, dev, dt)) from e
         raise VLMError(f"could not load model weights from {path}: {type(e).__name__}: {_first_line(e)}") from e
     model.eval()
+    if "device_map" in load_kw:
+        dev = model.get_input_embeddings().weight.device
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), **remote)
@@ -96,6 +109,34 @@ def load_vlm(
         device=dev,
         dtype=dt,
         path=path,
+    )
+
+
+def _quantization(load_in: str, dev: torch.device, dt: torch.dtype) -> Any:
+    """bitsandbytes 4- or 8-bit settings, or a one-line VLMError saying what is missing."""
+    import importlib.util
+
+    if load_in not in ("4bit", "8bit"):
+        raise VLMError(f"load_in must be 4bit or 8bit, got {load_in!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise VLMError(f"{load_in} loading needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    if dev.type != "cuda":
+        raise VLMError(f"{load_in} loading needs a CUDA GPU; this run is on {dev}")
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dt, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _does_not_fit(path: Path, dev: torch.device, dt: torch.dtype) -> str:
+    free = ""
+    if dev.type == "cuda":
+        f, total = torch.cuda.mem_get_info(dev)
+        free = f" ({f / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+    return (
+        f"{path.name} does not fit on {dev}{free} in {str(dt).replace('torch.', '')}: spread it over several GPUs "
+        "(device_map auto) or load it in 4bit/8bit (bitsandbytes)"
     )
 
 
