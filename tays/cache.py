@@ -111,6 +111,7 @@ class VideoView:
     first_group: int  # absolute index of the oldest visible group (== n_groups if none)
     time: float  # arrival time of the newest group (-inf if none)
     event: Any = None  # CUDA event the reader waits on
+    groups: tuple[FrameGroup, ...] = ()  # the visible groups, oldest first (where each one's tokens are)
 
     @property
     def length(self) -> int:
@@ -187,4 +188,5 @@ class VideoCache(KVCache):
             first_group=vis[0].index if vis else self.n_groups,
             time=vis[-1].time if vis else -math.inf,
             event=event,
+            groups=tuple(vis),
         )

@@ -18,12 +18,13 @@ import torch
 from tays.cache import KVSpec
 from vstream.model import VLM
 
-__all__ = ["Context", "Decoder", "KVSegment", "Store", "attend_segments"]
+__all__ = ["Context", "Decoder", "KVSegment", "Probe", "Store", "attend_segments"]
 
 # keys / values (B, Hkv, Lk, D), any strides, and an optional bool (Lq, Lk) mask (True = attend)
 KVSegment = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 Context = Callable[[int, torch.Tensor, torch.Tensor], list[KVSegment]]  # (layer, k, v) -> what q attends to
 Store = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k, v): keep the chunk's K/V
+Probe = Callable[[int, torch.Tensor], None]  # (layer, q): sees the chunk's post-RoPE queries (attention capture)
 
 
 def attend_segments(q: torch.Tensor, segments: Sequence[KVSegment], scale: float) -> torch.Tensor:
@@ -93,12 +94,19 @@ class Decoder:
         return self.embed_tokens(torch.tensor(list(ids), dtype=torch.long, device=self.device))[None]
 
     def run(
-        self, h: torch.Tensor, pos: torch.Tensor, context: Context, store: Store, need_logits: bool
+        self,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        context: Context,
+        store: Store,
+        need_logits: bool,
+        probe: Probe | None = None,
     ) -> torch.Tensor | None:
         """Run (1, L, hidden) embeddings at (3, 1, L) positions through the layers: per layer the
         chunk's K/V go to `store` and its queries attend to `context(layer, k, v)`. Returns the
         (1, L, vocab) logits, or None (the last layer's attention and MLP are then skipped: only
-        its K/V are needed)."""
+        its K/V are needed). `probe(layer, q)` gets each layer's (1, heads, L, D) queries by
+        reference (no arithmetic here: `tays.capture` computes attention rows from them later)."""
         cos, sin = self.lm.rotary_emb(h, pos)
         B, L, _ = h.shape
         D = self.kv_spec.head_dim
@@ -111,6 +119,8 @@ class Decoder:
             v = attn.v_proj(x).view(B, L, -1, D).transpose(1, 2)
             q, k = self.apply_rope(q, k, cos, sin)
             store(li, k, v)
+            if probe is not None:
+                probe(li, q)
             if li == last and not need_logits:
                 return None
             o = attend_segments(q, context(li, k, v), attn.scaling)

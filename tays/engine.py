@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from tays.cache import KVCache, VideoCache, VideoView
+from tays.capture import StreamRecorder
 from tays.decoder import Decoder
 from tays.forward import check_supported, video_interval
 from tays.ingest import (
@@ -142,6 +143,7 @@ class StreamingEngine:
         self._last_logits: torch.Tensor | None = None
         self._last_view: VideoView | None = None
         self._pending: int | None = None  # generated but not yet fed
+        self._recorder: StreamRecorder | None = None  # attention capture (attach)
 
         self.ingest = ingest_mode(ingest, vlm.device)
         self._worker: WorkerHandle | None = None
@@ -251,6 +253,12 @@ class StreamingEngine:
     def close(self) -> None:
         self.stop()
 
+    def attach(self, recorder: StreamRecorder | None) -> None:
+        """Capture attention from now on (`tays.capture`): every decode call hands `recorder`
+        references to its view, text keys and queries, and every pushed frame is handed to it.
+        None detaches. Costs the decoding thread a few list operations per layer."""
+        self._recorder = recorder
+
     # -- frames ----------------------------------------------------------------------------------
     def push_frame(self, frame: Any, t: float | None = None) -> None:
         """Queue one frame (PIL image / HxWx3 array) at stream time t (default: count / fps).
@@ -262,6 +270,8 @@ class StreamingEngine:
         if t is None:
             t = self._n_frames_pushed / self.fps
         self._n_frames_pushed += 1
+        if self._recorder is not None:
+            self._recorder.on_frame(frame, float(t))
         with self._cv:
             self._pushed += 1
         self._queue.put((frame, float(t)))
@@ -419,7 +429,12 @@ class StreamingEngine:
                 segs = [(view.keys[li][:, :, s:e], view.values[li][:, :, s:e], None) for s, e in view.spans]
                 return [*segs, (*text.segment(li, 0, T + n), tmask)]
 
-            logits = self.decoder.run(h, pos, context, text.put, need_logits=True)[0].float()
+            rec = self._recorder
+            probe = None
+            if rec is not None:
+                rec.begin_call(view, text.keys, T + n)
+                probe = rec.record_query
+            logits = self.decoder.run(h, pos, context, text.put, need_logits=True, probe=probe)[0].float()
             text.advance(n)
             with self._cv:
                 self._history.append(Segment(TEXT, n, time=view.time, frames_seen=view.n_groups))
