@@ -78,3 +78,17 @@ def test_none_fits_says_so_with_the_commands(vlm, tmp_path, tiny_qwen2_5_vl_dir,
     rc = evaluate_cli.main(["--model", str(tiny_qwen2_5_vl_dir), "--estimators", str(tmp_path), "--data", str(rows)])
     err = capsys.readouterr().err
     assert rc == 2 and "no estimator in" in err and "python -m vstream train-estimator" in err
+
+
+def test_the_explorer_uses_the_fitting_estimator_or_says_how_to_train_one(vlm, tmp_path, monkeypatch):
+    from ui import explorer
+
+    monkeypatch.setattr(explorer, "ESTIMATORS_DIR", tmp_path)
+    est, note = explorer.estimator_for(vlm, "tiny", None)
+    assert type(est).__name__ == "RawAttention"
+    assert "no estimator in" in note and "python -m vstream collect --model tiny --data" in note
+    assert note.endswith("until then scores are raw attention")
+    _est(model_identity(vlm)).save(tmp_path / "mine.safetensors")
+    est, note = explorer.estimator_for(vlm, "tiny", None)
+    assert isinstance(est, LinearEstimator)
+    assert note == f"estimator: mine.safetensors, trained for these weights ({model_identity(vlm)['weights']})"

@@ -6,6 +6,7 @@ rule the page enforces can be tested without a browser.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from ui import figures
 from ui.access import ModelPolicy, not_available
 from vstream.attr.estimator import Estimator, LinearEstimator, RawAttention
 from vstream.attr.estimator import load as load_estimator
+from vstream.attr.estimator_lookup import find_estimator
 from vstream.attr.record import RunRecord, load_run
 from vstream.attr.spans import SpanSplitter
 from vstream.attr.worker import Event, RegionsEvent
@@ -179,11 +181,16 @@ def _shipped(path: str, model: str) -> LinearEstimator:
     return load_estimator(path, get_model(model))
 
 
+# estimators for other models than the demo (python -m vstream train-estimator --out DIR/NAME.safetensors)
+ESTIMATORS_DIR = Path(os.environ.get("VSTREAM_ESTIMATORS", "estimators"))
+
+
 def estimator_for(
     vlm: VLM, model: str | None, session_estimator: LinearEstimator | None = None
 ) -> tuple[Estimator, str]:
     """The estimator a run uses and a note saying which: the session's own (Estimator lab)
-    when it fits the model, else the shipped one when it fits, else raw attention."""
+    when it fits the model, else the shipped one when it fits, else the one trained for this model
+    in ESTIMATORS_DIR, else raw attention with a note giving the commands that train one."""
     if session_estimator is not None:
         try:
             session_estimator.check_compatible(vlm, where="the lab's estimator")
@@ -195,7 +202,11 @@ def estimator_for(
     try:
         return _shipped(str(DEMO_ESTIMATOR), model_key(model)), note + "estimator: shipped demo estimator"
     except VLMError:
-        return RawAttention(), note + "no trained estimator fits this model: scores are raw attention"
+        pass
+    found = find_estimator(vlm, ESTIMATORS_DIR, model)  # the one trained for this model, if any
+    if found.estimator is not None:
+        return found.estimator, note + found.note
+    return RawAttention(), note + found.note + "; until then scores are raw attention"
 
 
 # ----------------------------------------------------------------------------------------------
