@@ -175,13 +175,16 @@ def tiny_qwen3_vl(tiny_qwen3_vl_dir):
     return load_vlm(str(tiny_qwen3_vl_dir), device="cpu")
 
 
-def save_tiny_family(path: Path, name: str, side: int) -> Path:
+def save_tiny_family(path: Path, name: str, side: int, **text_overrides) -> Path:
     """A supported architecture at its reduced size (vstream/model/configs/NAME.json, `reduced`),
-    random weights, eos silenced, processor fixed at side x side pixels."""
+    random weights, eos silenced, processor fixed at side x side pixels. `model_type` and text
+    config entries can be overridden (a MoE variant of a dense config)."""
     from vstream.model.families import family_of
     from vstream.model.random_init import build_model, read_spec, reduce_spec, save_model_folder
 
     spec = reduce_spec(read_spec(name))
+    spec["model_type"] = text_overrides.pop("model_type", spec["model_type"])
+    spec["text_config"].update(text_overrides)
     spec["processor"]["min_pixels"] = spec["processor"]["max_pixels"] = side * side
     model, tok, proc = build_model(spec, seed=0)
     fam = family_of(spec["model_type"])
@@ -237,6 +240,21 @@ def tiny_qwen2_vl_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_glm4v_dir(tmp_path_factory) -> Path:
     """GLM-4.1V at its reduced size (4 layers, 64 wide, partial RoPE), 112 px -> 4x4 LLM tokens."""
     return save_tiny_family(tmp_path_factory.mktemp("tiny_glm4v"), "glm-4.1v-9b", 112)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe_dir(tmp_path_factory) -> Path:
+    """Qwen3-VL-MoE: the reduced Qwen3-VL-8B config with 4 experts (2 per token) in every layer."""
+    return save_tiny_family(
+        tmp_path_factory.mktemp("tiny_qwen3_vl_moe"),
+        "qwen3-vl-8b",
+        128,
+        model_type="qwen3_vl_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        decoder_sparse_step=1,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Every supported family on a tiny random config: capture oracle, live path, ablation operator.
 
-The same three checks run on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4.1V:
+The same three checks run on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4.1V:
 * capture: the rows recorded inside `generate` on `vstream_sdpa` equal eager attention of one
   full forward over prompt + trace, and the tokens equal plain sdpa's;
 * live path: `attribute_stream` gives one SpanEvent per span, with finite scores equal to the
@@ -26,7 +26,7 @@ from vstream.attr.spans import Span
 from vstream.attr.worker import DoneEvent, SpanEvent, attribute_stream
 from vstream.model import VLM, VLMError, load_vlm, split_thinking
 
-FAMILIES = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_glm4v"]
+FAMILIES = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_qwen3_vl_moe", "tiny_glm4v"]
 N_NEW = 10
 ATOL = 1e-4
 
