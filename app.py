@@ -373,6 +373,7 @@ def reasoning_tab(
                     color_map={"current": "#ffd54f", "selected span": "#ffb74d", "span": "#e3f2fd"},
                     combine_adjacent=False,
                     show_legend=False,
+                    show_inline_category=False,
                     elem_id="reason-text",
                 )
                 r_gallery = gr.Gallery(
@@ -403,7 +404,11 @@ def reasoning_tab(
             with gr.Row():
                 r_occ = gr.Button("Compute occlusion for this span", elem_id="reason-occlusion")
             r_cmp_gallery = gr.Gallery(
-                label="vSTREAM · raw attention · occlusion", columns=3, height=300, elem_id="reason-compare"
+                label="vSTREAM · raw attention · occlusion",
+                columns=3,
+                height=380,
+                object_fit="contain",
+                elem_id="reason-compare",
             )
             r_cmp_table = gr.Dataframe(
                 headers=["method", "time (ms)", "top 3 regions", "rank agreement with the run's method"],

@@ -395,3 +395,87 @@ def test_cli_serves_with_login(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- runs to keep, safe to publish
+
+
+@pytest.mark.slow
+def test_runs_save_reopen_report_and_compare_through_the_api(url, tmp_path):
+    from vstream.attr.record import RunRecord
+
+    client = _client(url)
+    raw = _attribute(client, 8)
+    again = RunRecord.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})  # /attribute = the record
+    assert again.run_id == raw["run_id"] and len(again.spans) == len(raw["spans"])
+    saved, status = client.predict(api_name="/run_save")
+    assert "Saved run" in status and json.loads(Path(saved).read_text())["run_id"] == raw["run_id"]
+    report, status = client.predict(api_name="/run_report")
+    page = Path(report).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "scatter3d" in page
+    # a different client (session) reopens the file, selects a span, compares methods, annotates it
+    other = _client(url)
+    out = other.predict(handle_file(saved), api_name="/run_open")
+    assert "opened from a file" in out[4] and out[5]["run_id"] == raw["run_id"]
+    _text, pick, _view, info, _gallery, table, _runs = other.predict(0, api_name="/span")
+    assert "Span 0" in info and {r[0] for r in table["data"]} >= {again.method, "raw_attention"}
+    *_, table, _runs = other.predict(api_name="/span_occlusion")
+    assert "occlusion" in {r[0] for r in table["data"]}
+    status, _ = other.predict("carol", 0, "grounded", "", api_name="/annotate")
+    assert f"of run {raw['run_id']}" in status
+    with pytest.raises(AppError, match="not a readable vSTREAM run|not JSON"):
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"format": "vstream-run", "version": 1}')
+        other.predict(handle_file(str(bad)), api_name="/run_open")
+
+
+@pytest.mark.parametrize(
+    "name", ["../../etc", "/etc", "assets/../assets/demo-model", "Qwen/Qwen2.5-VL-7B-Instruct", "link"]
+)
+@pytest.mark.slow
+def test_a_visitor_cannot_load_or_probe_other_models(url, tmp_path, name):
+    if name == "link":
+        (tmp_path / "link").symlink_to(ROOT / "assets" / "demo-model", target_is_directory=True)
+        name = str(tmp_path / "link")
+    client = _client(url)
+    path, q = _scene(0)
+    for api in ("/attribute", "/reason"):
+        with pytest.raises(AppError) as err:
+            client.predict(handle_file(path), q, name, api_name=api)
+        assert str(err.value).strip() == f"Model {name!r} is not available on this server; pick one from the list."
+
+
+@pytest.mark.slow
+def test_a_visitor_cannot_read_server_files_through_the_page(url):
+    """Gradio refuses a file path the visitor did not upload, as an input or from its file route."""
+    import httpx
+
+    for route in ("gradio_api/file=/etc/passwd", f"gradio_api/file={ROOT / 'app.py'}"):
+        r = httpx.get(url + route, timeout=60)
+        assert r.status_code in (403, 404), (route, r.status_code)
+        assert "root:" not in r.text
+    data = {"data": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "q?", ""]}
+    r = httpx.post(url + "gradio_api/call/attribute", json=data, timeout=60)
+    if r.status_code == 200:  # queued: the refusal comes as the event's error
+        ev = httpx.get(url + f"gradio_api/call/attribute/{r.json()['event_id']}", timeout=120).text
+        assert "error" in ev and "root:" not in ev, ev
+    else:
+        assert r.status_code in (400, 403, 422), r.status_code
+
+
+@pytest.mark.slow
+def test_saved_files_hit_the_caps(url, tmp_path, monkeypatch):
+    import app
+    from ui.storage import SavedFiles
+
+    monkeypatch.setattr(app.SERVING, "files", SavedFiles(tmp_path / "runs", per_session=2, max_bytes=10**9))
+    client = _client(url)
+    _attribute(client, 9)
+    client.predict(api_name="/run_save")
+    client.predict(api_name="/run_save")
+    with pytest.raises(AppError, match="per session"):
+        client.predict(api_name="/run_save")
+    monkeypatch.setattr(app.SERVING, "files", SavedFiles(tmp_path / "runs", per_session=99, max_bytes=1000))
+    with pytest.raises(AppError, match="full"):
+        client.predict(api_name="/run_report")
+    assert sum(p.stat().st_size for p in (tmp_path / "runs").rglob("*") if p.is_file()) < 10**6

@@ -4,10 +4,18 @@ What they check, end to end through the page a user sees:
   * Reasoning tab: running a shapes-world example shows >= 2 heatmap overlays and a 3-D plotly plot;
   * Video tab: playing a sample video shows a time-to-first-token (TTFT) value;
   * two browser sessions at once each see only their own answer;
-  * Run without an image shows an error in the page and the app keeps serving.
+  * Run without an image shows an error in the page and the app keeps serving;
+  * reading results: the large span view (colour bar, hover a region for its score), a click on
+    a sentence selects its span, the scale switch, the compare view with occlusion on demand;
+  * runs you keep: Save run, reopen the file in a fresh session and annotate it there, the HTML
+    report opened offline with its heatmaps and 3-D path;
+  * the Video tab's step list with stream times, the live frame, no raw special tokens;
+  * the model menu offers only the server's list.
 
 Screenshots go to `screenshots/` at the repo root (gitignored, wiped at the start of each run);
-a failed wait also leaves `screenshots/FAILED-<step>.png`.
+a failed wait also leaves `screenshots/FAILED-<step>.png`. The pictures for review (span view,
+compare view, report, video timeline, the page in its first minute) are written, small, to
+`docs/screenshots/`.
 
 Needs `pip install -r requirements-dev.txt` (playwright) and a chromium binary on PATH
 (`apt-get install chromium`); `.ci/run` installs both. Playwright never downloads a browser here:
@@ -39,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = Path(os.environ.get("VSTREAM_BROWSER_APP", ROOT / "app.py"))
 EXAMPLES = ROOT / "examples"
 SCREENSHOTS = ROOT / "screenshots"
+REVIEW_SHOTS = ROOT / "docs" / "screenshots"
 
 # Bounded but generous: the demo model is tiny and a run takes seconds on an idle machine,
 # but CI machines can be slow and the first request also loads the model.
@@ -50,10 +59,30 @@ UPLOAD_MS = 60_000
 # "TTFT 0.42 s" / "TTFT: 420 ms"; not "TTFT waiting… 3.1 s since the question" (still waiting)
 TTFT_RE = r"TTFT\W*[0-9]+(?:\.[0-9]+)?\s*(?:ms|s)\b"
 
-# Example scenes (examples/index.json) with words that only their own answer can contain.
-EX_DIAMOND = ("attribute_1000010004.png", "diamond", "box")
-EX_BOX = ("reading_1000010001.png", "box", "diamond")
-SAMPLE_VIDEO = "stream_1000010000.mp4"
+
+def _two_scenes() -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """Two example scenes (examples/index.json, whatever the current render holds), each with a
+    word that only its own reference trace contains: (file, own word, the other's word). Chosen
+    from the index, so re-rendered examples need no edit here."""
+    scenes = json.loads((EXAMPLES / "index.json").read_text())["scenes"]
+
+    def words(s: dict) -> set[str]:
+        return set(re.findall(r"[a-z]+", s["trace"].lower())) - {"think", "the", "is", "a", "i", "look", "for"}
+
+    for a in scenes:
+        for b in scenes:
+            if a is b:
+                continue
+            own_a, own_b = sorted(words(a) - words(b)), sorted(words(b) - words(a))
+            if a["answer"] in own_a and b["answer"] in own_b:
+                return (a["file"], a["answer"], b["answer"]), (b["file"], b["answer"], a["answer"])
+    raise AssertionError("no two example scenes with distinct answers in examples/index.json")
+
+
+EX_A, EX_B = _two_scenes()  # (file, a word only its answer has, the other's word)
+SAMPLE_VIDEO = sorted(json.loads((EXAMPLES / "index.json").read_text())["streams"], key=lambda s: s["duration"])[0][
+    "file"
+]
 
 INSTALL_HINT = (
     "install it with: python3 -m pip install -r requirements-dev.txt  and  "
@@ -121,6 +150,8 @@ def server(tmp_path_factory) -> Server:
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     env.pop("GRADIO_SERVER_PORT", None)
+    env["VSTREAM_ANNOTATIONS"] = str(logs / "annotations.db")  # nothing written into the checkout
+    env["VSTREAM_RUNS_DIR"] = str(logs / "runs")
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(
             [sys.executable, str(APP), "--port", str(port)],
@@ -323,7 +354,7 @@ def _run_reasoning(page, server, shots, name: str) -> None:
 def test_reasoning_example_and_video_ttft(page, server, screenshots):
     _tab(page, "Reasoning")
     _shot(page, screenshots, "01-reasoning-start")
-    _pick_example(page, EX_DIAMOND[0])
+    _pick_example(page, EX_A[0])
     _shot(page, screenshots, "02-reasoning-example-loaded")
     _run_reasoning(page, server, screenshots, "reasoning")
     n = page.locator("#reason-heatmaps img").count()
@@ -369,7 +400,7 @@ def test_reasoning_example_and_video_ttft(page, server, screenshots):
 def test_two_sessions_see_only_their_own_result(browser, server, screenshots):
     sessions = []
     try:
-        for file, own, other in (EX_DIAMOND, EX_BOX):
+        for file, own, other in (EX_A, EX_B):
             ctx, pg = _open(browser, server)
             sessions.append((ctx, pg, file, own, other))
             _tab(pg, "Reasoning")
@@ -427,6 +458,230 @@ def test_run_without_image_shows_error_and_app_keeps_serving(page, server, scree
     assert server.alive(), server.logs()
     assert server.status() == 200, f"the app stopped serving after the error.\n{server.logs()}"
     # and the same page still works
-    _pick_example(page, EX_DIAMOND[0])
+    _pick_example(page, EX_A[0])
     _run_reasoning(page, server, screenshots, "run after the error")
     _shot(page, screenshots, "21-after-error-result")
+
+
+# --------------------------------------------------------------------------- reading results, keeping runs
+
+
+def _review_shot(target, name: str) -> Path:
+    """A small PNG for review under docs/screenshots/ (page or element; 256 colours)."""
+    from PIL import Image
+
+    REVIEW_SHOTS.mkdir(parents=True, exist_ok=True)
+    path = REVIEW_SHOTS / f"{name}.png"
+    target.screenshot(path=str(path))
+    img = Image.open(path).convert("RGB")
+    if img.width > 1400:
+        img = img.resize((1400, round(img.height * 1400 / img.width)))
+    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+_SPAN_VIEW_JS = """() => {
+  const el = document.querySelector('#reason-span-view .js-plotly-plot');
+  return !!el && !!el._fullData && el._fullData.some(t => t.type === 'heatmap' && t.showscale !== false)
+         && !!el.querySelector('.colorbar');
+}"""
+
+_PICKED_JS = """(n) => {
+  const i = document.querySelector('#reason-span-pick input');
+  return !!i && i.value.startsWith(n + ':');
+}"""
+
+
+def _download(page, sel: str, timeout_ms: int = 120_000) -> bytes:
+    """The file a gr.File output offers: wait for its link, fetch it with the page's cookies."""
+    page.wait_for_selector(f"{sel} a[href]", state="attached", timeout=timeout_ms)
+    href = page.locator(f"{sel} a[href]").first.get_attribute("href")
+    resp = page.request.get(href if href.startswith("http") else page.url.rstrip("/") + "/" + href.lstrip("/"))
+    assert resp.ok, (href, resp.status)
+    return resp.body()
+
+
+def test_span_view_sentence_click_hover_and_compare(page, server, screenshots):
+    _review_shot(page, "first-minute-page")
+    _tab(page, "Reasoning")
+    _pick_example(page, EX_A[0])
+    _run_reasoning(page, server, screenshots, "span view")
+    _wait(page, server, screenshots, "the large span view with a colour bar", _SPAN_VIEW_JS, show=_REASON_SHOW)
+    _wait(page, server, screenshots, "span 0 selected after the run", _PICKED_JS, 0)
+    # click the second sentence: its span becomes the selected one
+    spans = page.locator("#reason-text .token.highlighted")
+    assert spans.count() >= 2, _text(page, "#reason-text")
+    spans.nth(1).click()
+    _wait(page, server, screenshots, "span 1 selected by a click on its sentence", _PICKED_JS, 1)
+    assert "Span 1" in _text(page, "#reason-span-info")
+    # hover the middle of the image: plotly shows the region and its score
+    box = page.locator("#reason-span-view .nsewdrag").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    _wait(
+        page,
+        server,
+        screenshots,
+        "a hover label with the region's score",
+        "() => /region \\d+[\\s\\S]*score/"
+        ".test(document.querySelector('#reason-span-view .hoverlayer')?.textContent || '')",
+        timeout_ms=30_000,
+    )
+    _review_shot(page.locator("#reason-span-view").locator(".."), "span-view")
+    page.locator("#reason-scale label", has_text="per span").click()
+    _wait(
+        page,
+        server,
+        screenshots,
+        "the per-span scale",
+        f"() => /own range/.test(({_TEXT_JS})('#reason-span-info') || '')",
+        timeout_ms=60_000,
+    )
+    # compare view: vSTREAM and raw attention are there, occlusion on demand
+    page.locator("#reason-compare-box").get_by_text("Compare methods for the selected span").click()
+    page.locator("#reason-occlusion").click()
+    _wait(
+        page,
+        server,
+        screenshots,
+        "three methods in the compare view",
+        "() => document.querySelectorAll('#reason-compare img').length >= 3",
+        show=("#reason-compare-table", "#reason-status"),
+    )
+    table = _text(page, "#reason-compare-table")
+    for m in ("vstream", "raw_attention", "occlusion"):
+        assert m in table, table
+    _review_shot(page.locator("#reason-compare-box"), "compare-view")
+
+
+def test_save_reopen_annotate_and_offline_report(browser, page, server, screenshots, tmp_path):
+    _tab(page, "Reasoning")
+    _pick_example(page, EX_B[0])
+    _run_reasoning(page, server, screenshots, "run to keep")
+    page.locator("#reason-save").click()
+    saved = _download(page, "#reason-file")
+    run = json.loads(saved)
+    assert run["format"] == "vstream-run" and run["spans"] and run["image"]["png_base64"]
+    (tmp_path / "run.json").write_bytes(saved)
+    page.locator("#reason-report").click()
+    _wait(
+        page,
+        server,
+        screenshots,
+        "the report link",
+        "() => [...document.querySelectorAll('#reason-file a[href]')].some(a => /report-.*\\.html/.test(a.href))",
+    )
+    href = next(
+        a.get_attribute("href")
+        for a in page.locator("#reason-file a[href]").all()
+        if "report-" in (a.get_attribute("href") or "")
+    )
+    report = page.request.get(href if href.startswith("http") else server.url + href.lstrip("/")).body()
+    (tmp_path / "report.html").write_bytes(report)
+
+    # the report, offline: every request other than the file itself is refused
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    try:
+        ctx.route("**/*", lambda route: route.abort() if route.request.url.startswith("http") else route.continue_())
+        rp = ctx.new_page()
+        rp.goto((tmp_path / "report.html").as_uri())
+        rp.wait_for_function(
+            "() => { const el = document.querySelector('#reliance-path');"
+            " return !!el && !!el._fullData && el._fullData.some(t => t.type === 'scatter3d'); }",
+            timeout=60_000,
+        )
+        n_img = rp.evaluate("() => [...document.images].filter(i => i.complete && i.naturalWidth > 0).length")
+        assert n_img == len(run["spans"]), n_img
+        _review_shot(rp, "report")
+    finally:
+        ctx.close()
+
+    # a fresh session (another browser) reopens the file and annotates it
+    ctx, other = _open(browser, server)
+    try:
+        _tab(other, "Reasoning")
+        other.locator("#reason-open input[type=file]").set_input_files(str(tmp_path / "run.json"))
+        _wait(
+            other,
+            server,
+            screenshots,
+            "the reopened run",
+            f"() => /opened from a file/.test(({_TEXT_JS})('#reason-status') || '')",
+            show=("#reason-status",),
+        )
+        _wait(other, server, screenshots, "its heatmaps", _HEATMAPS_JS, len(run["spans"]))
+        _wait(other, server, screenshots, "its span view", _SPAN_VIEW_JS)
+        _tab(other, "Annotation")
+        _wait(
+            other,
+            server,
+            screenshots,
+            "the reopened run offered for annotation",
+            f"(rid) => ((({_TEXT_JS})('#annot-run')) || '').includes(rid)",
+            run["run_id"],
+        )
+        _fill(other, "#annot-name", "reviewer")
+        other.locator("#annot-verdict label", has_text="grounded").click()
+        other.locator("#annot-save").click()
+        _wait(
+            other,
+            server,
+            screenshots,
+            "the verdict saved for the reopened run",
+            f"(rid) => ((({_TEXT_JS})('#annot-status')) || '').includes('of run ' + rid)",
+            run["run_id"],
+            show=("#annot-status",),
+        )
+        _review_shot(other, "reopened-run-annotation")
+    finally:
+        ctx.close()
+
+
+def test_video_steps_frame_and_clean_text(page, server, screenshots):
+    _tab(page, "Video")
+    page.wait_for_selector("#video-file", state="visible")
+    _pick_video(page, SAMPLE_VIDEO)
+    page.locator("#video-run").click()
+    _wait(
+        page,
+        server,
+        screenshots,
+        "the frame being seen",
+        "() => !!document.querySelector('#video-frame img[src]')",
+        show=("#video-status", "#video-steps"),
+    )
+    _wait(
+        page,
+        server,
+        screenshots,
+        "a reasoning step with its stream time",
+        f"() => /said at[\\s\\S]*\\n\\s*1\\s*\\n\\s*\\d+(\\.\\d+)?\\s*\\n/.test(({_TEXT_JS})('#video-steps') || '')",
+        show=("#video-status", "#video-steps"),
+    )
+    _review_shot(page, "video-timeline-running")
+    _wait(
+        page,
+        server,
+        screenshots,
+        "the video run to finish",
+        f"() => /^(Done|Stopped)/.test((({_TEXT_JS})('#video-status') || '').trim())",
+        show=("#video-status", "#video-steps"),
+    )
+    for sel in ("#video-text", "#video-steps", "#video-status"):
+        assert "<|" not in _text(page, sel), (sel, _text(page, sel))
+    _review_shot(
+        page.locator("#video-steps").locator("xpath=ancestor::div[contains(@class,'column')][1]"), "video-timeline"
+    )
+
+
+def test_model_menu_offers_only_the_servers_list(page, server, screenshots):
+    _tab(page, "Reasoning")
+    box = page.locator("#reason-model input").first
+    box.click()
+    page.wait_for_selector(".options li.item", timeout=30_000)
+    options = [t.replace("✓", "").strip() for t in page.locator(".options li.item").all_inner_texts()]
+    assert options and all(o.startswith("assets/") for o in options), options
+    box.fill("/etc")
+    page.keyboard.press("Enter")
+    page.locator("#reason-question").click()  # leave the menu: a value not on the list does not stay
+    time.sleep(1.0)
+    assert box.input_value() in options, box.input_value()

@@ -31,6 +31,7 @@ from vstream.model import VLM, VLMError, load_vlm, normalize_image_with_size
 from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, EXAMPLES_DIR, TAYS_MODEL_DIR
 
 MAX_QUESTION_CHARS = 2000
+MIN_DRAW_SIDE = 448  # pictures of smaller images are drawn enlarged (see RunView.refresh_regions)
 ImageInput = str | Path | Image.Image | np.ndarray  # what an image field or an API client sends
 N = TypeVar("N", int, float)
 _load_lock = threading.Lock()
@@ -227,6 +228,8 @@ class RunView:
         self.centres: np.ndarray | None = None
         self.out_dir: Path | None = None  # overlay PNGs (the gallery serves files)
         self._files: dict[tuple[int, str, bool], str] = {}
+        self.size: tuple[int, int] = (0, 0)  # (w, h) the pictures are drawn at
+        self._base: Image.Image | None = None
         if record.regions is not None:
             self.refresh_regions()
 
@@ -241,10 +244,17 @@ class RunView:
             self.refresh_regions()
 
     def refresh_regions(self) -> None:
+        """Region maps at the drawing size: the image's own, enlarged by a whole factor (up to 4)
+        while its long side is under MIN_DRAW_SIDE, so small images get readable outlines and
+        rank labels."""
         rec = self.record
-        self.pixel_labels = rec.pixel_labels()
-        self.outlines = rec.regions.outlines(rec.image_size or None)
+        w, h = rec.image_size if rec.image_size and rec.image_size[0] else rec.image.size
+        f = max(1, min(4, MIN_DRAW_SIDE // max(w, h)))
+        self.size = (w * f, h * f)
+        self.pixel_labels = rec.regions.pixel_labels(self.size)
+        self.outlines = rec.regions.outlines(self.size)
         self.centres = figures.region_centres(self.pixel_labels, rec.k)
+        self._base = rec.image.convert("RGB").resize(self.size, Image.Resampling.LANCZOS)
 
     def title(self) -> str:
         """How the run is named in menus: id, question, and whether it was reopened."""
@@ -275,7 +285,7 @@ class RunView:
         scores = rec.span_scores(i, method)
         top = rec.spans[i].top_regions if method in (None, rec.method) else _top(scores)
         return figures.overlay(
-            rec.image,
+            self._base if self._base is not None else rec.image,
             scores[self.pixel_labels],
             self.outlines,
             top[:3],
@@ -327,8 +337,8 @@ class RunView:
         )
 
     def point_at(self, x: float, y: float) -> tuple[float, float]:
-        """An annotator's click in overlay pixels as (x, y) in [0, 1]. The overlay is drawn at the
-        image's original size, which is the heatmaps' size."""
+        """An annotator's click in overlay pixels as (x, y) in [0, 1] (the overlay is drawn at
+        `size`, the size of `pixel_labels`)."""
         img = self.record.image
         h, w = self.pixel_labels.shape if self.pixel_labels is not None else (img.height, img.width)
         return min(1.0, max(0.0, x / w)), min(1.0, max(0.0, y / h))

@@ -9,9 +9,9 @@ offline, by someone without the explorer; nothing in it loads from the network.
 from __future__ import annotations
 
 import html
-import json
 
 from ui import figures
+from ui.explorer import RunView
 from vstream.attr.record import RunRecord
 
 
@@ -25,27 +25,25 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 .span { display: flex; gap: 1.5em; align-items: flex-start; margin: 1.2em 0; border-top: 1px solid #eee;
         padding-top: 1em; }
-.span img { max-width: 420px; image-rendering: auto; }
+.span img { max-width: 520px; }
 .trace { white-space: pre-wrap; background: #f7f7f7; padding: 0.8em; border-radius: 4px; }
 .meta td:first-child { color: #555; }
 code { font-size: 0.92em; }
 """
 
 
-def span_png(run: RunRecord, i: int, scale: tuple[float, float], method: str | None = None) -> str:
-    """Span i's overlay with its colour bar as a data: URI."""
-    lab = run.pixel_labels()
-    scores = run.span_scores(i, method)
-    outlines = run.regions.outlines(run.image_size or None) if run.regions is not None else None
-    centres = figures.region_centres(lab, run.k)
-    top = [int(r) for r in (-scores).argsort(kind="stable")[:3]]
-    img = figures.overlay(run.image, scores[lab], outlines, top, centres, scale=scale)
-    return figures.png_data_uri(figures.with_colorbar(img, scale))
+def span_png(view: RunView, i: int, scale: tuple[float, float]) -> str:
+    """Span i's overlay (drawn as the page draws it) with its colour bar, as a data: URI."""
+    return figures.png_data_uri(figures.with_colorbar(view.overlay(i), scale))
+
+
+_ESTIMATOR_KEYS = ("model", "model_type", "created", "trained_examples", "weights_sha1", "backbone")
 
 
 def report_html(run: RunRecord) -> str:
     """The whole report; plotly.js is inlined (about 4.7 MB) so the page works offline."""
-    scale = figures.span_scale([s.scores for s in run.spans], 0, shared=True) if run.spans else (0.0, 1.0)
+    view = RunView(run)
+    scale = view.scale(0, shared=True) if run.spans else (0.0, 1.0)
     ident = run.model_identity or {}
     est = run.estimator or {}
     meta_rows = [
@@ -56,7 +54,11 @@ def report_html(run: RunRecord) -> str:
             f"{run.model} ({ident.get('model', '?')}, {ident.get('model_type', '?')}, "
             f"{ident.get('num_layers', '?')} layers x {ident.get('num_heads', '?')} heads)",
         ),
-        ("estimator", f"{est.get('kind', '?')} {json.dumps(est.get('meta', {}), sort_keys=True)[:400]}"),
+        (
+            "estimator",
+            f"{est.get('kind', '?')} "
+            + ", ".join(f"{k} {v}" for k, v in (est.get("meta") or {}).items() if k in _ESTIMATOR_KEYS),
+        ),
         ("method shown", run.method),
         ("image", run.image_ref),
         ("regions", run.k),
@@ -88,7 +90,7 @@ def report_html(run: RunRecord) -> str:
             for m, v in s.methods.items()
         )
         parts.append(
-            f"<div class='span' id='span-{i}'><img alt='span {i} heatmap' src='{span_png(run, i, scale)}'>"
+            f"<div class='span' id='span-{i}'><img alt='span {i} heatmap' src='{span_png(view, i, scale)}'>"
             f"<div><p><b>Span {i}</b> [{_esc(s.kind)}] {_esc(s.text)}</p><p>Top regions: {_esc(top)}; "
             f"heatmap ready {s.latency_ms:.1f} ms after the sentence closed.</p>"
             f"<table><tr><th>method</th><th>time</th><th>top 3 regions</th></tr>{methods}</table>"
