@@ -4,6 +4,8 @@
     python -m tays memory --json [--long 3600] [--short 300] [--window 8]
     python -m tays data [--annotations FILE.json | --shapes N] [--out trajectories.jsonl]
     python -m tays train --paradigm {tays,batch,interleaved} --steps N --minutes M --out DIR
+    python -m tays attribute-eval --json [--n 100] [--estimator FILE] [--workers W]
+    python -m tays attribute-labels [--n 60] --out runs/video-labels; python -m tays train-attribution
     python -m tays evaluate --json [--n 200] [--tays DIR] [--batch DIR] [--interleaved DIR] [--speed S]
 
 Each command parses its options here and calls its library function (`tays.bench`, `tays.data`,
@@ -290,6 +292,115 @@ def evaluate_command(argv: list[str]) -> int:
     return 0
 
 
+DEFAULT_VIDEO_ESTIMATOR = "runs/estimators/video.safetensors"
+STILL_ESTIMATOR = "assets/estimator-demo.safetensors"
+
+
+def _attr_args(ap: argparse.ArgumentParser, n: int, split: str) -> None:
+    ap.add_argument("--model", default=None, help=f"TaYS model folder (default {DEFAULT_MODEL})")
+    ap.add_argument("--n", type=int, default=n, help="streams to replay")
+    ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
+    ap.add_argument("--split", default=split, choices=("train", "val", "heldout"))
+    ap.add_argument("--fps", type=float, default=2.0)
+    ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time)")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--masks", type=int, default=16, help="random region ablations per stream (LDS, labels)")
+    ap.add_argument("--batch", type=int, default=16, help="teacher-forced sequences per forward")
+    ap.add_argument("--workers", type=int, default=1, help="processes replaying streams at once (share the CPU)")
+
+
+def attribute_eval_command(argv: list[str]) -> int:
+    from tays.watch_eval import evaluate_streams
+
+    ap = argparse.ArgumentParser(
+        prog="python -m tays attribute-eval",
+        description="attribution while watching on held-out streams: temporal and spatial pointing, LDS "
+        "against measured ablations (vstream, raw attention, occlusion), chance, decode overhead",
+    )
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    _attr_args(ap, 100, "heldout")
+    ap.add_argument(
+        "--estimator",
+        default=None,
+        help=f"estimator file (default {DEFAULT_VIDEO_ESTIMATOR} if it exists, else the still-image {STILL_ESTIMATOR})",
+    )
+    ap.add_argument("--overhead-streams", type=int, default=10, help="streams also replayed without attribution")
+    ap.add_argument("--occlusion-streams", type=int, default=None, help="streams given the occlusion baseline (all)")
+    args = ap.parse_args(argv)
+    est = args.estimator or (DEFAULT_VIDEO_ESTIMATOR if Path(DEFAULT_VIDEO_ESTIMATOR).is_file() else STILL_ESTIMATOR)
+    res = evaluate_streams(
+        args.model or DEFAULT_MODEL,
+        est,
+        n=args.n,
+        start=args.start,
+        split=args.split,
+        overhead_streams=args.overhead_streams,
+        occlusion_streams=args.occlusion_streams,
+        workers=args.workers,
+        fps=args.fps,
+        speed=args.speed,
+        max_new_tokens=args.max_new_tokens,
+        masks=args.masks,
+        batch=args.batch,
+    )
+    _print_json(res, args.json)
+    return 0
+
+
+def attribute_labels_command(argv: list[str]) -> int:
+    from tays.watch_eval import evaluate_streams
+
+    ap = argparse.ArgumentParser(
+        prog="python -m tays attribute-labels",
+        description="video attribution labels: replay training streams with capture, then measure random "
+        "region ablations of chosen frame groups, teacher-forced on the generated trajectory",
+    )
+    _attr_args(ap, 60, "train")
+    ap.add_argument("--out", default="runs/video-labels", help="folder for video-labels-SEED.safetensors")
+    args = ap.parse_args(argv)
+    res = evaluate_streams(
+        args.model or DEFAULT_MODEL,
+        None,
+        n=args.n,
+        start=args.start,
+        split=args.split,
+        overhead_streams=0,
+        occlusion_streams=0,
+        workers=args.workers,
+        labels_out=args.out,
+        fps=args.fps,
+        speed=args.speed,
+        max_new_tokens=args.max_new_tokens,
+        masks=args.masks,
+        batch=args.batch,
+    )
+    print(json.dumps({"labels": args.out, "streams": res["streams"], "spans": res["lds_spans"]}))
+    return 0
+
+
+def train_attribution_command(argv: list[str]) -> int:
+    from tays.watch_eval import train_video_estimator
+    from vstream.model import load_vlm
+
+    ap = argparse.ArgumentParser(
+        prog="python -m tays train-attribution",
+        description="train the vSTREAM estimator on video labels (python -m tays attribute-labels)",
+    )
+    ap.add_argument("--labels", nargs="+", default=["runs/video-labels"])
+    ap.add_argument("--model", default=None, help=f"TaYS model folder (default {DEFAULT_MODEL})")
+    ap.add_argument("--out", default=DEFAULT_VIDEO_ESTIMATOR)
+    ap.add_argument("--epochs", type=int, default=200)
+    args = ap.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    vlm = load_vlm(args.model or DEFAULT_MODEL)
+    try:
+        _, report = train_video_estimator(args.labels, args.out, vlm, epochs=args.epochs, progress=False)
+    except VLMError as e:
+        raise SystemExit(f"train-attribution: {e}") from None
+    print(json.dumps(finite_json({"out": args.out, **{k: v for k, v in report.items() if k != "heldout"}})))
+    return 0
+
+
 COMMANDS = {
     "bench": (bench_command, "TTFT / delay / throughput of batch, interleaved and TaYS at several FPS"),
     "data": (data_command, "build streaming CoT trajectories (shapes world or VideoEspresso JSON), count skips"),
@@ -298,6 +409,12 @@ COMMANDS = {
         evaluate_command,
         "accuracy, event deviation, TTFT and delay of the trained paradigms on held-out streams",
     ),
+    "attribute-eval": (
+        attribute_eval_command,
+        "attribution while watching: temporal / spatial pointing, LDS, chance, overhead on held-out streams",
+    ),
+    "attribute-labels": (attribute_labels_command, "video attribution labels (ablations) on training streams"),
+    "train-attribution": (train_attribution_command, "train the attribution estimator on video labels"),
     "memory": (memory_command, "peak memory of a one-hour vs a five-minute sped-up stream with a visual window"),
     "memory-run": (memory_run_command, "one memory measurement in this process (used by `memory`)"),
 }

@@ -53,10 +53,10 @@ class AttentionRow:
 
 
 class _Call:
-    __slots__ = ("view", "text_keys", "text_len", "queries")
+    __slots__ = ("view", "text_keys", "text_len", "ids", "queries")
 
-    def __init__(self, view: VideoView, text_keys: Sequence[torch.Tensor], text_len: int, layers: int):
-        self.view, self.text_keys, self.text_len = view, tuple(text_keys), int(text_len)
+    def __init__(self, view: VideoView, text_keys: Sequence[torch.Tensor], text_len: int, ids: list[int], layers: int):
+        self.view, self.text_keys, self.text_len, self.ids = view, tuple(text_keys), int(text_len), ids
         self.queries: list[torch.Tensor | None] = [None] * layers
 
 
@@ -92,9 +92,12 @@ class StreamRecorder:
         return cls(len(dec.layers), float(dec.layers[0].self_attn.scaling), engine.vlm.temporal_patch_size)
 
     # -- producer side (decoding thread; references only) -------------------------------------
-    def begin_call(self, view: VideoView, text_keys: Sequence[torch.Tensor], text_len: int) -> None:
-        """A decode call starts: it reads `view` and text keys [0, text_len) (its own included)."""
-        self._cur = _Call(view, text_keys, text_len, self.num_layers)
+    def begin_call(
+        self, view: VideoView, text_keys: Sequence[torch.Tensor], text_len: int, ids: Sequence[int] = ()
+    ) -> None:
+        """A decode call feeding token `ids` starts: it reads `view` and text keys [0, text_len)
+        (its own included)."""
+        self._cur = _Call(view, text_keys, text_len, list(ids), self.num_layers)
 
     def record_query(self, layer: int, q: torch.Tensor) -> None:
         """`tays.decoder.Probe`: one layer's (1, H, n, D) queries of the current call."""
@@ -116,6 +119,10 @@ class StreamRecorder:
     def n_calls(self) -> int:
         """Decode calls recorded so far (call i's row is `row(i)`)."""
         return len(self._calls)
+
+    def fed_ids(self, call: int) -> list[int]:
+        """The token ids a decode call fed (teacher forcing the trajectory replays them)."""
+        return list(self._calls[call].ids)
 
     def take_frame(self, group: int) -> tuple[Any, float] | None:
         """(frame, stream time) of a frame group's last frame, forgotten here once taken."""

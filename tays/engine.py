@@ -432,7 +432,7 @@ class StreamingEngine:
             rec = self._recorder
             probe = None
             if rec is not None:
-                rec.begin_call(view, text.keys, T + n)
+                rec.begin_call(view, text.keys, T + n, ids)
                 probe = rec.record_query
             logits = self.decoder.run(h, pos, context, text.put, need_logits=True, probe=probe)[0].float()
             text.advance(n)

@@ -52,7 +52,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -70,6 +70,7 @@ from vstream.model import END_OF_STEP, THINK_CLOSE, THINK_OPEN, VLM, Incremental
 
 __all__ = [
     "CausalSequence",
+    "RunObserver",
     "run_paradigm",
 ]
 
@@ -198,6 +199,7 @@ class _Writer:
         self.logits: torch.Tensor | None = None
         self.seen, self.seen_time = 0, -math.inf
         self.after_first_token: Callable[[], Any] | None = None  # called once, after the first token
+        self.on_step: Callable[[StepRecord], Any] | None = None  # called when a reasoning step closes
 
     def feed(self, ids: list[int], produces: bool = True) -> None:
         a = _now()
@@ -257,6 +259,8 @@ class _Writer:
             closed,
         )
         self.res.steps.append(s)
+        if self.on_step is not None:
+            self.on_step(s)
         return s
 
     def answer(self) -> None:
@@ -536,6 +540,9 @@ def _last_text(eng: StreamingEngine):
 
 def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
     eng = StreamingEngine(vlm, visual_window=kw["visual_window"], fps=res.fps)
+    observer = kw.get("observer")
+    if observer is not None:
+        observer.attach(eng, t0)
     tp = vlm.temporal_patch_size
     sink = _TaysSink(eng, stop, kw["max_backlog"], tp)
     feed = _Feed(source, res, t0, stop, sink.on_frame, sink.on_end)
@@ -547,6 +554,8 @@ def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
         return logits, s.frames_seen, s.time
 
     w = _writer(vlm, res, t0, forward, kw, kw["reasoning_budget"], stopped)  # question-independent set-up
+    if observer is not None:
+        w.on_step = observer.on_step
     feed.start()
     try:
         _sleep_until(t0 + kw["question_at"], stopped)
@@ -586,6 +595,8 @@ def _run_tays(vlm, source, res, t0, stop, stopped, question, kw) -> None:
         _tays_groups(eng, sink, res, t0)
         res.video_capacity_max = max(res.video_capacity_max, sink.capacity_max)
         _mark_ingesting(res)
+        if observer is not None:
+            observer.finish(eng)
 
 
 def _tays_groups(eng: StreamingEngine, sink: _TaysSink, res: RunResult, t0: float) -> None:
@@ -635,6 +646,34 @@ def _writer(vlm, res, t0, forward, kw, budget, stopped) -> _Writer:
     )
 
 
+class RunObserver(Protocol):
+    """Watches one TaYS run from inside (all calls but `attach` come from the decoding thread,
+    so they must be quick: hand work to another thread)."""
+
+    def attach(self, engine: StreamingEngine, t0: float) -> None:
+        """The engine is built (not started); t0: the run's stream-start clock reading."""
+
+    def on_token(self, rec: TokenRecord) -> None:
+        """A token was picked (the engine's last decode call produced it)."""
+
+    def on_step(self, step: StepRecord) -> None:
+        """A reasoning step closed (its tokens were the last `step.n_tokens` on_token calls)."""
+
+    def finish(self, engine: StreamingEngine) -> None:
+        """The run is over and the engine stopped (also after an error or a stop)."""
+
+
+def _both(first: Callable[[TokenRecord], Any], second: Callable[[TokenRecord], Any] | None):
+    if second is None:
+        return first
+
+    def call(rec: TokenRecord) -> None:
+        first(rec)
+        second(rec)
+
+    return call
+
+
 _RUNNERS = {"batch": _run_batch, "interleaved": _run_interleaved, "tays": _run_tays}
 
 
@@ -657,6 +696,7 @@ def run_paradigm(
     stop_event: threading.Event | None = None,
     period_ends_step: bool = True,
     model_ends_reasoning: bool = False,
+    observer: RunObserver | None = None,
 ) -> RunResult:
     """Play `source` from now (stream start) and reason over it with `paradigm` (see the module
     docstring). Returns the RunResult with its metrics (`tays.metrics.compute_metrics`).
@@ -672,6 +712,8 @@ def run_paradigm(
     trained to close every sentence with ``<|eot|>`` (`tays.train`). model_ends_reasoning: True:
     when the model's top choice at the start of a step is eos or "</think>", reasoning ends there
     (the answer follows at the end of the stream); the default leaves that to the protocol.
+    observer: TaYS only, watches the engine while it runs (`RunObserver`; attribution while
+    watching, `tays.watch`).
     """
     if paradigm not in _RUNNERS:
         raise ValueError(f"unknown paradigm {paradigm!r}; choose from {', '.join(PARADIGMS)}")
@@ -683,6 +725,8 @@ def run_paradigm(
         question = getattr(source, "question", None)
         if question is None:
             raise ValueError("run_paradigm needs a question (this source carries none)")
+    if observer is not None and paradigm != "tays":
+        raise ValueError("an observer watches the TaYS engine: paradigm must be 'tays'")
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     answer_tokens = max(1, min(int(answer_tokens), int(max_new_tokens)))
@@ -697,7 +741,8 @@ def run_paradigm(
         answer_prefix_ids=vlm.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else [],
         reasoning_budget=int(max_new_tokens) - answer_tokens,
         max_backlog=max_backlog,
-        on_token=on_token,
+        on_token=on_token if observer is None else _both(observer.on_token, on_token),
+        observer=observer,
         period_ends_step=bool(period_ends_step),
         model_ends_reasoning=bool(model_ends_reasoning),
     )
