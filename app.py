@@ -61,6 +61,7 @@ VIDEO_MAX_NEW_TOKENS = 160  # as `python -m tays evaluate`: a step per frame gro
 WEBCAM_IDLE_S = 5.0  # a webcam that sends nothing for this long ends the stream
 DEFAULT_ANNOTATIONS = "annotations/annotations.db"
 DEFAULT_RUNS_DIR = "runs"
+MAX_UPLOAD = "200mb"  # one uploaded file (image, video, run, estimator); Gradio refuses bigger ones
 SESSION_RUNS = 12  # runs one tab keeps in memory (live and reopened); the oldest is dropped
 _TOKEN_YIELD_S = 0.1  # stream text to the page at most this often (span events always go at once)
 
@@ -83,6 +84,8 @@ class Serving:
     files: SavedFiles = field(default_factory=lambda: SavedFiles(Path(DEFAULT_RUNS_DIR)))
     admin: str | None = None
     logins: bool = False
+    annotations_per_session: int = 2000
+    annotations_max_bytes: int = 1024 * 1024 * 1024
 
 
 SERVING = Serving()
@@ -1357,6 +1360,13 @@ def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[...,
             raise VLMError(f"span {i} does not exist (this run has {len(run.spans)})")
         if not verdict:
             raise VLMError("Pick a verdict: grounded, wrong region or not visual.")
+        if len(st.annotation_ids) >= SERVING.annotations_per_session:
+            raise VLMError(
+                f"This session has saved {SERVING.annotations_per_session} verdicts, the most this server allows "
+                "per session: open the page again to go on."
+            )
+        if _store_bytes(db_path) >= SERVING.annotations_max_bytes:
+            raise VLMError("The annotation store is full: ask the operator to export and archive it.")
         point = st.point
         region = run.region_at(point) if point else None
         rid = shared_store(db_path).add(
@@ -1400,6 +1410,15 @@ def annotation_handlers(db_path: str) -> tuple[Callable[..., Any], Callable[...,
         return str(out)
 
     return annotate, show_records, export
+
+
+def _store_bytes(db_path: str) -> int:
+    """The annotation store's size on disk, its write-ahead log included."""
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(db_path + suffix)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1538,6 +1557,7 @@ def main(argv: list[str] | None = None) -> None:
             auth=auth,
             auth_message="Log in with the account you were given." if auth else None,
             css=CSS,
+            max_file_size=MAX_UPLOAD,
         )
     except KeyboardInterrupt:
         pass

@@ -152,6 +152,7 @@ def server(tmp_path_factory) -> Server:
     env.pop("GRADIO_SERVER_PORT", None)
     env["VSTREAM_ANNOTATIONS"] = str(logs / "annotations.db")  # nothing written into the checkout
     env["VSTREAM_RUNS_DIR"] = str(logs / "runs")
+    env["VSTREAM_FILES_PER_SESSION"] = "3"  # low enough for a test to hit it through the page
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(
             [sys.executable, str(APP), "--port", str(port)],
@@ -577,6 +578,27 @@ def test_save_reopen_annotate_and_offline_report(browser, page, server, screensh
     )
     report = page.request.get(href if href.startswith("http") else server.url + href.lstrip("/")).body()
     (tmp_path / "report.html").write_bytes(report)
+    # the server runs with 3 saved files per session: the third save works, the fourth is refused
+    page.locator("#reason-save").click()
+    _wait(
+        page,
+        server,
+        screenshots,
+        "the third saved file",
+        f"() => ((({_TEXT_JS})('#reason-status')) || '').includes('Saved run')",
+    )
+    page.locator("#reason-save").click()
+    _wait(
+        page,
+        server,
+        screenshots,
+        "the per-session cap, said in the page",
+        f"""() => {{
+            const toast = [...document.querySelectorAll('[data-testid=toast-body]')].map(t => t.innerText).join(' ');
+            return /per session/.test(toast + ((({_TEXT_JS})('#reason-status')) || ''));
+        }}""",
+        timeout_ms=60_000,
+    )
 
     # the report, offline: every request other than the file itself is refused
     ctx = browser.new_context(viewport={"width": 1200, "height": 900})

@@ -211,3 +211,16 @@ def test_cli_refuses_an_admin_without_login():
 
     with pytest.raises(SystemExit, match="--admin"):
         app.main(["--admin", "boss", "--port", "1"])
+
+
+def test_annotation_caps(annot, monkeypatch):
+    app, annotate, show, export, a, b = annot
+    monkeypatch.setattr(app.SERVING, "annotations_per_session", 2)
+    annotate("alice", 0, "grounded", "", a, _req())
+    annotate("alice", 0, "not_visual", "", a, _req())
+    with pytest.raises(Exception, match="per session"):
+        annotate("alice", 0, "grounded", "", a, _req())
+    monkeypatch.setattr(app.SERVING, "annotations_max_bytes", 1)
+    with pytest.raises(Exception, match="store is full"):
+        annotate("bob", 0, "grounded", "", b, _req())
+    assert [r[0] for r in show("", b, _req())] == []  # nothing was written for bob
