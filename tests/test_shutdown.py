@@ -134,3 +134,25 @@ def test_stop_mid_video_is_clean_and_restart_keeps_annotations(tmp_path, sig):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_ingestion_server_exits_quietly_when_its_parent_hangs_up_mid_request():
+    """The app stopping while the ingestion server answers (a load, a spawn): its reply meets a
+    closed socket. The server must end without a BrokenPipeError traceback."""
+    import pickle
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tays.server", str(b.fileno())],
+        pass_fds=[b.fileno()],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    b.close()
+    a.send(pickle.dumps({"op": "ping"}))
+    a.close()  # gone before the answer
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode(errors="replace")[-2000:]
