@@ -38,6 +38,7 @@ from PIL import Image
 
 from tays import PushSource, StreamError, TokenRecord, VideoFileSource, run_options, run_paradigm
 from tays.ipc import shutdown_server
+from tays.watch import StreamAttributor
 from ui import explorer as ex
 from ui import figures, readouts
 from ui import video as vid
@@ -199,6 +200,7 @@ class Session:
         self.annotation_ids: list[int] = []  # rows this session saved (what it may export without logins)
         self.video_stop: threading.Event | None = None
         self.push: PushSource | None = None  # fed by the webcam
+        self.video_watch: vid.WatchLog | None = None  # attribution of the latest video run
         self.lab_examples: list[LabeledExample] = []
         self.lab_model: str = ""
         self.lab_estimator: LinearEstimator | None = None
@@ -784,6 +786,12 @@ def video_tab(state: gr.State, policy: ModelPolicy, video_model: str, model_limi
                     v_frame = gr.Image(
                         label="The frame the model is seeing", interactive=False, height=220, elem_id="video-frame"
                     )
+                    v_heat = gr.Image(
+                        label="Heatmap of the latest step on that frame",
+                        interactive=False,
+                        height=220,
+                        elem_id="video-heatmap",
+                    )
                     with gr.Column():
                         v_ttft = gr.Markdown("**TTFT** –", elem_id="video-ttft")
                         v_delay = gr.Markdown("**Delay** –", elem_id="video-delay")
@@ -796,6 +804,15 @@ def video_tab(state: gr.State, policy: ModelPolicy, video_model: str, model_limi
                     elem_id="video-steps",
                 )
                 v_text = gr.Textbox(label="Reasoning (streams while frames arrive)", lines=4, elem_id="video-text")
+                v_timeline = gr.Plot(label="Timeline: frames, steps and what each relied on", elem_id="video-timeline")
+                with gr.Row():
+                    v_attr = gr.Dataframe(
+                        headers=vid.ATTR_HEADERS,
+                        label="Which frame each step relied on (click a step for its heatmap)",
+                        wrap=True,
+                        elem_id="video-attr",
+                    )
+                    v_pick = gr.Image(label="Heatmap of the step clicked", interactive=False, elem_id="video-pick")
                 with gr.Group():
                     v_other = gr.Radio(
                         ["interleaved", "batch"],
@@ -817,12 +834,13 @@ def video_tab(state: gr.State, policy: ModelPolicy, video_model: str, model_limi
     v_ev = v_run.click(
         video_run,
         [v_source, v_file, v_fps, v_question, v_model, state],
-        [state, v_text, v_ttft, v_delay, v_status, v_frame, v_steps],
+        [state, v_text, v_ttft, v_delay, v_status, v_frame, v_steps, v_heat, v_timeline, v_attr],
         api_name="video",
         **model_limit,
     )
     v_ev.failure(_error_status("video"), [state], [v_status], api_visibility="private")
     v_stop.click(stop_video, [state], [v_status], api_name="video_stop", concurrency_limit=None)
+    v_attr.select(video_step_heatmap, [state], [v_pick], api_visibility="private", concurrency_limit=None)
     v_cam.stream(
         push_webcam_frame, [v_cam, state], None, stream_every=0.25, concurrency_limit=None, api_visibility="private"
     )
@@ -856,8 +874,9 @@ def video_run(
     request: gr.Request = None,
 ) -> Iterator[tuple]:
     """Run the TaYS engine on a file or the webcam; stream text, live TTFT / delay, the frame
-    being seen and the steps with their stream times (api_name="video"). Yields (state, text,
-    ttft, delay, status, frame, steps)."""
+    being seen and the steps with their stream times, and attribution while watching (the latest
+    step's heatmap, the timeline, the frame each step relied on; `tays.watch`) (api_name="video").
+    Yields (state, text, ttft, delay, status, frame, steps, heatmap, timeline, attribution rows)."""
     fps = ex.check_fps(fps)
     q = ex.check_question(question)
     with st.job("video"):
@@ -867,6 +886,9 @@ def video_run(
         st.video_stop = stop
         tokens: queue.Queue[TokenRecord] = queue.Queue()
         box: dict[str, Any] = {}
+        estimator, attr_note = vid.video_estimator(vlm)
+        att = StreamAttributor(estimator)
+        wl = st.video_watch = vid.WatchLog(src.events, getattr(src, "speed", 1.0))
 
         def work() -> None:
             try:
@@ -878,6 +900,7 @@ def video_run(
                     max_new_tokens=VIDEO_MAX_NEW_TOKENS,
                     on_token=tokens.put,
                     stop_event=stop,
+                    observer=att,
                     **run_options(vlm),
                 )
             except BaseException as e:  # shown in the status line; the app keeps serving
@@ -900,6 +923,12 @@ def video_run(
                     log.add(rec)
                     first = rec.wall if first is None else first
                     latest = rec.wall
+                n_scored = len(wl.steps)
+                while True:
+                    try:
+                        wl.add(att.events.get_nowait())
+                    except queue.Empty:
+                        break
                 alive = th.is_alive()
                 frame = src.last_frame()
                 new_frame = frame is not None and frame[0] != shown_t
@@ -912,6 +941,7 @@ def video_run(
                     readouts.video_running(fps, kind == "Webcam", time.perf_counter() - t0, shown_t),
                     frame[1] if new_frame else skip,
                     log.rows(),
+                    *(_watch_outputs(wl) if len(wl.steps) != n_scored or not alive else (skip, skip, skip)),
                 )
                 if not alive:
                     break
@@ -926,6 +956,7 @@ def video_run(
                     f"**Error:** {msg}",
                     skip,
                     log.rows(),
+                    *_watch_outputs(wl),
                 )
                 return
             m = res.metrics
@@ -934,15 +965,34 @@ def video_run(
                 log.text(),
                 readouts.ttft_markdown(m.get("ttft_question_s"), 0.0),
                 readouts.delay_markdown(m.get("delay_s"), True),
-                readouts.video_done(res),
+                readouts.video_done(res) + f"; {attr_note}" + (f" ({wl.error})" if wl.error else ""),
                 skip,
                 log.rows(),
+                *_watch_outputs(wl),
             )
         finally:
             stop.set()
             if st.push is not None and kind == "Webcam":
                 st.push.close()
             th.join(10.0)
+
+
+def _watch_outputs(wl: vid.WatchLog) -> tuple[Any, go.Figure, list[list[Any]]]:
+    heat = wl.live_heatmap()
+    return (heat if heat is not None else gr.skip(), wl.timeline(), wl.rows())
+
+
+@handler()
+def video_step_heatmap(st: Session | None, evt: gr.SelectData, request: gr.Request = None) -> Any:
+    """A click on a step row: that step's heatmap on the frame group it relied on most."""
+    wl = st.video_watch
+    if wl is None or evt is None or not wl.rows():
+        return gr.skip()
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    if not 0 <= int(row) < len(wl.steps):
+        return gr.skip()
+    img = wl.heatmap(wl.steps[int(row)].step)
+    return img if img is not None else gr.skip()
 
 
 @handler()

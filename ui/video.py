@@ -1,5 +1,6 @@
 """The Video tab's readouts: reasoning steps with their stream times, text without the model's
-control tokens, and the frame the model is seeing right now.
+control tokens, the frame the model is seeing right now, and attribution while watching (each
+step's heatmap on the frame group it relied on most, the timeline).
 
 Why here: the TaYS engine reports tokens (`tays.TokenRecord`) with the stream time of the newest
 frame group they could see; turning those into a list a person reads, and tapping the source for
@@ -10,15 +11,24 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
 from PIL import Image
 
 from tays import TokenRecord
 from tays.sources import FrameSource
+from tays.watch import GroupSeen, StepScores, WatchDone
+from ui import figures
 from vstream.model import THINK_CLOSE, THINK_OPEN
+from vstream.world.assets import ASSETS, RUNS_DIR
+
+VIDEO_ESTIMATOR = RUNS_DIR / "estimators" / "video.safetensors"  # python -m tays train-attribution
+STILL_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
+ATTR_HEADERS = ["step", "written at (s)", "relied on frame (s)", "best region", "text"]
 
 _SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>")
 STEP_HEADERS = ["step", "stream time (s)", "said at (s)", "text"]
@@ -110,3 +120,143 @@ class TappedSource(FrameSource):
 
     def close(self) -> None:
         self.inner.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# attribution while watching: heatmaps and the timeline
+
+
+def video_estimator(vlm: Any) -> tuple[Any, str]:
+    """The estimator the Video tab scores steps with, and a line saying which: the video-trained
+    one (`python -m tays train-attribution`) when it is there and fits the model, else the
+    still-image estimator applied per frame group, else raw attention."""
+    from vstream.attr.estimator import load
+    from vstream.model import VLMError
+
+    for path, what in ((VIDEO_ESTIMATOR, "video-trained estimator"), (STILL_ESTIMATOR, "still-image estimator")):
+        if Path(path).is_file():
+            try:
+                return load(path, vlm, allow_model_mismatch=True), f"attribution: {what} ({Path(path).name})"
+            except VLMError:
+                continue
+    return None, "attribution: raw attention (no estimator fits this model)"
+
+
+def _first_seen(groups: dict[int, GroupSeen], g: int | None) -> GroupSeen | None:
+    return None if g is None else groups.get(g)
+
+
+class WatchLog:
+    """Attribution events in (`tays.watch`), what the Video tab draws out: the heatmap of a step
+    on the frame group it relied on most, and the timeline. Fed from the app's polling loop."""
+
+    def __init__(self, events: Sequence[Any] | None = None, speed: float = 1.0) -> None:
+        self.groups: dict[int, GroupSeen] = {}
+        self.steps: list[StepScores] = []
+        self.truth = list(events or [])  # ground-truth events (tays.sources.EventTruth) when known
+        self.speed = float(speed)
+        self.error: str | None = None
+
+    def add(self, ev: Any) -> None:
+        if isinstance(ev, GroupSeen):
+            self.groups[ev.index] = ev
+        elif isinstance(ev, StepScores):
+            self.steps.append(ev)
+        elif isinstance(ev, WatchDone) and ev.error:
+            self.error = ev.error
+
+    def heatmap(self, step: int | None = None, group: int | None = None) -> Image.Image | None:
+        """A step's region scores over one frame group it saw (default: its top group), drawn on
+        that group's frame. step None: the latest scored step that saw a frame."""
+        cands = [s for s in self.steps if s.groups]
+        if not cands:
+            return None
+        s = cands[-1] if step is None else next((x for x in cands if x.step == step), None)
+        if s is None:
+            return None
+        g = s.top_group if group is None else group
+        seen = _first_seen(self.groups, g)
+        scores = s.scores_of(g) if g is not None else None
+        if seen is None or scores is None:
+            return None
+        frame = seen.frame if isinstance(seen.frame, Image.Image) else Image.fromarray(np.asarray(seen.frame))
+        frame = frame.convert("RGB")
+        r = seen.regions
+        heat = r.scores_to_heatmap(scores, frame.size)
+        return figures.overlay(frame, heat, outlines=r.outlines(frame.size))
+
+    def live_heatmap(self) -> Image.Image | None:
+        """The latest scored step on the newest frame group it could see (the frame being seen)."""
+        cands = [s for s in self.steps if s.groups]
+        return None if not cands else self.heatmap(cands[-1].step, cands[-1].groups[-1])
+
+    def rows(self) -> list[list[Any]]:
+        """One row per scored step: step, written at (stream s), frame group it relied on most
+        (its stream time), best region there, text."""
+        out = []
+        for s in self.steps:
+            top = s.top_group
+            t_top = "–" if top is None else round(s.group_times[s.groups.index(top)], 2)
+            out.append(
+                [s.step + 1, round(s.end * self.speed, 2), t_top, "–" if top is None else s.top_region, clean(s.text)]
+            )
+        return out
+
+    def timeline(self) -> go.Figure:
+        """x = stream time: frame groups ingested, each step where it was written with a line to
+        the frame group it relied on most, ground-truth events when the source knows them."""
+        fig = go.Figure()
+        gs = sorted(self.groups.values(), key=lambda g: g.index)
+        fig.add_trace(
+            go.Scatter(
+                x=[g.time for g in gs],
+                y=["frames"] * len(gs),
+                mode="markers",
+                marker={"symbol": "square", "size": 9, "color": "#4c78a8"},
+                name="frame groups",
+                text=[f"group {g.index}" for g in gs],
+                hoverinfo="text+x",
+            )
+        )
+        xs, ys, texts, lx, ly = [], [], [], [], []
+        for s in self.steps:
+            t = s.end * self.speed
+            xs.append(t)
+            ys.append("steps")
+            texts.append(f"{s.step + 1}: {clean(s.text) or '(nothing new)'}")
+            if s.top_group is not None:
+                lx += [t, s.group_times[s.groups.index(s.top_group)], None]
+                ly += ["steps", "frames", None]
+        fig.add_trace(go.Scatter(x=lx, y=ly, mode="lines", line={"color": "#bbbbbb", "width": 1}, name="relied on"))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="markers",
+                marker={"size": 10, "color": "#e45756"},
+                name="reasoning steps",
+                text=texts,
+                hoverinfo="text+x",
+                customdata=[s.step for s in self.steps],
+            )
+        )
+        if self.truth:
+            fig.add_trace(
+                go.Scatter(
+                    x=[e.time for e in self.truth],
+                    y=["events"] * len(self.truth),
+                    mode="markers",
+                    marker={"symbol": "diamond", "size": 10, "color": "#54a24b"},
+                    name="events (ground truth)",
+                    text=[e.text for e in self.truth],
+                    hoverinfo="text+x",
+                )
+            )
+        fig.update_layout(
+            height=230,
+            margin={"l": 60, "r": 10, "t": 10, "b": 35},
+            xaxis_title="stream time (s)",
+            yaxis={"categoryorder": "array", "categoryarray": ["events", "frames", "steps"]},
+            legend={"orientation": "h", "y": -0.35},
+        )
+        return fig
