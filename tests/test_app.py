@@ -198,7 +198,7 @@ def test_video_run_reports_ttft_and_rejects_corrupt_video(url, tmp_path):
     with pytest.raises(AppError, match="Upload a video file"):
         client.predict("Video file", None, 2, "How many objects appeared?", "", api_name="/video")
     s = STREAMS[0]
-    text, ttft, delay, status, _frame, steps = client.predict(
+    text, ttft, delay, status, _frame, steps, *_ = client.predict(
         "Video file", handle_file(str(EXAMPLES / s["file"])), 2, s["question"], "", api_name="/video"
     )
     assert "TTFT" in ttft and ttft.rstrip().endswith(" s"), ttft
@@ -298,7 +298,7 @@ def test_webcam_that_stops_ends_the_run_with_a_message(monkeypatch):
     th.start()
     outs += list(gen)
     th.join()
-    _, text, ttft, delay, status, _frame, _steps = outs[-1]
+    _, text, ttft, delay, status, *_ = outs[-1]  # then the frame, steps and attribution views
     assert "stopped early" in status, status
     assert "TTFT" in ttft
     assert not st.video_busy
