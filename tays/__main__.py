@@ -28,6 +28,7 @@ from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_datase
 from tays.metrics import finite_json
 from tays.protocol import PARADIGMS, TRAINED
 from vstream.model import VLMError
+from vstream.world.assets import TAYS_MODEL_DIR
 
 
 def _print_json(out: dict[str, Any], one_line: bool) -> None:
@@ -72,6 +73,13 @@ def bench_command(argv: list[str]) -> int:
         default=None,
         help="instead of the paradigm table: peak memory and decode speed against these trace lengths",
     )
+    ap.add_argument(
+        "--attribute",
+        action="store_true",
+        help="also replay TaYS with attribution while watching at each FPS (tays_attributed): delay, "
+        "decode speed and TTFT against the plain TaYS run",
+    )
+    ap.add_argument("--estimator", default=None, help="estimator for --attribute (as attribute-eval)")
     args = ap.parse_args(argv)
     try:
         if args.lengths:
@@ -102,6 +110,9 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         args.contention_steps,
         args.random_init,
         args.reduced,
+        attribute=args.attribute,
+        estimator=args.estimator
+        or (DEFAULT_VIDEO_ESTIMATOR if Path(DEFAULT_VIDEO_ESTIMATOR).is_file() else STILL_ESTIMATOR),
     )
 
 
@@ -297,7 +308,7 @@ STILL_ESTIMATOR = "assets/estimator-demo.safetensors"
 
 
 def _attr_args(ap: argparse.ArgumentParser, n: int, split: str) -> None:
-    ap.add_argument("--model", default=None, help=f"TaYS model folder (default {DEFAULT_MODEL})")
+    ap.add_argument("--model", default=None, help=f"TaYS model folder (default {TAYS_MODEL_DIR})")
     ap.add_argument("--n", type=int, default=n, help="streams to replay")
     ap.add_argument("--start", type=int, default=0, help="first stream index in the split")
     ap.add_argument("--split", default=split, choices=("train", "val", "heldout"))
@@ -329,7 +340,7 @@ def attribute_eval_command(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     est = args.estimator or (DEFAULT_VIDEO_ESTIMATOR if Path(DEFAULT_VIDEO_ESTIMATOR).is_file() else STILL_ESTIMATOR)
     res = evaluate_streams(
-        args.model or DEFAULT_MODEL,
+        str(args.model or TAYS_MODEL_DIR),
         est,
         n=args.n,
         start=args.start,
@@ -359,7 +370,7 @@ def attribute_labels_command(argv: list[str]) -> int:
     ap.add_argument("--out", default="runs/video-labels", help="folder for video-labels-SEED.safetensors")
     args = ap.parse_args(argv)
     res = evaluate_streams(
-        args.model or DEFAULT_MODEL,
+        str(args.model or TAYS_MODEL_DIR),
         None,
         n=args.n,
         start=args.start,
@@ -387,12 +398,12 @@ def train_attribution_command(argv: list[str]) -> int:
         description="train the vSTREAM estimator on video labels (python -m tays attribute-labels)",
     )
     ap.add_argument("--labels", nargs="+", default=["runs/video-labels"])
-    ap.add_argument("--model", default=None, help=f"TaYS model folder (default {DEFAULT_MODEL})")
+    ap.add_argument("--model", default=None, help=f"TaYS model folder (default {TAYS_MODEL_DIR})")
     ap.add_argument("--out", default=DEFAULT_VIDEO_ESTIMATOR)
     ap.add_argument("--epochs", type=int, default=200)
     args = ap.parse_args(argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    vlm = load_vlm(args.model or DEFAULT_MODEL)
+    vlm = load_vlm(str(args.model or TAYS_MODEL_DIR))
     try:
         _, report = train_video_estimator(args.labels, args.out, vlm, epochs=args.epochs, progress=False)
     except VLMError as e:

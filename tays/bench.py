@@ -39,6 +39,8 @@ from tays.paradigms import run_paradigm
 from tays.protocol import PARADIGMS
 from tays.sampling import next_token
 from tays.sources import FrameChecker, ShapesSource
+from tays.watch import StreamAttributor
+from vstream.attr.estimator import load as load_estimator
 from vstream.model import VLM, VLMError, load_vlm
 from vstream.model.random_init import random_init_vlm, read_spec
 from vstream.world.assets import DEMO_MODEL_DIR, ROOT
@@ -123,9 +125,13 @@ def bench(
     contention_steps: int = 128,
     random_init: str | None = None,
     reduced: bool = False,
+    attribute: bool = False,
+    estimator: str | None = None,
 ) -> dict[str, Any]:
     """TTFT / delay / throughput of `paradigms` at each FPS (module docstring); fps, duration and
-    speed of the replay, the rest as `run_paradigm` and `measure_decode_contention` take them."""
+    speed of the replay, the rest as `run_paradigm` and `measure_decode_contention` take them.
+    attribute: right after each plain TaYS run, the same replay with attribution while watching
+    (`tays.watch`, with `estimator`) under "tays_attributed", and its promises in "acceptance"."""
     set_threads(threads)
     t_start = time.perf_counter()
     vlm = load_model(model, random_init, reduced)
@@ -145,13 +151,21 @@ def bench(
     )
     _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in cont.items()))
 
-    results: dict[str, dict[str, Any]] = {p: {} for p in paradigms}
+    est = None
+    if attribute:
+        est = load_estimator(estimator, vlm, allow_model_mismatch=True) if estimator else None
+        run_paradigm(vlm, ShapesSource(stream, fps=2.0, realtime=False), observer=StreamAttributor(est), **kw)
+    runs = [*paradigms, *(["tays_attributed"] if attribute and "tays" in paradigms else [])]
+    results: dict[str, dict[str, Any]] = {p: {} for p in runs}
     for f in fps:
-        for p in paradigms:
+        for p in runs:
             src = ShapesSource(stream, fps=f, realtime=True, speed=speed)
-            r = run_paradigm(vlm, src, stream.question, p, question_at=question_at, **kw)
+            obs = StreamAttributor(est) if p == "tays_attributed" else None
+            r = run_paradigm(vlm, src, stream.question, p.split("_")[0], question_at=question_at, observer=obs, **kw)
             m = {k: r.metrics.get(k) for k in METRIC_KEYS}
-            if p == "tays":
+            if obs is not None:
+                m["score_latency_ms"] = [round((x.ready - x.end) * 1000, 2) for x in obs.steps]
+            if p.startswith("tays"):
                 idle = [c.seconds * 1000 for c in r.decode_calls if c.n_fed == 1 and not c.ingesting]
                 busy = [c.seconds * 1000 for c in r.decode_calls if c.n_fed == 1 and c.ingesting]
                 m["run_decode_step_ms_p95_idle"] = percentile(idle, 95)
@@ -207,10 +221,44 @@ def _acceptance(results: dict[str, dict[str, Any]], cont: dict[str, Any]) -> dic
             acc["tays_ttft_question_max_s"] = max(ttq)
             acc["tays_ttft_budget_s"] = step / 1000 + 0.020
             acc["tays_ttft_within_step_plus_20ms"] = max(ttq) <= step / 1000 + 0.020
+    if results.get("tays_attributed") and results.get("tays"):
+        acc.update(_attribution_acceptance(results["tays"], results["tays_attributed"], cont))
     p_idle, p_busy = cont.get("decode_step_ms_p95_idle"), cont.get("decode_step_ms_p95_ingesting")
     if p_idle and p_busy:
         acc["p95_ingesting_over_idle"] = p_busy / p_idle
         acc["p95_ingesting_within_1_5x"] = p_busy <= 1.5 * p_idle
+    return acc
+
+
+def _attribution_acceptance(
+    plain: dict[str, dict[str, Any]], attr: dict[str, dict[str, Any]], cont: dict[str, Any]
+) -> dict[str, Any]:
+    """Attribution keeps TaYS's promises: delay flat over FPS (within 10%), decode tokens/s at
+    least 0.9x the plain run's (median over FPS, each FPS run back to back), TTFT after the
+    question within one decode step of the plain run's."""
+    acc: dict[str, Any] = {}
+    delays = [v["delay_s"] for v in attr.values() if v["delay_s"] is not None]
+    if delays:
+        acc["attributed_delay_spread"] = (max(delays) - min(delays)) / min(delays)
+        acc["attributed_delay_within_10pct"] = acc["attributed_delay_spread"] <= 0.10
+    ratios = [
+        attr[f]["decode_tokens_per_s"] / plain[f]["decode_tokens_per_s"]
+        for f in attr
+        if f in plain and attr[f]["decode_tokens_per_s"] and plain[f]["decode_tokens_per_s"]
+    ]
+    if ratios:
+        acc["attributed_decode_ratio_per_fps"] = ratios
+        acc["attributed_decode_ratio_median"] = float(sorted(ratios)[len(ratios) // 2])
+        acc["attributed_decode_at_least_0_9x"] = acc["attributed_decode_ratio_median"] >= 0.9
+    step = cont.get("decode_step_ms_p50_idle")
+    diffs = [
+        attr[f]["ttft_question_s"] - plain[f]["ttft_question_s"]
+        for f in attr
+        if f in plain and attr[f]["ttft_question_s"] is not None and plain[f]["ttft_question_s"] is not None
+    ]
+    if diffs and step is not None:
+        acc["attributed_ttft_question_minus_plain_max_s"] = max(diffs)
+        acc["attributed_ttft_within_one_step"] = max(diffs) <= step / 1000
     return acc
 
 

@@ -124,3 +124,27 @@ def test_capture_leaves_logits_alone(tiny_qwen2_5_vl, frames):
             assert eng.wait_idle(60)
             out.append(torch.cat([eng.decode_step(eng.header_ids), eng.decode_step(r)]))
     torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("ingest", ["thread", "process"])
+def test_region_features_equal_eager(tiny_qwen2_5_vl, frames, ingest):
+    """Per frame group and region, the span features the attribution uses (mean over the span's
+    rows of each (layer, head)'s mass on the region's tokens) equal those from eager weights."""
+    from tays.watch import step_features
+    from vstream.attr.regions import compute_regions
+
+    vlm = tiny_qwen2_5_vl
+    eng, rec, fed = run_engine(vlm, frames, ingest)
+    att, texts_at, groups_at = eager_attention(vlm, eng, frames, fed)
+    grids = {s.index: s.grid for s in eng.segments() if s.kind == FRAME}
+    regions = {g: compute_regions(frames[2 * g + 1][1], grids[g]) for g in grids}
+    calls = [1, 2, 3, 4]  # a span: the calls that produced its tokens
+    got = step_features(rec.rows(calls), regions)
+    assert sorted(got) == [0, 1]
+    L, H = att.shape[:2]
+    for g, feats in got.items():
+        s, n = groups_at[g]
+        a = regions[g].assignment.numpy()  # (K, n)
+        rows = [att[:, :, texts_at[c][0] + texts_at[c][1] - 1, s : s + n] for c in calls]  # (L, H, n) each
+        want = np.mean([(a @ r.reshape(L * H, n).T) for r in rows], axis=0)  # (K, L*H)
+        np.testing.assert_allclose(feats, want, atol=ATOL, rtol=0)

@@ -1,0 +1,117 @@
+"""Attribution while watching: scores arrive while the stream plays, events are consistent, a
+stop mid-step leaves no thread, and the evaluation pipeline produces its figures."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from tays import PushSource
+from tays.engine import THREAD_PREFIX
+from tays.watch import GroupSeen, StepScores, WatchDone, first_score_lead, watch
+from vstream.world.shapes_video import make_stream
+
+
+def _engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+def _stream():
+    return make_stream(11, duration=8.0)
+
+
+class Webcam:
+    """Pushes a shapes-world stream's frames into a PushSource in real time, looping, until
+    `end()` (the way the app's webcam feeds the engine)."""
+
+    def __init__(self, source: PushSource, fps: float = 2.0, limit_s: float = 300.0):
+        self.source, self.fps, self.limit_s = source, fps, limit_s
+        self.frames = [f for _, f in _stream().frames(fps)]
+        self.pushed = 0
+        self.ended_at: float | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.is_set() and time.perf_counter() - t0 < self.limit_s:
+            self.source.push(self.frames[self.pushed % len(self.frames)], self.pushed / self.fps)
+            self.pushed += 1
+            self._stop.wait(1.0 / self.fps)
+        self.end()
+
+    def end(self) -> None:
+        self._stop.set()
+        if self.ended_at is None:
+            self.ended_at = time.perf_counter()
+            self.source.end()
+
+
+def test_first_scores_arrive_while_the_stream_plays(tiny_qwen2_5_vl):
+    src = PushSource(fps=2.0)
+    cam = Webcam(src)
+    events, stamps = [], []
+    with watch(tiny_qwen2_5_vl, src, question="What happens?", max_new_tokens=64, step_tokens=4) as run:
+        cam.thread.start()
+        for ev in run:
+            events.append(ev)
+            stamps.append((time.perf_counter(), cam.pushed, cam.ended_at))
+            if isinstance(ev, StepScores) and ev.groups and cam.ended_at is None:
+                scored_while_playing = stamps[-1]
+                cam.end()  # the stream ends only after the first scores came
+    cam.thread.join()
+    done = events[-1]
+    assert isinstance(done, WatchDone) and done.error is None
+    t_first, pushed, ended = scored_while_playing
+    assert ended is None and pushed >= 2 and t_first < cam.ended_at
+    steps = [e for e in events if isinstance(e, StepScores)]
+    first = next(s for s in steps if s.groups)
+    assert first.ready < done.result.stream_end and first_score_lead(done) > 0  # on the run's own clock
+    assert [s.step for s in steps] == sorted(s.step for s in steps)
+    seen = {e.index for e in events if isinstance(e, GroupSeen)}
+    committed = {g.index for g in done.result.groups}
+    for s in steps:
+        assert set(s.groups) <= seen <= committed  # regions were sent before the step that uses them
+        assert s.end <= s.ready
+        if s.groups:
+            assert len(s.group_scores) == len(s.groups) == len(s.region_scores)
+            np.testing.assert_allclose(s.group_scores, [r.sum() for r in s.region_scores], rtol=1e-5)
+            assert s.top_group in s.groups and 0 <= s.top_region < len(s.region_scores[0])
+    assert not _engine_threads()
+
+
+def test_stop_mid_step_leaves_timeline_consistent_and_no_thread(tiny_qwen2_5_vl):
+    stop = threading.Event()
+    src = PushSource(fps=2.0)
+    cam = Webcam(src)
+    events = []
+    with watch(
+        tiny_qwen2_5_vl, src, question="What happens?", max_new_tokens=400, step_tokens=6, stop_event=stop
+    ) as run:
+        cam.thread.start()
+        for ev in run:
+            events.append(ev)
+            if isinstance(ev, StepScores) and ev.groups:
+                stop.set()  # the user stops while the next step is being written
+    cam.end()
+    cam.thread.join()
+    done = events[-1]
+    assert isinstance(done, WatchDone) and done.error is None
+    assert done.result.stopped
+    steps = [e for e in events if isinstance(e, StepScores)]
+    # every closed step was scored exactly once; the step cut off is not half-scored
+    assert [s.step for s in steps] == [s.index for s in done.result.steps]
+    assert not _engine_threads()
+
+
+def test_attribute_eval_on_one_stream(tiny_qwen2_5_vl):
+    from tays.watch_eval import METHODS, evaluate_stream, summarize
+
+    rec = evaluate_stream(tiny_qwen2_5_vl, _stream(), None, masks=4, max_new_tokens=40, speed=4.0, plain_first=True)
+    out = summarize([rec])
+    assert set(out["temporal_pointing"]) == set(METHODS) == set(out["lds"]) == set(out["spatial_pointing"])
+    assert set(out["chance"]) == {"temporal_pointing", "spatial_pointing"}
+    assert out["overhead_ratio"] is not None and out["overhead_ratio"] > 0
+    assert rec["steps"] >= 1 and all(np.isfinite(x) for m in METHODS for x in rec["lds"][m])
