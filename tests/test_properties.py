@@ -123,7 +123,15 @@ def test_video_files(tmp_path_factory, data, head):
 
 
 @FAST
-@given(st.one_of(st.floats(), st.integers(), st.text(max_size=10), st.none()))
+@given(
+    st.one_of(
+        st.floats(),
+        st.sampled_from([float("inf"), float("-inf"), float("nan")]),
+        st.integers(),
+        st.text(max_size=10),
+        st.none(),
+    )
+)
 def test_fps_and_number_fields(v):
     for check in (ex.check_fps, lambda x: ex.as_number(x, int), lambda x: ex.as_number(x, float)):
         try:

@@ -76,7 +76,7 @@ def as_number(value: Any, kind: type[N]) -> N:
     client becomes a one-line VLMError carrying Python's own message."""
     try:
         return kind(value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise VLMError(str(e)) from None
 
 

@@ -580,8 +580,8 @@ def _parse(d: Any) -> RunRecord:
     tort = d.get("tortuosity")
     ident = d.get("model_identity", {})
     est = d.get("estimator", {})
-    _need(isinstance(ident, dict) and len(json.dumps(ident)) <= 10_000, "'model_identity' must be a small object")
-    _need(isinstance(est, dict) and len(json.dumps(est)) <= 10_000, "'estimator' must be a small object")
+    _need(isinstance(ident, dict) and len(_json(ident)) <= 10_000, "'model_identity' must be a small object")
+    _need(isinstance(est, dict) and len(_json(est)) <= 10_000, "'estimator' must be a small object")
     timings = d.get("timings", {})
     _need(isinstance(timings, dict) and len(timings) <= 32, "'timings' must be an object")
     err = d.get("error")
@@ -614,6 +614,14 @@ def _parse(d: Any) -> RunRecord:
         cancelled=bool(d.get("cancelled", False)),
         error=err,
     )
+
+
+def _json(v: Any) -> str:
+    """Strict JSON text of `v` (no NaN or infinity, which the file format cannot hold)."""
+    try:
+        return json.dumps(v, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise RunFileError("not a readable vSTREAM run file: a value that is not plain JSON") from None
 
 
 def _safe_id(run_id: str) -> str:
