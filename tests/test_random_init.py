@@ -35,7 +35,9 @@ def test_reduced_build_generates_to_the_requested_length(name):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8))
     inputs = vlm.build_inputs("What is in the image?", image=image)
     assert inputs.image_token_positions.numel() > 0
-    assert len(list(vlm.stream(inputs, max_new_tokens=9))) == 9  # end-of-turn rows silenced
+    ids = [t for t, _ in vlm.stream(inputs, max_new_tokens=9)]
+    assert len(ids) == 9  # end-of-turn rows silenced
+    assert vlm.image_token_id not in ids and vlm.video_token_id not in ids  # teacher-forceable
 
 
 def test_unknown_name_lists_the_known_ones():

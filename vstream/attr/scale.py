@@ -161,6 +161,9 @@ def _one_length(vlm: VLM, est: Any, t: int, image: Image.Image, span_tokens: int
         _free(vlm)
 
     ctx = AttributionContext(vlm, session.inputs, gen, span_objs, assign)
+    if row["occlusion"] == "trace not teacher-forceable":
+        row["input_x_gradient"] = row["occlusion"]
+        return row
     try:
         with PeakMemory(vlm.device) as m:
             _, dt = attribute_timed("input_x_gradient", ctx)

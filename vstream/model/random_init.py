@@ -154,8 +154,9 @@ def random_init_vlm(
 ) -> VLM:
     """A supported architecture at its published size (or reduced) with random weights, in memory
     (nothing is written: a full-size model would be tens of GB on disk). With `silence_eos` the
-    output head's rows for the end-of-turn and pad tokens are zeroed, so generation always runs
-    to `max_new_tokens` (what a benchmark of trace lengths needs)."""
+    output head's rows for the end-of-turn, pad and vision placeholder tokens are zeroed, so
+    generation always runs to `max_new_tokens` (what a benchmark of trace lengths needs) and the
+    trace can be teacher-forced (a placeholder in it could not)."""
     spec = read_spec(name)
     if reduced:
         spec = reduce_spec(spec)
@@ -165,10 +166,10 @@ def random_init_vlm(
         model, tokenizer, proc = build_model(spec, seed, dev, dt)
     except torch.OutOfMemoryError as e:
         raise VLMError(f"{name} does not fit on {dev} in {dt}: {str(e).splitlines()[0]}") from e
-    if silence_eos:
+    if silence_eos:  # and the vision placeholders, which a trained model never writes either
         fam = family_of(spec["model_type"])
         with torch.no_grad():
-            for tok in set(fam.eos_tokens) | {fam.pad_token}:
+            for tok in set(fam.eos_tokens) | {fam.pad_token} | {t for _, t in fam.config_ids}:
                 model.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids(tok)].zero_()
     return VLM(model=model, tokenizer=tokenizer, image_processor=proc, arch=spec["model_type"], device=dev, dtype=dt)
 
