@@ -12,7 +12,8 @@ or the step cap), the decoding thread queues it. A worker thread (``tays-attr``)
 frame group the step could see, vSTREAM's region features (the mean over the step's tokens of
 each (layer, head)'s attention mass on each region's tokens, `vstream.attr.capture.features_from_sum`),
 with the regions from the same clustering as still images (`vstream.attr.regions.compute_regions`
-on the group's last frame). It scores them with an estimator (region scores; a group's score is
+on the group's last frame, pixel backbone at the still images' 6x6 patches per token; identical
+frames, as from a still camera, are clustered once). It scores them with an estimator (region scores; a group's score is
 its summed region effect) and emits a `StepScores` event.
 
 Why this module may import vstream.attr while the engine core may not: the clustering and the
@@ -42,7 +43,7 @@ from tays.paradigms import run_paradigm
 from tays.sources import FrameSource
 from vstream.attr.capture import features_from_sum
 from vstream.attr.estimator import LinearEstimator
-from vstream.attr.regions import Backbone, Regions, compute_regions, load_backbone
+from vstream.attr.regions import Backbone, PixelBackbone, Regions, compute_regions, load_backbone
 from vstream.model import VLM
 
 __all__ = [
@@ -138,6 +139,20 @@ def raw_attention_scores(features: np.ndarray) -> np.ndarray:
     return features.sum(-1)
 
 
+def _pixels(grid: tuple[int, int]) -> PixelBackbone:
+    """The default backbone at the still images' patch density: 6x6 colour patches per VLM
+    token (the still default, 48 patches across a 448 px, 8-token-wide image). A 224 px frame
+    of 4x4 tokens gets a 24x24 grid: Ward costs about a third of the 48x48 one there, and it
+    runs while the model decodes."""
+    return PixelBackbone(grid=int(min(PixelBackbone.grid, max(8, round(6 * math.sqrt(grid[0] * grid[1]))))))
+
+
+def _warm_imports() -> None:
+    import scipy.sparse  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.feature_extraction.image  # noqa: F401
+
+
 def _predictor(estimator: Any) -> Predictor:
     if estimator is None:
         return raw_attention_scores
@@ -162,7 +177,7 @@ class StreamAttributor:
         keep_features: bool = False,
     ):
         self.predict = _predictor(estimator)
-        self.backbone = load_backbone(backbone) if backbone is None or isinstance(backbone, str) else backbone
+        self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone  # None: _pixels
         self.k = k
         self.on_event = on_event
         self.keep_features = bool(keep_features)
@@ -188,6 +203,7 @@ class StreamAttributor:
 
     # -- RunObserver (decoding thread, except attach) -------------------------------------------
     def attach(self, engine: StreamingEngine, t0: float) -> None:
+        _warm_imports()  # before the question: the clustering's first call would import them
         self.engine, self.t0 = engine, t0
         self.recorder = StreamRecorder.for_engine(engine)
         engine.attach(self.recorder)
@@ -249,7 +265,7 @@ class StreamAttributor:
         key = (hashlib.blake2b(np.asarray(frame).tobytes(), digest_size=16).digest(), grid)
         r = self._by_content.get(key)
         if r is None:
-            r = self._by_content[key] = compute_regions(frame, grid, k=self.k, backbone=self.backbone)
+            r = self._by_content[key] = compute_regions(frame, grid, k=self.k, backbone=self.backbone or _pixels(grid))
             while len(self._by_content) > MAX_FRAMES_KEPT:
                 del self._by_content[next(iter(self._by_content))]
         self.regions[g] = r

@@ -40,6 +40,9 @@ _TEXT_JS = """(sel) => {
 }"""
 
 
+# the step table's rows, its last 5 cells each (a row-number cell may come first)
+ROWS_JS = """() => [...document.querySelectorAll('#video-attr tbody tr')].map(
+  tr => [...tr.querySelectorAll('td')].map(td => td.innerText.trim()).slice(-5)).filter(r => r.length === 5)"""
 STOPPED_JS = f"() => /^(Done|Stopped)/.test((({_TEXT_JS})('#video-status') || '').trim())"
 RUNNING_JS = "() => /running/i.test(document.querySelector('#video-status')?.innerText || '')"
 
@@ -145,10 +148,7 @@ def _wait(page, logs: Path, what: str, js: str) -> None:
 
 def _rows(page) -> list[list[str]]:
     """The step table's rows (step, written at, relied-on frame time, best region, text)."""
-    return page.evaluate(
-        """() => [...document.querySelectorAll('#video-attr tbody tr')].map(
-             tr => [...tr.querySelectorAll('td')].map(td => td.innerText.trim()))"""
-    )
+    return page.evaluate(ROWS_JS)
 
 
 def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
@@ -165,8 +165,7 @@ def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
         page,
         logs,
         "a scored step with the frame it relied on",
-        """() => [...document.querySelectorAll('#video-attr tbody tr')].some(
-              tr => /^\\d+(\\.\\d+)?$/.test((tr.querySelectorAll('td')[2] || {}).innerText?.trim() || ''))""",
+        f"() => ({ROWS_JS})().some(r => /^\\d+(\\.\\d+)?$/.test(r[2] || ''))",
     )
     _wait(page, logs, "the step heatmap", "() => !!document.querySelector('#video-heatmap img[src]')")
     _wait(
@@ -179,7 +178,7 @@ def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
     # click a step that relied on a frame: its heatmap appears
     rows = _rows(page)
     idx = next(i for i, r in enumerate(rows) if re.fullmatch(r"\d+(\.\d+)?", r[2]))
-    page.locator("#video-attr tbody tr").nth(idx).locator("td").nth(4).click()
+    page.locator("#video-attr tbody tr").filter(has=page.locator("td")).nth(idx).locator("td").last.click()
     _wait(page, logs, "the clicked step's heatmap", "() => !!document.querySelector('#video-pick img[src]')")
 
     # stop mid-run: the page says so and what it shows stays consistent
