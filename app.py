@@ -195,6 +195,7 @@ class Session:
         self.run: ex.RunView | None = None  # the run the Reasoning tab shows
         self.annot_run: ex.RunView | None = None  # the run the Annotation tab marks (default: the latest)
         self.span = 0  # selected span of `run`
+        self.span_pinned = False  # the visitor picked a span while the run streams: stop following the latest
         self.shared_scale = True
         self.segment_span: list[int | None] = []  # HighlightedText segment -> span index
         self.annotation_ids: list[int] = []  # rows this session saved (what it may export without logins)
@@ -248,6 +249,7 @@ class Session:
                 _, old = self.runs.popitem(last=False)
                 old.cleanup()
             self.run, self.annot_run, self.span, self.point = view, view, 0, None
+            self.span_pinned = False
 
     def close(self) -> None:
         attr, self.attr = self.attr, None
@@ -467,6 +469,14 @@ def reasoning_tab(
         after.append(ev.then(show_selected, [state], span_outputs, api_visibility="private"))
     r_stop.click(stop_reasoning, [state], [r_status], api_name="stop", concurrency_limit=None)
     r_plain_run.click(reason, [r_image, r_question, r_model], r_plain_out, api_name="reason", **model_limit)
+    r_gallery.change(
+        follow_latest,
+        [state],
+        [r_pick, r_view, r_span_info],
+        api_visibility="private",
+        concurrency_limit=None,
+        show_progress="hidden",
+    )
     r_text.select(select_sentence, [state], span_outputs, api_visibility="private")
     r_gallery.select(select_gallery, [state], span_outputs, api_visibility="private")
     r_pick.input(select_span, [r_pick, state], span_outputs, api_name="span")
@@ -569,9 +579,9 @@ def attribute(
 # -- the selected span, the compare view, the run list ---------------------------------------
 
 
-def _span_outputs(st: Session) -> tuple[Any, ...]:
+def _span_outputs(st: Session, compare: bool = True) -> tuple[Any, ...]:
     """(text, span menu, large view, span info, compare gallery, compare table, run menu) for
-    the session's shown run and selected span."""
+    the session's shown run and selected span (`compare=False`: the compare view is skipped)."""
     run = st.run
     runs_menu = gr.update(
         choices=[(v.title(), k) for k, v in reversed(st.runs.items())], value=run.run_id if run else None
@@ -582,25 +592,28 @@ def _span_outputs(st: Session) -> tuple[Any, ...]:
     i = st.span = max(0, min(int(st.span), len(run.spans) - 1))
     segs, st.segment_span = ex.spans_segments(run, i)
     pick = gr.update(choices=[(f"{j}: {s.text[:70]}", j) for j, s in enumerate(run.spans)], value=i)
-    compare = [
+    methods = [m for m in ("vstream", "raw_attention", "occlusion") if compare and m in run.spans[i].methods]
+    gallery = [
         (run.overlay_file(i, shared=True, method=m, colorbar=True), f"{m} · {run.spans[i].methods[m]['ms']:.3g} ms")
-        for m in ("vstream", "raw_attention", "occlusion")
-        if m in run.spans[i].methods
+        for m in methods
     ]
     return (
         segs,
         pick,
         run.span_figure(i, st.shared_scale),
         readouts.span_view_info(run, i, st.shared_scale),
-        compare,
-        ex.compare_rows(run, i),
+        gallery if compare else gr.skip(),
+        ex.compare_rows(run, i) if compare else gr.skip(),
         runs_menu,
     )
 
 
 @handler()
 def show_selected(st: Session | None, request: gr.Request = None) -> tuple[Any, ...]:
-    """After a run: its spans become clickable and the first one is shown large."""
+    """After a run: its spans become clickable and the first one (or the one the visitor picked
+    while it streamed) is shown large."""
+    if not st.span_pinned:
+        st.span = 0
     return _span_outputs(st)
 
 
@@ -617,10 +630,22 @@ def select_sentence(st: Session | None, evt: gr.SelectData, request: gr.Request 
 
 
 @handler()
+def follow_latest(st: Session | None, request: gr.Request = None) -> tuple[Any, ...]:
+    """While a run streams, the large view follows the newest span (until the visitor picks one)."""
+    run = st.run
+    if not st.reasoning_busy() or run is None or not run.spans:
+        return gr.skip(), gr.skip(), gr.skip()
+    if not st.span_pinned:
+        st.span = len(run.spans) - 1
+    _, pick, view, info, *_ = _span_outputs(st, compare=False)
+    return pick, view, info
+
+
+@handler()
 def select_gallery(st: Session | None, evt: gr.SelectData, request: gr.Request = None) -> tuple[Any, ...]:
     """A click on a heatmap thumbnail selects its span."""
     if evt is not None and isinstance(evt.index, int):
-        st.span = evt.index
+        st.span, st.span_pinned = evt.index, True
     if st.reasoning_busy():  # the text is still streaming: leave it alone
         return (gr.skip(), *_span_outputs(st)[1:])
     return _span_outputs(st)
@@ -630,7 +655,7 @@ def select_gallery(st: Session | None, evt: gr.SelectData, request: gr.Request =
 def select_span(span: float | None, st: Session | None = None, request: gr.Request = None) -> tuple[Any, ...]:
     """Show span `span` (0 = first) of the shown run (api_name="span")."""
     if span is not None:
-        st.span = ex.as_number(span, int)
+        st.span, st.span_pinned = ex.as_number(span, int), True
     return _span_outputs(st)
 
 

@@ -202,7 +202,7 @@ def _paths(d, prefix=()):
 PATHS = [p for p in _paths(VALID) if p]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(PATHS), json_values | st.integers(-(2**70), 2**70) | st.floats())
 def test_run_file_one_field_changed(path, value):
     d = copy.deepcopy(VALID)

@@ -223,19 +223,17 @@ class RunRecord:
         pass; a few microseconds per span), so the compare view has it for free."""
         if self.regions is None:
             return
-        assign = self.regions.assignment
-        if self.spans:  # the first call pays for lazy set-up; time the ones after it
-            lo, hi = self.spans[0].rows
-            if hi > lo:
-                span_features(session.recorder, lo, hi, assign)
+        # numpy, as the live worker computes features (a torch matmul here would wait on a threaded BLAS)
+        assign = self.regions.assignment.detach().cpu().numpy()
         for s in self.spans:
             if "raw_attention" in s.methods:
                 continue
             lo, hi = s.rows
             t0 = time.perf_counter()
             if hi > lo:
-                feats = span_features(session.recorder, lo, hi, assign)
-                scores = RawAttention().predict(torch.as_tensor(feats).float()).numpy().reshape(-1)
+                f = span_features(session.recorder, lo, hi, assign)  # torch when the rows live on a GPU
+                feats = f.detach().float().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f, np.float32)
+                scores = feats.sum(-1)  # = RawAttention().predict: the features summed over layers and heads
             else:
                 scores = np.zeros(self.regions.k, dtype=np.float32)
             s.methods["raw_attention"] = {"scores": scores, "ms": (time.perf_counter() - t0) * 1000.0}
