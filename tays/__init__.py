@@ -12,6 +12,9 @@
   a worker process.
 * `tays.paradigms`: batch, interleaved and TaYS runs over a `tays.sources` frame source, timed
   (`tays.metrics`); `tays.protocol`: the chat layout and the trained reasoning protocol.
+* `tays.capture`, `tays.watch`: attribution while watching (each reasoning step's attention on
+  the frame groups and regions it could see, scored by a vSTREAM estimator as the stream plays);
+  `tays.watch_eval` measures it (``python -m tays attribute-eval``).
 * `tays.data`, `tays.train`, `tays.evaluate`, `tays.bench`: streaming CoT trajectories, SFT of the
   three paradigms, held-out evaluation, benchmarks (``python -m tays data | train | evaluate | bench
   | memory``).
