@@ -77,7 +77,7 @@ def bench_command(argv: list[str]) -> int:
         "--attribute",
         action="store_true",
         help="also replay TaYS with attribution while watching at each FPS (tays_attributed): delay, "
-        "decode speed and TTFT against the plain TaYS run",
+        "decode speed and TTFT against the plain TaYS run (default model: the shipped TaYS model)",
     )
     ap.add_argument("--estimator", default=None, help="estimator for --attribute (as attribute-eval)")
     args = ap.parse_args(argv)
@@ -96,7 +96,7 @@ def bench_command(argv: list[str]) -> int:
 
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
     return bench(
-        args.model,
+        args.model or (str(TAYS_MODEL_DIR) if args.attribute else None),  # attribution: the TaYS model
         args.fps,
         args.duration,
         args.paradigms,

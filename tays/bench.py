@@ -50,6 +50,7 @@ from vstream.world.shapes_video import Stream, make_stream
 __all__ = [
     "DEFAULT_MODEL",
     "METRIC_KEYS",
+    "attribution_acceptance",
     "bench",
     "measure_decode_contention",
     "memory",
@@ -222,7 +223,7 @@ def _acceptance(results: dict[str, dict[str, Any]], cont: dict[str, Any]) -> dic
             acc["tays_ttft_budget_s"] = step / 1000 + 0.020
             acc["tays_ttft_within_step_plus_20ms"] = max(ttq) <= step / 1000 + 0.020
     if results.get("tays_attributed") and results.get("tays"):
-        acc.update(_attribution_acceptance(results["tays"], results["tays_attributed"], cont))
+        acc.update(attribution_acceptance(results["tays"], results["tays_attributed"], cont))
     p_idle, p_busy = cont.get("decode_step_ms_p95_idle"), cont.get("decode_step_ms_p95_ingesting")
     if p_idle and p_busy:
         acc["p95_ingesting_over_idle"] = p_busy / p_idle
@@ -230,7 +231,7 @@ def _acceptance(results: dict[str, dict[str, Any]], cont: dict[str, Any]) -> dic
     return acc
 
 
-def _attribution_acceptance(
+def attribution_acceptance(
     plain: dict[str, dict[str, Any]], attr: dict[str, dict[str, Any]], cont: dict[str, Any]
 ) -> dict[str, Any]:
     """Attribution keeps TaYS's promises: delay flat over FPS (within 10%), decode tokens/s at

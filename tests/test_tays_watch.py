@@ -115,3 +115,20 @@ def test_attribute_eval_on_one_stream(tiny_qwen2_5_vl):
     assert set(out["chance"]) == {"temporal_pointing", "spatial_pointing"}
     assert out["overhead_ratio"] is not None and out["overhead_ratio"] > 0
     assert rec["steps"] >= 1 and all(np.isfinite(x) for m in METHODS for x in rec["lds"][m])
+
+
+def test_benchattribution_acceptance():
+    """The promises `tays bench --attribute` checks, on made-up figures."""
+    from tays.bench import attribution_acceptance
+
+    plain = {f: {"delay_s": 10.0, "decode_tokens_per_s": 100.0, "ttft_question_s": 0.05} for f in ("1", "2", "3")}
+    good = {
+        f: {"delay_s": 10.0 + i * 0.3, "decode_tokens_per_s": 95.0, "ttft_question_s": 0.06}
+        for i, f in enumerate(plain)
+    }
+    acc = attribution_acceptance(plain, good, {"decode_step_ms_p50_idle": 20.0})
+    assert acc["attributed_delay_within_10pct"] and acc["attributed_decode_at_least_0_9x"]
+    assert acc["attributed_ttft_within_one_step"]
+    bad = {f: dict(v, decode_tokens_per_s=80.0, ttft_question_s=0.2) for f, v in good.items()}
+    acc = attribution_acceptance(plain, bad, {"decode_step_ms_p50_idle": 20.0})
+    assert not acc["attributed_decode_at_least_0_9x"] and not acc["attributed_ttft_within_one_step"]
