@@ -9,6 +9,7 @@ the live frame, is presentation, not engine logic.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from vstream.world.assets import ASSETS, RUNS_DIR
 
 VIDEO_ESTIMATOR = RUNS_DIR / "estimators" / "video.safetensors"  # python -m tays train-attribution
 STILL_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
+KEEP_FRAMES = 512  # frame groups whose frame the tab keeps for heatmaps (about 4 min at 2 FPS)
 ATTR_HEADERS = ["step", "written at (s)", "relied on frame (s)", "best region", "text"]
 
 _SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>")
@@ -160,6 +162,9 @@ class WatchLog:
     def add(self, ev: Any) -> None:
         if isinstance(ev, GroupSeen):
             self.groups[ev.index] = ev
+            old = ev.index - KEEP_FRAMES  # a long webcam session keeps the newest frames only
+            if old in self.groups and self.groups[old].frame is not None:
+                self.groups[old] = dataclasses.replace(self.groups[old], frame=None)
         elif isinstance(ev, StepScores):
             self.steps.append(ev)
         elif isinstance(ev, WatchDone) and ev.error:
@@ -177,7 +182,7 @@ class WatchLog:
         g = s.top_group if group is None else group
         seen = _first_seen(self.groups, g)
         scores = s.scores_of(g) if g is not None else None
-        if seen is None or scores is None:
+        if seen is None or seen.frame is None or scores is None:
             return None
         frame = seen.frame if isinstance(seen.frame, Image.Image) else Image.fromarray(np.asarray(seen.frame))
         frame = frame.convert("RGB")
