@@ -40,9 +40,13 @@ _TEXT_JS = """(sel) => {
 }"""
 
 
-# the step table's rows, its last 5 cells each (a row-number cell may come first)
-ROWS_JS = """() => [...document.querySelectorAll('#video-attr tbody tr')].map(
-  tr => [...tr.querySelectorAll('td')].map(td => td.innerText.trim()).slice(-5)).filter(r => r.length === 5)"""
+# the step table's rows from its cells' data-row / data-col (step, written at, relied-on frame
+# time, best region, text)
+ROWS_JS = """() => { const rows = {};
+  document.querySelectorAll('#video-attr [data-row][data-col]').forEach(c => {
+    const r = +c.dataset.row, k = +c.dataset.col;
+    if (r >= 0 && k >= 0) { (rows[r] = rows[r] || [])[k] = c.innerText.trim(); } });
+  return Object.keys(rows).map(Number).sort((a, b) => a - b).map(r => rows[r]); }"""
 STOPPED_JS = f"() => /^(Done|Stopped)/.test((({_TEXT_JS})('#video-status') || '').trim())"
 RUNNING_JS = "() => /running/i.test(document.querySelector('#video-status')?.innerText || '')"
 
@@ -178,7 +182,7 @@ def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
     # click a step that relied on a frame: its heatmap appears
     rows = _rows(page)
     idx = next(i for i, r in enumerate(rows) if re.fullmatch(r"\d+(\.\d+)?", r[2]))
-    page.locator("#video-attr tbody tr").filter(has=page.locator("td")).nth(idx).locator("td").last.click()
+    page.locator(f"#video-attr [data-row='{idx}'][data-col='4']").first.click()
     _wait(page, logs, "the clicked step's heatmap", "() => !!document.querySelector('#video-pick img[src]')")
 
     # stop mid-run: the page says so and what it shows stays consistent
