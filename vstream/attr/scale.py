@@ -113,8 +113,11 @@ def _oom(e: BaseException) -> bool:
 def _one_length(vlm: VLM, est: Any, t: int, image: Image.Image, span_tokens: int, k: int | None) -> dict[str, Any]:
     question = "Describe the image step by step."
     inputs = vlm.build_inputs(question, image=image)
-    row: dict[str, Any] = {"trace_tokens": t, "prompt_tokens": inputs.prompt_len, "image_tokens": 0}
-    row["image_tokens"] = int(inputs.image_token_positions.numel())
+    row: dict[str, Any] = {
+        "trace_tokens": t,
+        "prompt_tokens": inputs.prompt_len,
+        "image_tokens": int(inputs.image_token_positions.numel()),
+    }
     with PeakMemory(vlm.device) as m:
         ids, times, _ = run_plain(vlm, inputs, t)
     row["plain"] = {"tokens": len(ids), "tokens_per_s": _rate(times), "peak_mb": m.mb}
