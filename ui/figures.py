@@ -125,7 +125,7 @@ def with_colorbar(img: Image.Image, scale: tuple[float, float], title: str = "sc
     text_w = max(int(ImageDraw.Draw(img).textlength(t, font=f)) for t in [*labels, title]) + 6
     out = Image.new("RGB", (img.width + pad + bar_w + text_w + 4, h), (255, 255, 255))
     out.paste(img, (0, 0))
-    top, bottom = size + 6, h - size // 2 - 2
+    top, bottom = size + size // 2 + 8, h - size // 2 - 2  # room for the title above the top label
     ramp = colormap(np.linspace(1.0, 0.0, max(2, bottom - top))[:, None].repeat(bar_w, 1))
     out.paste(Image.fromarray(ramp), (img.width + pad, top))
     draw = ImageDraw.Draw(out)
