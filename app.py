@@ -55,7 +55,7 @@ from vstream.attr.record import RunRecord, score_span
 from vstream.attr.worker import AttributionSession, PathEvent, TokenEvent, attribute_stream
 from vstream.model import VLMError, model_identity
 from vstream.world.assets import DEMO_MODEL_DIR, ROOT
-from vstream.world.examples import scene_examples, stream_examples
+from vstream.world.examples import scene_example_labels, scene_examples, stream_examples
 
 MAX_NEW_TOKENS = 256
 VIDEO_MAX_NEW_TOKENS = 160  # as `python -m tays evaluate`: a step per frame group on 20 s streams
@@ -438,12 +438,15 @@ def reasoning_tab(
                     )
                 with gr.Accordion("Raw attribution (JSON)", open=False):
                     r_json = gr.JSON(label="the run record (the same as a saved file)", elem_id="reason-json")
-        rows = scene_examples() + ex.photo_examples()
+        photos = ex.photo_examples()
+        rows = scene_examples() + photos
         if rows:
             gr.Examples(
                 rows,
                 inputs=[r_image, r_question],
-                label="Examples: shapes-world scenes of every family, and two photos shipped with scikit-learn",
+                example_labels=scene_example_labels() + [f"photo: {q}" for _, q in photos],
+                label="Examples: shapes-world scenes of every family (with their ground truth; a run on one "
+                "says whether the model got it right), and two photos shipped with scikit-learn",
                 examples_per_page=24,
                 elem_id="reason-examples",
             )
@@ -517,7 +520,8 @@ def attribute(
     try:
         vlm = ex.get_model(model_name)
         est, note = ex.estimator_for(vlm, model_name, st.lab_estimator)
-        session = attribute_stream(vlm, img, q, est, max_new_tokens=MAX_NEW_TOKENS)
+        risk = ex.risk_for(model_name)
+        session = attribute_stream(vlm, img, q, est, max_new_tokens=MAX_NEW_TOKENS, risk=risk)
     except VLMError:
         raise
     except Exception as e:  # a model that loads but cannot run: keep serving
@@ -540,8 +544,8 @@ def attribute(
 
     def path(final: bool = False) -> tuple[go.Figure, str]:
         return (
-            figures.path_figure(run.path, [s.text for s in run.spans]),
-            figures.dynamics_markdown(run.path_length, run.tortuosity, run.label, len(run.spans), final=final),
+            figures.path_figure(run.path, [s.text for s in run.spans], label=run.label),
+            run.dynamics(final, risk.heldout_auc if risk is not None else None),
         )
 
     try:
@@ -567,6 +571,8 @@ def attribute(
                 yield st, text.segments(), run.gallery(st.shared_scale), *path(), status(), run.live_dict()
         run.record.add_raw_attention(session)  # the compare view's second method, from the recorded rows
         final = readouts.attribution_final(run, text.n_tokens, time.perf_counter() - t0)
+        if run.done and not run.cancelled and not run.error:
+            final = " ".join(filter(None, [final, ex.example_verdict(img, q, run.answer)]))
         run.record.done = True
         yield st, text.segments(done=True), run.gallery(st.shared_scale), *path(final=True), final, run.to_dict()
     finally:
@@ -691,8 +697,8 @@ def _show_run(st: Session, status: str) -> tuple[Any, ...]:
     return (
         segs,
         run.gallery(st.shared_scale),
-        figures.path_figure(run.path, [s.text for s in run.spans]),
-        figures.dynamics_markdown(run.path_length, run.tortuosity, run.label, len(run.spans), final=True),
+        figures.path_figure(run.path, [s.text for s in run.spans], label=run.label),
+        run.dynamics(final=True),
         status,
         run.to_dict(),
         pick,

@@ -73,6 +73,13 @@ def test_file_round_trip_is_exact(record, tmp_path):
     assert json.loads(path.read_text())["image"]["png_base64"]  # one self-contained JSON file
 
 
+def test_live_risk_is_kept_in_the_file(record, tmp_path):
+    d = json.loads(record.to_json())
+    d["risk"] = [0.25, 0.5][: len(d["spans"])]
+    again = RunRecord.from_dict(d)
+    assert again.risk == d["risk"] and load_run(again.save(tmp_path / "r.json")).risk == d["risk"]
+
+
 def test_occlusion_rescores_a_span_of_a_reopened_run(record, demo, tmp_path):
     again = load_run(record.save(tmp_path / "run.json"))
     out = score_span(demo[0], again, 0, "occlusion")
@@ -112,6 +119,8 @@ def test_report_is_one_offline_page(record):
         lambda d: d["spans"][0]["methods"].update(evil={"scores": [], "ms": 0}),
         lambda d: d.update(path=[[1, 2]]),
         lambda d: d.update(spans="x"),
+        lambda d: d.update(risk=[2.0]),
+        lambda d: d.update(risk="high"),
     ],
 )
 def test_malformed_files_give_one_line(record, mutate):

@@ -99,8 +99,8 @@ def test_answers_follow_from_the_objects():
             assert s.answer == o.label
         elif s.family == "compare_counts":
             a, b = q.split()[3], q.split()[6]
-            count = lambda c: sum(o.color == c for o in objs)  # noqa: E731
-            assert s.answer == ("yes" if count(a) > count(b) else "no")
+            na, nb = (sum(o.color == c for o in objs) for c in (a, b))
+            assert s.answer == ("yes" if na > nb else "no")
         elif s.family == "chain":
             start, moves = q.split(" and go ")
             (o,) = [o for o in objs if start.endswith(f"{o.color} {o.shape}")]

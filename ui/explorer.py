@@ -25,10 +25,12 @@ from vstream.attr.estimator import Estimator, LinearEstimator, RawAttention
 from vstream.attr.estimator import load as load_estimator
 from vstream.attr.estimator_lookup import find_estimator
 from vstream.attr.record import RunRecord, load_run
+from vstream.attr.risk import RiskModel
 from vstream.attr.spans import SpanSplitter
 from vstream.attr.worker import Event, RegionsEvent
 from vstream.model import VLM, VLMError, load_vlm, normalize_image_with_size
-from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, EXAMPLES_DIR, TAYS_MODEL_DIR
+from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, EXAMPLES_DIR, RISK_MODEL, TAYS_MODEL_DIR
+from vstream.world.examples import answer_verdict, example_truth
 
 MAX_QUESTION_CHARS = 2000
 MIN_DRAW_SIDE = 448  # pictures of smaller images are drawn enlarged (see RunView.refresh_regions)
@@ -182,6 +184,29 @@ def _shipped(path: str, model: str) -> LinearEstimator:
     return load_estimator(path, get_model(model))
 
 
+def risk_for(model: str | None) -> RiskModel | None:
+    """The shipped failure-risk model, for the shipped demo model only (it was fitted on that
+    model's traces); None when it is absent or unreadable, and the page then shows no risk."""
+    if model_key(model) != model_key(str(DEMO_MODEL_DIR)) or not RISK_MODEL.is_file():
+        return None
+    return _risk(str(RISK_MODEL))
+
+
+@lru_cache(maxsize=1)
+def _risk(path: str) -> RiskModel | None:
+    try:
+        return RiskModel.load(Path(path))
+    except VLMError as e:
+        print(f"risk model skipped: {e}", file=sys.stderr)
+        return None
+
+
+def example_verdict(image: Image.Image, question: str, answer: str) -> str:
+    """'✓ right / ✗ wrong: ground truth ...' when the run was on a gallery example, else ''."""
+    truth = example_truth(image, question)
+    return "" if truth is None else answer_verdict(truth, answer)
+
+
 # estimators for other models than the demo (python -m vstream train-estimator --out DIR/NAME.safetensors)
 ESTIMATORS_DIR = Path(os.environ.get("VSTREAM_ESTIMATORS", "estimators"))
 
@@ -255,6 +280,14 @@ class RunView:
         self.outlines = rec.regions.outlines(self.size)
         self.centres = figures.region_centres(self.pixel_labels, rec.k)
         self._base = rec.image.convert("RGB").resize(self.size, Image.Resampling.LANCZOS)
+
+    def dynamics(self, final: bool = False, risk_auc: dict[str, Any] | None = None) -> str:
+        """The path-shape readout, with the latest failure risk when a risk model ran."""
+        rec = self.record
+        risk = rec.risk[-1] if rec.risk else None
+        return figures.dynamics_markdown(
+            rec.path_length, rec.tortuosity, rec.label, len(rec.spans), final=final, risk=risk, risk_auc=risk_auc
+        )
 
     def title(self) -> str:
         """How the run is named in menus: id, question, and whether it was reopened."""

@@ -220,9 +220,15 @@ def span_figure(
     return fig
 
 
-def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str = "") -> go.Figure:
+LABEL_COLOURS = {"Fixation": "#d62728", "Wandering": "#ff7f0e", "stable": "#2ca02c"}
+
+
+def path_figure(
+    path: np.ndarray | None, texts: Sequence[str] = (), title: str = "", label: str | None = None
+) -> go.Figure:
     """Plotly 3-D figure of the PCA reliance path: one marker per closed span coloured by step,
-    joined in order; hover shows the span text. An empty path gives an empty, labelled plot."""
+    joined in order by a line in the trace label's colour (Fixation red, Wandering orange, stable
+    green); hover shows the span text. An empty path gives an empty, labelled plot."""
     fig = go.Figure()
     p = np.zeros((0, 3)) if path is None else np.asarray(path, dtype=np.float64).reshape(-1, 3)
     if len(p):
@@ -245,8 +251,8 @@ def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str =
                     cmax=max(2, len(p)),
                     colorbar=dict(title="step", thickness=12),
                 ),
-                line=dict(color="#888", width=3),
-                name="path",
+                line=dict(color=LABEL_COLOURS.get(label or "", "#888"), width=4),
+                name=f"path ({label})" if label else "path",
             )
         )
     fig.update_layout(
@@ -260,13 +266,24 @@ def path_figure(path: np.ndarray | None, texts: Sequence[str] = (), title: str =
 
 
 def dynamics_markdown(
-    path_length: float | None, tortuosity: float | None, label: str, n_spans: int, final: bool = False
+    path_length: float | None,
+    tortuosity: float | None,
+    label: str,
+    n_spans: int,
+    final: bool = False,
+    risk: float | None = None,
+    risk_auc: dict[str, Any] | None = None,
 ) -> str:
-    """The path-shape readout (reason-dynamics)."""
+    """The path-shape readout (reason-dynamics), with the failure risk when a risk model ran."""
     tort = "n/a (fewer than 2 spans or no net displacement)" if tortuosity is None else f"{tortuosity:.2f}"
     pl = 0.0 if path_length is None else path_length
     kind = "trace label" if final else "label so far"
-    return f"**Path length** {pl:.3f} · **Tortuosity** {tort} · **{kind}** {label} · spans {n_spans}"
+    out = f"**Path length** {pl:.3f} · **Tortuosity** {tort} · **{kind}** {label} · spans {n_spans}"
+    if risk is not None:
+        auc = (risk_auc or {}).get("0.3")
+        held = f" (its held-out AUC at 30% of the reasoning: {auc:.2f})" if isinstance(auc, float) else ""
+        out += f"\n\n**Failure risk** {risk:.0%} from the reliance path so far{held}"
+    return out
 
 
 def latency_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:

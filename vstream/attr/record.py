@@ -140,6 +140,7 @@ class RunRecord:
     path: np.ndarray | None = None
     path_length: float = 0.0
     tortuosity: float | None = None
+    risk: list[float] = field(default_factory=list)  # P(failure) after each span, when a risk model ran
     timings: dict[str, float] = field(default_factory=dict)
     done: bool = False
     cancelled: bool = False
@@ -205,6 +206,8 @@ class RunRecord:
                 None if p.tortuosity is None else float(p.tortuosity),
                 p.label,
             )
+            if ev.risk is not None:
+                self.risk.append(float(ev.risk))
         elif isinstance(ev, DoneEvent):
             self.text, self.answer, self.label = ev.text, ev.answer, ev.label
             self.cancelled, self.error, self.done = ev.cancelled, ev.error, True
@@ -302,6 +305,7 @@ class RunRecord:
             "path": [] if self.path is None else np.round(np.asarray(self.path, dtype=float), 6).tolist(),
             "path_length": round(float(self.path_length), 6),
             "tortuosity": None if self.tortuosity is None else round(float(self.tortuosity), 6),
+            "risk": [round(float(r), 6) for r in self.risk],
             "timings": dict(self.timings),
             "done": self.done,
             "cancelled": self.cancelled,
@@ -576,6 +580,10 @@ def _parse(d: Any) -> RunRecord:
     _need(isinstance(path_d, list) and len(path_d) <= MAX_SPANS, "'path' must be a list")
     path = np.array([_vec(p, "path point", 3, 3) for p in path_d], dtype=np.float64).reshape(-1, 3)
     tort = d.get("tortuosity")
+    risk_d = d.get("risk", [])
+    _need(isinstance(risk_d, list) and len(risk_d) <= MAX_SPANS, "'risk' must be a list")
+    risk = [_num(r, "risk") for r in risk_d]
+    _need(all(0.0 <= r <= 1.0 for r in risk), "'risk' values must be probabilities")
     ident = d.get("model_identity", {})
     est = d.get("estimator", {})
     _need(isinstance(ident, dict) and len(_json(ident)) <= 10_000, "'model_identity' must be a small object")
@@ -607,6 +615,7 @@ def _parse(d: Any) -> RunRecord:
         path=path if len(path) else None,
         path_length=_num(d.get("path_length", 0.0), "path_length"),
         tortuosity=None if tort is None else _num(tort, "tortuosity"),
+        risk=risk,
         timings={str(key)[:40]: _num(v, f"timing {str(key)[:40]}") for key, v in timings.items()},
         done=bool(d.get("done", True)),
         cancelled=bool(d.get("cancelled", False)),

@@ -24,7 +24,6 @@ from vstream.model import THINK_CLOSE, THINK_OPEN, VLM, VLMError, normalize_answ
 from vstream.world.demo_model import Collator
 from vstream.world.shapes import FAMILIES, SHORT_FAMILIES, SPLITS, Scene, scenes
 
-
 SENTENCE = re.compile(r"[.!?](?!\d)")  # a sentence end, as the live span splitter cuts them
 
 
