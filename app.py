@@ -517,6 +517,8 @@ def attribute(
     if busy:  # a second click: say so in the status line, leave the running outputs alone
         yield st, skip, skip, skip, skip, msg, skip
         return
+    if not ex.is_loaded(model_name):
+        yield st, skip, skip, skip, skip, readouts.loading_model(ex.model_label(model_name)), skip
     try:
         vlm = ex.get_model(model_name)
         est, note = ex.estimator_for(vlm, model_name, st.lab_estimator)
@@ -911,6 +913,10 @@ def video_run(
     fps = ex.check_fps(fps)
     q = ex.check_question(question)
     with st.job("video"):
+        if not ex.is_loaded(model_name):
+            skip = gr.skip()
+            status = readouts.loading_model(ex.model_label(model_name))
+            yield st, skip, skip, skip, status, skip, skip, skip, skip, skip
         vlm = ex.get_model(model_name)
         src = vid.TappedSource(_video_source(kind, file, fps, st))
         stop = threading.Event()

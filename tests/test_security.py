@@ -28,11 +28,13 @@ ALLOWED = str(DEMO_MODEL_DIR)
 
 @pytest.fixture
 def policy(monkeypatch):
-    """The server's list is the demo model only; `_model` records every load it is asked for."""
+    """The server's list is the demo model only; `load_vlm` records every load it is asked for."""
     loads: list[str] = []
     monkeypatch.setattr(ex, "POLICY", ModelPolicy.of([ALLOWED], root=ROOT))
-    monkeypatch.setattr(ex, "_model", lambda name: loads.append(name) or types.SimpleNamespace(name=name))
-    return loads
+    monkeypatch.setattr(ex, "load_vlm", lambda name: loads.append(name) or types.SimpleNamespace(name=name))
+    ex.forget_models()
+    yield loads
+    ex.forget_models()
 
 
 def _refusals(tmp_path: Path) -> list[str]:
@@ -66,7 +68,7 @@ def test_only_listed_models_load_and_refusals_read_the_same(policy, tmp_path):
     ex.get_model("")  # the default, its shown name and its full name are the same model
     ex.get_model("assets/demo-model")
     ex.get_model(ALLOWED)
-    assert policy == [ALLOWED] * 3
+    assert policy == [ALLOWED]  # one key: loaded once, shared
 
 
 def test_refusal_never_touches_the_disk(policy, monkeypatch, tmp_path):
@@ -88,7 +90,7 @@ def test_allow_any_model_still_says_one_thing(monkeypatch, tmp_path):
     """A local lab's opt-in: typed names load, but a missing path, a folder without a config and
     a file all read the same, so the page still cannot map the disk."""
     monkeypatch.setattr(ex, "POLICY", ModelPolicy.of([ALLOWED], allow_any=True))
-    ex._model.cache_clear()
+    ex.forget_models()
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     msgs = set()
@@ -224,3 +226,39 @@ def test_annotation_caps(annot, monkeypatch):
     with pytest.raises(Exception, match="store is full"):
         annotate("bob", 0, "grounded", "", b, _req())
     assert [r[0] for r in show("", b, _req())] == []  # nothing was written for bob
+
+
+def test_a_model_loading_does_not_hold_up_sessions_on_a_loaded_one(monkeypatch):
+    """A large model loading for one visitor blocks only requests for that model; a model that is
+    already in memory is handed out at once, and a first use is visible (is_loaded)."""
+    import threading
+    import time
+
+    slow, fast = "org/slow-model", "org/fast-model"
+    monkeypatch.setattr(ex, "POLICY", ModelPolicy.of([slow, fast]))
+    release, started = threading.Event(), threading.Event()
+    loads: list[str] = []
+
+    def fake_load(name):
+        loads.append(name)
+        if name == slow:
+            started.set()
+            release.wait(10)
+        return types.SimpleNamespace(name=name)
+
+    monkeypatch.setattr(ex, "load_vlm", fake_load)
+    ex.forget_models()
+    try:
+        assert ex.get_model(fast).name == fast and ex.is_loaded(fast) and not ex.is_loaded(slow)
+        t = threading.Thread(target=ex.get_model, args=(slow,))
+        t.start()
+        assert started.wait(5)
+        t0 = time.perf_counter()
+        assert ex.get_model(fast).name == fast  # while the slow one is still loading
+        assert time.perf_counter() - t0 < 1.0
+        release.set()
+        t.join(5)
+        assert ex.is_loaded(slow) and loads == [fast, slow]  # each loaded once
+    finally:
+        release.set()
+        ex.forget_models()

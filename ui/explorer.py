@@ -144,24 +144,48 @@ def default_video_model() -> str:
     return str(TAYS_MODEL_DIR) if (TAYS_MODEL_DIR / "config.json").is_file() else str(DEMO_MODEL_DIR)
 
 
-@lru_cache(maxsize=2)
-def _model(name: str) -> VLM:
-    return load_vlm(name)
+MAX_LOADED = 2  # models kept in memory at once (the oldest loaded is dropped first)
+_loaded: dict[str, VLM] = {}
+_loading: dict[str, threading.Lock] = {}
+
+
+def is_loaded(name: str | None) -> bool:
+    """Whether `name` is in memory already (a first use loads it: say so in the page first)."""
+    return model_key(name) in _loaded
 
 
 def get_model(name: str | None) -> VLM:
     """Load (once, shared by all sessions: weights are read-only, generation takes `vlm.lock`).
-    A name the operator did not list (only possible with `--allow-any-model`) that fails to load,
-    for whatever reason, gives the same one message as a forbidden one: the page never tells a
-    visitor whether a path exists."""
+    Each model loads under its own lock, so a large model loading for one visitor never holds up
+    sessions that use a model already in memory. A name the operator did not list (only
+    possible with `--allow-any-model`) that fails to load, for whatever reason, gives the same
+    one message as a forbidden one: the page never tells a visitor whether a path exists."""
     key = model_key(name)
-    with _load_lock:  # two first requests must not load the same model twice
-        if POLICY.is_listed(key):
-            return _model(key)
+    vlm = _loaded.get(key)
+    if vlm is not None:
+        return vlm
+    with _load_lock:
+        lock = _loading.setdefault(key, threading.Lock())
+    with lock:  # two first requests for one model must not load it twice
+        if key in _loaded:
+            return _loaded[key]
         try:
-            return _model(key)
+            vlm = load_vlm(key)
         except Exception:
+            if POLICY.is_listed(key):
+                raise
             raise VLMError(not_available(key)) from None
+        with _load_lock:
+            while len(_loaded) >= MAX_LOADED:
+                _loaded.pop(next(iter(_loaded)))
+            _loaded[key] = vlm
+        return vlm
+
+
+def forget_models() -> None:
+    """Drop every loaded model (tests; the next use loads again)."""
+    with _load_lock:
+        _loaded.clear()
 
 
 def warm_up(name: str | None, video: str | None = None) -> None:

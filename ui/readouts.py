@@ -53,6 +53,14 @@ def attribution_final(run: RunView, n_tokens: int, secs: float) -> str:
     )
 
 
+def loading_model(label: str) -> str:
+    """Status while a model loads for its first use on this server."""
+    return (
+        f"Loading {label} (its first use on this server; a large model can take minutes). "
+        "Other sessions keep working meanwhile."
+    )
+
+
 NO_SPANS = "No span yet: run the model, or open a saved run, then pick a span here."
 
 
