@@ -33,7 +33,8 @@ from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
 from vstream.attr.methods import AttributionContext, attribute
 from vstream.attr.regions import regions_for
 from vstream.attr.risk import FEATURES, RiskModel, point_features
-from vstream.model import VLM
+from vstream.attr.userdata import DataRow
+from vstream.model import VLM, VLMError, normalize_answer
 from vstream.world.eval_model import parse_answer
 from vstream.world.shapes import Scene
 
@@ -76,7 +77,7 @@ class TraceDynamics:
 def trace_dynamics(
     vlm: VLM,
     estimator: Estimator,
-    scene: Scene,
+    scene: Scene | DataRow,
     max_new_tokens: int = 192,
     fidelity_masks: int = 0,
     mask_seed: int = 0,
@@ -95,7 +96,9 @@ def trace_dynamics(
     gen = torch.tensor(tokens, dtype=torch.long)
     ctx = AttributionContext(vlm, inputs, gen, spans, regions.assignment, token_attn=rows, estimator=estimator)
     scores = attribute("vstream", ctx)
-    out = TraceDynamics(scene.seed, scene.family, scene.kind, scene.question, scene.answer, parse_answer(text), scores)
+    answer = normalize_answer(scene.answer or "")
+    kind = getattr(scene, "kind", "")  # a user's row has no question variant
+    out = TraceDynamics(scene.seed, scene.family, kind, scene.question, answer, parse_answer(text), scores)
     if fidelity_masks:
         ablated = draw_masks(regions.k, fidelity_masks, 0.5, mask_seed, scene.seed)
         try:
@@ -303,7 +306,7 @@ def analyze(
 def collect_dynamics(
     vlm: VLM,
     estimator: Estimator,
-    items: Sequence[Scene],
+    items: Sequence[Scene | DataRow],
     max_new_tokens: int = 192,
     fidelity_first: int = 0,
     fidelity_masks: int = 16,
@@ -312,10 +315,16 @@ def collect_dynamics(
     on_trace: Callable[[TraceDynamics], None] | None = None,
 ) -> tuple[list[TraceDynamics], int]:
     """`trace_dynamics` over `items` (per-step fidelity on the first `fidelity_first`); returns
-    the traces and how many were skipped for having fewer than two thinking spans."""
+    the traces and how many were skipped: fewer than two thinking spans, or (a user's row) an
+    image that cannot be used."""
     out, skipped = [], 0
     for i, scene in enumerate(tqdm(items, desc=desc, file=sys.stderr, disable=not progress)):
-        t = trace_dynamics(vlm, estimator, scene, max_new_tokens, fidelity_masks if i < fidelity_first else 0)
+        try:
+            t = trace_dynamics(vlm, estimator, scene, max_new_tokens, fidelity_masks if i < fidelity_first else 0)
+        except VLMError:
+            if isinstance(scene, Scene):
+                raise
+            t = None
         if t is None:
             skipped += 1
             continue

@@ -10,6 +10,7 @@ from pathlib import Path
 from vstream.attr import analysis
 from vstream.attr.analysis_plots import write_plots
 from vstream.attr.estimator import load
+from vstream.attr.userdata import read_data
 from vstream.model import VLMError, load_vlm
 from vstream.world.assets import DEMO_ESTIMATOR, DEMO_MODEL_DIR, RISK_MODEL
 from vstream.world.eval_model import check_heldout
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR))
     ap.add_argument("--estimator", default=str(DEMO_ESTIMATOR))
+    ap.add_argument("--data", default=None, help="your own rows with answers (.jsonl, .csv or a datasets folder)")
     ap.add_argument("--n", type=int, default=1100, help="held-out scenes analysed (cycling the families)")
     ap.add_argument("--fit-n", type=int, default=550, help="validation scenes the risk classifier is fitted on")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families to keep")
@@ -40,17 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if bad := [f for f in fams if f not in FAMILIES]:
             raise VLMError(f"unknown families {bad}; choose from {', '.join(FAMILIES)}")
-        if Path(args.model).is_dir():
+        if Path(args.model).is_dir() and not args.data:
             check_heldout(Path(args.model))
             check_heldout(Path(args.model), "val")
         vlm = load_vlm(args.model)
         est = load(args.estimator, vlm)
-        pick = lambda split, start, n: [s for s in scenes(split, start, n) if s.family in fams]  # noqa: E731
-        fit, skipped_fit = analysis.collect_dynamics(
-            vlm, est, pick("val", 0, args.fit_n), args.max_new_tokens, desc="fit traces (val)"
-        )
+        if args.data:  # the user's rows: every third one fits the risk model, the rest are analysed
+            source = read_data(args.data)
+            bad_rows = len(source.skipped) + sum(1 for r in source.rows if not r.answer)
+            rows = [r for r in source.rows if r.answer]
+            if len(rows) < 6:
+                raise VLMError(f"{args.data}: analyze needs at least 6 rows with an answer, found {len(rows)}")
+            fit_items, held_items = rows[::3], [r for i, r in enumerate(rows) if i % 3]
+        else:
+            bad_rows = 0
+            pick = lambda split, start, n: [s for s in scenes(split, start, n) if s.family in fams]  # noqa: E731
+            fit_items, held_items = pick("val", 0, args.fit_n), pick("heldout", HELDOUT_START, args.n)
+        fit, skipped_fit = analysis.collect_dynamics(vlm, est, fit_items, args.max_new_tokens, desc="fit traces")
         held, skipped = analysis.collect_dynamics(
-            vlm, est, pick("heldout", HELDOUT_START, args.n), args.max_new_tokens, args.fidelity, desc="held-out traces"
+            vlm, est, held_items, args.max_new_tokens, args.fidelity, desc="held-out traces"
         )
         res, risk = analysis.analyze(held, fit, args.boot)
     except (VLMError, ValueError) as e:
@@ -59,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     res.update(
         model=args.model,
         estimator=args.estimator,
-        heldout_start=HELDOUT_START,
+        heldout_start=None if args.data else HELDOUT_START,
+        data=args.data,
+        n_bad_rows=bad_rows,
         skipped_short_traces={"heldout": skipped, "fit": skipped_fit},
         risk_model=risk.to_json(),
     )
