@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Rebuild everything that rests on the demo model, in order, as the shipped assets were made.
+# Each step resumes from its checkpoints or label shards when rerun. On a 2-core CPU the demo
+# model is ~75 min, labels ~1 h, each TaYS paradigm ~20 min; on a GPU drop --minutes.
+#   bash scripts/rebuild_demo.sh demo | labels | estimator | tays | figures | all
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ACC="accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+PREV=9fe072e  # the commit holding the previous (224 px, six-family) demo model, which the new one starts from
+step=${1:-all}
+
+if [[ $step == demo || $step == all ]]; then
+  # 1. demo model: the 448 px, eleven-family world, fine-tuned from the previous model (its own
+  #    recipe: docs/history.md); token embeddings are matched by token text (the vocabulary grew)
+  #    So far: this command with --minutes 75, then resumed with --minutes 147 (a warm restart of
+  #    the cosine); the result is wip/demo-model, which the next run continues (--init wip/demo-model).
+  mkdir -p runs/prev && git archive "$PREV" assets/demo-model | tar -x -C runs/prev
+  $ACC -m vstream train-demo --steps 3000 --minutes 147 --batch-size 16 --lr 1e-3 \
+    --init runs/prev/assets/demo-model --position-probe \
+    --out runs/demo448/model --run-dir runs/demo448/run --save-every 100
+  python -m vstream eval-model --json --split val --model runs/demo448/model
+  rm -rf assets/demo-model && cp -r runs/demo448/model assets/demo-model
+  python -m vstream render-examples
+fi
+
+if [[ $step == labels || $step == all ]]; then
+  # 2. estimator labels on training scenes, and held-out labels for train-estimator --eval / transfer
+  $ACC -m vstream collect --n 1000 --out runs/labels448
+  $ACC -m vstream collect --split heldout --n 300 --start 200000 --out runs/labels448-heldout
+fi
+
+if [[ $step == estimator || $step == all ]]; then
+  python -m vstream train-estimator --labels runs/labels448 --eval runs/labels448-heldout \
+    --out assets/estimator-demo.safetensors
+fi
+
+if [[ $step == tays || $step == all ]]; then
+  # 3. TaYS and its two baselines: one base (the demo model above), one recipe
+  for p in tays batch interleaved; do
+    $ACC -m tays train --paradigm $p --steps 720 --minutes 60 --batch-size 8 --lr 1e-3 \
+      --answer-weight 15 --empty-step-weight 0.25 --save-every 40 --out runs/tays/$p
+  done
+  rm -rf assets/tays-model && cp -r runs/tays/tays assets/tays-model
+fi
+
+if [[ $step == figures || $step == all ]]; then
+  # 4. every figure the README quotes
+  python -m vstream eval-model --json
+  python -m vstream evaluate --json --n 200
+  python -m vstream analyze --json --risk-out assets/risk-demo.json
+  python -m vstream transfer --json --labels runs/labels448 --heldout runs/labels448-heldout
+  python -m vstream bench --json
+  python -m tays evaluate --json --n 200 --workers 10 --paradigms tays batch interleaved batch_no_think
+  python -m tays bench --json
+fi
