@@ -13,7 +13,8 @@ if [[ $step == demo || $step == all ]]; then
   # 1. demo model: the 448 px, eleven-family world, fine-tuned from the previous model (its own
   #    recipe: docs/history.md); token embeddings are matched by token text (the vocabulary grew)
   #    So far: this command with --minutes 75, then resumed with --minutes 147 (a warm restart of
-  #    the cosine); the result is wip/demo-model, which the next run continues (--init wip/demo-model).
+  #    the cosine) and stopped at step 1,600 (133 min): wip/demo-model, which the next run
+  #    continues (--init wip/demo-model).
   mkdir -p runs/prev && git archive "$PREV" assets/demo-model | tar -x -C runs/prev
   $ACC -m vstream train-demo --steps 3000 --minutes 147 --batch-size 16 --lr 1e-3 \
     --init runs/prev/assets/demo-model --position-probe \
