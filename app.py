@@ -55,7 +55,7 @@ from vstream.attr.record import RunRecord, score_span
 from vstream.attr.worker import AttributionSession, PathEvent, TokenEvent, attribute_stream
 from vstream.model import VLMError, model_identity
 from vstream.world.assets import DEMO_MODEL_DIR, ROOT
-from vstream.world.examples import scene_example_labels, scene_examples, stream_examples
+from vstream.world.examples import scene_examples, stream_examples
 
 MAX_NEW_TOKENS = 256
 VIDEO_MAX_NEW_TOKENS = 160  # as `python -m tays evaluate`: a step per frame group on 20 s streams
@@ -444,7 +444,6 @@ def reasoning_tab(
             gr.Examples(
                 rows,
                 inputs=[r_image, r_question],
-                example_labels=scene_example_labels() + [f"photo: {q}" for _, q in photos],
                 label="Examples: shapes-world scenes of every family (with their ground truth; a run on one "
                 "says whether the model got it right), and two photos shipped with scikit-learn",
                 examples_per_page=24,

@@ -262,3 +262,15 @@ def tiny_glm4v(tiny_glm4v_dir):
     from vstream.model import load_vlm
 
     return load_vlm(str(tiny_glm4v_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def playwright_sync():
+    """One Playwright driver for the whole run: the browser test files share it (a second
+    `sync_playwright()` started while the first is open fails with "Sync API inside the asyncio loop")."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the Python package `playwright` is missing: pip install -r requirements-dev.txt", pytrace=False)
+    with sync_playwright() as pw:
+        yield pw

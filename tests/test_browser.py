@@ -188,19 +188,14 @@ def server(tmp_path_factory) -> Server:
 
 
 @pytest.fixture(scope="session")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(f"the Python package `playwright` is missing for the browser tests; {INSTALL_HINT}", pytrace=False)
+def browser(playwright_sync):
     exe = _chromium_path()
-    with sync_playwright() as pw:
-        try:
-            b = pw.chromium.launch(executable_path=exe, headless=True, args=["--disable-dev-shm-usage"])
-        except Exception as e:  # noqa: BLE001 - report any launch failure with the fix
-            pytest.fail(f"could not launch {exe} headless through Playwright: {e}\n{INSTALL_HINT}", pytrace=False)
-        yield b
-        b.close()
+    try:
+        b = playwright_sync.chromium.launch(executable_path=exe, headless=True, args=["--disable-dev-shm-usage"])
+    except Exception as e:  # noqa: BLE001 - report any launch failure with the fix
+        pytest.fail(f"could not launch {exe} headless through Playwright: {e}\n{INSTALL_HINT}", pytrace=False)
+    yield b
+    b.close()
 
 
 def _open(browser, server: Server):

@@ -106,9 +106,7 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def camera_page(app_url, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
+def camera_page(app_url, tmp_path_factory, playwright_sync):
     from vstream.world.shapes_video import make_stream
 
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -122,15 +120,14 @@ def camera_page(app_url, tmp_path_factory):
         f"--use-file-for-fake-video-capture={y4m}",
     ]
     url, logs = app_url
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, headless=True, args=args)
-        ctx = b.new_context(viewport={"width": 1400, "height": 1400}, permissions=["camera"])
-        ctx.set_default_timeout(120_000)
-        page = ctx.new_page()
-        page.goto(url, wait_until="domcontentloaded")
-        page.wait_for_selector("[role=tab]")
-        yield page, logs
-        b.close()
+    b = playwright_sync.chromium.launch(executable_path=exe, headless=True, args=args)
+    ctx = b.new_context(viewport={"width": 1400, "height": 1400}, permissions=["camera"])
+    ctx.set_default_timeout(120_000)
+    page = ctx.new_page()
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("[role=tab]")
+    yield page, logs
+    b.close()
 
 
 def _text(page, sel: str) -> str:
