@@ -34,7 +34,8 @@ def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: in
     old = out / "index.json"
     if old.exists():  # drop what an earlier render listed and this one does not
         keep = {e["file"] for e in index["scenes"] + index["streams"]}
-        for e in [*json.loads(old.read_text()).get("scenes", []), *json.loads(old.read_text()).get("streams", [])]:
+        before = json.loads(old.read_text())
+        for e in [*before.get("scenes", []), *before.get("streams", [])]:
             if e["file"] not in keep and (out / Path(e["file"]).name).is_file():
                 (out / Path(e["file"]).name).unlink()
     (out / "index.json").write_text(json.dumps(index, indent=1))
