@@ -7,6 +7,7 @@ import json
 import struct
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,29 @@ def test_load_round_trip(request, fixture, arch, ppt):
     assert not vlm.model.training
     assert vlm.model.config._attn_implementation == "sdpa"
     assert vlm.eos_token_ids == [vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_concurrent_loads_do_not_corrupt_each_other():
+    """The explorer warms one model while a tab loads another; both must come out whole."""
+    root = Path(__file__).resolve().parents[1]
+    paths = [str(root / "assets" / "demo-model"), str(root / "assets" / "tays-model")] * 3
+    results: dict[int, object] = {}
+
+    def load(i: int) -> None:
+        try:
+            results[i] = load_vlm(paths[i])
+        except Exception as e:  # noqa: BLE001 - the test reports whatever went wrong
+            results[i] = e
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, got in results.items():
+        assert isinstance(got, VLM), f"load {i} of {paths[i]} failed: {got!r}"
+        assert not any(p.is_meta for p in got.model.parameters())
+    assert len(results) == len(paths)
 
 
 # -- inputs --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from PIL import Image
 
 from vstream.attr.partitions import PARTITIONS
 from vstream.model import (
+    LOAD_LOCK,
     VLMError,
     VLMInputs,
     normalize_image_with_size,
@@ -187,7 +188,8 @@ class DinoV3Backbone:
         from transformers import AutoModel
 
         try:
-            model = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+            with LOAD_LOCK:
+                model = AutoModel.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VLMError(f"could not load DINOv3 weights from {path}: {type(e).__name__}: {msg}") from e

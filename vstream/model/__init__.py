@@ -11,6 +11,7 @@ from vstream.model.identity import model_identity, model_name
 from vstream.model.images import normalize_image, normalize_image_with_size
 from vstream.model.inputs import VLMInputs
 from vstream.model.loading import (
+    LOAD_LOCK,
     load_vlm,
     read_model_config,
     resolve_device,
@@ -27,6 +28,7 @@ from vstream.model.vlm import SUPPORTED_MODEL_TYPES, VLM
 
 __all__ = [
     "END_OF_STEP",
+    "LOAD_LOCK",
     "THINK_CLOSE",
     "THINK_OPEN",
     "SUPPORTED_MODEL_TYPES",

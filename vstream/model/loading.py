@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,11 @@ import torch
 from vstream.model.errors import VLMError
 from vstream.model.families import image_processor_class
 from vstream.model.vlm import SUPPORTED_MODEL_TYPES, VLM
+
+# transformers builds models on the meta device under process-wide patches and imports its
+# classes lazily; two threads loading at once (the explorer warming one model while a tab loads
+# another) corrupt each other, so every load in this process takes this lock.
+LOAD_LOCK = threading.RLock()
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -33,6 +39,18 @@ def load_vlm(
     package needed). Every user-facing failure (missing path, offline hub id, unsupported
     architecture, no safetensors, a model that does not fit) is a one-line VLMError.
     """
+    with LOAD_LOCK:
+        return _load(name_or_path, dtype, device, trust_remote_code, device_map, load_in)
+
+
+def _load(
+    name_or_path: str,
+    dtype: str | torch.dtype,
+    device: str | torch.device,
+    trust_remote_code: bool,
+    device_map: str | dict | None,
+    load_in: str | None,
+) -> VLM:
     path = resolve_model_path(str(name_or_path), trust_remote_code)
     raw = read_model_config(path)
     model_type = raw.get("model_type")
