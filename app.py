@@ -373,6 +373,11 @@ def reasoning_tab(
                 with gr.Row():
                     r_run = gr.Button("Run", variant="primary", elem_id="reason-run")
                     r_stop = gr.Button("Stop", variant="stop", elem_id="reason-stop")
+                r_truth = gr.Textbox(
+                    label="Ground truth (of the gallery example picked)",
+                    interactive=False,
+                    elem_id="reason-truth",
+                )
                 r_status = gr.Markdown("Pick an example or upload an image, then press Run.", elem_id="reason-status")
             with gr.Column(scale=3):
                 r_text = gr.HighlightedText(
@@ -443,12 +448,15 @@ def reasoning_tab(
         if rows:
             gr.Examples(
                 rows,
-                inputs=[r_image, r_question],
-                label="Examples: shapes-world scenes of every family (with their ground truth; a run on one "
+                inputs=[r_image, r_question, r_truth],
+                label="Examples: shapes-world scenes of every family with their ground truth (a run on one "
                 "says whether the model got it right), and two photos shipped with scikit-learn",
                 examples_per_page=24,
                 elem_id="reason-examples",
             )
+        # the truth belongs to the example only: a new image or question of the visitor's clears it
+        for ev in (r_image.upload, r_image.clear, r_question.input):
+            ev(lambda: "", None, r_truth, queue=False, show_progress="hidden")
         with gr.Accordion("Reasoning only (no attribution)", open=False):
             r_plain_run = gr.Button("Run without attribution", elem_id="reason-plain-run")
             r_plain_out = gr.Markdown(elem_id="reason-plain-out")

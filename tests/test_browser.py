@@ -288,6 +288,11 @@ def _pick_example(page, file: str) -> str:
     if row.count():
         row.first.locator("td").first.click()
         how = "example row"
+        truth = page.locator("#reason-truth textarea, #reason-truth input").first
+        want = f"{_scene(file)['answer']} · {_scene(file)['family']}"
+        page.wait_for_function(
+            "([el, want]) => el.value === want", arg=[truth.element_handle(), want], timeout=UPLOAD_MS
+        )
     else:
         page.locator("#reason-image input[type=file]").set_input_files(str(EXAMPLES / file))
     page.wait_for_selector("#reason-image img", state="visible", timeout=UPLOAD_MS)
@@ -307,6 +312,11 @@ def _pick_video(page, file: str) -> None:
     if row.count():
         row.first.locator("td").first.click()
         how = "example row"
+        truth = page.locator("#reason-truth textarea, #reason-truth input").first
+        want = f"{_scene(file)['answer']} · {_scene(file)['family']}"
+        page.wait_for_function(
+            "([el, want]) => el.value === want", arg=[truth.element_handle(), want], timeout=UPLOAD_MS
+        )
     else:
         page.locator("#video-file input[type=file]").set_input_files(str(EXAMPLES / file))
     page.wait_for_selector("#video-file video", state="attached", timeout=UPLOAD_MS)
@@ -511,7 +521,9 @@ def test_span_view_sentence_click_hover_and_compare(page, server, screenshots):
     _wait(page, server, screenshots, "span 1 selected by a click on its sentence", _PICKED_JS, 1)
     assert "Span 1" in _text(page, "#reason-span-info")
     # hover the middle of the image: plotly shows the region and its score
-    box = page.locator("#reason-span-view .nsewdrag").first.bounding_box()
+    drag = page.locator("#reason-span-view .nsewdrag").first
+    drag.scroll_into_view_if_needed()  # mouse coordinates outside the viewport hover nothing
+    box = drag.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     _wait(
         page,

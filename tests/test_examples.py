@@ -3,19 +3,19 @@
 import numpy as np
 from PIL import Image
 
-from vstream.world.examples import answer_verdict, example_truth, scene_example_labels, scene_examples
+from vstream.world.examples import answer_verdict, example_truth, scene_examples
 
 
 def test_every_example_carries_its_truth():
-    rows, labels = scene_examples(), scene_example_labels()
-    assert rows and len(rows) == len(labels)
-    for (path, question), label in zip(rows, labels):
+    rows = scene_examples()
+    assert rows
+    for path, question, shown in rows:
         truth = example_truth(Image.open(path), question)
-        assert truth is not None and label.endswith(f"truth: {truth['answer']}")
+        assert truth is not None and shown == f"{truth['answer']} · {truth['family']}"
 
 
 def test_other_images_and_questions_are_not_examples():
-    path, question = scene_examples()[0]
+    path, question, _ = scene_examples()[0]
     img = Image.open(path).convert("RGB")
     assert example_truth(img, question + " Really?") is None
     arr = np.asarray(img).copy()
@@ -31,7 +31,7 @@ def test_verdict_compares_normalised_answers():
 def test_the_page_says_whether_an_example_was_answered_right():
     from ui.explorer import example_verdict
 
-    path, question = scene_examples()[0]
+    path, question, _ = scene_examples()[0]
     truth = example_truth(Image.open(path), question)["answer"]
     assert example_verdict(Image.open(path), question, truth).startswith("✓ right")
     assert example_verdict(Image.open(path), question, "no idea").startswith("✗ wrong")

@@ -86,7 +86,7 @@ def as_number(value: Any, kind: type[N]) -> N:
 def _example_hashes() -> dict[str, str]:
     """sha1 of every example image -> 'examples/<name>' (uploads arrive as copies in a cache)."""
     out = {}
-    for path in sorted(EXAMPLES_DIR.glob("*.png")) + [Path(p) for p, _ in photo_examples()]:
+    for path in sorted(EXAMPLES_DIR.glob("*.png")) + [Path(row[0]) for row in photo_examples()]:
         try:
             out[hashlib.sha1(path.read_bytes()).hexdigest()[:16]] = f"examples/{path.name}"
         except OSError:
@@ -514,8 +514,9 @@ PHOTO_QUESTIONS = {"china.jpg": "What is in the picture?", "flower.jpg": "What c
 
 
 def photo_examples(dest: Path | None = None) -> list[list[str]]:
-    """Real photos that ship with scikit-learn (china.jpg, flower.jpg; Creative Commons, see
-    sklearn/datasets/images/README.txt), copied to a temp folder the web server may serve."""
+    """[[path, question, truth], ...]: real photos that ship with scikit-learn (china.jpg,
+    flower.jpg; Creative Commons, see sklearn/datasets/images/README.txt), copied to a temp
+    folder the web server may serve. Their truth is unknown."""
     try:
         import sklearn.datasets as ds
     except Exception:
@@ -532,5 +533,5 @@ def photo_examples(dest: Path | None = None) -> list[list[str]]:
                 shutil.copyfile(src / name, dest / name)
         except OSError:
             continue
-        out.append([str(dest / name), q])
+        out.append([str(dest / name), q, "unknown (a photo)"])
     return out

@@ -43,13 +43,12 @@ def render_examples(out: Path = EXAMPLES_DIR, per_family: int = 3, n_streams: in
 
 
 def scene_examples() -> list[list[str]]:
-    """[[image path, question], ...] from examples/index.json (shapes-world scenes)."""
-    return [[str(EXAMPLES_DIR / s["file"]), s["question"]] for s in _index().get("scenes", [])]
-
-
-def scene_example_labels() -> list[str]:
-    """One caption per `scene_examples()` row: its family and ground-truth answer."""
-    return [f"{s['family']} · truth: {s['answer']}" for s in _index().get("scenes", [])]
+    """[[image path, question, ground truth], ...] from examples/index.json (shapes-world scenes);
+    the truth reads "answer · family" so the gallery shows it before anything runs."""
+    return [
+        [str(EXAMPLES_DIR / s["file"]), s["question"], f"{s['answer']} · {s['family']}"]
+        for s in _index().get("scenes", [])
+    ]
 
 
 def example_truth(image: Image.Image, question: str) -> dict | None:
