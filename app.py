@@ -202,6 +202,7 @@ class Session:
         self.video_stop: threading.Event | None = None
         self.push: PushSource | None = None  # fed by the webcam
         self.video_watch: vid.WatchLog | None = None  # attribution of the latest video run
+        self.video_log: vid.StepLog | None = None  # its steps as the table shows them
         self.lab_examples: list[LabeledExample] = []
         self.lab_model: str = ""
         self.lab_estimator: LinearEstimator | None = None
@@ -836,23 +837,21 @@ def video_tab(state: gr.State, policy: ModelPolicy, video_model: str, model_limi
                         v_ttft = gr.Markdown("**TTFT** –", elem_id="video-ttft")
                         v_delay = gr.Markdown("**Delay** –", elem_id="video-delay")
                         v_status = gr.Markdown(elem_id="video-status")
-                v_steps = gr.Dataframe(
-                    headers=vid.STEP_HEADERS,
-                    label="Reasoning steps (stream time: the newest frame the step could see; said at: "
-                    "seconds after the stream started)",
-                    wrap=True,
-                    elem_id="video-steps",
-                )
+                with gr.Row():
+                    v_steps = gr.Dataframe(
+                        headers=vid.STEP_HEADERS,
+                        label="Reasoning steps (stream time: the newest frame the step could see; said at: seconds "
+                        "after the stream started; relied on: the frame it rested on most, and its best region "
+                        "there). Click a step for its heatmap",
+                        wrap=True,
+                        elem_id="video-steps",
+                        scale=3,
+                    )
+                    v_pick = gr.Image(
+                        label="Heatmap of the step clicked", interactive=False, elem_id="video-pick", scale=1
+                    )
                 v_text = gr.Textbox(label="Reasoning (streams while frames arrive)", lines=4, elem_id="video-text")
                 v_timeline = gr.Plot(label="Timeline: frames, steps and what each relied on", elem_id="video-timeline")
-                with gr.Row():
-                    v_attr = gr.Dataframe(
-                        headers=vid.ATTR_HEADERS,
-                        label="Which frame each step relied on (click a step for its heatmap)",
-                        wrap=True,
-                        elem_id="video-attr",
-                    )
-                    v_pick = gr.Image(label="Heatmap of the step clicked", interactive=False, elem_id="video-pick")
                 with gr.Group():
                     v_other = gr.Radio(
                         ["interleaved", "batch"],
@@ -874,13 +873,13 @@ def video_tab(state: gr.State, policy: ModelPolicy, video_model: str, model_limi
     v_ev = v_run.click(
         video_run,
         [v_source, v_file, v_fps, v_question, v_model, state],
-        [state, v_text, v_ttft, v_delay, v_status, v_frame, v_steps, v_heat, v_timeline, v_attr],
+        [state, v_text, v_ttft, v_delay, v_status, v_frame, v_steps, v_heat, v_timeline],
         api_name="video",
         **model_limit,
     )
     v_ev.failure(_error_status("video"), [state], [v_status], api_visibility="private")
     v_stop.click(stop_video, [state], [v_status], api_name="video_stop", concurrency_limit=None)
-    v_attr.select(video_step_heatmap, [state], [v_pick], api_visibility="private", concurrency_limit=None)
+    v_steps.select(video_step_heatmap, [state], [v_pick], api_visibility="private", concurrency_limit=None)
     v_cam.stream(
         push_webcam_frame, [v_cam, state], None, stream_every=0.25, concurrency_limit=None, api_visibility="private"
     )
@@ -916,14 +915,14 @@ def video_run(
     """Run the TaYS engine on a file or the webcam; stream text, live TTFT / delay, the frame
     being seen and the steps with their stream times, and attribution while watching (the latest
     step's heatmap, the timeline, the frame each step relied on; `tays.watch`) (api_name="video").
-    Yields (state, text, ttft, delay, status, frame, steps, heatmap, timeline, attribution rows)."""
+    Yields (state, text, ttft, delay, status, frame, step table, heatmap, timeline)."""
     fps = ex.check_fps(fps)
     q = ex.check_question(question)
     with st.job("video"):
         if not ex.is_loaded(model_name):
             skip = gr.skip()
             status = readouts.loading_model(ex.model_label(model_name))
-            yield st, skip, skip, skip, status, skip, skip, skip, skip, skip
+            yield st, skip, skip, skip, status, skip, skip, skip, skip
         vlm = ex.get_model(model_name)
         src = vid.TappedSource(_video_source(kind, file, fps, st))
         stop = threading.Event()
@@ -953,7 +952,7 @@ def video_run(
         th = threading.Thread(target=work, name="app-video-run", daemon=True)
         t0 = time.perf_counter()
         th.start()
-        log = vid.StepLog()
+        log = st.video_log = vid.StepLog()
         first, latest, shown_t = None, None, None
         skip = gr.skip()
         try:
@@ -984,8 +983,8 @@ def video_run(
                     readouts.delay_markdown(latest, False),
                     readouts.video_running(fps, kind == "Webcam", time.perf_counter() - t0, shown_t),
                     frame[1] if new_frame else skip,
-                    log.rows(),
-                    *(_watch_outputs(wl) if len(wl.steps) != n_scored or not alive else (skip, skip, skip)),
+                    vid.step_table(log, wl)[0],
+                    *(_watch_outputs(wl) if len(wl.steps) != n_scored or not alive else (skip, skip)),
                 )
                 if not alive:
                     break
@@ -999,7 +998,7 @@ def video_run(
                     readouts.delay_markdown(latest, False),
                     f"**Error:** {msg}",
                     skip,
-                    log.rows(),
+                    vid.step_table(log, wl)[0],
                     *_watch_outputs(wl),
                 )
                 return
@@ -1011,7 +1010,7 @@ def video_run(
                 readouts.delay_markdown(m.get("delay_s"), True),
                 readouts.video_done(res) + f"; {attr_note}" + (f" ({wl.error})" if wl.error else ""),
                 skip,
-                log.rows(),
+                vid.step_table(log, wl)[0],
                 *_watch_outputs(wl),
             )
         finally:
@@ -1021,21 +1020,22 @@ def video_run(
             th.join(10.0)
 
 
-def _watch_outputs(wl: vid.WatchLog) -> tuple[Any, go.Figure, list[list[Any]]]:
+def _watch_outputs(wl: vid.WatchLog) -> tuple[Any, go.Figure]:
     heat = wl.live_heatmap()
-    return (heat if heat is not None else gr.skip(), wl.timeline(), wl.rows())
+    return (heat if heat is not None else gr.skip(), wl.timeline())
 
 
 @handler()
 def video_step_heatmap(st: Session | None, evt: gr.SelectData, request: gr.Request = None) -> Any:
     """A click on a step row: that step's heatmap on the frame group it relied on most."""
-    wl = st.video_watch
-    if wl is None or evt is None or not wl.rows():
+    wl, log = st.video_watch, st.video_log
+    if wl is None or log is None or evt is None:
         return gr.skip()
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-    if not 0 <= int(row) < len(wl.steps):
+    ids = vid.step_table(log, wl)[1]
+    if not 0 <= int(row) < len(ids) or ids[int(row)] is None:
         return gr.skip()
-    img = wl.heatmap(wl.steps[int(row)].step)
+    img = wl.heatmap(ids[int(row)])
     return img if img is not None else gr.skip()
 
 

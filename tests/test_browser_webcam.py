@@ -40,10 +40,10 @@ _TEXT_JS = """(sel) => {
 }"""
 
 
-# the step table's rows from its cells' data-row / data-col (step, written at, relied-on frame
-# time, best region, text)
+# the step table's rows from its cells' data-row / data-col (step, stream time, said at,
+# relied-on frame time, best region, text)
 ROWS_JS = """() => { const rows = {};
-  document.querySelectorAll('#video-attr [data-row][data-col]').forEach(c => {
+  document.querySelectorAll('#video-steps [data-row][data-col]').forEach(c => {
     const r = +c.dataset.row, k = +c.dataset.col;
     if (r >= 0 && k >= 0) { (rows[r] = rows[r] || [])[k] = c.innerText.trim(); } });
   return Object.keys(rows).map(Number).sort((a, b) => a - b).map(r => rows[r]); }"""
@@ -140,7 +140,7 @@ def _wait(page, logs: Path, what: str, js: str) -> None:
     try:
         page.wait_for_function(js, timeout=WAIT_MS, polling=250)
     except PWTimeout:
-        shown = {s: _text(page, s)[:500] for s in ("#video-status", "#video-attr", "#video-steps")}
+        shown = {s: _text(page, s)[:500] for s in ("#video-status", "#video-steps")}
         pytest.fail(
             f"timed out waiting for {what}; page: {shown}\napp stderr: {(logs / 'err.log').read_text()[-2500:]}",
             pytrace=False,
@@ -148,7 +148,7 @@ def _wait(page, logs: Path, what: str, js: str) -> None:
 
 
 def _rows(page) -> list[list[str]]:
-    """The step table's rows (step, written at, relied-on frame time, best region, text)."""
+    """The step table's rows (step, stream time, said at, relied-on frame time, best region, text)."""
     return page.evaluate(ROWS_JS)
 
 
@@ -166,7 +166,7 @@ def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
         page,
         logs,
         "a scored step with the frame it relied on",
-        f"() => ({ROWS_JS})().some(r => /^\\d+(\\.\\d+)?$/.test(r[2] || ''))",
+        f"() => ({ROWS_JS})().some(r => /^\\d+(\\.\\d+)?$/.test(r[3] || ''))",
     )
     _wait(page, logs, "the step heatmap", "() => !!document.querySelector('#video-heatmap img[src]')")
     _wait(
@@ -178,8 +178,8 @@ def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
     )
     # click a step that relied on a frame: its heatmap appears
     rows = _rows(page)
-    idx = next(i for i, r in enumerate(rows) if re.fullmatch(r"\d+(\.\d+)?", r[2]))
-    page.locator(f"#video-attr [data-row='{idx}'][data-col='4']").first.click()
+    idx = next(i for i, r in enumerate(rows) if re.fullmatch(r"\d+(\.\d+)?", r[3]))
+    page.locator(f"#video-steps [data-row='{idx}'][data-col='5']").first.click()
     _wait(page, logs, "the clicked step's heatmap", "() => !!document.querySelector('#video-pick img[src]')")
 
     # stop mid-run: the page says so and what it shows stays consistent
@@ -188,11 +188,11 @@ def test_webcam_run_shows_attribution_and_stops_cleanly(camera_page):
     rows = _rows(page)
     assert rows and [int(r[0]) for r in rows] == list(range(1, len(rows) + 1))
     for r in rows:
-        if re.fullmatch(r"\d+(\.\d+)?", r[2]):
-            # a step relies on a frame group that had arrived when it was written (+1 s: a group's
+        if re.fullmatch(r"\d+(\.\d+)?", r[3]):
+            # a step relies on a frame group that had arrived when it was said (+1 s: a group's
             # time is its last frame, the stream clock starts with the first webcam frame)
-            assert float(r[2]) <= float(r[1]) + 1.0, r
-    assert "<|" not in _text(page, "#video-attr")
+            assert float(r[3]) <= float(r[2]) + 1.0, r
+    assert "<|" not in _text(page, "#video-steps")
     # the tab takes a new run (the stopped one released it)
     page.locator("#video-run").click()
     _wait(

@@ -9,7 +9,9 @@ the live frame, is presentation, not engine logic.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,10 +32,9 @@ from vstream.world.assets import ASSETS, RUNS_DIR
 VIDEO_ESTIMATOR = RUNS_DIR / "estimators" / "video.safetensors"  # python -m tays train-attribution
 STILL_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
 KEEP_FRAMES = 512  # frame groups whose frame the tab keeps for heatmaps (about 4 min at 2 FPS)
-ATTR_HEADERS = ["step", "written at (s)", "relied on frame (s)", "best region", "text"]
 
 _SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>")
-STEP_HEADERS = ["step", "stream time (s)", "said at (s)", "text"]
+STEP_HEADERS = ["step", "stream time (s)", "said at (s)", "relied on frame (s)", "best region", "text"]
 
 
 def clean(text: str) -> str:
@@ -195,17 +196,13 @@ class WatchLog:
         cands = [s for s in self.steps if s.groups]
         return None if not cands else self.heatmap(cands[-1].step, cands[-1].groups[-1])
 
-    def rows(self) -> list[list[Any]]:
-        """One row per scored step: step, written at (stream s), frame group it relied on most
-        (its stream time), best region there, text."""
-        out = []
-        for s in self.steps:
-            top = s.top_group
-            t_top = "–" if top is None else round(s.group_times[s.groups.index(top)], 2)
-            out.append(
-                [s.step + 1, round(s.end * self.speed, 2), t_top, "–" if top is None else s.top_region, clean(s.text)]
-            )
-        return out
+    def relied_on(self, s: StepScores) -> tuple[Any, Any]:
+        """(stream time of the frame group the step relied on most, best region there); dashes
+        for a step that saw no frame."""
+        top = s.top_group
+        if top is None:
+            return "–", "–"
+        return round(s.group_times[s.groups.index(top)], 2), s.top_region
 
     def timeline(self) -> go.Figure:
         """x = stream time: frame groups ingested, each step where it was written with a line to
@@ -265,3 +262,45 @@ class WatchLog:
             legend={"orientation": "h", "y": -0.35},
         )
         return fig
+
+
+def _key(text: str) -> str:
+    """Text without control tokens or any whitespace: the keys of consecutive engine steps concatenate
+    to the key of their joined text, wherever the tokens split words."""
+    return "".join(clean(text).split())
+
+
+def align_steps(texts: Sequence[str], steps: Sequence[StepScores]) -> list[StepScores | None]:
+    """The scored engine step each displayed step text ends in, in order (None: not scored yet).
+    The table splits at sentence ends and control tokens, the engine also at its step cap, so a
+    row may share an engine step with others or run over several: each row is found in the
+    engine steps' joined text after the previous row's match."""
+    keys = [_key(s.text) for s in steps]
+    ends = list(itertools.accumulate(len(k) for k in keys))  # char end of each step in `joined`
+    joined, pos = "".join(keys), 0
+    out: list[StepScores | None] = []
+    for text in texts:
+        want = _key(text)
+        at = joined.find(want, pos) if want else -1
+        if at < 0:
+            out.append(None)
+            continue
+        pos = at + len(want)
+        out.append(steps[bisect.bisect_left(ends, pos)])
+    return out
+
+
+def step_table(log: StepLog, wl: WatchLog | None) -> tuple[list[list[Any]], list[int | None]]:
+    """The Video tab's one step table (STEP_HEADERS): each step with its stream time, when it was
+    said, and, once its engine step is scored, the frame it relied on most and the best region
+    there; plus per row the engine step index a click shows the heatmap of (None: not scored)."""
+    rows = log.rows()
+    closed = [r for r in rows if not str(r[3]).endswith(" …")]
+    hits = align_steps([r[3] for r in closed], wl.steps if wl is not None else [])
+    hits += [None] * (len(rows) - len(closed))
+    table, ids = [], []
+    for (n, st, said, text), hit in zip(rows, hits):
+        frame, region = ("…", "…") if hit is None else wl.relied_on(hit)
+        table.append([n, st, said, frame, region, text])
+        ids.append(None if hit is None else hit.step)
+    return table, ids
