@@ -14,6 +14,9 @@ from vstream.attr.ablation import ablation_effects
 from vstream.attr.capture import region_features
 from vstream.attr.labels import trace_with_attention
 from vstream.attr.methods import METHODS, AttributionContext, attribute
+from vstream.attr.methods.attnlrp import lrp_rules, span_relevance
+from vstream.attr.methods.tam import activations, eci, rank_gaussian_filter, token_maps
+from vstream.attr.methods.teacher_forced import forward_with_input_grad
 from vstream.attr.regions import regions_for
 from vstream.attr.spans import Span
 from vstream.cli import evaluate as evaluate_cli
@@ -66,7 +69,7 @@ def ctx(request) -> AttributionContext:
 
 
 def test_every_method_returns_finite_spans_by_regions(ctx):
-    assert set(METHODS) == {"vstream", "raw_attention", "input_x_gradient", "occlusion"}
+    assert set(METHODS) == {"vstream", "raw_attention", "input_x_gradient", "occlusion", "tam", "attnlrp"}
     for m in METHODS:
         out = attribute(m, ctx)
         assert out.shape == (ctx.n_spans, ctx.k), m
@@ -159,6 +162,184 @@ def test_input_x_gradient_matches_finite_differences(tiny_qwen2_5_vl_dir, monkey
 
 
 # ----------------------------------------------------------------------------------------------
+# TAM
+
+
+def test_tam_reads_the_models_own_logits_of_each_predicted_token(ctx):
+    # raw map of token y_t = relu(logit of class y_t) at the image tokens, from the model's own head
+    a = activations(ctx)
+    gen = torch.as_tensor(ctx.generated_ids)
+    kw = ctx.inputs.teacher_forced(gen)
+    with torch.no_grad():
+        logits = ctx.vlm.model(**kw, use_cache=False).logits[0].double()  # (S, V)
+    img = ctx.inputs.image_token_positions
+    np.testing.assert_allclose(a.raw.numpy(), logits[img][:, gen].T.clamp_min(0).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.scores.numpy(), logits[a.context][:, gen].T.clamp_min(0).numpy(), rtol=1e-4, atol=1e-5)
+    ids = torch.cat([ctx.inputs.input_ids[0], gen])
+    np.testing.assert_allclose(
+        a.context_maps.numpy(), logits[img][:, ids[a.context]].T.clamp_min(0).numpy(), rtol=1e-4, atol=1e-5
+    )
+    # context: text after the image, before the position that predicted the token
+    p = ctx.inputs.prompt_len
+    assert a.context.numel() > 0 and bool((a.context > img.max()).all())
+    assert not bool(torch.isin(a.context, img).any())
+    for t in range(len(gen)):
+        assert a.visible[t].tolist() == (a.context < p + t - 1).tolist()
+        assert a.same[t].tolist() == (ids[a.context] == gen[t]).tolist()
+    in_trace = a.context >= p  # the trace's own earlier tokens join the context
+    assert a.visible[-1, in_trace].any() and not a.visible[0, in_trace].any()
+
+
+def test_tam_span_score_sums_its_tokens_maps_over_the_region(ctx):
+    maps = token_maps(ctx)  # (T, N)
+    assert maps.shape == (len(ctx.generated_ids), ctx.assignment.shape[1])
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1
+    want = np.stack([(ctx.assignment.double() @ maps[s.token_start : s.token_end].sum(0)).numpy() for s in ctx.spans])
+    np.testing.assert_allclose(attribute("tam", ctx), want, rtol=1e-12)
+
+
+def test_eci_removes_what_earlier_context_explains():
+    ctx_maps = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 1.0]])  # (Q=2, N=4)
+    raw = torch.stack([3 * ctx_maps[0], 3 * ctx_maps[0] + torch.tensor([0.0, 0.0, 0.0, 5.0]), ctx_maps[1]])
+    w = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # token 2 has no context
+    out = eci(raw, ctx_maps, w)
+    np.testing.assert_allclose(out[0].numpy(), 0.0, atol=1e-6)  # wholly explained by the context
+    np.testing.assert_allclose(out[1].numpy(), [0, 0, 0, 5.0], atol=1e-6)  # what the context lacks stays
+    np.testing.assert_allclose(out[2].numpy(), raw[2].numpy())  # no context: unchanged
+    # a mix of two context maps, weighted by how strongly each scores the token
+    out = eci(ctx_maps.sum(0, keepdim=True) * 2, ctx_maps, torch.tensor([[4.0, 4.0]]))
+    np.testing.assert_allclose(out.numpy(), 0.0, atol=1e-6)
+    assert (eci(torch.rand(5, 4), ctx_maps, torch.rand(5, 2)) >= 0).all()
+
+
+def _rank_gaussian_by_definition(img: np.ndarray) -> np.ndarray:
+    """The rank Gaussian filter, one pixel at a time, as the TAM paper defines it."""
+    padded = np.pad(img, 1, mode="reflect" if min(img.shape) > 1 else "edge")
+    ax = np.arange(9) - 4
+    out = np.zeros_like(img)
+    for i in range(img.shape[0]):
+        for j in range(img.shape[1]):
+            win = np.sort(padded[i : i + 3, j : j + 3].ravel())
+            mean = win.mean()
+            if mean <= 0:
+                continue
+            sigma = win.std() / mean
+            if sigma == 0:
+                out[i, j] = mean
+                continue
+            k = np.exp(-(ax**2) / (2 * sigma**2))
+            out[i, j] = (win * k / k.sum()).sum()
+    return out
+
+
+def test_rank_gaussian_filter_matches_its_per_pixel_definition():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 5, 6))
+    maps[1, :2] = 0.0  # empty windows
+    maps[2] = 0.25  # a constant map stays constant
+    maps[0, 2, 3] = 40.0  # a lone spike is damped (ranked to the end of every window it is in)
+    got = rank_gaussian_filter(torch.from_numpy(maps)).numpy()
+    want = np.stack([_rank_gaussian_by_definition(m) for m in maps])
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[2], 0.25)
+    assert got[0, 2, 3] < 4.0
+    row = rng.random((1, 1, 7))  # one-row token grid
+    np.testing.assert_allclose(
+        rank_gaussian_filter(torch.from_numpy(row)).numpy()[0], _rank_gaussian_by_definition(row[0]), rtol=1e-10
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# AttnLRP
+
+
+def _relevance_at(vlm, ctx, rules: bool) -> dict[str, float]:
+    """Relevance (activation . backward signal, summed) of the first span's log-prob sum at the
+    decoder's sublayer boundaries and attention projections, with or without the LRP rules."""
+    lm = vlm.language_model
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda module, args, out=None: acts.__setitem__(name, args[0] if out is None else out)
+
+    hooks = [lm.norm.register_forward_pre_hook(keep("final"))]
+    for i, layer in enumerate(lm.layers):
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(keep(f"mid{i}")))
+        hooks.append(layer.register_forward_hook(keep(f"out{i}")))
+        att = layer.self_attn
+        hooks.append(att.o_proj.register_forward_pre_hook(keep(f"o{i}")))
+        for proj in ("q", "k", "v"):  # registered before the rules: sees the output before their scaling
+            hooks.append(getattr(att, f"{proj}_proj").register_forward_hook(keep(f"{proj}{i}")))
+    gen = torch.as_tensor(ctx.generated_ids)
+    s = ctx.spans[0]
+    try:
+        with lrp_rules(vlm) if rules else vlm.lock, forward_with_input_grad(vlm, ctx.inputs, gen) as fp:
+            names = list(acts)
+            grads = torch.autograd.grad(fp.logp[s.token_start : s.token_end].sum(), [acts[n] for n in names])
+            rel = {n: float((acts[n].detach() * g).sum()) for n, g in zip(names, grads)}
+            z = fp.logits.detach().double()
+            at_logits = z.gather(1, gen[:, None])[:, 0] - (torch.softmax(z, -1) * z).sum(-1)
+            rel["explained"] = float(at_logits[s.token_start : s.token_end].sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    return rel
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2_5_vl", "tiny_qwen3_vl"])
+def test_attnlrp_rules_conserve_relevance(arch, request):
+    vlm = load_vlm(str(request.getfixturevalue(arch + "_dir")), device="cpu", dtype=torch.float64)
+    ctx = _context(vlm, scene_seed=5)
+    plain = _relevance_at(vlm, ctx, rules=False)
+    r = _relevance_at(vlm, ctx, rules=True)
+    close = lambda a, b: abs(a - b) <= 1e-6 * max(1.0, abs(b))  # noqa: E731
+    assert abs(r["explained"]) > 0.1
+    # vocabulary head + final norm: all of the explained log-prob reaches the residual stream
+    assert close(r["final"], r["explained"]), r
+    for i in range(vlm.num_layers):
+        assert close(r[f"out{i}"], r[f"mid{i}"]), (i, r)  # the MLP sublayer conserves exactly
+        assert close(r[f"v{i}"], r[f"o{i}"] / 2), (i, r)  # uniform rule: half of softmax(qk) v to v
+        assert close(r[f"q{i}"], r[f"k{i}"]), (i, r)  # and q k^T splits the other half evenly
+    # end to end, only the attention softmax and the biases keep some relevance back
+    rel, explained = span_relevance(ctx)
+    ratio = (rel.sum(1) / explained).numpy()
+    assert ((ratio > 0.6) & (ratio < 1.05)).all(), ratio
+    np.testing.assert_allclose(explained[0].item(), r["explained"], rtol=1e-9)
+    # the plain gradient (input x gradient) conserves none of this
+    assert not close(plain["final"], plain["explained"])
+    assert not all(close(plain[f"out{i}"], plain[f"mid{i}"]) for i in range(vlm.num_layers))
+    # the rules are gone after the calls: gradients are plain again
+    assert _relevance_at(vlm, ctx, rules=False) == plain
+
+
+def test_attnlrp_scores_are_image_token_relevance_per_region(ctx):
+    rel, _ = span_relevance(ctx)
+    img = ctx.inputs.image_token_positions
+    want = (rel[:, img] @ ctx.assignment.double().T).numpy()
+    np.testing.assert_allclose(attribute("attnlrp", ctx), want, rtol=1e-12)
+    assert rel.shape == (ctx.n_spans, ctx.inputs.prompt_len + len(ctx.generated_ids))
+    # from the span's last token's own position on, nothing can change its log-probs (causal)
+    for i, s in enumerate(ctx.spans):
+        assert float(rel[i, ctx.inputs.prompt_len + s.token_end - 1 :].abs().max()) == 0.0
+        assert float(rel[i, : ctx.inputs.prompt_len + s.token_end - 1].abs().max()) > 0
+
+
+def test_evaluate_reports_time_and_memory_of_tam_and_attnlrp(tiny_qwen2_5_vl_dir):
+    vlm = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
+    est = StandIn(vlm.num_layers * vlm.num_heads)
+    res = E.evaluate(vlm, est, n=1, methods=("tam", "attnlrp"), max_new_tokens=12, progress=False)
+    assert res["n_spans"] >= 1
+    for m in ("tam", "attnlrp"):
+        assert res["n_per_method"][m] == 1
+        assert res["seconds_per_span"][m] > 0
+        mb = res["peak_memory_mb_per_span"][m]
+        assert isinstance(mb, float) and mb >= 0
+        assert res["lds"][m] is None or -1 <= res["lds"][m] <= 1
+    assert "peak_memory_mb_per_span" in res["definitions"]
+    assert set(E.SLOW_METHODS) >= {"tam", "attnlrp"} and set(E.ALL_METHODS) >= {"tam", "attnlrp"}
+
+
+# ----------------------------------------------------------------------------------------------
 # metrics
 
 
@@ -234,7 +415,7 @@ def test_evaluate_json_has_every_key(tiny_qwen2_5_vl_dir, tmp_path, monkeypatch,
     )
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("lds", "r2", "top5_drop", "pointing", "seconds_per_span"):
+    for key in ("lds", "r2", "top5_drop", "pointing", "seconds_per_span", "peak_memory_mb_per_span"):
         assert set(res[key]) == set(E.ALL_METHODS), key
     assert res["n"] == 3 and res["split"] == "heldout" and res["start"] == E.DEFAULT_START
     for key in (

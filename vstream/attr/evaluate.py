@@ -37,6 +37,14 @@ Metrics (per method; "span" = a thinking span of the generated trace, the answer
 * seconds_per_span: wall-clock seconds of the method per span (vSTREAM / raw attention include
   pooling the recorded attention rows into features; attention itself was recorded during
   generation at no extra pass).
+* peak_memory_mb_per_span: the peak extra memory (MB) the method needed while attributing one
+  trace (all its spans), median over traces (`vstream.attr.memory.PeakMemory`: on CUDA
+  max_memory_allocated above the level before, on the CPU sampled resident memory above the
+  level before, coarse). The name keeps the per-span family of keys; the figure is per trace.
+
+Methods: `ALL_METHODS`; the model-internal ones (input_x_gradient, tam, attnlrp: one forward,
+and a backward per span for the gradient ones) and occlusion (K forwards) are `SLOW_METHODS`,
+which `slow_n` can restrict to the first scenes.
 
 The last stdout line is one JSON object; progress bars go to stderr.
 """
@@ -57,6 +65,7 @@ from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
 from vstream.attr.estimator import Estimator, load
 from vstream.attr.estimator import lds as lds_fn
 from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
+from vstream.attr.memory import PeakMemory
 from vstream.attr.methods import METHODS, AttributionContext, attribute_timed
 from vstream.attr.regions import regions_for
 from vstream.attr.spans import Span
@@ -71,8 +80,8 @@ KEEP_PROB = 0.5
 TOP = 5
 CONSTANT_TOL = 1e-4  # nats: a span whose measured subset effects span less is "constant"
 DEFAULT_ESTIMATOR = DEMO_ESTIMATOR
-ALL_METHODS = ("vstream", "raw_attention", "input_x_gradient", "occlusion")
-SLOW_METHODS = ("input_x_gradient", "occlusion")
+ALL_METHODS = ("vstream", "raw_attention", "input_x_gradient", "occlusion", "tam", "attnlrp")
+SLOW_METHODS = ("input_x_gradient", "occlusion", "tam", "attnlrp")
 
 DEFINITIONS = {
     "lds": "mean over spans of Spearman(predicted, measured) across 32 random region subsets "
@@ -85,6 +94,8 @@ DEFINITIONS = {
     "pointing": "share of thought spans matched to a step with an object whose top-scored region "
     "overlaps that object's mask",
     "seconds_per_span": "method wall-clock seconds / spans attributed",
+    "peak_memory_mb_per_span": "median over traces of the peak extra memory (MB) while the method attributes "
+    "one trace (CUDA: max_memory_allocated above the level before; CPU: sampled RSS above it, coarse)",
     "region_iou_median": "median over the objects the scenes' steps name of the pixel IoU between the "
     "object's mask and its best-overlapping region (at the default K)",
 }
@@ -204,7 +215,8 @@ def evaluate(
     `data`, on the user's rows [start, start + n) instead (n None: all); pointing needs reference
     objects, so it is not scored there, and a row whose image cannot be used is counted and skipped.
 
-    `slow_n`: run input_x_gradient and occlusion only on the first slow_n scenes (default all)."""
+    `slow_n`: run the SLOW_METHODS (input_x_gradient, occlusion, tam, attnlrp) only on the first
+    slow_n scenes (default all)."""
 
     for m in methods:
         if m not in METHODS:
@@ -222,6 +234,7 @@ def evaluate(
     drop: dict[str, list[float]] = defaultdict(list)
     point: dict[str, list[bool]] = defaultdict(list)
     secs: dict[str, float] = defaultdict(float)
+    peak_mb: dict[str, list[float]] = defaultdict(list)  # per trace
     spans_done: dict[str, int] = defaultdict(int)
     examples_done: dict[str, int] = defaultdict(int)
     drop_random: list[float] = []
@@ -289,8 +302,10 @@ def evaluate(
         run = [m for m in methods if m not in SLOW_METHODS or i < slow_n]
         scores: dict[str, np.ndarray] = {}
         for m in run:
-            scores[m], dt = attribute_timed(m, ctx)
+            with PeakMemory(vlm.device) as mem:
+                scores[m], dt = attribute_timed(m, ctx)
             secs[m] += dt
+            peak_mb[m].append(mem.mb)
             spans_done[m] += s_n
             examples_done[m] += 1
             pred = subset_predictions(scores[m], ablated)
@@ -356,6 +371,9 @@ def evaluate(
         "n_per_method": {m: examples_done[m] for m in methods},
         **counts,
         "seconds_per_span": {m: (round(secs[m] / spans_done[m], 6) if spans_done[m] else None) for m in methods},
+        "peak_memory_mb_per_span": {
+            m: (round(float(np.median(peak_mb[m])), 1) if peak_mb[m] else None) for m in methods
+        },
         "ground_truth_seconds_per_example": round(gt_secs / max(1, len(ks)), 4),
         "generation_seconds_per_token": round(gen_secs / max(1, gen_tokens), 5),
         "k_mean": round(float(np.mean(ks)), 2) if ks else None,

@@ -18,15 +18,15 @@ end-of-turn tokens are zeroed so every trace runs to the requested length). Per 
   memory, or "out of memory" where it does not fit (the paper reports that near 2,350 tokens
   on its GPU).
 
-Peak memory is `torch.cuda.max_memory_allocated` above what was allocated before (GPU), or the
-process's peak resident memory above its level before, sampled every 2 ms (CPU; coarser). The
-timing does not depend on the weights, so a seeded random linear estimator scores the spans.
+Peak memory is `vstream.attr.memory.PeakMemory`: `torch.cuda.max_memory_allocated` above what
+was allocated before (GPU), or the process's peak resident memory above its level before,
+sampled every 2 ms (CPU; coarser). The timing does not depend on the weights, so a seeded
+random linear estimator scores the spans.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from typing import Any
 
@@ -36,6 +36,7 @@ from PIL import Image
 
 from vstream.attr.ablation import PlaceholderInTrace, ablation_effects
 from vstream.attr.bench import RandomLinearEstimator, replay_seconds, run_live, run_plain
+from vstream.attr.memory import PeakMemory
 from vstream.attr.methods import AttributionContext, attribute_timed
 from vstream.attr.spans import Span
 from vstream.model import VLM
@@ -64,42 +65,6 @@ class FixedSpans:
         self.spans.append(span)
         self._start = None
         return [span]
-
-
-class PeakMemory:
-    """`with PeakMemory(device) as m: ...` then `m.mb`: the peak above the level at entry."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mb = device, 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            self._proc = psutil.Process()
-            self._base = self._peak = self._proc.memory_info().rss
-            self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, self._proc.memory_info().rss)
-        self.mb = round((peak - self._base) / 2**20, 1)
 
 
 def _noise(side: int) -> Image.Image:

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         "--slow-n",
         type=int,
         default=None,
-        help="run input_x_gradient and occlusion on the first SLOW_N scenes only (default: all)",
+        help="run the slow methods (input_x_gradient, occlusion, tam, attnlrp) on the first SLOW_N scenes only "
+        "(default: all)",
     )
     ap.add_argument("--masks", type=int, default=N_MASKS, help="random region subsets per scene")
     ap.add_argument("--mask-seed", type=int, default=0)
@@ -90,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res["model"], res["estimator"] = args.model, (args.estimator if "vstream" in methods else None)
     if not args.json:
-        print(f"{'method':18s} {'LDS':>7s} {'R^2':>7s} {'top5':>7s} {'point':>7s} {'s/span':>9s}")
+        print(f"{'method':18s} {'LDS':>7s} {'R^2':>7s} {'top5':>7s} {'point':>7s} {'s/span':>9s} {'peak MB':>9s}")
         for m in methods:
             f = lambda v, w=7, p=3: f"{v:{w}.{p}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
             print(
                 f"{m:18s} {f(res['lds'][m])} {f(res['r2'][m])} {f(res['top5_drop'][m])} "
-                f"{f(res['pointing'][m])} {f(res['seconds_per_span'][m], 9, 5)}"
+                f"{f(res['pointing'][m])} {f(res['seconds_per_span'][m], 9, 5)} "
+                f"{f(res['peak_memory_mb_per_span'][m], 9, 1)}"
             )
         print(
             f"{res['n']} {'held-out scenes' if data is None else 'rows'}, {res['n_spans']} spans "

@@ -23,14 +23,27 @@ Methods (Captum style: one file each, registered by name in `METHODS`):
   ablation effect. On Qwen3-VL the DeepStack features injected inside the decoder are held fixed.
 * ``occlusion``: leave-one-region-out: the measured effect of ablating region k alone, with the
   one ablation operator (`vstream.attr.ablation.ablation_effects`, K one-region masks, batched).
+* ``tam``: Token Activation Maps (Li et al. 2025): per generated token, the relu logit of that
+  token read at the image tokens' last hidden states, minus the estimated interference of
+  earlier context tokens (ECI), min-max normalised and rank-Gaussian filtered; summed over the
+  span's tokens and the region's image tokens. Non-negative, not in nats. One forward, no grad.
+* ``attnlrp``: AttnLRP (Achtibat et al. 2024): layer-wise relevance of the image tokens' input
+  embeddings for the span's log-prob sum, in the gradient x input form (rules on norms,
+  activations, the gated product and attention as backward-pass changes, hooked on this model
+  only), summed per region. One forward, one backward per span, like input_x_gradient.
+
+`teacher_forced.py` holds the one teacher-forced forward (with grad at the LLM input embeddings,
+or the last hidden states) that input_x_gradient, attnlrp and tam share.
 """
 
 # importing a method's module registers it
 from vstream.attr.methods import (  # noqa: E402, F401, I001
+    attnlrp,
     input_x_gradient,
     linear_estimator,
     occlusion,
     raw_attention,
+    tam,
 )
 from vstream.attr.methods.base import (
     METHODS,
