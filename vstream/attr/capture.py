@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vstream.attr import rowmath
 from vstream.model import VLM
 
 __all__ = [
@@ -178,10 +179,7 @@ class AttentionRecorder:
         which torch's small ops cost), summed in place so memory stays one row."""
         rows = self._rows_between(start, end)
         if all(isinstance(r, np.ndarray) for r in rows):
-            total = rows[0].copy()
-            for r in rows[1:]:
-                total += r
-            return total
+            return rowmath.sum_rows(rows)
         total = None
         for i in range(0, len(rows), _ROW_BLOCK):
             part = torch.stack([_tensor(r) for r in rows[i : i + _ROW_BLOCK]]).sum(0)
@@ -200,6 +198,62 @@ class AttentionRecorder:
         """Block until at least n rows are recorded (True) or the timeout passes (False)."""
         with self._cond:
             return self._cond.wait_for(lambda: len(self._rows) + len(self._pending) >= n, timeout)
+
+    # -- computing rows in another process -------------------------------------------------------
+    def export(
+        self, start: int, end: int, queries: np.ndarray, keys: np.ndarray, keys_from: int
+    ) -> tuple[np.ndarray, int, float] | None:
+        """Copy what the rows of tokens [start, end) are computed from into another process's
+        buffers: each step's queries into `queries[start:end]` ((T_max, L, H, D) float32) and the
+        key cache columns [keys_from, S) of every layer into `keys` ((L, Hkv, S_max, D)), S the
+        latest cache length. Returns the steps' (T,) key lengths, S and the score scaling; None
+        when these rows cannot be computed elsewhere (one already computed here, a mask, a batch,
+        not float32 on the CPU, layers of different shapes, buffers too small): compute them here.
+
+        Meant for the generation thread, once per span: one concatenation for the queries and a
+        slice copy per layer for the keys the consumer has not seen yet."""
+        with self._cond:
+            base = len(self._rows)
+            if end <= start or start < base or end > base + len(self._pending):
+                return None
+            steps = self._pending[start - base : end - base]
+            latest = list(self._keys)
+        k0 = latest[0]
+        if k0 is None or k0.device.type != "cpu" or k0.dtype != torch.float32 or k0.shape[0] != 1:
+            return None
+        s = int(k0.shape[2])
+        if any(k is None or k.shape != k0.shape or k.dtype != torch.float32 for k in latest):
+            return None
+        if tuple(keys.shape[:2]) != (len(latest), k0.shape[1]) or keys.shape[3] != k0.shape[3] or s > keys.shape[2]:
+            return None
+        flat = [q for st in steps for q, _, m in st.layers if m is None]  # T*L of (1, H, 1, D)
+        if len(flat) != len(steps) * self.num_layers:
+            return None
+        q0 = flat[0]
+        if q0.shape[0] != 1 or q0.dtype != torch.float32:
+            return None
+        if end > queries.shape[0] or tuple(queries.shape[2:]) != (q0.shape[1], q0.shape[3]):
+            return None
+        torch.cat(flat, out=torch.from_numpy(queries[start:end]).view(len(flat), q0.shape[1], 1, q0.shape[3]))
+        for li, k in enumerate(latest):
+            keys[li, :, keys_from:s] = k.numpy()[0, :, keys_from:s]
+        return np.array([st.layers[0][1] for st in steps]), s, steps[0].scaling
+
+    def adopt(self, rows: np.ndarray) -> int:
+        """Take (T, L, H, N) float32 rows computed elsewhere from `export`ed steps, for the first
+        T tokens, in place of the pending steps they answer (copied: the buffer is not ours), so
+        later reads return the very numbers the other process used. Returns how many were taken."""
+        with self._compute, self._cond:
+            base = len(self._rows)
+            take = min(len(self._pending), len(rows) - base)
+            if take <= 0:
+                return 0
+            got = np.array(rows[base : base + take], dtype=np.float32)
+            del self._pending[:take]
+            self._rows.extend(got)
+            if self.keep_cpu:
+                self._cpu_rows.extend(got)
+            return take
 
     def reset(self) -> None:
         """Forget all rows (and any half-filled step), e.g. before the next generation."""
@@ -280,15 +334,14 @@ def _pending_rows(steps: list[_PendingStep], keys: list[torch.Tensor | None]) ->
 
 
 def _pending_rows_numpy(steps: list[_PendingStep], keys: list[torch.Tensor]) -> np.ndarray:
-    """`_pending_rows` for float32 CPU tensors: numpy for the glue and the GEMMs, two torch calls
-    (gather the queries, softmax) where numpy's loops are slower than a GIL hand-over.
-    (T, L, H, N) float32."""
+    """`_pending_rows` for float32 CPU tensors, in numpy (`rowmath`, the arithmetic the
+    attribution process runs too) on views of the same memory; one torch call gathers the
+    queries. (T, L, H, N) float32."""
     lens = np.array([st.layers[0][1] for st in steps])
     s, t, n_layers = int(lens.max()), len(steps), len(keys)
     k_np = [k.numpy()[0, :, :s] for k in keys]  # (Hkv, S, D) views
     same = all(k.shape == k_np[0].shape for k in k_np)
     groups = [list(range(n_layers))] if same else [[li] for li in range(n_layers)]
-    length_bias = np.where(np.arange(s)[None, :] < lens[:, None], np.float32(0), np.float32(-np.inf))  # (T, S)
     positions = steps[0].positions.numpy()
     out = []
     for group in groups:
@@ -296,11 +349,7 @@ def _pending_rows_numpy(steps: list[_PendingStep], keys: list[torch.Tensor]) -> 
         b, h, _, d = flat[0].shape
         qq = torch.cat(flat).numpy().reshape(t, len(group), b, h, d)[:, :, 0]  # (T, L', H, D)
         kk = np.stack([k_np[li] for li in group])  # (L', Hkv, S, D)
-        nl, hkv = kk.shape[:2]
-        g = h // hkv
-        q = qq.reshape(t, nl, hkv, g, d).transpose(1, 2, 0, 3, 4).reshape(nl, hkv, t * g, d)
-        scores = np.matmul(q, kk.transpose(0, 1, 3, 2)).reshape(nl, hkv, t, g, s).transpose(2, 0, 1, 3, 4)
-        scores = scores.reshape(t, nl, h, s) * np.float32(steps[0].scaling) + length_bias[:, None, None, :]
+        scores = rowmath.decode_scores(qq, kk, lens, steps[0].scaling)  # (T, L', H, S)
         for i, st in enumerate(steps):
             for j, li in enumerate(group):
                 m = st.layers[li][2]
@@ -312,10 +361,8 @@ def _pending_rows_numpy(steps: list[_PendingStep], keys: list[torch.Tensor]) -> 
                     scores[i, j, :, :n] = np.where(m[..., :n], scores[i, j, :, :n], -np.inf)
                 else:
                     scores[i, j, :, :n] += m[..., :n].astype(np.float32)
-        probs = torch.softmax(torch.from_numpy(scores), dim=-1).numpy()
-        out.append(probs[..., positions])
-    rows = out[0] if len(out) == 1 else np.concatenate(out, axis=1)
-    return np.ascontiguousarray(rows, dtype=np.float32)
+        out.append(rowmath.image_mass(scores, positions))
+    return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
 
 class _CaptureState:
@@ -520,7 +567,7 @@ def features_from_sum(
     if tuple(assignment.shape[1:]) != (n,) or assignment.ndim != 2:
         raise ValueError(f"assignment must be (K, {n}), got {tuple(assignment.shape)}")
     if isinstance(total, np.ndarray) and isinstance(assignment, np.ndarray):
-        return (assignment @ total.reshape(l * h, n).T) / np.float32(count)
+        return rowmath.span_features(total, count, assignment)
     t = torch.as_tensor(total).float()
     a = torch.as_tensor(assignment).to(device=t.device, dtype=torch.float32)
     return torch.mm(a, t.reshape(l * h, n).T).div_(count)

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vstream.attr import rowmath
 from vstream.attr.labels import load_labels
 from vstream.model import VLM, VLMError, model_name
 
@@ -113,13 +114,18 @@ class LinearEstimator(torch.nn.Module):
         """(..., K, L*H) features -> (..., K) per-region predicted effects (the attribution)."""
         return self._check(features) @ self.weight + self.region_bias
 
+    def numpy_weights(self) -> tuple[np.ndarray, np.float32]:
+        """A snapshot of (w (L*H,) float32, c) for numpy scoring (`rowmath.linear_scores`): the
+        live worker's CPU path, here or in the attribution process."""
+        w = self.weight.detach().float().cpu().numpy().copy()
+        return w, np.float32(self.region_bias.detach().float().item())
+
     def numpy_predictor(self) -> Callable[[np.ndarray], np.ndarray]:
         """`predict` as a numpy function of (K, L*H) float32 features, on a snapshot of the
         weights: the live worker's CPU path, where torch's per-call dispatch costs more than the
         arithmetic (and each torch call hands the GIL back and forth with generation)."""
-        w = self.weight.detach().float().cpu().numpy().copy()
-        c = np.float32(self.region_bias.detach().float().item())
-        return lambda features: (features @ w + c).astype(np.float32, copy=False)
+        w, c = self.numpy_weights()
+        return lambda features: rowmath.linear_scores(features, w, c)
 
     def predict_subsets(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """(K, L*H) features, (M, K) masks (True = ablated) -> (M,) predicted subset effects."""

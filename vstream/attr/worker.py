@@ -9,20 +9,35 @@ Producer-consumer, two threads, one output queue:
 * the generation thread (`vstream-attr-generate`) runs `model.generate` under `vlm.lock` with
   attention capture on (`vstream.attr.capture`). A streamer callback, called synchronously inside
   `generate` for every new token, decodes its text, emits a `TokenEvent` and feeds the
-  `SpanSplitter`; every span the token closes goes, with its close time, onto the span queue.
+  `SpanSplitter`; every span the token closes goes, with its close time, to the span worker.
   Holding `vlm.lock` around both the capture and the generation is what keeps a concurrent
   generation on the same model (another user, another session) out of our recorder: it waits
   for the lock instead.
-* the worker thread (`vstream-attr-worker`) takes closed spans off that queue, waits until the
-  recorder holds the attention rows of the span's tokens, and turns them into region scores:
-  mean of the span's (L, H, N) rows x assignment (N, K) -> (K, L*H) features (the numbers of
-  `capture.region_features`, in fewer calls) -> `estimator.predict` -> (K,) scores; then the
-  heatmap (a separable lookup of precomputed region ids, `Regions.pixel_index`) and one
-  `DynamicsTracker.add`. On the demo model that is ~1.4 ms of CPU per span (bench:
-  `vstream_inflight_cpu_s_per_span`). The worker runs its torch ops on one thread
-  (`_one_torch_thread_here`), so they do not wait at OpenMP barriers for the cores generation
-  holds. (`vlm.stream` is not used because its generation thread takes `vlm.lock` itself, after
-  our capture would already be attached.)
+* the span worker turns a closed span into region scores: mean of the span's (L, H, N) rows x
+  assignment (N, K) -> (K, L*H) features (`capture.features_from_sum`) -> `estimator.predict`
+  -> (K,) scores; then the heatmap (a separable lookup of precomputed region ids,
+  `Regions.pixel_index`) and one `DynamicsTracker.add`. It runs in one of two places
+  (`session.worker_mode`):
+
+  - "process" (a float32 model on the CPU with a `LinearEstimator`: the demo setup): the
+    attribution process (`vstream.attr.liveproc`), so that none of it holds the GIL that
+    `generate`'s Python needs. The generation thread keeps a closed span until the decode step
+    that records its last row, then copies the span's decode queries and the new key columns
+    into memory shared with the process (`AttentionRecorder.export`) and sends a short message;
+    a relay thread here (`vstream-attr-worker`) paints the heatmap from the scores that come
+    back and emits the events. Per span the generating interpreter does tens of microseconds
+    of copying instead of ~0.5 ms of arithmetic, and nothing wakes on every decode step. When
+    generation ends the recorder adopts the rows the process computed (`AttentionRecorder.adopt`),
+    so `compute_span` replays to the same numbers.
+  - "thread" (anything else: a GPU, another estimator, or when the process cannot start): the
+    worker thread (`vstream-attr-worker`) takes spans off a queue, waits until the recorder holds
+    the span's rows and computes there. It runs its torch ops on one thread
+    (`_one_torch_thread_here`), so they do not wait at OpenMP barriers for the cores generation
+    holds. On the demo model that is ~1.4 ms of CPU per span (bench:
+    `vstream_inflight_cpu_s_per_span`).
+
+  (`vlm.stream` is not used because its generation thread takes `vlm.lock` itself, after our
+  capture would already be attached.)
 * the consumer iterates the session; the output queue is filled by both threads as things
   happen, so events arrive in time order. After generation ends the generation thread closes
   the open span, waits for the worker and emits the `DoneEvent` last.
@@ -41,7 +56,8 @@ Stopping: `stop_event` (or `session.cancel()`) stops generation at the next toke
 closed so far and the open one are still scored (no waiting then, a few ms), and the DoneEvent
 says `cancelled=True`. `session.close()` (also on `with` exit and when the iterator is closed
 early) aborts: generation stops, queued spans are dropped, and both threads are joined before it
-returns, so nothing is left running; a session dropped without close() aborts its threads when it
+returns, so nothing is left running (the attribution process is one per Python process, idle
+between sessions, and exits with it); a session dropped without close() aborts its threads when it
 is garbage-collected (they hold only its inner state, never the session). Setup (inputs,
 regions, an estimator probe) runs when the session is created, so bad input raises a one-line
 `VLMError` before any thread exists. Times are `time.perf_counter()` seconds.
@@ -49,7 +65,9 @@ regions, an estimator probe) runs when the session is created, so bad input rais
 
 from __future__ import annotations
 
+import collections
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,9 +76,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vstream.attr import rowmath
 from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
+from vstream.attr.liveproc import Channel, LiveProcessError, Shapes
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.risk import RiskModel, point_features
 from vstream.attr.spans import Span, SpanSplitter
@@ -115,7 +135,7 @@ class SpanEvent:
     latency_ms: float  # emitted_time - span_end_time (includes waiting one step for the rows)
     compute_ms: float = 0.0  # worker compute only (features + predict + heatmap + dynamics)
     scores_ms: float = 0.0  # of which the attribution itself (features + predict)
-    compute_cpu_ms: float = 0.0  # CPU time of the worker thread for it (excludes GIL/lock waits)
+    compute_cpu_ms: float = 0.0  # CPU time of the worker (thread or process) for it (excludes GIL/lock waits)
     n_rows: int = 0  # attention rows (tokens) the features average over
     rows: tuple[int, int] = (0, 0)  # [lo, hi) recorder rows used (= the span's tokens unless noted)
     note: str = ""  # set when the rows are not exactly the span's tokens
@@ -185,6 +205,25 @@ def _one_torch_thread_here() -> None:
         restore.join()
 
 
+def _rows_for(span: Span, have: int) -> tuple[int, int, str]:
+    """The recorder rows [lo, hi) a span is scored on when `have` rows exist, and why they
+    differ from the span's tokens, if they do (see the module docstring)."""
+    lo, hi = span.token_start, min(span.token_end, have)
+    if hi <= lo:
+        if have == 0:
+            return 0, 0, "no attention row was recorded (a single generated token): scores are zeros"
+        return (
+            have - 1,
+            have,
+            f"tokens {span.token_start}..{span.token_end - 1} have no recorded row (generation "
+            f"stopped before feeding them back): used the last recorded row ({have - 1})",
+        )
+    if hi < span.token_end:
+        missing = span.token_end - hi
+        return lo, hi, f"{missing} last token(s) without a recorded row (generation stopped): {hi - lo} used"
+    return lo, hi, ""
+
+
 # ----------------------------------------------------------------------------------------------
 # the session
 
@@ -209,6 +248,7 @@ class _Run:
         system: str | None = None,
         row_timeout: float = 30.0,
         risk: RiskModel | None = None,
+        process: bool | None = None,
     ):
         if not callable(getattr(estimator, "predict", None)):
             raise VLMError(f"estimator must have a predict(features) method, got {type(estimator).__name__}")
@@ -242,6 +282,13 @@ class _Run:
             ) from e
         if type(estimator) is LinearEstimator and estimator.weight.device.type == "cpu":
             self._linear_np = estimator.numpy_predictor()  # shapes checked by the probe above
+        # where spans are scored: the attribution process when everything it needs is numpy
+        # (a CPU float32 model, the linear estimator), else a worker thread here
+        can = self._linear_np is not None and vlm.device.type == "cpu" and vlm.dtype == torch.float32
+        if process and not can:
+            raise VLMError("process=True needs a float32 model on the CPU and a LinearEstimator on the CPU")
+        self.worker_mode = "process" if (can if process is None else process) else "thread"
+        self.worker_note = ""
 
         self.recorder = AttentionRecorder.for_vlm(vlm)
         self.tracker = DynamicsTracker()
@@ -268,6 +315,12 @@ class _Run:
         self._started = self._finished = False
         self._gen_thread: threading.Thread | None = None
         self._worker_thread: threading.Thread | None = None
+        # process mode: spans closed but not yet sent (their last row comes one step later),
+        # rows [0, _sent_rows) and key positions [0, _sent_keys) already in the shared buffers
+        self._channel: Channel | None = None
+        self._waiting: collections.deque[tuple[Span, float]] = collections.deque()
+        self._inflight: dict[int, tuple[Span, float, int, int, str]] = {}
+        self._sent_rows = self._sent_keys = self._rows_done = 0
 
     # -- public control ------------------------------------------------------------------------
     def start(self) -> _Run:
@@ -275,7 +328,14 @@ class _Run:
             return self
         self._started = True
         self._out.put(RegionsEvent(self.regions, self.image_size, time.perf_counter(), list(self.regions.notes)))
-        self._worker_thread = threading.Thread(target=self._work, name="vstream-attr-worker", daemon=True)
+        if self.worker_mode == "process":
+            try:
+                self._channel = self._open_channel()
+            except LiveProcessError as e:  # scored here instead, slower but the same events
+                self.worker_mode, self.worker_note = "thread", str(e)
+                print(f"vstream: live attribution runs in a thread: {e}", file=sys.stderr)
+        work = self._relay if self._channel is not None else self._work
+        self._worker_thread = threading.Thread(target=work, name="vstream-attr-worker", daemon=True)
         self._gen_thread = threading.Thread(target=self._generate, name="vstream-attr-generate", daemon=True)
         self._worker_thread.start()
         self._worker_ready.wait(5.0)  # its thread setting is done before generation starts
@@ -348,13 +408,19 @@ class _Run:
                 if not self._abort.is_set():
                     now = time.perf_counter()
                     for span in self._splitter.finish():
-                        self._spans.put((span, now))
+                        self._close_span(span, now)
             except BaseException as e:
                 self._error = self._error or f"span splitting failed: {type(e).__name__}: {e}"
             self._spans.put(_END)
             try:
+                if self._channel is not None:
+                    self._finish_channel()
                 if self._worker_thread is not None:
                     self._worker_thread.join()
+                if self._channel is not None:
+                    self._channel.close()
+                    if not self._abort.is_set():  # later reads give the numbers the spans used
+                        self.recorder.adopt(self._channel.rows[: self._rows_done])
                 self._out.put(self._done_event())
             finally:
                 self._out.put(_END)  # the consumer never blocks forever
@@ -375,7 +441,133 @@ class _Run:
             self._token_times.append(now)
             self._out.put(TokenEvent(index, int(tid), piece, now))
             for span in self._splitter.push(index, piece):
-                self._spans.put((span, now))
+                self._close_span(span, now)
+        if self._waiting:
+            self._send_ready(final=False)
+
+    def _close_span(self, span: Span, now: float) -> None:
+        if self._channel is None:
+            self._spans.put((span, now))
+        else:
+            self._waiting.append((span, now))
+
+    # -- process mode: the generation thread's side --------------------------------------------
+    def _open_channel(self) -> Channel:
+        tc = self.vlm.text_config
+        heads = int(self.vlm.num_heads)
+        shapes = Shapes(
+            t_max=self.max_new_tokens + 1,
+            l=int(self.vlm.num_layers),
+            h=heads,
+            hkv=int(getattr(tc, "num_key_value_heads", None) or heads),
+            d=int(getattr(tc, "head_dim", None) or tc.hidden_size // heads),
+            s_max=self.inputs.prompt_len + self.max_new_tokens + 1,
+            n=int(self.inputs.image_token_positions.numel()),
+        )
+        weight, bias = self.estimator.numpy_weights()
+        config = {
+            "positions": self.inputs.image_token_positions.reshape(-1).cpu().numpy(),
+            "assignment": self._assignment,
+            "weight": weight,
+            "bias": bias,
+            "row_labels": self._row_labels,
+            "cols": self._cols,
+            "top": TOP_REGIONS,
+        }
+        return Channel(shapes, config)
+
+    def _send_ready(self, final: bool) -> None:
+        """Send the waiting spans whose rows are all recorded (all of them when `final`)."""
+        have = self.recorder.tokens
+        while self._waiting and (final or self._waiting[0][0].token_end <= have):
+            span, t_end = self._waiting.popleft()
+            if self._abort.is_set() or self._error is not None:
+                continue
+            try:
+                self._send_span(span, t_end, have)
+            except (OSError, LiveProcessError) as e:
+                self._error = self._error or f"attribution process lost on span {span.index}: {type(e).__name__}: {e}"
+                self._stop.set()
+
+    def _send_span(self, span: Span, t_end: float, have: int) -> None:
+        """One span to the attribution process: the queries and new keys of its rows not sent
+        yet (or the rows themselves when they cannot be computed there), then the message."""
+        ch = self._channel
+        lo, hi, note = _rows_for(span, have)
+        a, b = self._sent_rows, max(self._sent_rows, hi)
+        msg: dict[str, Any] = {"index": span.index, "rows": (lo, hi), "new_rows": (a, b), "rows_given": False}
+        if b > a:
+            got = self.recorder.export(a, b, ch.queries, ch.keys, self._sent_keys)
+            if got is None:
+                ch.rows[a:b] = self.recorder.stack(a, b, cpu=True).float().numpy()
+                msg["rows_given"] = True
+            else:
+                msg["lens"], self._sent_keys, msg["scaling"] = got
+            self._sent_rows = b
+        self._inflight[span.index] = (span, t_end, lo, hi, note)
+        ch.send_span(msg)
+
+    def _finish_channel(self) -> None:
+        if not self._abort.is_set() and self._error is None:
+            self._send_ready(final=True)
+            try:
+                self._channel.finish()
+                return
+            except OSError as e:
+                self._error = self._error or f"attribution process lost: {type(e).__name__}: {e}"
+        self._channel.close()  # the relay thread gets end of file and stops
+
+    # -- process mode: the relay thread --------------------------------------------------------
+    def _relay(self) -> None:
+        """Turn the attribution process's answers into events, until it says done."""
+        self._worker_ready.set()
+        while True:
+            try:
+                msg = self._channel.receive()
+            except (EOFError, OSError, LiveProcessError) as e:
+                if not self._abort.is_set() and self._error is None:
+                    self._error = f"the attribution process stopped answering: {type(e).__name__}: {e}"
+                    self._stop.set()
+                return
+            op = msg.get("op")
+            if op == "done":
+                self.tracker, self._rows_done = msg["tracker"], int(msg["rows"])
+                return
+            if op != "span":
+                self._error = self._error or f"attribution failed: {msg.get('error', msg)}"
+                self._stop.set()
+                return
+            if self._abort.is_set():
+                continue
+            span, t_end, lo, hi, note = self._inflight.pop(msg["index"])
+            scores, point = msg["scores"], msg["point"]
+            self.tracker.raw.append(np.asarray(scores, dtype=np.float64))  # (replaced by the process's at the end)
+            if self.risk_model is not None:
+                self._points.append(point)
+                feats = point_features(self._points, np.stack(self.tracker.raw))
+                self._risk = float(self.risk_model.probability(feats))
+            t_paint = time.perf_counter()
+            heatmap = rowmath.paint(scores, self._row_labels, self._cols)
+            t1 = time.perf_counter()
+            t0 = msg["t0"]
+            sev = SpanEvent(
+                span=span,
+                scores=scores,
+                heatmap=heatmap,
+                top_regions=list(msg["top"]),
+                span_end_time=t_end,
+                emitted_time=t1,
+                latency_ms=(t1 - t_end) * 1000.0,
+                compute_ms=(msg["t1"] - t0 + t1 - t_paint) * 1000.0,  # in the process, then the painting
+                scores_ms=(msg["t_scores"] - t0) * 1000.0,
+                compute_cpu_ms=msg["cpu_s"] * 1000.0,
+                n_rows=hi - lo,
+                rows=(lo, hi),
+                note=note,
+            )
+            self._n_spans += 1
+            self._out.put(sev)
+            self._out.put(PathEvent(point, t1, self._risk))
 
     def _done_event(self) -> DoneEvent:
         text = "".join(self._pieces)
@@ -449,8 +641,8 @@ class _Run:
         else:
             scores = np.zeros(self.regions.k, dtype=np.float32)
         t_scores = time.perf_counter()
-        heatmap = scores[self._row_labels][:, self._cols]
-        top = [int(i) for i in np.argsort(-scores, kind="stable")[: min(TOP_REGIONS, scores.size)]]
+        heatmap = rowmath.paint(scores, self._row_labels, self._cols)
+        top = rowmath.top_regions(scores, TOP_REGIONS)
         point = tracker.add(scores) if tracker is not None else None
         return scores, heatmap, top, point, t_scores
 
@@ -464,21 +656,7 @@ class _Run:
         if self._abort.is_set():
             return None
         t0, c0 = time.perf_counter(), time.thread_time()
-        have = rec.tokens
-        lo, hi = span.token_start, min(span.token_end, have)
-        note = ""
-        if hi <= lo:
-            if have == 0:
-                lo = hi = 0
-                note = "no attention row was recorded (a single generated token): scores are zeros"
-            else:
-                lo, hi = have - 1, have
-                note = (
-                    f"tokens {span.token_start}..{span.token_end - 1} have no recorded row (generation "
-                    f"stopped before feeding them back): used the last recorded row ({have - 1})"
-                )
-        elif hi < span.token_end:
-            note = f"{span.token_end - hi} last token(s) without a recorded row (generation stopped): {hi - lo} used"
+        lo, hi, note = _rows_for(span, rec.tokens)
         scores, heatmap, top, point, t_scores = self.compute_span(lo, hi, self.tracker)
         t1, c1 = time.perf_counter(), time.thread_time()
         sev = SpanEvent(
@@ -511,7 +689,9 @@ class AttributionSession:
     `cancel()` stops generating (closed spans are still scored, then the DoneEvent);
     `close()` (also `with` exit) aborts and joins both threads; a session dropped without
     either aborts its threads when garbage-collected. Attributes of the run: `inputs`,
-    `regions`, `recorder`, `tracker`, `image_size`, `token_ids`, `feature_dim`.
+    `regions`, `recorder`, `tracker` (in process mode: complete once the DoneEvent is out),
+    `image_size`, `token_ids`, `feature_dim`, `worker_mode` ("process" or "thread") and
+    `worker_note` (why the process was not used, if it was meant to be).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -577,7 +757,9 @@ def attribute_stream(
     `estimator` is anything with `predict((K, L*H) features) -> (K,)` (a `LinearEstimator`).
     Keyword extras: `regions=` (precomputed), `splitter=` (span policy with push/finish),
     `system=`, `row_timeout=`, `risk=` (a `vstream.attr.risk.RiskModel`: each PathEvent then
-    carries the failure probability so far). Bad input raises `VLMError` here, before any thread starts.
+    carries the failure probability so far), `process=` (True / False: score spans in the
+    attribution process / in a thread here; default: the process where it can run, see the
+    module docstring). Bad input raises `VLMError` here, before any thread starts.
     """
     return AttributionSession(
         vlm,

@@ -1,0 +1,406 @@
+"""The attribution process: live attribution's per-span arithmetic on another interpreter.
+
+Why a process: with the span worker as a thread of the generating process, every span's numpy
+work (rows from the captured queries, features, scores, PCA path: ~0.3 ms on the demo model)
+held the GIL that `generate`'s Python needs between its small torch ops, and the worker woke on
+every decode step to look for rows; decoding ran at 0.84-0.93 of plain on a 2-core machine.
+Here the generation thread only copies a span's decode queries and the new key columns into
+shared memory (`AttentionRecorder.export`, tens of microseconds per span) and sends a short
+message; the process computes the rest at a lower scheduling priority with one BLAS thread and
+answers with the scores, top regions and path point. The parent paints the heatmap itself
+(`rowmath.paint`, mostly without the GIL): shipping 800 KB per span cost more than painting.
+
+* the server (``python -m vstream.attr.liveproc FD``, started by the first `Channel`, one per
+  Python process; `prewarm()` starts it early): imports numpy, `rowmath` and `dynamics` only (no
+  torch, so it is up in a fraction of a second), ignores SIGINT, and exits when its parent does
+  (end of file on FD). It serves any number of sessions, each on its own socket, one message at
+  a time.
+* a session (`Channel`): a memfd shared with the server holds the queries (T_max, L, H, D), the
+  key cache (L, Hkv, S_max, D) and the rows the server computes (T_max, L, H, N), float32 (pages
+  are only allocated where written). Closing the channel (or the parent exiting) ends the
+  session in the server; nothing else is left behind.
+
+Messages on a session socket: a 4-byte length and a pickled dict. Parent to server: "config"
+(once), "span", "finish"; server to parent: "ready", "span", "done", "error". Nothing executable
+travels: numpy arrays, numbers, strings, and the `DynamicsTracker` / `PathPoint` dataclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vstream.attr import rowmath
+from vstream.attr.dynamics import DynamicsTracker
+
+__all__ = ["Channel", "LiveProcessError", "Shapes", "prewarm", "server_pid", "shutdown"]
+
+ROOT = Path(__file__).resolve().parents[2]
+NICE = 5  # the server's nice increment: generation (and torch's OpenMP team) goes first
+_HEADER = struct.Struct("!I")
+POPULATE_MAX = 256 << 20  # larger buffers (big models, long traces) are faulted in as written
+_READY_TIMEOUT_S = 120.0  # the first session waits for the server's imports (slow on a busy machine)
+
+
+class LiveProcessError(RuntimeError):
+    """The attribution process could not be started or answered wrongly."""
+
+
+# ----------------------------------------------------------------------------------------------
+# framing
+
+
+def send_msg(sock: socket.socket, obj: dict[str, Any]) -> None:
+    head = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEADER.pack(len(head)) + head)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError("the other end closed the socket")
+        got += n
+
+
+def recv_msg(sock: socket.socket) -> dict[str, Any]:
+    head = bytearray(_HEADER.size)
+    _recv_into(sock, memoryview(head))
+    (n,) = _HEADER.unpack(head)
+    body = bytearray(n)
+    _recv_into(sock, memoryview(body))
+    return pickle.loads(body)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared buffers
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Sizes of a session's shared buffers: rows (tokens) t_max, layers l, query heads h, key
+    heads hkv, head size d, key positions s_max, image tokens n."""
+
+    t_max: int
+    l: int  # noqa: E741
+    h: int
+    hkv: int
+    d: int
+    s_max: int
+    n: int
+
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [
+            ("queries", (self.t_max, self.l, self.h, self.d)),
+            ("keys", (self.l, self.hkv, self.s_max, self.d)),
+            ("rows", (self.t_max, self.l, self.h, self.n)),
+        ]
+
+    def nbytes(self) -> int:
+        return sum(4 * int(np.prod(shape)) for _, shape in self.layout())
+
+
+def _map(fd: int, nbytes: int) -> mmap.mmap:
+    """Map the session's buffers, pages faulted in now (MAP_POPULATE) up to `POPULATE_MAX`: a
+    first touch costs 2-3.5 us per 4 KB page in a VM, which the generation thread would otherwise
+    pay while copying queries in the middle of decoding."""
+    flags = mmap.MAP_SHARED
+    if nbytes <= POPULATE_MAX:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, nbytes, flags=flags)
+
+
+def _views(buf: mmap.mmap, shapes: Shapes) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
+    for name, shape in shapes.layout():
+        count = int(np.prod(shape))
+        out[name] = np.frombuffer(buf, dtype=np.float32, count=count, offset=offset).reshape(shape)
+        offset += 4 * count
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the server process
+
+
+class _Session:
+    """The server's state for one session: its buffers, the scoring inputs, its path tracker."""
+
+    def __init__(self, sock: socket.socket, mem_fd: int):
+        self.sock = sock
+        self.mem_fd = mem_fd
+        self.bufs: dict[str, np.ndarray] = {}
+        self.tracker = DynamicsTracker()
+        self.computed = 0  # rows [0, computed) are in bufs["rows"]
+
+    def close(self) -> None:
+        self.bufs = {}
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.mem_fd)
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "config":
+            self.configure(msg)
+            send_msg(self.sock, {"op": "ready", "pid": os.getpid()})
+        elif op == "span":
+            self.span(msg)
+        elif op == "finish":
+            send_msg(self.sock, {"op": "done", "tracker": self.tracker, "rows": self.computed})
+        else:
+            raise ValueError(f"unknown message {op!r}")
+
+    def configure(self, cfg: dict[str, Any]) -> None:
+        shapes = Shapes(**cfg["shapes"])
+        self.map = _map(self.mem_fd, shapes.nbytes())
+        self.bufs = _views(self.map, shapes)
+        self.positions = np.asarray(cfg["positions"], dtype=np.int64)
+        self.assignment = np.asarray(cfg["assignment"], dtype=np.float32)
+        self.weight = np.asarray(cfg["weight"], dtype=np.float32)
+        self.bias = np.float32(cfg["bias"])
+        self.top = int(cfg["top"])
+
+    def span(self, msg: dict[str, Any]) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        a, b = msg["new_rows"]
+        rows = self.bufs["rows"]
+        if b > a and not msg["rows_given"]:
+            scores = rowmath.decode_scores(self.bufs["queries"][a:b], self.bufs["keys"], msg["lens"], msg["scaling"])
+            rows[a:b] = rowmath.image_mass(scores, self.positions)
+        self.computed = max(self.computed, b)
+        lo, hi = msg["rows"]
+        if hi > lo:
+            total = rowmath.sum_rows([rows[i] for i in range(lo, hi)])
+            features = rowmath.span_features(total, hi - lo, self.assignment)
+            scores = rowmath.linear_scores(features, self.weight, self.bias)
+        else:
+            scores = np.zeros(self.assignment.shape[0], dtype=np.float32)
+        t_scores = time.perf_counter()
+        top = rowmath.top_regions(scores, self.top)
+        point = self.tracker.add(scores)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        reply = {
+            "op": "span",
+            "index": msg["index"],
+            "scores": scores,
+            "top": top,
+            "point": point,
+            "t0": t0,
+            "t_scores": t_scores,
+            "t1": t1,
+            "cpu_s": c1 - c0,
+        }
+        send_msg(self.sock, reply)
+
+
+def _lower_priority() -> None:
+    """Below generation: no preemption on wake-up (SCHED_BATCH) and a smaller share when the
+    cores are contended, so the decode step and torch's OpenMP team on the other core go first."""
+    with contextlib.suppress(AttributeError, OSError, PermissionError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+
+
+def serve(fd: int) -> None:
+    """The server loop: new sessions arrive on `fd` as (socket, memfd) pairs; end of file on it
+    means the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    _lower_priority()
+    ctrl = socket.socket(fileno=fd)
+    sessions: dict[socket.socket, _Session] = {}
+    try:
+        while True:
+            ready, _, _ = select.select([ctrl, *sessions], [], [])
+            for sock in ready:
+                if sock is ctrl:
+                    try:
+                        data, fds, _, _ = socket.recv_fds(ctrl, 64, 2)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    if len(fds) == 2:
+                        s = socket.socket(fileno=fds[0])
+                        sessions[s] = _Session(s, fds[1])
+                    else:
+                        for f in fds:
+                            os.close(f)
+                    continue
+                sess = sessions[sock]
+                try:
+                    msg = recv_msg(sock)
+                    sess.handle(msg)
+                except (EOFError, OSError):  # the session closed (or its parent went away)
+                    sess.close()
+                    del sessions[sock]
+                except Exception as e:  # reported to that session, which stops
+                    with contextlib.suppress(OSError):
+                        send_msg(sock, {"op": "error", "error": f"{type(e).__name__}: {e}"})
+                    sess.close()
+                    del sessions[sock]
+    finally:
+        for sess in sessions.values():
+            sess.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the parent's side
+
+
+class _Server:
+    def __init__(self) -> None:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = "1"  # small GEMMs: a thread team would only wait at barriers for busy cores
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vstream.attr.liveproc", str(b.fileno())],
+                pass_fds=[b.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                cwd=str(ROOT),
+            )
+        finally:
+            b.close()
+        self.sock = a
+        self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def open(self, session_fd: int, mem_fd: int) -> None:
+        with self.lock:
+            socket.send_fds(self.sock, [b"open"], [session_fd, mem_fd])
+
+    def close(self, timeout: float = 5.0) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_server: _Server | None = None
+_server_lock = threading.Lock()
+
+
+def _get_server() -> _Server:
+    global _server
+    with _server_lock:
+        if _server is None or not _server.alive():
+            if _server is not None:
+                _server.close(0.1)
+            try:
+                _server = _Server()
+            except OSError as e:
+                raise LiveProcessError(f"could not start the attribution process: {e}") from e
+        return _server
+
+
+def prewarm() -> int:
+    """Start the attribution process now (its imports take a moment), so that the first live
+    session does not wait for it. Returns its pid."""
+    return _get_server().proc.pid
+
+
+def server_pid() -> int | None:
+    return _server.proc.pid if _server is not None and _server.alive() else None
+
+
+def shutdown() -> None:
+    """Stop the attribution process (sessions still open get end of file and stop)."""
+    global _server
+    with _server_lock:
+        if _server is not None:
+            _server.close()
+            _server = None
+
+
+class Channel:
+    """One live session's link to the attribution process.
+
+    Constructed before generation starts (it waits until the server has mapped the buffers);
+    `queries`, `keys` and `rows` are the shared arrays. The generation thread writes queries and
+    keys and calls `send_span` / `finish`; one other thread reads answers with `receive`.
+    `close()` ends the session (a blocked `receive` then raises EOFError)."""
+
+    def __init__(self, shapes: Shapes, config: dict[str, Any]):
+        self.shapes = shapes
+        server = _get_server()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mem_fd = -1
+        try:
+            mem_fd = os.memfd_create("vstream-attr", os.MFD_CLOEXEC)
+            os.ftruncate(mem_fd, shapes.nbytes())
+            self._map = _map(mem_fd, shapes.nbytes())
+            server.open(theirs.fileno(), mem_fd)
+            ours.settimeout(_READY_TIMEOUT_S)
+            send_msg(ours, dict(config, op="config", shapes=asdict(shapes)))  # plain data: no class travels
+            reply = recv_msg(ours)
+            if reply.get("op") != "ready":
+                why = reply.get("error", reply)
+                raise LiveProcessError(f"the attribution process did not start the session: {why}")
+            ours.settimeout(None)
+        except BaseException as e:
+            ours.close()
+            if isinstance(e, (OSError, EOFError)):
+                raise LiveProcessError(f"the attribution process did not answer: {type(e).__name__}: {e}") from e
+            raise
+        finally:
+            theirs.close()
+            if mem_fd >= 0:
+                os.close(mem_fd)
+        self.sock = ours
+        self.pid = int(reply["pid"])
+        bufs = _views(self._map, shapes)
+        self.queries, self.keys, self.rows = bufs["queries"], bufs["keys"], bufs["rows"]
+        self._closed = False
+
+    def send_span(self, msg: dict[str, Any]) -> None:
+        send_msg(self.sock, dict(msg, op="span"))
+
+    def finish(self) -> None:
+        """No more spans: the server answers "done" with its tracker once the queued spans are answered."""
+        send_msg(self.sock, {"op": "finish"})
+
+    def receive(self) -> dict[str, Any]:
+        """The next answer ("span", "done" or "error")."""
+        return recv_msg(self.sock)
+
+    def close(self) -> None:
+        """End the session: wakes a blocked `receive`, the server drops its state. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
