@@ -73,11 +73,14 @@ def test_tokenizer_is_deterministic(tok):
 
 
 @pytest.mark.slow
-def test_train_resume_and_load(tmp_path):
+def test_train_resume_and_load(tmp_path, monkeypatch):
     out, run = tmp_path / "model", tmp_path / "run"
     args = ["--batch-size", "2", "--out", str(out), "--run-dir", str(run), "--save-every", "1"]
     train_demo_cli.main(["--steps", "2", *args])
     assert json.loads((run / "latest" / "step.json").read_text())["step"] == 2
+    # a resumed run keeps its vocabulary even if the world's text (the BPE's corpus) changed since
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    monkeypatch.setattr(train_demo, "make_tokenizer", lambda: pytest.fail("a resumed run retrained its BPE"))
     train_demo_cli.main(["--steps", "3", "--workers", "1", *args])  # resumes at step 2, does one more (loader process)
     meta = json.loads((out / "training.json").read_text())
     assert meta["trained_steps"] == 3 and meta["train_seeds"][1] <= HELDOUT_SEEDS.start

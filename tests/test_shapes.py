@@ -119,6 +119,8 @@ def test_answers_follow_from_the_objects():
             traits = [o.color for o in objs] if s.kind == "colour" else [o.shape for o in objs]
             (odd,) = [o for o, t in zip(objs, traits) if traits.count(t) == 1]
             assert s.answer == f"{odd.color} {odd.shape}"
+            other = [o.shape for o in objs] if s.kind == "colour" else [o.color for o in objs]
+            assert min(other.count(t) for t in other) >= 2  # nothing else stands out: one right answer
 
 
 def test_objects_do_not_overlap_cells():

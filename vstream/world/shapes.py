@@ -465,13 +465,23 @@ def _rank_bars(rng, seed) -> Scene:
     return Scene(seed, "rank_bars", q, steps, " ".join(colors[i] for i in order), objs, f"{n} bars")
 
 
+def _no_singletons(rng, values, n: int) -> list[str]:
+    """`n` draws from 1-3 of `values`, each drawn at least twice: no object is unique in this trait."""
+    pool = [str(v) for v in rng.choice(list(values), size=int(rng.integers(1, min(3, n // 2) + 1)), replace=False)]
+    out = pool * 2 + [str(rng.choice(pool)) for _ in range(n - 2 * len(pool))]
+    rng.shuffle(out)
+    return out
+
+
 def _odd_one_out(rng, seed) -> Scene:
     n = int(rng.integers(7, 10))
     by_color = rng.random() < 0.5
     common, odd = rng.choice(list(COLORS) if by_color else list(SHAPES), size=2, replace=False)
     same = [str(common)] * (n - 1) + [str(odd)]
     rng.shuffle(same)
-    objs = _place(rng, n, colors=same) if by_color else _place(rng, n, shapes=same)
+    # the other trait repeats (every value at least twice), so only one object stands out
+    other = _no_singletons(rng, SHAPES if by_color else COLORS, n)
+    objs = _place(rng, n, colors=same, shapes=other) if by_color else _place(rng, n, shapes=same, colors=other)
     t = same.index(str(odd))
     steps = [Step(f"I see a {objs[i].color} {objs[i].shape}.", i) for i in _reading_order(objs, range(n))]
     trait = "colour" if by_color else "shape"
