@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from vstream.attr.bench import TARGETS
+from vstream.attr.bench import TARGETS, bench
+from vstream.attr.estimator import LinearEstimator
 from vstream.cli.bench import main
+from vstream.model import load_vlm
 
 pytestmark = pytest.mark.slow  # command-line tests
 
@@ -30,3 +33,18 @@ def test_bench_refuses_a_missing_estimator(tiny_qwen2_5_vl_dir, capsys, tmp_path
     rc = main(["--model", str(tiny_qwen2_5_vl_dir), "--n", "1", "--estimator", str(tmp_path / "nope.safetensors")])
     err = capsys.readouterr().err
     assert rc == 2 and "estimator file not found" in err and "Traceback" not in err
+
+
+def test_bench_repeat_reports_median_and_min(tiny_qwen2_5_vl_dir):
+    vlm = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")  # own copy: capture switches its attention
+    est = LinearEstimator(vlm.num_layers, vlm.num_heads)
+    out = bench(vlm, est, n=1, max_new_tokens=10, occlusion=False, progress=False, repeat=2)
+    runs = out["overhead_ratio_runs"]
+    assert out["repeat"] == 2 and len(runs) == 2 and all(x > 0 for x in runs)
+    lo, mid = out["overhead_ratio_min"], out["overhead_ratio_median"]
+    assert isinstance(lo, float) and isinstance(mid, float) and 0 < lo <= mid
+    assert lo == min(runs) and mid == pytest.approx(float(np.median(runs)), abs=1e-4)
+    assert out["worker"] == ["process"] and out["same_tokens"] is True
+    # one run: median and min are the ratio itself
+    one = bench(vlm, est, n=1, max_new_tokens=6, occlusion=False, progress=False, warmup=0)
+    assert one["overhead_ratio_min"] == one["overhead_ratio_median"] == one["overhead_ratio"]

@@ -1,6 +1,6 @@
 """Benchmark live attribution: decode overhead, span latency, and speed against occlusion.
 
-    python -m vstream bench --json [--n 24] [--model PATH] [--estimator PATH]
+    python -m vstream bench --json [--n 24] [--repeat 10] [--model PATH] [--estimator PATH]
 
 On the demo model and held-out shapes-world scenes (offset --start, disjoint from eval-model's
 and evaluate's offsets), per prompt and in the same run:
@@ -15,7 +15,13 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
 * overhead_ratio = live decode tokens/s / plain decode tokens/s, each the ratio of totals
   (sum of (n_tokens - 1) / sum of (last token time - first token time)): prefill, region
   clustering and other setup are excluded from both (reported separately). Wall clock, so it
-  suffers when other processes share the cores. `overhead_ratio_paired_quartiles`: quartiles of
+  suffers when other processes share the cores. With `--repeat N` the n prompts are run N
+  times in the same process (the warm-up once; each prompt's plain/live order flips from one
+  run to the next as well as from prompt to prompt) and each run gets its own ratio of totals:
+  `overhead_ratio_median` and `overhead_ratio_min` over the N runs (`overhead_ratio_runs`
+  lists them), the figures the "at no visible cost" target is stated in (median >= 0.97, no
+  run below 0.93, idle 2-core machine); `overhead_ratio` and the other fields pool all runs.
+  With N = 1 the median and the min are `overhead_ratio`. `overhead_ratio_paired_quartiles`: quartiles of
   the same ratio per prompt (live and plain back to back), which a burst of load from elsewhere
   moves less than the ratio of totals. `overhead_ratio_cpu_time` is the same ratio in
   process CPU seconds per decode token (all threads: generation, worker, consumer), which
@@ -34,6 +40,9 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
   attribution alone (features + predict: `speedup_vs_occlusion_scores_only`) and all-in (in-flight
   compute + the decode slowdown of the live runs spread over their spans:
   `speedup_vs_occlusion_all_in`).
+
+`worker` says where the live runs scored their spans (`attribute_stream`'s `worker_mode`:
+"process" or "thread"; `--worker` forces one, to compare).
 
 Without an estimator file a seeded random linear stand-in is used (the timing does not depend
 on the weights) and the JSON says so. The last output line is the JSON object.
@@ -177,58 +186,75 @@ def bench(
     warmup: int = 1,
     occlusion: bool = True,
     progress: bool = True,
+    repeat: int = 1,
+    process: bool | None = None,
 ) -> dict:
-
+    """The benchmark (module docstring): `repeat` runs over the same `n` prompts; occlusion is
+    timed in the first run only. `process` goes to `attribute_stream` (None: its default)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     items = scenes("heldout", start, n + warmup)
     plain_iv = plain_s = live_iv = live_s = plain_cpu = live_cpu = 0
-    latencies, computes, cpu_ms, setups, paired = [], [], [], [], []
+    latencies, computes, cpu_ms, setups, paired, run_ratios = [], [], [], [], [], []
     replay_s = replay_scores_s = 0.0
     occl_s, occl_spans, occl_skipped, n_spans, n_tokens = 0.0, 0, 0, 0, 0
     same = True
-    ks = set()
-    for i, scene in enumerate(items):
-        counted = i >= warmup
-        image = scene.image()
-        inputs = vlm.build_inputs(scene.question, image=image)
-        res: dict[str, Any] = {}
-        for mode in ("plain", "live") if i % 2 == 0 else ("live", "plain"):
-            if mode == "plain":
-                res["plain"] = run_plain(vlm, inputs, max_new_tokens)
-            else:
-                res["live"] = run_live(vlm, image, scene.question, estimator, k, max_new_tokens)
-        ids, ptimes, pcpu = res["plain"]
-        live = res["live"]
-        same &= ids == live["done"].token_ids
-        if progress:
-            print(
-                f"bench: prompt {i - warmup if counted else 'warm-up'}: {len(ids)} tokens, {len(live['spans'])} spans",
-                file=sys.stderr,
+    ks, modes = set(), set()
+    live_kw = {} if process is None else {"process": process}
+    for run in range(repeat):
+        run_plain_iv = run_plain_s = run_live_iv = run_live_s = 0.0
+        for i, scene in enumerate(items):
+            if run > 0 and i < warmup:
+                continue
+            counted = i >= warmup
+            image = scene.image()
+            inputs = vlm.build_inputs(scene.question, image=image)
+            res: dict[str, Any] = {}
+            for mode in ("plain", "live") if (i + run) % 2 == 0 else ("live", "plain"):
+                if mode == "plain":
+                    res["plain"] = run_plain(vlm, inputs, max_new_tokens)
+                else:
+                    res["live"] = run_live(vlm, image, scene.question, estimator, k, max_new_tokens, **live_kw)
+            ids, ptimes, pcpu = res["plain"]
+            live = res["live"]
+            same &= ids == live["done"].token_ids
+            modes.add(live["session"].worker_mode)
+            if progress:
+                label = f"run {run + 1}/{repeat}, prompt {i - warmup}" if counted else "warm-up"
+                print(f"bench: {label}: {len(ids)} tokens, {len(live['spans'])} spans", file=sys.stderr)
+            if not counted:
+                continue
+            pa, pb = _decode(ptimes)
+            plain_iv, plain_s, plain_cpu = plain_iv + pa, plain_s + pb, plain_cpu + _decode(pcpu)[1]
+            a, b = _decode(live["times"])
+            live_iv, live_s, live_cpu = live_iv + a, live_s + b, live_cpu + _decode(live["cpu"])[1]
+            run_plain_iv, run_plain_s, run_live_iv, run_live_s = (
+                run_plain_iv + pa,
+                run_plain_s + pb,
+                run_live_iv + a,
+                run_live_s + b,
             )
-        if not counted:
-            continue
-        pa, pb = _decode(ptimes)
-        plain_iv, plain_s, plain_cpu = plain_iv + pa, plain_s + pb, plain_cpu + _decode(pcpu)[1]
-        a, b = _decode(live["times"])
-        live_iv, live_s, live_cpu = live_iv + a, live_s + b, live_cpu + _decode(live["cpu"])[1]
-        if a and b > 0 and pb > 0:
-            paired.append((a / b) / (pa / pb))
-        latencies += [s.latency_ms for s in live["spans"]]
-        computes += [s.compute_ms for s in live["spans"]]
-        cpu_ms += [s.compute_cpu_ms for s in live["spans"]]
-        a, b = replay_seconds(vlm, live["session"], live["spans"])
-        replay_s, replay_scores_s = replay_s + a, replay_scores_s + b
-        setups.append(live["setup_s"])
-        n_spans += len(live["spans"])
-        n_tokens += live["done"].n_tokens
-        ks.add(live["session"].regions.k)
-        if occlusion and live["spans"]:
-            try:
-                occl_s += occlusion_seconds(
-                    vlm, live["session"], live["done"].token_ids, [s.span for s in live["spans"]]
-                )
-                occl_spans += len(live["spans"])
-            except PlaceholderInTrace:  # (random test models) no ablation of this trace: not timed
-                occl_skipped += 1
+            if a and b > 0 and pb > 0:
+                paired.append((a / b) / (pa / pb))
+            latencies += [s.latency_ms for s in live["spans"]]
+            computes += [s.compute_ms for s in live["spans"]]
+            cpu_ms += [s.compute_cpu_ms for s in live["spans"]]
+            a, b = replay_seconds(vlm, live["session"], live["spans"])
+            replay_s, replay_scores_s = replay_s + a, replay_scores_s + b
+            setups.append(live["setup_s"])
+            n_spans += len(live["spans"])
+            n_tokens += live["done"].n_tokens
+            ks.add(live["session"].regions.k)
+            if occlusion and run == 0 and live["spans"]:
+                try:
+                    occl_s += occlusion_seconds(
+                        vlm, live["session"], live["done"].token_ids, [s.span for s in live["spans"]]
+                    )
+                    occl_spans += len(live["spans"])
+                except PlaceholderInTrace:  # (random test models) no ablation of this trace: not timed
+                    occl_skipped += 1
+        if run_plain_s > 0 and run_live_s > 0 and run_plain_iv and run_live_iv:
+            run_ratios.append((run_live_iv / run_live_s) / (run_plain_iv / run_plain_s))
 
     tps_plain = plain_iv / plain_s if plain_s > 0 else float("nan")
     tps_live = live_iv / live_s if live_s > 0 else float("nan")
@@ -242,6 +268,10 @@ def bench(
     r = lambda x, d=4: None if x is None or not np.isfinite(x) else round(float(x), d)  # noqa: E731
     out = {
         "overhead_ratio": r(tps_live / tps_plain),
+        "overhead_ratio_median": r(float(np.median(run_ratios))) if run_ratios else None,
+        "overhead_ratio_min": r(min(run_ratios)) if run_ratios else None,
+        "overhead_ratio_runs": [r(x) for x in run_ratios],
+        "repeat": repeat,
         "span_latency_ms_p50": r(pct(50), 3),
         "span_latency_ms_p95": r(pct(95), 3),
         "speedup_vs_occlusion": r(occ_s / vs_s, 1),
@@ -265,6 +295,7 @@ def bench(
         "vstream_inflight_ms_p95": r(float(np.percentile(computes, 95)) if computes else float("nan"), 3),
         "setup_s_mean": r(float(np.mean(setups)) if setups else float("nan"), 4),
         "n_prompts": n,
+        "worker": sorted(modes),
         "n_tokens": n_tokens,
         "n_spans": n_spans,
         "k": sorted(ks),
