@@ -28,7 +28,7 @@ from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_datase
 from tays.metrics import finite_json
 from tays.protocol import PARADIGMS, TRAINED
 from vstream.model import VLMError
-from vstream.world.assets import TAYS_MODEL_DIR
+from vstream.world.assets import DEMO_ESTIMATOR, TAYS_MODEL_DIR, VIDEO_ESTIMATOR
 
 
 def _print_json(out: dict[str, Any], one_line: bool) -> None:
@@ -303,8 +303,8 @@ def evaluate_command(argv: list[str]) -> int:
     return 0
 
 
-DEFAULT_VIDEO_ESTIMATOR = "runs/estimators/video.safetensors"
-STILL_ESTIMATOR = "assets/estimator-demo.safetensors"
+DEFAULT_VIDEO_ESTIMATOR = str(VIDEO_ESTIMATOR)
+STILL_ESTIMATOR = str(DEMO_ESTIMATOR)
 
 
 def _attr_args(ap: argparse.ArgumentParser, n: int, split: str) -> None:

@@ -27,10 +27,9 @@ from tays.sources import FrameSource
 from tays.watch import GroupSeen, StepScores, WatchDone
 from ui import figures
 from vstream.model import THINK_CLOSE, THINK_OPEN
-from vstream.world.assets import ASSETS, RUNS_DIR
+from vstream.world.assets import DEMO_ESTIMATOR as STILL_ESTIMATOR
+from vstream.world.assets import VIDEO_ESTIMATOR
 
-VIDEO_ESTIMATOR = RUNS_DIR / "estimators" / "video.safetensors"  # python -m tays train-attribution
-STILL_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
 KEEP_FRAMES = 512  # frame groups whose frame the tab keeps for heatmaps (about 4 min at 2 FPS)
 
 _SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>")
