@@ -24,8 +24,9 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
   With N = 1 the median and the min are `overhead_ratio`. `overhead_ratio_paired_quartiles`: quartiles of
   the same ratio per prompt (live and plain back to back), which a burst of load from elsewhere
   moves less than the ratio of totals. `overhead_ratio_cpu_time` is the same ratio in
-  process CPU seconds per decode token (all threads: generation, worker, consumer), which
-  other processes do not disturb.
+  process CPU seconds per decode token (all threads: generation, worker, consumer; plus the
+  attribution process's CPU for the spans when it scores them), which other processes
+  disturb less.
 * span_latency_ms_p50 / _p95: SpanEvent.latency_ms = span closed (its last token arrived) ->
   its scores emitted; includes waiting one decode step for the span's last attention row.
 * speedup_vs_occlusion = occlusion seconds per span / vSTREAM seconds per span. Occlusion is
@@ -60,7 +61,7 @@ import torch
 from vstream.attr.ablation import PlaceholderInTrace, ablation_effects
 from vstream.attr.capture import uninstall
 from vstream.attr.dynamics import DynamicsTracker
-from vstream.attr.estimator import Estimator, load
+from vstream.attr.estimator import Estimator, LinearEstimator, load
 from vstream.attr.spans import Span
 from vstream.attr.worker import (
     AttributionSession,
@@ -78,17 +79,16 @@ DEFAULT_START = 200_000  # held-out offset, disjoint from eval-model (0..) and e
 TARGETS = {"overhead_ratio": (">=", 0.90), "span_latency_ms_p95": ("<=", 50.0), "speedup_vs_occlusion": (">=", 100.0)}
 
 
-class RandomLinearEstimator:
-    """Stand-in with the estimator's interface: a seeded random L*H weight vector (+ bias)."""
+class RandomLinearEstimator(LinearEstimator):
+    """Stand-in: a `LinearEstimator` over `dim` = L*H features with seeded random weights, so a
+    live run with it scores spans exactly as with a trained one (the same numpy path, in the
+    attribution process); the timing does not depend on the weights."""
 
     def __init__(self, dim: int, seed: int = 0):
+        super().__init__(1, dim, meta={"kind": "random-stand-in", "dim": dim})
         g = torch.Generator().manual_seed(seed)
-        self.weight = torch.randn(dim, generator=g) / dim**0.5
-        self.bias = 0.0
-        self.meta = {"kind": "random-stand-in", "dim": dim}
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return features.float().cpu() @ self.weight + self.bias
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(dim, generator=g) / dim**0.5)
 
 
 def load_estimator(path: str | None, vlm: VLM) -> tuple[Any, str]:
@@ -228,6 +228,8 @@ def bench(
             plain_iv, plain_s, plain_cpu = plain_iv + pa, plain_s + pb, plain_cpu + _decode(pcpu)[1]
             a, b = _decode(live["times"])
             live_iv, live_s, live_cpu = live_iv + a, live_s + b, live_cpu + _decode(live["cpu"])[1]
+            if live["session"].worker_mode == "process":  # its CPU is not this process's
+                live_cpu += sum(s.compute_cpu_ms for s in live["spans"]) / 1000.0
             run_plain_iv, run_plain_s, run_live_iv, run_live_s = (
                 run_plain_iv + pa,
                 run_plain_s + pb,

@@ -280,7 +280,8 @@ class _Run:
                 f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
                 f"{vlm.num_layers} layers x {vlm.num_heads} heads features): {type(e).__name__}: {e}"
             ) from e
-        if type(estimator) is LinearEstimator and estimator.weight.device.type == "cpu":
+        linear = isinstance(estimator, LinearEstimator) and type(estimator).predict is LinearEstimator.predict
+        if linear and estimator.weight.device.type == "cpu":
             self._linear_np = estimator.numpy_predictor()  # shapes checked by the probe above
         # where spans are scored: the attribution process when everything it needs is numpy
         # (a CPU float32 model, the linear estimator), else a worker thread here
@@ -408,7 +409,9 @@ class _Run:
                 if not self._abort.is_set():
                     now = time.perf_counter()
                     for span in self._splitter.finish():
-                        self._close_span(span, now)
+                        self._waiting.append((span, now))
+                    if self._channel is None:
+                        self._send_ready(final=True)
             except BaseException as e:
                 self._error = self._error or f"span splitting failed: {type(e).__name__}: {e}"
             self._spans.put(_END)
@@ -440,16 +443,16 @@ class _Run:
             self._pieces.append(piece)
             self._token_times.append(now)
             self._out.put(TokenEvent(index, int(tid), piece, now))
+            if self._waiting:  # spans closed by earlier tokens whose last row is now recorded
+                self._send_ready(final=False)
             for span in self._splitter.push(index, piece):
                 self._close_span(span, now)
-        if self._waiting:
-            self._send_ready(final=False)
 
     def _close_span(self, span: Span, now: float) -> None:
-        if self._channel is None:
-            self._spans.put((span, now))
-        else:
-            self._waiting.append((span, now))
+        """Hold a closed span until the decode step that records its last row: the worker then
+        never has to wake on every step to look for rows."""
+        self._waiting.append((span, now))
+        self._send_ready(final=False)
 
     # -- process mode: the generation thread's side --------------------------------------------
     def _open_channel(self) -> Channel:
@@ -477,10 +480,13 @@ class _Run:
         return Channel(shapes, config)
 
     def _send_ready(self, final: bool) -> None:
-        """Send the waiting spans whose rows are all recorded (all of them when `final`)."""
+        """Hand the worker the waiting spans whose rows are all recorded (all when `final`)."""
         have = self.recorder.tokens
         while self._waiting and (final or self._waiting[0][0].token_end <= have):
             span, t_end = self._waiting.popleft()
+            if self._channel is None:
+                self._spans.put((span, t_end))
+                continue
             if self._abort.is_set() or self._error is not None:
                 continue
             try:
