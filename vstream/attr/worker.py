@@ -66,6 +66,7 @@ regions, an estimator probe) runs when the session is created, so bad input rais
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import sys
 import threading
@@ -80,7 +81,7 @@ from vstream.attr import rowmath
 from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
-from vstream.attr.liveproc import Channel, LiveProcessError, Shapes
+from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, prewarm
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.risk import RiskModel, point_features
 from vstream.attr.spans import Span, SpanSplitter
@@ -205,6 +206,21 @@ def _one_torch_thread_here() -> None:
         restore.join()
 
 
+def _linear_on_cpu(estimator: Estimator) -> bool:
+    """A `LinearEstimator` (or a subclass keeping its predict) on the CPU: scored in numpy."""
+    return (
+        isinstance(estimator, LinearEstimator)
+        and type(estimator).predict is LinearEstimator.predict
+        and estimator.weight.device.type == "cpu"
+    )
+
+
+def _process_can_score(vlm: VLM, estimator: Estimator) -> bool:
+    """Whether the attribution process can score this session's spans: everything it needs is
+    numpy (a float32 model on the CPU, a linear estimator on the CPU)."""
+    return _linear_on_cpu(estimator) and vlm.device.type == "cpu" and vlm.dtype == torch.float32
+
+
 def _rows_for(span: Span, have: int) -> tuple[int, int, str]:
     """The recorder rows [lo, hi) a span is scored on when `have` rows exist, and why they
     differ from the span's tokens, if they do (see the module docstring)."""
@@ -259,6 +275,9 @@ class _Run:
         self.max_new_tokens = int(max_new_tokens)
         self._gen_kwargs = vlm.generation_kwargs(self.max_new_tokens, False, 1.0)  # validates
         self.inputs = vlm.build_inputs(question, image=image, system=system)
+        if process is not False and _process_can_score(vlm, estimator):
+            with contextlib.suppress(LiveProcessError):
+                prewarm()  # its imports overlap the region clustering below
         self.regions = regions if regions is not None else regions_for(self.inputs, k=k, backbone=backbone)
         n = int(self.inputs.image_token_positions.numel())
         if tuple(self.regions.assignment.shape) != (self.regions.k, n):
@@ -280,12 +299,9 @@ class _Run:
                 f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
                 f"{vlm.num_layers} layers x {vlm.num_heads} heads features): {type(e).__name__}: {e}"
             ) from e
-        linear = isinstance(estimator, LinearEstimator) and type(estimator).predict is LinearEstimator.predict
-        if linear and estimator.weight.device.type == "cpu":
+        if _linear_on_cpu(estimator):
             self._linear_np = estimator.numpy_predictor()  # shapes checked by the probe above
-        # where spans are scored: the attribution process when everything it needs is numpy
-        # (a CPU float32 model, the linear estimator), else a worker thread here
-        can = self._linear_np is not None and vlm.device.type == "cpu" and vlm.dtype == torch.float32
+        can = _process_can_score(vlm, estimator)
         if process and not can:
             raise VLMError("process=True needs a float32 model on the CPU and a LinearEstimator on the CPU")
         self.worker_mode = "process" if (can if process is None else process) else "thread"
