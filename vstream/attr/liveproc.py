@@ -8,7 +8,7 @@ Here the generation thread only copies a span's decode queries and the new key c
 shared memory (`AttentionRecorder.export`, tens of microseconds per span) and sends a short
 message; the process computes the rest at a lower scheduling priority with one BLAS thread and
 answers with the scores, top regions and path point. The parent paints the heatmap itself
-(`rowmath.paint`, mostly without the GIL): shipping 800 KB per span cost more than painting.
+(one torch gather, without the GIL): shipping 800 KB per span cost more than painting.
 
 * the server (``python -m vstream.attr.liveproc FD``, started by the first `Channel`, one per
   Python process; `prewarm()` starts it early): imports numpy, `rowmath` and `dynamics` only (no

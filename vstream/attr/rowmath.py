@@ -18,7 +18,6 @@ __all__ = [
     "decode_scores",
     "image_mass",
     "linear_scores",
-    "paint",
     "span_features",
     "sum_rows",
     "top_regions",
@@ -67,15 +66,6 @@ def span_features(total: np.ndarray, count: int, assignment: np.ndarray) -> np.n
 def linear_scores(features: np.ndarray, weight: np.ndarray, bias: np.float32) -> np.ndarray:
     """(K, L*H) features -> (K,) float32 predicted effects of the linear estimator."""
     return (features @ weight + bias).astype(np.float32, copy=False)
-
-
-def paint(scores: np.ndarray, row_labels: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(K,) region scores -> (H, W) heatmap from the separable pixel map (`Regions.pixel_index`):
-    (H, w) region ids per pixel row at the grid columns, (W,) grid column per pixel column.
-    The column gather runs without the GIL (numpy releases it for large gathers), and so do the
-    page faults of the fresh (H, W) array, which cost more than the gather (a 448 x 448 map is
-    800 KB of new memory per span)."""
-    return scores[row_labels][:, cols]
 
 
 def top_regions(scores: np.ndarray, n: int) -> list[int]:
