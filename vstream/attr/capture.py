@@ -403,8 +403,10 @@ def _vstream_sdpa_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' sdpa for the output; plus, on decode steps under capture, one score row."""
-    out = _sdpa()(module, query, key, value, attention_mask, **kwargs)
-    state: _CaptureState | None = getattr(module, _STATE_ATTR, None)
+    out = (_SDPA or _sdpa())(module, query, key, value, attention_mask, **kwargs)
+    # the instance dict, not getattr: a miss on an nn.Module goes through its __getattr__, which
+    # raises and catches an AttributeError (1.5 us per layer per token)
+    state: _CaptureState | None = module.__dict__.get(_STATE_ATTR)
     if state is not None and query.shape[2] == 1:
         scaling = kwargs.get("scaling")
         if scaling is None:
