@@ -16,9 +16,19 @@ answers with the scores, top regions and path point. The parent paints the heatm
   (end of file on FD). It serves any number of sessions, each on its own socket, one message at
   a time.
 * a session (`Channel`): a memfd shared with the server holds the queries (T_max, L, H, D), the
-  key cache (L, Hkv, S_max, D) and the rows the server computes (T_max, L, H, N), float32 (pages
-  are only allocated where written). Closing the channel (or the parent exiting) ends the
+  key cache (L, Hkv, S_max, D) and the rows the server computes (T_max, L, H, N), float32 (faulted
+  in when the session opens, up to `POPULATE_MAX`). Closing the channel (or the parent exiting) ends the
   session in the server; nothing else is left behind.
+
+Scheduling. On a 2-core machine a decode step keeps both cores busy: the generation thread on
+one, torch's OpenMP helper on the other (it spins between the step's parallel regions, and the
+step waits for it at each region's end). So the server runs below generation (SCHED_BATCH: no
+preemption on wake-up; nice +5), keeps off the core the generation thread last ran on (each span
+message says which; otherwise the socket's sync wake-up puts it right there), and yields the
+core between pieces of a span's work (`ROW_CHUNK` decode steps of rows, the scores, the path),
+so the helper is never kept off its core for more than one piece. These choices follow from how
+Linux places and preempts tasks; they were made on a machine busy with other jobs, where their
+effect on decode speed could not be measured.
 
 Messages on a session socket: a 4-byte length and a pickled dict. Parent to server: "config"
 (once), "span", "finish"; server to parent: "ready", "span", "done", "error". Nothing executable
@@ -48,11 +58,12 @@ import numpy as np
 from vstream.attr import rowmath
 from vstream.attr.dynamics import DynamicsTracker
 
-__all__ = ["Channel", "LiveProcessError", "Shapes", "prewarm", "server_pid", "shutdown"]
+__all__ = ["Channel", "LiveProcessError", "Shapes", "current_cpu", "prewarm", "server_pid", "shutdown"]
 
 ROOT = Path(__file__).resolve().parents[2]
 NICE = 5  # the server's nice increment: generation (and torch's OpenMP team) goes first
 _HEADER = struct.Struct("!I")
+ROW_CHUNK = 4  # decode steps whose rows are computed between two yields (~25 us each on the demo model)
 POPULATE_MAX = 256 << 20  # larger buffers (big models, long traces) are faulted in as written
 _READY_TIMEOUT_S = 120.0  # the first session waits for the server's imports (slow on a busy machine)
 
@@ -179,12 +190,19 @@ class _Session:
         self.top = int(cfg["top"])
 
     def span(self, msg: dict[str, Any]) -> None:
+        _avoid_cpu(msg.get("cpu", -1))
         t0, c0 = time.perf_counter(), time.thread_time()
         a, b = msg["new_rows"]
         rows = self.bufs["rows"]
         if b > a and not msg["rows_given"]:
-            scores = rowmath.decode_scores(self.bufs["queries"][a:b], self.bufs["keys"], msg["lens"], msg["scaling"])
-            rows[a:b] = rowmath.image_mass(scores, self.positions)
+            lens = msg["lens"]
+            for i in range(a, b, ROW_CHUNK):
+                j = min(b, i + ROW_CHUNK)
+                scores = rowmath.decode_scores(
+                    self.bufs["queries"][i:j], self.bufs["keys"], lens[i - a : j - a], msg["scaling"]
+                )
+                rows[i:j] = rowmath.image_mass(scores, self.positions)
+                _yield()
         self.computed = max(self.computed, b)
         lo, hi = msg["rows"]
         if hi > lo:
@@ -195,6 +213,7 @@ class _Session:
             scores = np.zeros(self.assignment.shape[0], dtype=np.float32)
         t_scores = time.perf_counter()
         top = rowmath.top_regions(scores, self.top)
+        _yield()
         point = self.tracker.add(scores)
         t1, c1 = time.perf_counter(), time.thread_time()
         reply = {
@@ -211,6 +230,31 @@ class _Session:
         send_msg(self.sock, reply)
 
 
+_CPUS: set[int] = set()  # the server's CPUs as started
+_avoided = -1
+
+
+def _avoid_cpu(cpu: int) -> None:
+    """Keep off the CPU the generation thread last ran on (it says which with each span): the
+    socket wake-up would otherwise put us on its core (a sync wake-up onto a core running one
+    task), where every microsecond we run is one it waits. On the other core we only share
+    with torch's OpenMP helper, mostly spinning between the decode step's parallel regions."""
+    global _avoided
+    if cpu < 0 or cpu == _avoided or len(_CPUS) < 2:
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, (_CPUS - {cpu}) or _CPUS)
+        _avoided = cpu
+
+
+def _yield() -> None:
+    """Between pieces of a span's work: let a runnable task on this core (torch's OpenMP helper,
+    which the decode step's next parallel region waits for) go first. The longest stretch
+    generation can wait for us is then one piece (tens of microseconds), not the whole span.
+    A no-op when nothing else wants the core."""
+    os.sched_yield()
+
+
 def _lower_priority() -> None:
     """Below generation: no preemption on wake-up (SCHED_BATCH) and a smaller share when the
     cores are contended, so the decode step and torch's OpenMP team on the other core go first."""
@@ -225,6 +269,8 @@ def serve(fd: int) -> None:
     means the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     _lower_priority()
+    with contextlib.suppress(OSError):
+        _CPUS.update(os.sched_getaffinity(0))
     ctrl = socket.socket(fileno=fd)
     sessions: dict[socket.socket, _Session] = {}
     try:
@@ -319,6 +365,22 @@ def _get_server() -> _Server:
             except OSError as e:
                 raise LiveProcessError(f"could not start the attribution process: {e}") from e
         return _server
+
+
+_sched_getcpu: Any = None
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on (libc's sched_getcpu through ctypes, ~1 us), or -1."""
+    global _sched_getcpu
+    if _sched_getcpu is None:
+        try:
+            import ctypes
+
+            _sched_getcpu = ctypes.CDLL(None).sched_getcpu
+        except (OSError, AttributeError):
+            _sched_getcpu = lambda: -1  # noqa: E731
+    return int(_sched_getcpu())
 
 
 def prewarm() -> int:

@@ -81,7 +81,7 @@ from vstream.attr import rowmath
 from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
-from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, prewarm
+from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, current_cpu, prewarm
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.risk import RiskModel, point_features
 from vstream.attr.spans import Span, SpanSplitter
@@ -535,6 +535,7 @@ class _Run:
                 msg["lens"], self._sent_keys, msg["scaling"] = got
             self._sent_rows = b
         self._inflight[span.index] = (span, t_end, lo, hi, note)
+        msg["cpu"] = current_cpu()  # the process keeps off this thread's core
         ch.send_span(msg)
 
     def _finish_channel(self) -> None:
