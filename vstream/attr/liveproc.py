@@ -362,7 +362,7 @@ def _get_server() -> _Server:
                 _server.close(0.1)
             try:
                 _server = _Server()
-            except OSError as e:
+            except (OSError, AttributeError) as e:  # (no AF_UNIX SOCK_SEQPACKET: not Linux)
                 raise LiveProcessError(f"could not start the attribution process: {e}") from e
         return _server
 
@@ -429,8 +429,8 @@ class Channel:
             ours.settimeout(None)
         except BaseException as e:
             ours.close()
-            if isinstance(e, (OSError, EOFError)):
-                raise LiveProcessError(f"the attribution process did not answer: {type(e).__name__}: {e}") from e
+            if isinstance(e, (OSError, EOFError, AttributeError, pickle.UnpicklingError)):  # (no memfd: not Linux)
+                raise LiveProcessError(f"no attribution process session: {type(e).__name__}: {e}") from e
             raise
         finally:
             theirs.close()
