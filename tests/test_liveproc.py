@@ -181,3 +181,16 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_no_process_falls_back_to_the_thread(tiny, monkeypatch, capsys):
+    import vstream.attr.worker as worker
+
+    def refuse(*a, **k):
+        raise liveproc.LiveProcessError("no memfd here")
+
+    monkeypatch.setattr(worker, "Channel", refuse)
+    s, events = _run(tiny, _linear(tiny), None)
+    assert s.worker_mode == "thread" and "no memfd" in s.worker_note
+    assert "runs in a thread" in capsys.readouterr().err
+    assert events[-1].error is None and len([e for e in events if isinstance(e, SpanEvent)]) == 6
