@@ -43,8 +43,9 @@ from tays.paradigms import run_paradigm
 from tays.sources import FrameSource
 from vstream.attr.capture import features_from_sum
 from vstream.attr.estimator import LinearEstimator
+from vstream.attr.features import DEFAULT, variant_of
 from vstream.attr.regions import Backbone, PixelBackbone, Regions, compute_regions, load_backbone
-from vstream.model import VLM
+from vstream.model import VLM, VLMError
 
 __all__ = [
     "GroupSeen",
@@ -156,6 +157,12 @@ def _warm_imports() -> None:
 def _predictor(estimator: Any) -> Predictor:
     if estimator is None:
         return raw_attention_scores
+    variant = variant_of(estimator)
+    if not variant.is_default:  # step_features computes the paper's features only
+        raise VLMError(
+            f"the estimator reads feature variant {variant.name!r}; attribution while watching computes the "
+            f"default ({DEFAULT!r}) only: use an estimator trained on default features"
+        )
     if isinstance(estimator, LinearEstimator):
         return estimator.numpy_predictor()
     return lambda f: np.asarray(estimator.predict(f), dtype=np.float32)

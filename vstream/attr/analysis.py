@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from vstream.attr.ablation import PlaceholderInTrace, ablation_effects
 from vstream.attr.dynamics import DynamicsTracker, PathPoint
 from vstream.attr.estimator import Estimator
-from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
+from vstream.attr.features import variant_of
+from vstream.attr.labels import draw_masks, thought_spans, trace_with_capture
 from vstream.attr.methods import AttributionContext, attribute
 from vstream.attr.regions import regions_for
 from vstream.attr.risk import FEATURES, RiskModel, point_features
@@ -86,7 +87,9 @@ def trace_dynamics(
     With `fidelity_masks`, also measure each span's effects under that many random region
     ablations and keep the squared correlation with the estimator's predictions (per-step R^2)."""
     inputs = vlm.build_inputs(scene.question, image=scene.image())
-    tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)
+    weighting = variant_of(estimator).values  # value norms the estimator's features need, if any
+    trace = trace_with_capture(vlm, inputs, max_new_tokens, [weighting] if weighting else [])
+    tokens, rows = trace.tokens, trace.rows
     if not tokens:
         return None
     spans, text = thought_spans(vlm, tokens)
@@ -94,7 +97,10 @@ def trace_dynamics(
         return None
     regions = regions_for(inputs)
     gen = torch.tensor(tokens, dtype=torch.long)
-    ctx = AttributionContext(vlm, inputs, gen, spans, regions.assignment, token_attn=rows, estimator=estimator)
+    weights = trace.value_weights
+    ctx = AttributionContext(
+        vlm, inputs, gen, spans, regions.assignment, token_attn=rows, estimator=estimator, value_weights=weights
+    )
     scores = attribute("vstream", ctx)
     answer = normalize_answer(scene.answer or "")
     kind = getattr(scene, "kind", "")  # a user's row has no question variant

@@ -36,18 +36,24 @@ last token once more, exactly as the next decode step would have.
 
 Features (vSTREAM / AT2): for span S and region k, per (layer, head), the mean over the span's
 tokens of the attention mass on region k's tokens, flattened layer-major into L*H numbers.
+Other feature designs (`vstream.attr.features`: value-norm weighting, per-token normalisation,
+max / last-token pooling, ...) are computed from the same rows by `variant_features`; those
+weighted by value norms need, once per trace, each image token's value norm per (layer, head),
+which a recorder made with `values=` computes at prefill (the only time the attention function
+does arithmetic on the generation thread, once per layer; decode steps are untouched).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
+from vstream.attr import features as FV
 from vstream.attr import rowmath
 from vstream.model import VLM
 
@@ -63,6 +69,7 @@ __all__ = [
     "span_features",
     "text_attention_modules",
     "uninstall",
+    "variant_features",
 ]
 
 ATTN_NAME = "vstream_sdpa"
@@ -85,11 +92,17 @@ class AttentionRecorder:
     `per_token` and `stack` still hand out tensors, `row_sum` hands out what is held.
     """
 
-    def __init__(self, num_layers: int, keep_cpu: bool = False):
+    def __init__(self, num_layers: int, keep_cpu: bool = False, values: Iterable[str] = ()):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = int(num_layers)
         self.keep_cpu = bool(keep_cpu)
+        # value weightings (features.VALUE_WEIGHTS) computed at prefill: {kind: per layer (H, N)}
+        self.values = tuple(sorted(set(values)))
+        bad = [v for v in self.values if v not in FV.VALUE_WEIGHTS]
+        if bad:
+            raise ValueError(f"unknown value weighting {bad}; choose from {', '.join(FV.VALUE_WEIGHTS)}")
+        self._value_weights: dict[str, list[torch.Tensor | None]] = {v: [None] * self.num_layers for v in self.values}
         self._cond = threading.Condition()
         self._compute = threading.Lock()  # one consumer materialises pending steps at a time
         self._rows: list[torch.Tensor] = []
@@ -101,8 +114,8 @@ class AttentionRecorder:
         self._keys: list[torch.Tensor | None] = [None] * self.num_layers  # latest key cache per layer
 
     @classmethod
-    def for_vlm(cls, vlm: VLM, keep_cpu: bool = False) -> AttentionRecorder:
-        return cls(int(vlm.num_layers), keep_cpu=keep_cpu)
+    def for_vlm(cls, vlm: VLM, keep_cpu: bool = False, values: Iterable[str] = ()) -> AttentionRecorder:
+        return cls(int(vlm.num_layers), keep_cpu=keep_cpu, values=values)
 
     # -- producer side (generation thread) -----------------------------------------------------
     def record_query(
@@ -131,6 +144,38 @@ class AttentionRecorder:
             self._pending.append(_PendingStep(self._step, float(scaling), positions))
             self._step = [None] * self.num_layers
             self._cond.notify_all()
+
+    def record_values(self, module: torch.nn.Module, value: torch.Tensor, positions: torch.Tensor) -> None:
+        """At prefill: each image token's value weight per query head, for every kind this
+        recorder was made for, from the layer's values (B, Hkv, S, D) (batch row 0) -> (H, N)
+        float32. vnorm: ||v_j|| of the key/value head the query head reads (`repeat_kv`'s
+        pairing: query head h reads kv head h // G). vonorm: ||W_O^h v_j||, W_O^h the columns of
+        the output projection that head h's output meets, as v^T (W_O^h^T W_O^h) v (a (D, D)
+        Gram matrix per head instead of an (N, hidden) product)."""
+        li = int(module.layer_idx)
+        v = value[0].index_select(1, positions.to(value.device)).float()  # (Hkv, N, D)
+        hkv, _, d = v.shape
+        w_o = module.o_proj.weight.float()  # (hidden, H*D)
+        h = w_o.shape[1] // d
+        v = v.repeat_interleave(h // hkv, dim=0)  # (H, N, D)
+        for kind in self.values:
+            if kind == "vnorm":
+                w = v.norm(dim=-1)
+            else:
+                per_head = w_o.reshape(w_o.shape[0], h, d).transpose(0, 1)  # (H, hidden, D)
+                gram = per_head.transpose(1, 2) @ per_head  # (H, D, D)
+                w = ((v @ gram) * v).sum(-1).clamp_min(0).sqrt()
+            self._value_weights[kind][li] = w.detach()
+
+    def value_weights(self, kind: str, cpu: bool = False) -> torch.Tensor:
+        """(L, H, N) float32 value weights of `kind` recorded at prefill."""
+        layers = self._value_weights.get(kind)
+        if layers is None:
+            raise ValueError(f"this recorder was not made to record {kind!r} value weights (values={self.values})")
+        if any(w is None for w in layers):
+            raise RuntimeError(f"no {kind} value weights recorded yet (they are taken at prefill)")
+        out = torch.stack([w.to(layers[0].device) for w in layers])
+        return out.cpu() if cpu else out
 
     def _materialise(self, upto: int) -> None:
         """Compute the rows of pending steps until `upto` rows exist (batched per layer)."""
@@ -185,6 +230,14 @@ class AttentionRecorder:
             part = torch.stack([_tensor(r) for r in rows[i : i + _ROW_BLOCK]]).sum(0)
             total = part if total is None else total + part
         return total
+
+    def rows(self, start: int, end: int) -> np.ndarray | torch.Tensor:
+        """(T, L, H, N) rows of tokens [start, end) in the form they are held (numpy for the CPU
+        path, as `row_sum`): what the pooled feature variants read."""
+        rows = self._rows_between(start, end)
+        if all(isinstance(r, np.ndarray) for r in rows):
+            return np.stack(rows)
+        return torch.stack([_tensor(r) for r in rows])
 
     def _rows_between(self, start: int, end: int | None, cpu: bool = False) -> list:
         self._materialise(self.tokens if end is None or end < 0 else end)
@@ -263,6 +316,7 @@ class AttentionRecorder:
             self._pending.clear()
             self._step = [None] * self.num_layers
             self._keys = [None] * self.num_layers
+            self._value_weights = {v: [None] * self.num_layers for v in self.values}
             self._epoch += 1
 
 
@@ -402,18 +456,22 @@ def _vstream_sdpa_forward(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa for the output; plus, on decode steps under capture, one score row."""
+    """transformers' sdpa for the output; plus, on decode steps under capture, one score row
+    (and at prefill, for a recorder made with `values=`, the image tokens' value weights)."""
     out = (_SDPA or _sdpa())(module, query, key, value, attention_mask, **kwargs)
     # the instance dict, not getattr: a miss on an nn.Module goes through its __getattr__, which
     # raises and catches an AttributeError (1.5 us per layer per token)
     state: _CaptureState | None = module.__dict__.get(_STATE_ATTR)
-    if state is not None and query.shape[2] == 1:
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        state.recorder.record_query(
-            module.layer_idx, query, key, attention_mask, scaling, state.positions_on(key.device)
-        )
+    if state is not None:
+        if query.shape[2] == 1:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = query.shape[-1] ** -0.5
+            state.recorder.record_query(
+                module.layer_idx, query, key, attention_mask, scaling, state.positions_on(key.device)
+            )
+        elif state.recorder.values:  # prefill: the image tokens' values are final from here on
+            state.recorder.record_values(module, value, state.positions_on(value.device))
     return out
 
 
@@ -584,7 +642,75 @@ def region_features(token_attn: torch.Tensor, assignment: torch.Tensor) -> torch
 
 
 def span_features(
-    recorder: AttentionRecorder, lo: int, hi: int, assignment: np.ndarray | torch.Tensor
+    recorder: AttentionRecorder,
+    lo: int,
+    hi: int,
+    assignment: np.ndarray | torch.Tensor,
+    variant: str | FV.FeatureVariant = FV.DEFAULT,
 ) -> np.ndarray | torch.Tensor:
-    """Features of recorded rows [lo, hi), in the form the recorder holds them (see `row_sum`)."""
-    return features_from_sum(recorder.row_sum(lo, hi), hi - lo, assignment)
+    """Features of recorded rows [lo, hi), in the form the recorder holds them (see `row_sum`).
+    The default variant sums rows one at a time; the others read the span's rows (`rows`) and,
+    for value weighting, the recorder's value weights."""
+    v = FV.parse(variant)
+    if v.is_default:
+        return features_from_sum(recorder.row_sum(lo, hi), hi - lo, assignment)
+    rows = recorder.rows(lo, hi)
+    weights = recorder.value_weights(v.values, cpu=isinstance(rows, np.ndarray)) if v.values else None
+    return variant_features(rows, assignment, v, weights)
+
+
+def variant_features(
+    rows: np.ndarray | torch.Tensor,
+    assignment: np.ndarray | torch.Tensor,
+    variant: str | FV.FeatureVariant,
+    value_weights: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray | torch.Tensor:
+    """(T, L, H, N) rows of a span's tokens, (K, N) assignment -> (K, L*H) features of `variant`
+    (`vstream.attr.features`); `value_weights` (L, H, N) for vnorm / vonorm. The default goes
+    through `region_features` / `features_from_sum` (unchanged). numpy in, numpy out (the
+    arithmetic is `features.pool_rows`, as in the attribution process); torch tensors stay
+    torch, on their device (a GPU's rows are not copied to the host)."""
+    v = FV.parse(variant)
+    if v.is_default:
+        if isinstance(rows, np.ndarray):
+            return features_from_sum(rowmath.sum_rows(list(rows)), rows.shape[0], np.asarray(assignment))
+        return region_features(rows, torch.as_tensor(assignment))
+    if isinstance(rows, np.ndarray):
+        w = None if value_weights is None else np.asarray(torch.as_tensor(value_weights).cpu(), dtype=np.float32)
+        return FV.pool_rows(rows, np.asarray(torch.as_tensor(assignment).cpu(), dtype=np.float32), v, w)
+    return _pool_rows_torch(rows, assignment, v, value_weights)
+
+
+def _pool_rows_torch(
+    rows: torch.Tensor,
+    assignment: np.ndarray | torch.Tensor,
+    v: FV.FeatureVariant,
+    value_weights: np.ndarray | torch.Tensor | None,
+) -> torch.Tensor:
+    """`features.pool_rows` in torch (same steps, same order)."""
+    if rows.ndim != 4 or rows.shape[0] < 1:
+        raise ValueError(f"rows must be (T >= 1, L, H, N), got {tuple(rows.shape)}")
+    t, l, h, n = rows.shape
+    r = rows.float()
+    a = torch.as_tensor(assignment).to(device=r.device, dtype=torch.float32)
+    if tuple(a.shape) != (a.shape[0], n) or a.ndim != 2:
+        raise ValueError(f"assignment must be (K, {n}), got {tuple(a.shape)}")
+    if v.values:
+        if value_weights is None:
+            raise ValueError(f"feature variant {v.name!r} needs the value weights ({v.values})")
+        r = r * torch.as_tensor(value_weights).to(device=r.device, dtype=torch.float32)[None]
+    if v.token_norm:
+        total = r.sum(-1, keepdim=True)
+        r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
+    if v.pool == "mean":
+        f = torch.mm(a, r.sum(0).reshape(l * h, n).T) / t
+    elif v.pool == "last":
+        f = torch.mm(a, r[-1].reshape(l * h, n).T)
+    else:
+        f = torch.matmul(r.reshape(t, l * h, n), a.T).amax(0).T  # (T, L*H, K) -> (K, L*H)
+    if v.region_mean:
+        size = a.sum(1, keepdim=True)  # (K, 1)
+        f = torch.where(size > 0, f / torch.where(size > 0, size, torch.ones_like(size)), torch.zeros_like(f))
+    if v.log:
+        f = torch.log(f + FV.LOG_EPS)
+    return f.contiguous()

@@ -30,12 +30,23 @@ all examples for that many epochs. Details that the loss leaves open:
   scale (folded into `weight` and `region_bias`) and `bias`, making predictions comparable to
   effects in nats.
 
+Options that the variant study (`vstream.attr.study`) compares, all on stored labels: `loss`
+("pearson", the above; "mse" or "huber": squared or Huber error of the subset predictions in nats,
+with one learned intercept), `weight_decay` (AdamW's, on the scaled weights), `region_bias`,
+`scaling` ("rms" above, or "zscore": columns also centred, the centring folded into the region
+bias, so it needs one), `columns` ("all"; "layers=A-B": only those layers' heads; "top=N": the N
+columns whose subset sums correlate best with the measured effects on the training labels; the
+others' weights stay 0, so the estimator is still the same L*H map), and `feature_variant` (which
+`vstream.attr.features` design the labels are read in; recorded in the file, so evaluation and
+the live worker compute the same design, and applying it to other features is refused).
+
 Evaluation: `lds` (linear datamodeling score) = mean over spans of the Spearman correlation,
 across masks, of predicted and measured subset effects.
 
 Files: safetensors (`weight` (L*H,), `region_bias` (1,), `bias` (1,)) with the metadata as JSON
-in the safetensors header; `load` refuses anything else (pickled .pt/.bin are never read) and refuses an estimator
-made for another layer/head count, or (unless overridden) another model.
+in the safetensors header (`feature_variant` among it; a file without it reads the default
+features); `load` refuses anything else (pickled .pt/.bin are never read) and refuses an
+estimator made for another layer/head count, or (unless overridden) another model.
 """
 
 from __future__ import annotations
@@ -49,12 +60,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vstream.attr import features as FV
 from vstream.attr import rowmath
-from vstream.attr.labels import load_labels
+from vstream.attr.labels import derive_examples, load_labels
 from vstream.model import VLM, VLMError, model_name
 
 __all__ = [
+    "COLUMN_RULES",
     "FORMAT",
+    "LOSSES",
+    "SCALINGS",
     "LinearEstimator",
     "evaluate",
     "in_ranges",
@@ -63,12 +78,25 @@ __all__ = [
     "pearson_loss",
     "r2_score",
     "RawAttention",
+    "check_variant",
     "seed_ranges",
+    "select_columns",
     "subset_design",
     "train",
 ]
 
 FORMAT = "vstream-estimator/1"
+HUBER_DELTA = 1.0  # nats: errors beyond it count linearly
+LOSSES = {
+    "pearson": "-mean Pearson r across masks per span",
+    "mse": "mean squared error of the subset predictions (nats), one intercept",
+    "huber": f"Huber loss (delta {HUBER_DELTA:g} nats) of the subset predictions, one intercept",
+}
+SCALINGS = {
+    "rms": "column RMS, folded into weight",
+    "zscore": "column mean and standard deviation over the training rows, folded into weight and region_bias",
+}
+COLUMN_RULES = ("all", "layers=A-B", "top=N")
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npy", ".npz"}
 
 
@@ -97,6 +125,12 @@ class LinearEstimator(torch.nn.Module):
     @property
     def num_features(self) -> int:
         return self.num_layers * self.num_heads
+
+    @property
+    def feature_variant(self) -> str:
+        """The `vstream.attr.features` variant this estimator reads (the default for files
+        written before variants existed)."""
+        return FV.parse(self.meta.get("feature_variant", FV.DEFAULT)).name
 
     def extra_repr(self) -> str:
         return f"L={self.num_layers}, H={self.num_heads}, model={self.meta.get('model')!r}"
@@ -324,8 +358,22 @@ class RawAttention:
         return torch.as_tensor(features).float().sum(-1)
 
 
+def check_variant(estimator: LinearEstimator, examples: Sequence[Any]) -> None:
+    """Refuse examples whose features are another variant than the estimator reads."""
+    want = estimator.feature_variant
+    other = sorted({FV.parse(getattr(e, "feature_variant", FV.DEFAULT)).name for e in examples} - {want})
+    if other:
+        raise VLMError(
+            f"the estimator reads feature variant {want!r}, these labels hold {', '.join(map(repr, other))}: "
+            "load them with load_labels(..., feature_variant=estimator.feature_variant)"
+        )
+
+
 def evaluate(estimator: LinearEstimator | None, examples: Sequence[Any]) -> dict[str, float]:
-    """LDS / R^2 of the estimator (or, with None, of raw attention) on labelled examples."""
+    """LDS / R^2 of the estimator (or, with None, of raw attention) on labelled examples; an
+    estimator refuses examples of another feature variant."""
+    if estimator is not None:
+        check_variant(estimator, examples)
     x, y, _ = subset_design(examples, count_column=True)
     with torch.no_grad():
         if estimator is None:
@@ -377,24 +425,46 @@ def train(
     num_heads: int | None = None,
     refit: bool = True,
     region_bias: bool = True,
+    loss: str = "pearson",
+    scaling: str = "rms",
+    columns: str = "all",
+    feature_variant: str | None = None,
 ) -> tuple[LinearEstimator, dict[str, Any]]:
     """Fit the estimator on label folders (or a list of `LabeledExample`s); see the module doc.
 
     Validation examples (a `val_fraction` of the examples, whole examples, seeded) pick the
     best epoch and are reported (with the raw-attention baseline); with `refit` the final
     estimator is then trained on all examples for that many epochs. `region_bias`: learn the
-    per-region constant c (else c = 0)."""
+    per-region constant c (else c = 0). `loss`, `scaling`, `columns`: see the module doc.
+    `feature_variant`: read the labels in this variant (None: as stored, the primary); one that
+    the labels neither hold nor derive is refused."""
 
+    if loss not in LOSSES:
+        raise VLMError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    if scaling not in SCALINGS:
+        raise VLMError(f"unknown feature scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
+    if scaling == "zscore" and not region_bias:
+        raise VLMError("zscore scaling folds the column means into the region bias: it needs the region bias")
+    try:
+        variant = None if feature_variant is None else FV.parse(feature_variant).name
+    except ValueError as e:
+        raise VLMError(str(e)) from e
     if isinstance(label_dirs, (str, Path)) or (
         isinstance(label_dirs, (list, tuple)) and label_dirs and isinstance(label_dirs[0], (str, Path))
     ):
-        config, examples = load_labels(label_dirs)
+        config, examples = load_labels(label_dirs, variant)
         sources = [str(d) for d in ([label_dirs] if isinstance(label_dirs, (str, Path)) else label_dirs)]
     else:
         examples = list(label_dirs)
         config, sources = {}, []
+        held = sorted({FV.parse(getattr(e, "feature_variant", FV.DEFAULT)).name for e in examples})
+        if len(held) > 1:
+            raise VLMError(f"examples of different feature variants {held} cannot be trained together")
+        if variant is not None and held and held != [variant]:
+            examples = derive_examples(examples, variant)  # VLMError when they cannot give it
     if not examples:
         raise VLMError("no labelled examples")
+    variant = FV.parse(getattr(examples[0], "feature_variant", FV.DEFAULT)).name
     L = int(num_layers or config.get("num_layers", 0) or 0)
     H = int(num_heads or config.get("num_heads", 0) or 0)
     lh = int(examples[0].features.shape[-1])
@@ -410,11 +480,11 @@ def train(
     val_ex = [examples[i] for i in sorted(order[:n_val])]
     tr_ex = [examples[i] for i in sorted(order[n_val:])]
 
+    kept = select_columns(columns, examples, L, H)
     t0 = time.perf_counter()
-    fit = lambda exs, val, n_ep, desc: _fit(
-        exs, val, lh, n_ep, lr, weight_decay, batch_spans, seed, progress, desc, region_bias
-    )
-    est = LinearEstimator(L, H)
+    opts = _FitOptions(lr, weight_decay, batch_spans, seed, region_bias, loss, scaling, kept)
+    fit = lambda exs, val, n_ep, desc: _fit(exs, val, lh, n_ep, opts, progress, desc)
+    est = LinearEstimator(L, H, {"feature_variant": variant})
     w_raw, b, best_ep = fit(tr_ex, val_ex, epochs, "train estimator")
     _set(est, w_raw, b)
     report: dict[str, Any] = {"best_epoch": best_ep, "examples": {"train": len(tr_ex), "val": len(val_ex)}}
@@ -458,8 +528,13 @@ def train(
             "epochs": int(epochs),
             "best_epoch": best_ep,
             "lr": float(lr),
-            "loss": "-mean Pearson r across masks per span",
-            "feature_scaling": "column RMS, folded into weight",
+            "loss": LOSSES[loss],
+            "loss_name": loss,
+            "weight_decay": float(weight_decay),
+            "feature_scaling": SCALINGS[scaling],
+            "columns": columns,
+            **({"kept_columns": kept} if kept is not None else {}),
+            "feature_variant": variant,
             "init": "raw attention (w = 1)",
             "calibration": "least squares a*(subset sum)+b, a folded into weight and region_bias, b = bias",
             "region_bias": bool(region_bias),
@@ -478,23 +553,47 @@ def _set(est: LinearEstimator, w: torch.Tensor, b: float) -> None:
     est.eval()
 
 
+class _FitOptions:
+    """What one optimisation run is configured with (see `train`)."""
+
+    def __init__(
+        self,
+        lr: float,
+        weight_decay: float,
+        batch_spans: int,
+        seed: int,
+        region_bias: bool = True,
+        loss: str = "pearson",
+        scaling: str = "rms",
+        columns: list[int] | None = None,
+    ):
+        self.lr, self.weight_decay, self.batch_spans, self.seed = float(lr), float(weight_decay), int(batch_spans), seed
+        self.region_bias, self.loss, self.scaling, self.columns = region_bias, loss, scaling, columns
+
+
+def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(S, M) predictions, (S, M) measured effects -> scalar loss."""
+    if name == "pearson":
+        return pearson_loss
+    if name == "mse":
+        return torch.nn.functional.mse_loss
+    return lambda p, t: torch.nn.functional.huber_loss(p, t, delta=HUBER_DELTA)
+
+
 def _fit(
     tr_ex: Sequence[Any],
     val_ex: Sequence[Any],
     lh: int,
     epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_spans: int,
-    seed: int,
+    opts: _FitOptions,
     progress: bool,
     desc: str,
-    region_bias: bool = True,
 ) -> tuple[torch.Tensor, float, int]:
     """One optimisation run: (calibrated raw-space [weight, region bias] (L*H+1,), bias, best epoch).
 
     The region bias is the weight of a constant-1 region feature (its subset sum = the number
-    of ablated regions); without `region_bias` that column is kept at 0."""
+    of ablated regions); without `region_bias` that column is kept at 0, and so are the columns
+    outside `opts.columns`. The best epoch is the one with the lowest loss on `val_ex`."""
     from tqdm.auto import tqdm
 
     x, y, _ = subset_design(tr_ex, count_column=True)
@@ -505,39 +604,58 @@ def _fit(
     xv, yv = subset_design(val_ex, count_column=True)[:2] if val_ex else (None, None)
 
     feats = torch.cat([e.features.reshape(-1, lh).float() for e in tr_ex])
-    scale = feats.pow(2).mean(0).sqrt().clamp_min(1e-12)  # (L*H,) column RMS
-    scale = torch.cat([scale, torch.ones(1)])  # the constant-1 column has RMS 1
+    if opts.scaling == "zscore":  # x' = (x - |v| mu) / sd on the subset sums; |v| = the count column
+        mu = torch.cat([feats.mean(0), torch.zeros(1)])
+        scale = torch.cat([feats.std(0, unbiased=False).clamp_min(1e-12), torch.ones(1)])
+    else:
+        mu = torch.zeros(lh + 1)
+        scale = torch.cat([feats.pow(2).mean(0).sqrt().clamp_min(1e-12), torch.ones(1)])  # column RMS
     live = torch.ones(lh + 1)
-    if not region_bias:
+    if not opts.region_bias:
         live[-1] = 0.0
-    xs = x / scale * live
-    xvs = xv / scale * live if xv is not None else None
+    if opts.columns is not None:
+        live[:lh] = 0.0
+        live[opts.columns] = 1.0
+    xs = (x - x[..., -1:] * mu) / scale * live
+    xvs = (xv - xv[..., -1:] * mu) / scale * live if xv is not None else None
 
-    torch.manual_seed(seed)
-    init = scale.clone()
-    init[-1] = 0.0
-    w = torch.nn.Parameter(init / init.norm())  # == raw attention (w = 1, c = 0) in raw space, up to scale
-    opt = torch.optim.AdamW([w], lr=lr, weight_decay=weight_decay)
+    torch.manual_seed(opts.seed)
+    init = scale.clone() * live  # == raw attention (w = 1) in raw space, up to scale
+    init[-1] = float((mu[:lh] * live[:lh]).sum()) if opts.scaling == "zscore" else 0.0  # (zscore: c = sum mu)
+    norm = init[:lh].norm().clamp_min(1e-12)
+    w = torch.nn.Parameter(init / norm)
+    intercept = torch.nn.Parameter(torch.zeros(()))  # mse / huber only: the subset prediction's offset
+    params = [w] if opts.loss == "pearson" else [w, intercept]
+    if opts.loss != "pearson":
+        with torch.no_grad():
+            intercept.fill_(float(y.mean()))
+    loss_fn = _loss_fn(opts.loss)
+    predict = lambda xx: xx @ (w * live) + (intercept if opts.loss != "pearson" else 0.0)
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     best = (float("inf"), w.detach().clone(), 0)
     bar = tqdm(range(int(epochs)), disable=not progress, desc=desc, unit="epoch")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(opts.seed)
     for ep in bar:
         perm = torch.randperm(xs.shape[0], generator=g)
-        for s in range(0, xs.shape[0], int(batch_spans)):
-            idx = perm[s : s + int(batch_spans)]
-            loss = pearson_loss(xs[idx] @ w, y[idx])
+        for s in range(0, xs.shape[0], opts.batch_spans):
+            idx = perm[s : s + opts.batch_spans]
+            loss = loss_fn(predict(xs[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            tl = float(pearson_loss(xs @ w, y))
-            vl = float(pearson_loss(xvs @ w, yv)) if xvs is not None else tl
+            tl = float(loss_fn(predict(xs), y))
+            vl = float(loss_fn(predict(xvs), yv)) if xvs is not None else tl
         if vl < best[0] or xvs is None:  # without validation: the last epoch
             best = (vl, w.detach().clone(), ep)
-        bar.set_postfix(train_r=f"{-tl:.3f}", val_r=f"{-vl:.3f}")
+        if opts.loss == "pearson":
+            bar.set_postfix(train_r=f"{-tl:.3f}", val_r=f"{-vl:.3f}")
+        else:
+            bar.set_postfix(train_loss=f"{tl:.3f}", val_loss=f"{vl:.3f}")
     bar.close()
 
-    w_raw = best[1] * live / scale  # fold the feature scaling back in
+    w_raw = best[1] * live / scale  # fold the feature scaling back in ...
+    w_raw[-1] = w_raw[-1] - (w_raw[:lh] * mu[:lh]).sum()  # ... and the centring into the region bias
     with torch.no_grad():  # calibration: effect ~ a * (X w) + b
         p = (x @ w_raw).reshape(-1).double()
         t = y.reshape(-1).double()
@@ -546,10 +664,45 @@ def _fit(
     return w_raw * a, float(b), int(best[2])
 
 
+def select_columns(spec: str, examples: Sequence[Any], num_layers: int, num_heads: int) -> list[int] | None:
+    """The feature columns an estimator may use (None: all), by rule (`COLUMN_RULES`):
+    "all"; "layers=A-B" (or "layers=A"): the heads of layers A..B; "top=N": the N columns whose
+    subset sums (over each mask's ablated regions) have the highest |Pearson r| with the measured
+    effects across masks, averaged over the examples' spans (chosen on the labels given: the
+    training labels)."""
+    spec = (spec or "all").strip()
+    lh = num_layers * num_heads
+    if spec == "all":
+        return None
+    rule, _, arg = spec.partition("=")
+    try:
+        if rule == "layers":
+            lo, _, hi = arg.partition("-")
+            a, b = int(lo), int(hi or lo)
+            if not 0 <= a <= b < num_layers:
+                raise ValueError
+            return list(range(a * num_heads, (b + 1) * num_heads))
+        if rule == "top":
+            n = int(arg)
+            if not 0 < n <= lh:
+                raise ValueError
+            x, y, _ = subset_design(examples)
+            xc, yc = x - x.mean(1, keepdim=True), (y - y.mean(1, keepdim=True))[..., None]
+            den = (xc.pow(2).sum(1) * yc.pow(2).sum(1)).sqrt()  # (S, L*H)
+            r = torch.where(den > 0, (xc * yc).sum(1) / den.clamp_min(1e-30), torch.zeros_like(den))
+            ok = y.std(-1) > 1e-8
+            score = r[ok].abs().mean(0) if bool(ok.any()) else torch.zeros(lh)
+            return sorted(int(i) for i in torch.argsort(-score, stable=True)[:n])
+    except ValueError:
+        pass
+    raise VLMError(f"bad column rule {spec!r}: use all, layers=A-B (0 <= A <= B < {num_layers}) or top=N (1..{lh})")
+
+
 def heldout_report(est: LinearEstimator, label_dirs: Sequence[str | Path]) -> dict[str, Any]:
     """LDS / R^2 of `est` and of raw attention on held-out label folders, recorded in the
-    estimator's metadata too; refuses labels of another model or sharing training seeds."""
-    cfg, held = load_labels(label_dirs)
+    estimator's metadata too; refuses labels of another model or sharing training seeds, and
+    reads them in the estimator's feature variant (refused when they cannot give it)."""
+    cfg, held = load_labels(label_dirs, est.feature_variant)
     if cfg.get("model") != est.meta.get("model") or cfg.get("num_heads") != est.num_heads:
         raise VLMError(f"--eval labels come from {cfg.get('model')!r}, the estimator from {est.meta.get('model')!r}")
     overlap = [e.seed for e in held if in_ranges(int(e.seed), est.meta["train_seeds"])]

@@ -5,7 +5,7 @@
 Scenes come from the HELD-OUT seed range only (`shapes.scenes("heldout", start, n)`), starting
 at offset 100_000 by default, disjoint from `eval-model` (offsets 0..599) and from anything
 trained (the train split). Per scene, exactly as the estimator's labels are made
-(`vstream.attr.labels.trace_with_attention`, `thought_spans`, `draw_masks`): generate the trace
+(`vstream.attr.labels.trace_with_capture`, `thought_spans`, `draw_masks`): generate the trace
 greedily with attention capture, compute regions (`regions_for`), cut the thinking spans, then
 
 * ground truth: 32 random region subsets (each region kept with probability 0.5, seeded by
@@ -64,7 +64,8 @@ from tqdm.auto import tqdm
 from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
 from vstream.attr.estimator import Estimator, load
 from vstream.attr.estimator import lds as lds_fn
-from vstream.attr.labels import draw_masks, thought_spans, trace_with_attention
+from vstream.attr.features import variant_of
+from vstream.attr.labels import draw_masks, thought_spans, trace_with_capture
 from vstream.attr.memory import PeakMemory
 from vstream.attr.methods import METHODS, AttributionContext, attribute_timed
 from vstream.attr.regions import regions_for
@@ -258,6 +259,8 @@ def evaluate(
     region_iou: list[float] = []
     gen_tokens, gen_secs, gt_secs = 0, 0.0, 0.0
 
+    weighting = variant_of(estimator).values  # value norms the estimator's features need, if any
+    values = [weighting] if weighting else []
     for i, scene in enumerate(tqdm(items, desc="evaluate", file=sys.stderr, disable=not progress)):
         try:
             inputs = vlm.build_inputs(scene.question, image=scene.image())
@@ -267,7 +270,8 @@ def evaluate(
             counts["n_examples_bad_image"] += 1
             continue
         t0 = time.perf_counter()
-        tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)  # labels' own generation
+        trace = trace_with_capture(vlm, inputs, max_new_tokens, values)  # labels' own generation
+        tokens, rows = trace.tokens, trace.rows
         gen_secs += time.perf_counter() - t0
         gen_tokens += len(tokens)
         spans = thought_spans(vlm, tokens)[0] if tokens else []
@@ -284,7 +288,15 @@ def evaluate(
             named = sorted({st.obj for st in scene.steps if st.obj is not None})
             region_iou += [best_region_iou(regions.pixel_labels(size), scene.mask(o)) for o in named]
         ctx = AttributionContext(
-            vlm, inputs, gen, spans, regions.assignment, token_attn=rows, estimator=estimator, regions=regions
+            vlm,
+            inputs,
+            gen,
+            spans,
+            regions.assignment,
+            token_attn=rows,
+            estimator=estimator,
+            regions=regions,
+            value_weights=trace.value_weights,
         )
 
         ablated = draw_masks(k, n_masks, keep_prob, mask_seed, scene.seed).numpy()  # True = ablated
@@ -388,6 +400,7 @@ def evaluate(
         "mask_seed": mask_seed,
         "slow_methods_on_first": slow_n,
         "ablation": OPERATOR,
+        "feature_variant": variant_of(estimator).name,  # what vstream's estimator reads
         "definitions": DEFINITIONS,
         "seconds": round(time.perf_counter() - t_all, 1),
     }

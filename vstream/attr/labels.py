@@ -2,12 +2,16 @@
 
     python -m vstream collect --n 2000 --out runs/labels                       # train split
     python -m vstream collect --n 200 --split heldout --out runs/labels-heldout
+    python -m vstream collect --n 200 --split val --out runs/labels-val     # for choosing settings
+    python -m vstream collect --n 2000 --features mean,vnorm,tnorm,max --out runs/labels-variants
     accelerate launch --multi_gpu --num_processes 2 -m vstream collect --n 2000 --out runs/labels  # 2 CPU procs (gloo)
 
 For each shapes-world scene: generate the trace greedily while `vstream.attr.capture` records the
 attention of every generated token on the image tokens; cut it into thinking spans
 (`vstream.attr.spans`, thought spans only); cluster the image into K regions (`vstream.attr.regions`);
-per span, pool the recorded rows into (K, L*H) features (`capture.region_features`); draw
+per span, pool the recorded rows into (K, L*H) features (`capture.region_features`; with
+`feature_variants`, one (K, L*H) array per `vstream.attr.features` variant, all from the same
+trace, the first one the folder's primary); draw
 `masks_per_example` random region masks (each region kept with probability `keep_prob`,
 True = ablated, seeded by (seed, scene seed)); measure every mask's effect on every span with
 THE ablation operator (`vstream.attr.ablation`, all masks + the unablated pass in one batched
@@ -16,9 +20,15 @@ forward).
 Storage (never pickle): shards `labels-<first index>.safetensors` holding, per example i,
 `e<i>.features` (S, K, L*H) float32, `e<i>.masks` (M, K) bool, `e<i>.effects` (M, S) float32,
 `e<i>.base` (S,) unablated span log-probs, `e<i>.assignment` (K, N) uint8, `e<i>.tokens` (T,)
-int64; plus a JSON sidecar `labels-<first index>.json` with the run config and per-example
-metadata (scene seed, family, span texts and token ranges, K). The sidecar is written last, so
-a shard counts only once both exist. Example index = offset of the scene in its split.
+int64, and per further feature variant V `e<i>.features.V` (S, K, L*H); plus a JSON sidecar
+`labels-<first index>.json` with the run config and per-example metadata (scene seed, family,
+span texts and token ranges, K). The sidecar is written last, so a shard counts only once both
+exist. Example index = offset of the scene in its split. The config names the stored variants
+(`feature_variant`: the primary, `feature_variants`: all); files written before variants existed
+hold the default ("mean"). Reading asks for one variant (`load_labels(..., feature_variant=)`):
+a stored one, or one derived from a stored one (`features.derive`: the per-region tokens rmean /
+log); anything else is refused, so an estimator never trains on features of another design than
+it will be applied to.
 
 Sharding: with `accelerate launch`, process r of R takes the examples i with i % R == r and
 writes its own shards. Resuming: examples listed in existing sidecars of `--out` (labelled or
@@ -31,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,7 @@ import numpy as np
 import torch
 
 from vstream.attr import capture as C
+from vstream.attr import features as FV
 from vstream.attr.ablation import OPERATOR, PlaceholderInTrace, ablation_effects
 from vstream.attr.capture import region_features
 from vstream.attr.regions import (
@@ -56,14 +67,21 @@ from vstream.world.shapes import Scene, scenes
 
 __all__ = [
     "FORMAT",
+    "CapturedTrace",
     "LabeledExample",
     "collect",
+    "derive_examples",
     "done_indices",
     "draw_masks",
+    "features_description",
+    "folder_config",
     "label_example",
     "load_labels",
+    "normalised_config",
     "read_shard",
+    "span_region_features",
     "trace_with_attention",
+    "trace_with_capture",
     "write_shard",
 ]
 
@@ -87,7 +105,23 @@ _CONFIG_KEYS = (
     "seed",
     "max_new_tokens",
     "span_kinds",
+    "feature_variant",
+    "feature_variants",
 )
+
+
+def features_description(variant: FV.FeatureVariant) -> str:
+    """The config's human-readable "features" entry for a variant (the default: FEATURES)."""
+    return FEATURES if variant.is_default else f"{FEATURES}; variant {variant.name}: {variant.describe()}"
+
+
+def normalised_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar's config with the feature-variant keys filled in for files written before
+    variants existed (they hold the default)."""
+    out = dict(cfg)
+    out.setdefault("feature_variant", FV.DEFAULT)
+    out.setdefault("feature_variants", [out["feature_variant"]])
+    return out
 
 
 def k_rule(k: int | None) -> str:
@@ -116,6 +150,8 @@ class LabeledExample:
     span_ranges: list[tuple[int, int]] = field(default_factory=list)
     trace: str = ""
     question: str = ""
+    feature_variant: str = FV.DEFAULT  # the variant `features` holds
+    extra_features: dict[str, torch.Tensor] = field(default_factory=dict)  # {variant: (S, K, L*H)}
 
     @property
     def k(self) -> int:
@@ -134,6 +170,7 @@ class LabeledExample:
             p + "base": self.base.float().contiguous(),
             p + "assignment": self.assignment.to(torch.uint8).contiguous(),
             p + "tokens": self.tokens.long().contiguous(),
+            **{f"{p}features.{v}": f.float().contiguous() for v, f in self.extra_features.items()},
         }
 
     def meta(self) -> dict[str, Any]:
@@ -151,6 +188,15 @@ class LabeledExample:
         }
 
 
+@dataclass
+class CapturedTrace:
+    """A greedy trace with what its features are computed from."""
+
+    tokens: list[int]  # visible generated token ids
+    rows: torch.Tensor  # (T, L, H, N) CPU attention rows, row i = token i
+    value_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # {vnorm|vonorm: (L, H, N) CPU}
+
+
 def trace_with_attention(vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 192) -> tuple[list[int], torch.Tensor]:
     """Greedy-generate with attention capture: (visible token ids, (T, L, H, N) CPU rows).
 
@@ -158,8 +204,17 @@ def trace_with_attention(vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 192)
     when generation was cut by `max_new_tokens` the last token's row is completed by
     `capture.finalize`, so every visible token has one.
     """
+    tr = trace_with_capture(vlm, inputs, max_new_tokens)
+    return tr.tokens, tr.rows
 
-    rec = C.AttentionRecorder.for_vlm(vlm, keep_cpu=True)
+
+def trace_with_capture(
+    vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 192, values: Sequence[str] = ()
+) -> CapturedTrace:
+    """`trace_with_attention`, plus the value weights of `values` (features.VALUE_WEIGHTS) that
+    value-weighted feature variants need (recorded at prefill)."""
+
+    rec = C.AttentionRecorder.for_vlm(vlm, keep_cpu=True, values=values)
     gc = vlm.generation_kwargs(max_new_tokens, False, 1.0)["generation_config"]
     gc.return_dict_in_generate = True
     pos = inputs.image_token_positions
@@ -176,8 +231,21 @@ def trace_with_attention(vlm: VLM, inputs: VLMInputs, max_new_tokens: int = 192)
         if visible and rec.tokens < len(visible):
             C.finalize(vlm, rec, pos, out.past_key_values, visible[-1])
     if not visible:
-        return [], torch.zeros(0)
-    return visible, rec.stack(0, len(visible), cpu=True)
+        return CapturedTrace([], torch.zeros(0))
+    weights = {v: rec.value_weights(v, cpu=True) for v in rec.values}
+    return CapturedTrace(visible, rec.stack(0, len(visible), cpu=True), weights)
+
+
+def span_region_features(
+    trace: CapturedTrace, span: tuple[int, int], assignment: torch.Tensor, variant: str | FV.FeatureVariant
+) -> torch.Tensor:
+    """(K, L*H) float32 features of `variant` for the trace's tokens [lo, hi)."""
+    lo, hi = span
+    v = FV.parse(variant)
+    if v.is_default:
+        return region_features(trace.rows[lo:hi], assignment).float()
+    w = trace.value_weights.get(v.values) if v.values else None
+    return torch.as_tensor(C.variant_features(trace.rows[lo:hi], assignment, v, w)).float()
 
 
 def thought_spans(vlm: VLM, tokens: Sequence[int], kinds: Sequence[str] = ("thought",)) -> tuple[list[Span], str]:
@@ -214,11 +282,17 @@ def label_example(
     max_new_tokens: int = 192,
     span_kinds: Sequence[str] = ("thought",),
     batch_size: int | None = None,
+    feature_variants: Sequence[str] = (FV.DEFAULT,),
 ) -> LabeledExample | None:
-    """Label one scene (see the module doc). None when its trace has no span of `span_kinds`."""
+    """Label one scene (see the module doc). None when its trace has no span of `span_kinds`.
+    `feature_variants`: the variants to store, the first in `features`, the others in
+    `extra_features` (all from the one trace)."""
 
+    variants = FV.names(feature_variants) or [FV.DEFAULT]
+    values = sorted({FV.parse(v).values for v in variants} - {""})
     inputs = vlm.build_inputs(scene.question, image=scene.image())
-    tokens, rows = trace_with_attention(vlm, inputs, max_new_tokens)
+    trace = trace_with_capture(vlm, inputs, max_new_tokens, values)
+    tokens = trace.tokens
     if not tokens:
         return None
     spans, text = thought_spans(vlm, tokens, span_kinds)
@@ -226,7 +300,11 @@ def label_example(
         return None
     regions = regions_for(inputs, k=k, backbone=backbone)
     a = regions.assignment
-    feats = torch.stack([region_features(rows[s.token_start : s.token_end], a) for s in spans]).float()
+    per_variant = {
+        v: torch.stack([span_region_features(trace, (s.token_start, s.token_end), a, v) for s in spans])
+        for v in variants
+    }
+    feats = per_variant.pop(variants[0])
     masks = draw_masks(a.shape[0], masks_per_example, keep_prob, seed, scene.seed)
     effects, base = ablation_effects(vlm, inputs, tokens, spans, masks, a, batch_size=batch_size, return_base=True)
     return LabeledExample(
@@ -243,7 +321,32 @@ def label_example(
         span_ranges=[(s.token_start, s.token_end) for s in spans],
         trace=text,
         question=scene.question,
+        feature_variant=variants[0],
+        extra_features={v: f.cpu() for v, f in per_variant.items()},
     )
+
+
+def derive_examples(examples: Sequence[LabeledExample], variant: str | FV.FeatureVariant) -> list[LabeledExample]:
+    """The examples with `features` of `variant`: as held when they hold it (primary or extra),
+    else derived (`features.derive`) from a held variant; VLMError when neither is possible."""
+    want = FV.parse(variant)
+    out = []
+    for e in examples:
+        held = {FV.parse(e.feature_variant): e.features}
+        held.update({FV.parse(v): f for v, f in e.extra_features.items()})
+        if want in held:
+            f = held[want]
+        else:
+            src = next((v for v in held if FV.can_derive(v, want)), None)
+            if src is None:
+                raise VLMError(
+                    f"example {e.index} holds features of {', '.join(v.name for v in held)}, not {want.name!r} "
+                    "(nor one it can be derived from): collect labels with --features " + want.pooled.name
+                )
+            a = e.assignment.float().numpy()
+            f = torch.from_numpy(FV.derive(held[src].float().numpy(), a, src, want))
+        out.append(replace(e, features=f, feature_variant=want.name, extra_features={}))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,20 +404,46 @@ def done_indices(out: Path, config: dict[str, Any] | None = None) -> set[int]:
     for side in _sidecars(out):
         meta = json.loads(side.read_text())
         if config is not None:
-            _check_config(meta.get("config", {}), config, side)
+            _check_config(normalised_config(meta.get("config", {})), config, side)
         done.update(int(e["index"]) for e in meta.get("examples", []))
         done.update(int(s["index"]) for s in meta.get("skipped", []))
     return done
 
 
-def read_shard(side: Path) -> tuple[dict[str, Any], list[LabeledExample]]:
-    """(config, examples) of one shard, given its JSON sidecar (or its .safetensors)."""
+def folder_config(dirs: str | Path | Iterable[str | Path]) -> dict[str, Any]:
+    """The (normalised) config of the first shard in the first label folder: what was collected
+    and which feature variants it holds, without reading any tensor."""
+    first = next(iter([dirs] if isinstance(dirs, (str, Path)) else dirs), None)
+    d = Path(first) if first is not None else None
+    sides = [] if d is None else ([d.with_suffix(".json")] if d.is_file() else _sidecars(d))
+    if not sides:
+        raise VLMError(f"no label shards (labels-*.json + .safetensors) in {d}")
+    return normalised_config(json.loads(sides[0].read_text()).get("config", {}))
+
+
+def read_shard(
+    side: Path, feature_variant: str | FV.FeatureVariant | None = None
+) -> tuple[dict[str, Any], list[LabeledExample]]:
+    """(config, examples) of one shard, given its JSON sidecar (or its .safetensors), with
+    `features` of `feature_variant` (None: the shard's primary; see the module doc). The
+    returned config names the variant read in `feature_variant` and describes it in `features`."""
     from safetensors import safe_open
 
     side = Path(side)
     if side.suffix == ".safetensors":
         side = side.with_suffix(".json")
     meta = json.loads(side.read_text())
+    cfg = normalised_config(meta.get("config", {}))
+    stored = [FV.parse(v) for v in cfg["feature_variants"]]
+    want = FV.parse(cfg["feature_variant"] if feature_variant is None else feature_variant)
+    src = want if want in stored else next((v for v in stored if FV.can_derive(v, want)), None)
+    if src is None:
+        raise VLMError(
+            f"{side} holds features of {', '.join(v.name for v in stored)}, not {want.name!r} "
+            f"(nor one it can be derived from): collect labels with --features {want.pooled.name}"
+        )
+    key = "features" if src == FV.parse(cfg["feature_variant"]) else f"features.{src.name}"
+    cfg.update(feature_variant=want.name, features=features_description(want))
     st = side.with_suffix(".safetensors")
     out = []
     with safe_open(str(st), framework="pt") as f:
@@ -323,12 +452,16 @@ def read_shard(side: Path) -> tuple[dict[str, Any], list[LabeledExample]]:
         for m in meta.get("examples", []):
             p = f"e{m['index']}."
             g = lambda name, p=p: f.get_tensor(p + name)
+            feats = g(key)
+            if src != want:
+                assign = g("assignment").float().numpy()
+                feats = torch.from_numpy(FV.derive(feats.float().numpy(), assign, src, want))
             out.append(
                 LabeledExample(
                     index=int(m["index"]),
                     seed=int(m["seed"]),
                     family=m.get("family", ""),
-                    features=g("features"),
+                    features=feats,
                     masks=g("masks").bool(),
                     effects=g("effects"),
                     base=g("base"),
@@ -338,14 +471,18 @@ def read_shard(side: Path) -> tuple[dict[str, Any], list[LabeledExample]]:
                     span_ranges=[(int(s["token_start"]), int(s["token_end"])) for s in m["spans"]],
                     trace=m.get("trace", ""),
                     question=m.get("question", ""),
+                    feature_variant=want.name,
                 )
             )
-    return meta.get("config", {}), out
+    return cfg, out
 
 
-def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any], list[LabeledExample]]:
-    """All examples from one or more label folders (or shard files), sorted by index. The
-    folders must come from the same model and setup (refused otherwise)."""
+def load_labels(
+    dirs: str | Path | Iterable[str | Path], feature_variant: str | FV.FeatureVariant | None = None
+) -> tuple[dict[str, Any], list[LabeledExample]]:
+    """All examples from one or more label folders (or shard files), sorted by index, with
+    features of `feature_variant` (None: the first shard's primary variant; stored or derived,
+    else refused). The folders must come from the same model and setup (refused otherwise)."""
     if isinstance(dirs, (str, Path)):
         dirs = [dirs]
     config: dict[str, Any] | None = None
@@ -356,9 +493,10 @@ def load_labels(dirs: str | Path | Iterable[str | Path]) -> tuple[dict[str, Any]
         if not sides:
             raise VLMError(f"no label shards (labels-*.json + .safetensors) in {d}")
         for side in sides:
-            cfg, exs = read_shard(side)
+            cfg, exs = read_shard(side, feature_variant)
             if config is None:
                 config = cfg
+                feature_variant = cfg["feature_variant"]  # every later shard reads the same variant
             else:
                 keys = ("model", "model_type", "num_layers", "num_heads", "masks_per_example")
                 _check_config(cfg, {k: config.get(k) for k in keys}, side)
@@ -381,8 +519,9 @@ def run_config(
     seed: int,
     max_new_tokens: int,
     span_kinds: Sequence[str] = ("thought",),
+    feature_variants: Sequence[str] = (FV.DEFAULT,),
 ) -> dict[str, Any]:
-
+    variants = FV.names(feature_variants) or [FV.DEFAULT]
     return {
         "format": FORMAT,
         **model_identity(vlm),
@@ -395,7 +534,9 @@ def run_config(
         "max_new_tokens": int(max_new_tokens),
         "span_kinds": list(span_kinds),
         "ablation": OPERATOR,
-        "features": FEATURES,
+        "features": features_description(FV.parse(variants[0])),
+        "feature_variant": variants[0],
+        "feature_variants": variants,
     }
 
 
@@ -417,9 +558,11 @@ def collect(
     progress: bool = True,
     span_kinds: Sequence[str] = ("thought",),
     data: DataSource | None = None,
+    feature_variants: Sequence[str] = (FV.DEFAULT,),
 ) -> list[LabeledExample]:
     """Label shapes-world scenes `start .. start+n-1` of `split` (this process's share), or with
     `data` the user's rows `start .. start+n-1` (n None: all; `split` becomes the data's name).
+    `feature_variants`: the `vstream.attr.features` variants to store (the first is primary).
 
     Returns this call's new examples. With `out`, they are also written as shards of
     `shard_size` examples, and examples already in `out` are skipped (resume). A user row whose
@@ -442,7 +585,13 @@ def collect(
         mine = [r.index for i, r in enumerate(chosen) if i % int(num_processes) == int(process_index)]
     else:
         mine = [start + i for i in range(int(n)) if i % int(num_processes) == int(process_index)]
-    config = run_config(vlm, split, masks_per_example, keep_prob, k, bb.name, seed, max_new_tokens, span_kinds)
+    try:
+        variants = FV.names(feature_variants) or [FV.DEFAULT]
+    except ValueError as e:
+        raise VLMError(str(e)) from e
+    config = run_config(
+        vlm, split, masks_per_example, keep_prob, k, bb.name, seed, max_new_tokens, span_kinds, variants
+    )
     done = done_indices(Path(out), config) if out is not None else set()
     todo = [i for i in mine if i not in done]
 
@@ -468,7 +617,17 @@ def collect(
             scene = by_index[idx] if data is not None else scenes(split, idx, 1)[0]
             try:
                 ex = label_example(
-                    vlm, scene, idx, masks_per_example, keep_prob, k, bb, seed, max_new_tokens, span_kinds
+                    vlm,
+                    scene,
+                    idx,
+                    masks_per_example,
+                    keep_prob,
+                    k,
+                    bb,
+                    seed,
+                    max_new_tokens,
+                    span_kinds,
+                    feature_variants=variants,
                 )
                 why = "no thinking span in the trace"
             except PlaceholderInTrace as e:

@@ -11,8 +11,8 @@ answers with the scores, top regions and path point. The parent paints the heatm
 (one torch gather, without the GIL): shipping 800 KB per span cost more than painting.
 
 * the server (``python -m vstream.attr.liveproc FD``, started by the first `Channel`, one per
-  Python process; `prewarm()` starts it early): imports numpy, `rowmath` and `dynamics` only (no
-  torch, so it is up in a fraction of a second), ignores SIGINT, and exits when its parent does
+  Python process; `prewarm()` starts it early): imports numpy, `rowmath`, `features` and
+  `dynamics` only (no torch, so it is up in a fraction of a second), ignores SIGINT, and exits when its parent does
   (end of file on FD). It serves any number of sessions, each on its own socket, one message at
   a time.
 * a session (`Channel`): a memfd shared with the server holds the queries (T_max, L, H, D), the
@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from vstream.attr import features as FV
 from vstream.attr import rowmath
 from vstream.attr.dynamics import DynamicsTracker
 
@@ -188,6 +189,10 @@ class _Session:
         self.weight = np.asarray(cfg["weight"], dtype=np.float32)
         self.bias = np.float32(cfg["bias"])
         self.top = int(cfg["top"])
+        # the estimator's feature variant (features.py); value-weighted ones get their (L, H, N)
+        # weights with the first span (they are taken at prefill, after the session opened)
+        self.variant = FV.parse(cfg.get("feature_variant", FV.DEFAULT))
+        self.value_weights: np.ndarray | None = None
 
     def span(self, msg: dict[str, Any]) -> None:
         _avoid_cpu(msg.get("cpu", -1))
@@ -204,10 +209,15 @@ class _Session:
                 rows[i:j] = rowmath.image_mass(scores, self.positions)
                 _yield()
         self.computed = max(self.computed, b)
+        if "value_weights" in msg:
+            self.value_weights = np.asarray(msg["value_weights"], dtype=np.float32)
         lo, hi = msg["rows"]
         if hi > lo:
-            total = rowmath.sum_rows([rows[i] for i in range(lo, hi)])
-            features = rowmath.span_features(total, hi - lo, self.assignment)
+            if self.variant.is_default:
+                total = rowmath.sum_rows([rows[i] for i in range(lo, hi)])
+                features = rowmath.span_features(total, hi - lo, self.assignment)
+            else:
+                features = FV.pool_rows(rows[lo:hi], self.assignment, self.variant, self.value_weights)
             scores = rowmath.linear_scores(features, self.weight, self.bias)
         else:
             scores = np.zeros(self.assignment.shape[0], dtype=np.float32)

@@ -14,10 +14,11 @@ Producer-consumer, two threads, one output queue:
   generation on the same model (another user, another session) out of our recorder: it waits
   for the lock instead.
 * the span worker turns a closed span into region scores: mean of the span's (L, H, N) rows x
-  assignment (N, K) -> (K, L*H) features (`capture.features_from_sum`) -> `estimator.predict`
-  -> (K,) scores; then the heatmap (a separable lookup of precomputed region ids,
-  `Regions.pixel_index`) and one `DynamicsTracker.add`. It runs in one of two places
-  (`session.worker_mode`):
+  assignment (N, K) -> (K, L*H) features (`capture.features_from_sum`; for an estimator trained
+  on another `vstream.attr.features` variant, that variant, from the span's rows and the value
+  weights the recorder took at prefill) -> `estimator.predict` -> (K,) scores; then the heatmap
+  (a separable lookup of precomputed region ids, `Regions.pixel_index`) and one
+  `DynamicsTracker.add`. It runs in one of two places (`session.worker_mode`):
 
   - "process" (a float32 model on the CPU with a `LinearEstimator`: the demo setup): the
     attribution process (`vstream.attr.liveproc`), so that none of it holds the GIL that
@@ -81,6 +82,7 @@ from vstream.attr import rowmath
 from vstream.attr.capture import AttentionRecorder, capturing, install, span_features
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
+from vstream.attr.features import variant_of
 from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, current_cpu, prewarm
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.risk import RiskModel, point_features
@@ -317,7 +319,8 @@ class _Run:
         self.worker_mode = "process" if (can if process is None else process) else "thread"
         self.worker_note = ""
 
-        self.recorder = AttentionRecorder.for_vlm(vlm)
+        self.variant = variant_of(estimator)  # the features the estimator was trained on
+        self.recorder = AttentionRecorder.for_vlm(vlm, values=[self.variant.values] if self.variant.values else [])
         self.tracker = DynamicsTracker()
         self.risk_model = risk
         self._points: list[PathPoint] = []
@@ -348,6 +351,7 @@ class _Run:
         self._waiting: collections.deque[tuple[Span, float]] = collections.deque()
         self._inflight: dict[int, tuple[Span, float, int, int, str]] = {}
         self._sent_rows = self._sent_keys = self._rows_done = 0
+        self._sent_values = False  # the value weights (taken at prefill) go with the first span
 
     # -- public control ------------------------------------------------------------------------
     def start(self) -> _Run:
@@ -500,6 +504,7 @@ class _Run:
             "weight": weight,
             "bias": bias,
             "top": TOP_REGIONS,
+            "feature_variant": self.variant.name,
         }
         return Channel(shapes, config)
 
@@ -534,6 +539,9 @@ class _Run:
             else:
                 msg["lens"], self._sent_keys, msg["scaling"] = got
             self._sent_rows = b
+        if self.variant.values and not self._sent_values:
+            msg["value_weights"] = self.recorder.value_weights(self.variant.values, cpu=True).numpy()
+            self._sent_values = True
         self._inflight[span.index] = (span, t_end, lo, hi, note)
         msg["cpu"] = current_cpu()  # the process keeps off this thread's core
         ch.send_span(msg)
@@ -671,7 +679,7 @@ class _Run:
         path point (when a tracker is given) and the time the scores were ready. Public so the
         benchmark can replay it alone, after generation."""
         if hi > lo:
-            scores = self._predict(span_features(self.recorder, lo, hi, self._assignment))
+            scores = self._predict(span_features(self.recorder, lo, hi, self._assignment, self.variant))
         else:
             scores = np.zeros(self.regions.k, dtype=np.float32)
         t_scores = time.perf_counter()

@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="your own rows: .jsonl, .csv or a datasets folder")
     ap.add_argument("--n", type=int, default=None, help="number of scenes (default 2000) or rows (default all)")
     ap.add_argument("--start", type=int, default=0, help="offset of the first scene in the split (or row in --data)")
-    ap.add_argument("--split", choices=("train", "heldout"), default="train")
+    ap.add_argument(
+        "--split",
+        choices=("train", "val", "heldout"),
+        default="train",
+        help="scene seeds: train, val (for choosing settings, e.g. estimator-variants) or heldout (reporting)",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/labels"))
     ap.add_argument("--masks", type=int, default=32, help="random region masks per example")
     ap.add_argument("--keep-prob", type=float, default=0.5)
@@ -36,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         help="region backbone: pixels (default), a DINOv3 id/path, or the content-free baselines blocks / voronoi",
     )
     ap.add_argument("--seed", type=int, default=0, help="mask seed (combined with each scene's seed)")
+    ap.add_argument(
+        "--features",
+        default="mean",
+        help="comma-separated feature variants to store, the first one primary (default: mean, the paper's); "
+        "tokens joined by +: vnorm|vonorm, tnorm, mean|max|last, rmean, log (see vstream/attr/features.py)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--shard-size", type=int, default=25, help="examples per shard file")
     ap.add_argument("--dtype", default="auto")
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             progress=acc.is_local_main_process,
             data=data,
+            feature_variants=[v.strip() for v in args.features.split(",") if v.strip()],
         )
         dt = time.perf_counter() - t0
     except VLMError as e:

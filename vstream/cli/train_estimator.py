@@ -25,6 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-refit", action="store_true", help="keep the model trained without the validation share")
     ap.add_argument("--no-region-bias", action="store_true", help="region score = w . f only (no shared constant)")
+    ap.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay on the scaled weights")
+    ap.add_argument("--loss", choices=tuple(estimator.LOSSES), default="pearson")
+    ap.add_argument(
+        "--scaling", choices=tuple(estimator.SCALINGS), default="rms", help="feature scaling while training"
+    )
+    ap.add_argument(
+        "--columns", default="all", help="feature columns used: all, layers=A-B, or top=N (chosen on these labels)"
+    )
+    ap.add_argument(
+        "--features",
+        default=None,
+        help="feature variant to train on (default: the labels' primary); one the labels hold or derive "
+        "(rmean / log from a stored one), recorded in the estimator",
+    )
     args = ap.parse_args(argv)
     try:
         est, report = train(
@@ -35,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             refit=not args.no_refit,
             region_bias=not args.no_region_bias,
+            weight_decay=args.weight_decay,
+            loss=args.loss,
+            scaling=args.scaling,
+            columns=args.columns,
+            feature_variant=args.features,
         )
         if args.eval:
             report.update(heldout_report(est, args.eval))

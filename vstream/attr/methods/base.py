@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vstream.attr.capture import region_features
+from vstream.attr import features as FV
+from vstream.attr.capture import region_features, variant_features
 from vstream.attr.estimator import Estimator
 from vstream.attr.regions import Regions
 from vstream.attr.spans import Span
@@ -37,8 +38,11 @@ class AttributionContext:
     `spans`: `vstream.attr.spans.Span`s whose token_start/token_end index `generated_ids`.
     `assignment`: (K, N) region -> image token matrix (`Regions.assignment`).
     `token_attn`: (T', L, H, N) recorded attention rows (row i = generated token i, see
-    `vstream.attr.capture`); or give `features` (n_spans, K, L*H) directly.
+    `vstream.attr.capture`); or give `features` (n_spans, K, L*H) directly, of the variant
+    `features_variant` (`vstream.attr.features`).
     `estimator`: anything with `predict(features (K, L*H)) -> (K,)` (vSTREAM only).
+    `value_weights`: {vnorm|vonorm: (L, H, N)} of the trace (`labels.trace_with_capture`), for
+    an estimator that reads value-weighted features.
     """
 
     vlm: VLM
@@ -51,6 +55,8 @@ class AttributionContext:
     estimator: Estimator | None = None
     regions: Regions | None = None  # optional (drawing, pointing)
     extra: dict[str, Any] = field(default_factory=dict)
+    value_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    features_variant: str = FV.DEFAULT  # the variant `features` holds, when given
 
     @property
     def k(self) -> int:
@@ -60,11 +66,15 @@ class AttributionContext:
     def n_spans(self) -> int:
         return len(self.spans)
 
-    def span_features(self) -> torch.Tensor:
-        """(n_spans, K, L*H) float32 features; computed from `token_attn` on every call unless
-        `features` was given (so each method's timing includes this cheap pooling).
+    def span_features(self, variant: str | FV.FeatureVariant = FV.DEFAULT) -> torch.Tensor:
+        """(n_spans, K, L*H) float32 features of `variant` (default: the paper's); computed
+        from `token_attn` on every call unless `features` was given (so each method's timing
+        includes this cheap pooling); given features of another variant are refused.
         A span without any recorded row gets zeros."""
+        v = FV.parse(variant)
         if self.features is not None:
+            if FV.parse(self.features_variant) != v:
+                raise ValueError(f"features of variant {self.features_variant!r} given, {v.name!r} asked for")
             f = torch.as_tensor(self.features).float()
             if f.ndim != 3 or f.shape[0] != self.n_spans or f.shape[1] != self.k:
                 raise ValueError(f"features must be ({self.n_spans}, {self.k}, L*H), got {tuple(f.shape)}")
@@ -74,11 +84,18 @@ class AttributionContext:
         rows = self.token_attn
         _, l, h, _ = rows.shape
         assign = torch.as_tensor(self.assignment).to(rows.device)
+        weights = None
+        if v.values:
+            if v.values not in self.value_weights:
+                raise ValueError(f"feature variant {v.name!r} needs the trace's {v.values} value weights")
+            weights = self.value_weights[v.values]
         out = torch.zeros(self.n_spans, self.k, l * h)
         for i, s in enumerate(self.spans):
             lo, hi = int(s.token_start), min(int(s.token_end), rows.shape[0])
-            if hi > lo:
+            if hi > lo and v.is_default:
                 out[i] = region_features(rows[lo:hi], assign).float().cpu()
+            elif hi > lo:
+                out[i] = torch.as_tensor(variant_features(rows[lo:hi], assign, v, weights)).float().cpu()
         return out
 
 

@@ -1,0 +1,228 @@
+"""Feature variants: which L*H numbers describe region k for a span, named so that an estimator
+trained on one design is only ever applied to the same design.
+
+The paper's feature, the default "mean", is per (layer, head) the mean over the span's tokens of
+the attention mass on the region's image tokens (`vstream.attr.capture`). Issue 23 asks whether
+another design closes the gap to occlusion while the estimator stays one linear map over
+per-(layer, head) features. Each candidate is a variant, named by "+"-joined tokens in this
+order (the canonical name, which leaves out the default pooling "mean" unless it is alone:
+"vnorm" is vnorm+mean; `parse` accepts any order and "mean" anywhere):
+
+  value weighting  vnorm   a_tj * ||v_j||: v_j is image token j's value vector in the key/value
+                           head the query head reads (how much the head can move, not only where
+                           it looks)
+                   vonorm  a_tj * ||W_O^h v_j||: with the head's slice of the output projection,
+                           the per-head norm of Kobayashi et al. 2020 ("Attention is not only a
+                           weight")
+  per token        tnorm   each token's row over the image tokens divided by its total before
+                           pooling (where a token looks among the image tokens, not how much)
+  pooling          mean | max | last   over the span's tokens ("mean": the paper's)
+  per region       rmean   divided by the region's token count (mass per token, not per region)
+                   log     log(feature + LOG_EPS)
+
+Only "mean" is computed from running sums of rows (`capture.features_from_sum`), unchanged and
+bit-identical to before variants existed. The others pool per-token rows here, after weighting.
+vnorm / vonorm are constant per (layer, head, image token) through a trace (the image tokens'
+values are fixed after prefill): the recorder computes them once at prefill.
+
+The "per region" tokens depend only on the pooled features and the region assignment, both
+stored in every label file, so they can be derived from stored labels (`derive`) without
+collecting again; the others change what is pooled and need their own labels (`collect
+--features` stores several variants from one trace).
+
+numpy only: the attribution process (`vstream.attr.liveproc`) imports it.
+Shapes: T span tokens, L layers, H query heads, N image tokens, K regions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from vstream.attr import rowmath
+
+__all__ = [
+    "DEFAULT",
+    "LOG_EPS",
+    "POOLS",
+    "TOKENS",
+    "VALUE_WEIGHTS",
+    "FeatureVariant",
+    "can_derive",
+    "derive",
+    "finish",
+    "is_feature_token",
+    "names",
+    "parse",
+    "pool_rows",
+    "variant_of",
+    "weigh_rows",
+]
+
+DEFAULT = "mean"
+POOLS = ("mean", "max", "last")
+VALUE_WEIGHTS = ("vnorm", "vonorm")
+LOG_EPS = 1e-6  # below any attention mass that matters (a region's share of one row is >= ~1e-4)
+TOKENS = (*VALUE_WEIGHTS, "tnorm", *POOLS, "rmean", "log")
+
+_DESCRIBE = {
+    "vnorm": "attention weighted by the value vector's norm ||v_j|| (per head)",
+    "vonorm": "attention weighted by ||W_O^h v_j|| (per head, output projection included)",
+    "tnorm": "each token's image row normalised to sum 1 before pooling",
+    "mean": "mean over the span's tokens",
+    "max": "max over the span's tokens",
+    "last": "the span's last token only",
+    "rmean": "divided by the region's token count",
+    "log": f"log(feature + {LOG_EPS:g})",
+}
+
+
+@dataclass(frozen=True)
+class FeatureVariant:
+    """One feature design (see the module doc). `values`: "" or one of VALUE_WEIGHTS."""
+
+    values: str = ""
+    token_norm: bool = False
+    pool: str = "mean"
+    region_mean: bool = False
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.values not in ("", *VALUE_WEIGHTS):
+            raise ValueError(f"unknown value weighting {self.values!r}; choose from {', '.join(VALUE_WEIGHTS)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pooling {self.pool!r}; choose from {', '.join(POOLS)}")
+
+    @property
+    def tokens(self) -> list[str]:
+        out = [self.values] if self.values else []
+        out += ["tnorm"] if self.token_norm else []
+        out.append(self.pool)
+        out += ["rmean"] if self.region_mean else []
+        out += ["log"] if self.log else []
+        return out
+
+    @property
+    def name(self) -> str:
+        """The tokens joined by "+", "mean" left out unless alone ("vnorm" = vnorm+mean)."""
+        return "+".join([t for t in self.tokens if t != "mean"] or ["mean"])
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_default(self) -> bool:
+        return self == FeatureVariant()
+
+    @property
+    def pooled(self) -> FeatureVariant:
+        """The part computed from rows (without the per-region tokens that `derive` can add)."""
+        return replace(self, region_mean=False, log=False)
+
+    def describe(self) -> str:
+        return "; ".join(_DESCRIBE[t] for t in self.tokens)
+
+
+def is_feature_token(token: str) -> bool:
+    return token in TOKENS
+
+
+def parse(name: str | FeatureVariant | None) -> FeatureVariant:
+    """A variant from its name ("+"-joined tokens, any order; None or "" is the default)."""
+    if isinstance(name, FeatureVariant):
+        return name
+    tokens = [t.strip() for t in (name or "").split("+") if t.strip()]
+    values, pool = "", ""
+    flags = {"tnorm": False, "rmean": False, "log": False}
+    for t in tokens:
+        if t in VALUE_WEIGHTS:
+            if values and values != t:
+                raise ValueError(f"feature variant {name!r}: one value weighting at most")
+            values = t
+        elif t in POOLS:
+            if pool and pool != t:
+                raise ValueError(f"feature variant {name!r}: one pooling at most")
+            pool = t
+        elif t in flags:
+            flags[t] = True
+        else:
+            raise ValueError(f"unknown feature token {t!r} in {name!r}; known: {', '.join(TOKENS)}")
+    return FeatureVariant(values, flags["tnorm"], pool or "mean", flags["rmean"], flags["log"])
+
+
+def variant_of(estimator: object) -> FeatureVariant:
+    """The variant an estimator reads (its `feature_variant`; the default for anything without)."""
+    return parse(getattr(estimator, "feature_variant", DEFAULT))
+
+
+def weigh_rows(rows: np.ndarray, variant: FeatureVariant, value_weights: np.ndarray | None = None) -> np.ndarray:
+    """(T, L, H, N) rows -> the same rows weighted by value norms and/or normalised per token,
+    float32. `value_weights`: (L, H, N), needed by the vnorm / vonorm variants."""
+    r = np.asarray(rows, dtype=np.float32)
+    if variant.values:
+        if value_weights is None:
+            raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
+        r = r * np.asarray(value_weights, dtype=np.float32)[None]
+    if variant.token_norm:
+        total = r.sum(-1, keepdims=True)
+        r = np.divide(r, total, out=np.zeros_like(r), where=total > 0)
+    return r
+
+
+def pool_rows(
+    rows: np.ndarray, assignment: np.ndarray, variant: FeatureVariant, value_weights: np.ndarray | None = None
+) -> np.ndarray:
+    """(T, L, H, N) rows of a span's tokens, (K, N) assignment -> (K, L*H) float32 features of
+    `variant`, layer-major (column l*H + h is layer l, head h)."""
+    if rows.ndim != 4 or rows.shape[0] < 1:
+        raise ValueError(f"rows must be (T >= 1, L, H, N), got {tuple(rows.shape)}")
+    t, l, h, n = rows.shape
+    a = np.asarray(assignment, dtype=np.float32)
+    if a.shape[1:] != (n,) or a.ndim != 2:
+        raise ValueError(f"assignment must be (K, {n}), got {tuple(a.shape)}")
+    r = weigh_rows(rows, variant, value_weights)
+    if variant.pool == "mean":
+        f = rowmath.span_features(rowmath.sum_rows(list(r)), t, a)
+    elif variant.pool == "last":
+        f = rowmath.span_features(r[-1], 1, a)
+    else:  # max over tokens of each token's own region features
+        f = np.matmul(r.reshape(t, l * h, n), a.T).max(0).T  # (T, L*H, K) -> (K, L*H)
+    return finish(np.ascontiguousarray(f, dtype=np.float32), a, variant)
+
+
+def finish(features: np.ndarray, assignment: np.ndarray, variant: FeatureVariant) -> np.ndarray:
+    """Apply the per-region tokens (rmean, log) to pooled (..., K, L*H) features."""
+    f = np.asarray(features, dtype=np.float32)
+    if variant.region_mean:
+        size = np.asarray(assignment, dtype=np.float32).sum(1)  # (K,) tokens per region
+        f = np.divide(f, size[:, None], out=np.zeros_like(f), where=size[:, None] > 0)
+    if variant.log:
+        f = np.log(f + np.float32(LOG_EPS))
+    return f.astype(np.float32, copy=False)
+
+
+def can_derive(stored: FeatureVariant, want: FeatureVariant) -> bool:
+    """Whether features of `want` follow from stored features of `stored` (same pooled part,
+    and nothing per-region applied to the stored ones yet)."""
+    return stored == want or (stored == stored.pooled and stored == want.pooled)
+
+
+def derive(features: np.ndarray, assignment: np.ndarray, stored: FeatureVariant, want: FeatureVariant) -> np.ndarray:
+    """Stored (..., K, L*H) features of `stored` -> those of `want` (see `can_derive`)."""
+    if stored == want:
+        return np.asarray(features, dtype=np.float32)
+    if not can_derive(stored, want):
+        raise ValueError(f"features of {want.name!r} cannot be derived from stored {stored.name!r}")
+    return finish(features, assignment, want)
+
+
+def names(variants: Iterable[str | FeatureVariant]) -> list[str]:
+    """Canonical names, in order, without repeats."""
+    out: list[str] = []
+    for v in variants:
+        n = parse(v).name
+        if n not in out:
+            out.append(n)
+    return out
