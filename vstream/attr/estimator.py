@@ -30,13 +30,14 @@ all examples for that many epochs. Details that the loss leaves open:
   scale (folded into `weight` and `region_bias`) and `bias`, making predictions comparable to
   effects in nats.
 
-Options that the variant study (`vstream.attr.study`) compares, all on stored labels: `loss`
-("pearson", the above; "mse" or "huber": squared or Huber error of the subset predictions in nats,
-with one learned intercept), `weight_decay` (AdamW's, on the scaled weights), `region_bias`,
-`scaling` ("rms" above, or "zscore": columns also centred, the centring folded into the region
-bias, so it needs one), `columns` ("all"; "layers=A-B": only those layers' heads; "top=N": the N
-columns whose subset sums correlate best with the measured effects on the training labels; the
-others' weights stay 0, so the estimator is still the same L*H map), and `feature_variant` (which
+Options that the variant study (`vstream.attr.variant_study`) compares, all on stored labels:
+`loss` ("pearson", the above; "mse" or "huber": squared or Huber error of the subset predictions
+in nats, with one learned intercept, starting from raw attention scaled by least squares),
+`weight_decay` (AdamW's, on the scaled weights), `region_bias`, `scaling` ("rms" above, or
+"zscore": columns also centred, the centring folded into the region bias, so it needs one),
+`columns` ("all"; "layers=A-B": only those layers' heads; "top=N": the N columns whose subset
+sums correlate best with the measured effects on the training labels; the others' weights stay
+0, so the estimator is still the same L*H map), and `feature_variant` (which
 `vstream.attr.features` design the labels are read in; recorded in the file, so evaluation and
 the live worker compute the same design, and applying it to other features is refused).
 
@@ -626,9 +627,12 @@ def _fit(
     w = torch.nn.Parameter(init / norm)
     intercept = torch.nn.Parameter(torch.zeros(()))  # mse / huber only: the subset prediction's offset
     params = [w] if opts.loss == "pearson" else [w, intercept]
-    if opts.loss != "pearson":
+    if opts.loss != "pearson":  # start from raw attention calibrated in nats (a * X w + b), not only its direction
         with torch.no_grad():
-            intercept.fill_(float(y.mean()))
+            p = (xs @ w).reshape(-1).double()
+            a, b = torch.linalg.lstsq(torch.stack([p, torch.ones_like(p)], 1), y.reshape(-1, 1).double()).solution[:, 0]
+            w.mul_(float(a))
+            intercept.fill_(float(b))
     loss_fn = _loss_fn(opts.loss)
     predict = lambda xx: xx @ (w * live) + (intercept if opts.loss != "pearson" else 0.0)
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)

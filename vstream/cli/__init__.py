@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": ("bench", "live attribution: decode overhead, span latency, speed vs occlusion"),
     "collect": ("collect", "collect estimator labels: span features + region-ablation effects"),
     "train-estimator": ("train_estimator", "train the linear vSTREAM estimator on collected labels"),
+    "estimator-variants": ("estimator_variants", "feature / label / training variants of the estimator, on validation"),
     "evaluate": ("evaluate", "faithfulness of vSTREAM vs baselines (LDS, R^2, top-5 drop, pointing)"),
     "analyze": ("analyze", "reasoning dynamics: path shape and failure prediction on held-out traces"),
     "transfer": ("transfer", "estimator transfer across families, LDS vs labels, region methods"),
