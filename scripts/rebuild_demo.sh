@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild everything that rests on the demo model, in order, as the shipped assets were made.
 # Each step resumes from its checkpoints or label shards when rerun. On a 2-core CPU the demo
-# model is ~75 min, labels ~1 h, each TaYS paradigm ~20 min; on a GPU drop --minutes.
+# model is ~3.5 h, labels ~40 min, each TaYS paradigm ~20 min; on a GPU drop --minutes.
 #   bash scripts/rebuild_demo.sh demo | labels | estimator | tays | figures | all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +11,13 @@ step=${1:-all}
 
 if [[ $step == demo || $step == all ]]; then
   # 1. demo model: the 448 px, eleven-family world, fine-tuned from the previous model (its own
-  #    recipe: docs/history.md); token embeddings are matched by token text (the vocabulary grew)
-  #    So far: this command with --minutes 75, then resumed with --minutes 147 (a warm restart of
-  #    the cosine) and stopped at step 1,600 (133 min): wip/demo-model, which the next run
-  #    continues (--init wip/demo-model).
+  #    recipe: docs/history.md); token embeddings are matched by token text (the vocabulary grew).
+  #    As run: this command with --minutes 75 (869 steps), resumed with --minutes 147 and stopped
+  #    at step 1,600, resumed again with --minutes 213 up to step 2,000, then (after the
+  #    odd_one_out fix and the weighted family mix, commit 1a0066c) resumed to the end of the
+  #    213 minutes. Rerunning the command below resumes from runs/demo448/run.
   mkdir -p runs/prev && git archive "$PREV" assets/demo-model | tar -x -C runs/prev
-  $ACC -m vstream train-demo --steps 3000 --minutes 147 --batch-size 16 --lr 1e-3 \
+  $ACC -m vstream train-demo --steps 5000 --minutes 213 --batch-size 16 --lr 1e-3 \
     --init runs/prev/assets/demo-model --position-probe \
     --out runs/demo448/model --run-dir runs/demo448/run --save-every 100
   python -m vstream eval-model --json --split val --model runs/demo448/model
@@ -26,8 +27,8 @@ fi
 
 if [[ $step == labels || $step == all ]]; then
   # 2. estimator labels on training scenes, and held-out labels for train-estimator --eval / transfer
-  $ACC -m vstream collect --n 1000 --out runs/labels448
-  $ACC -m vstream collect --split heldout --n 300 --start 200000 --out runs/labels448-heldout
+  $ACC -m vstream collect --n 600 --out runs/labels448
+  $ACC -m vstream collect --split heldout --n 200 --start 200000 --out runs/labels448-heldout
 fi
 
 if [[ $step == estimator || $step == all ]]; then
