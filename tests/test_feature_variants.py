@@ -414,3 +414,12 @@ def test_live_worker_scores_the_estimators_variant(own_tiny, variant):
             if not v.is_default:  # the default features would give other scores
                 other = est.predict(C.region_features(rec.stack(lo, hi), a)).detach().numpy()
                 assert not np.allclose(ev.scores, other, atol=1e-4)
+
+
+def test_watching_video_refuses_an_estimator_of_another_variant():
+    """tays' step features are the default ones: another variant's estimator would read them wrongly."""
+    from tays.watch import StreamAttributor
+
+    with pytest.raises(VLMError, match="feature variant 'vnorm'"):
+        StreamAttributor(LinearEstimator(2, 4, {"feature_variant": "vnorm"}))
+    assert StreamAttributor(LinearEstimator(2, 4)).predict is not None
