@@ -312,11 +312,6 @@ def _pick_video(page, file: str) -> None:
     if row.count():
         row.first.locator("td").first.click()
         how = "example row"
-        truth = page.locator("#reason-truth textarea, #reason-truth input").first
-        want = f"{_scene(file)['answer']} · {_scene(file)['family']}"
-        page.wait_for_function(
-            "([el, want]) => el.value === want", arg=[truth.element_handle(), want], timeout=UPLOAD_MS
-        )
     else:
         page.locator("#video-file input[type=file]").set_input_files(str(EXAMPLES / file))
     page.wait_for_selector("#video-file video", state="attached", timeout=UPLOAD_MS)

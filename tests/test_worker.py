@@ -119,8 +119,14 @@ def test_events_order_types_and_values(which, kind, request):
     vlm = request.getfixturevalue(which)
     est = _est(vlm) if kind == "stand-in" else _linear(vlm)
     image = _noise(120, 100)
-    session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=EveryN(4))
-    events = list(session)
+    # a tiny model decodes 24 tokens in a few ms; 10 ms per forward leaves the "live" checks below
+    # room on a loaded machine (the attribution process runs at a lower priority)
+    slow = vlm.model.register_forward_hook(lambda *_: time.sleep(0.01))
+    try:
+        session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=EveryN(4))
+        events = list(session)
+    finally:
+        slow.remove()
     assert _no_threads_left()
     assert isinstance(events[0], RegionsEvent) and isinstance(events[-1], DoneEvent)
     assert sum(isinstance(e, (RegionsEvent, DoneEvent)) for e in events) == 2
