@@ -12,12 +12,13 @@ step=${1:-all}
 if [[ $step == demo || $step == all ]]; then
   # 1. demo model: the 448 px, eleven-family world, fine-tuned from the previous model (its own
   #    recipe: docs/history.md); token embeddings are matched by token text (the vocabulary grew).
-  #    As run: this command with --minutes 75 (869 steps), resumed with --minutes 147 and stopped
-  #    at step 1,600, resumed again with --minutes 213 up to step 2,000, then (after the
-  #    odd_one_out fix and the weighted family mix, commit 1a0066c) resumed to the end of the
-  #    213 minutes. Rerunning the command below resumes from runs/demo448/run.
+  #    As run (docs/demo-world.md has the validation table at each stop): this command with
+  #    --minutes 75 (869 steps); resumed with --minutes 147, stopped at step 1,600; resumed with
+  #    --minutes 213 to step 2,000; after the odd_one_out fix and the first family mix (1a0066c)
+  #    to step 2,971 (the end of the 213 minutes); with the second mix (6f4d444) resumed with
+  #    --steps 8000 --minutes 263 --lr 2.5e-3 (a warm restart). Rerunning resumes from runs/demo448/run.
   mkdir -p runs/prev && git archive "$PREV" assets/demo-model | tar -x -C runs/prev
-  $ACC -m vstream train-demo --steps 5000 --minutes 213 --batch-size 16 --lr 1e-3 \
+  $ACC -m vstream train-demo --steps 8000 --minutes 263 --batch-size 16 --lr 2.5e-3 \
     --init runs/prev/assets/demo-model --position-probe \
     --out runs/demo448/model --run-dir runs/demo448/run --save-every 100
   python -m vstream eval-model --json --split val --model runs/demo448/model
