@@ -16,9 +16,10 @@ if [[ $step == demo || $step == all ]]; then
   #    --minutes 75 (869 steps); resumed with --minutes 147, stopped at step 1,600; resumed with
   #    --minutes 213 to step 2,000; after the odd_one_out fix and the first family mix (1a0066c)
   #    to step 2,971 (the end of the 213 minutes); with the second mix (6f4d444) resumed with
-  #    --steps 8000 --minutes 263 --lr 2.5e-3 (a warm restart). Rerunning resumes from runs/demo448/run.
+  #    --steps 8000 --minutes 263 --lr 2.5e-3 (a warm restart), then --minutes 277 (step 4,320).
+  #    Rerunning resumes from runs/demo448/run.
   mkdir -p runs/prev && git archive "$PREV" assets/demo-model | tar -x -C runs/prev
-  $ACC -m vstream train-demo --steps 8000 --minutes 263 --batch-size 16 --lr 2.5e-3 \
+  $ACC -m vstream train-demo --steps 8000 --minutes 277 --batch-size 16 --lr 2.5e-3 \
     --init runs/prev/assets/demo-model --position-probe \
     --out runs/demo448/model --run-dir runs/demo448/run --save-every 100
   python -m vstream eval-model --json --split val --model runs/demo448/model
