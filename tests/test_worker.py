@@ -9,6 +9,7 @@ A random model rarely writes sentence ends, so the mechanics tests use a fixed-l
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -114,19 +115,25 @@ def _linear(vlm, seed: int = 0) -> LinearEstimator:
     return est
 
 
+@contextlib.contextmanager
+def _paced(vlm):
+    """10 ms per forward: small models can decode a whole short trace before the (lower-priority)
+    attribution process scores its first span, which would make the "live" checks untestable."""
+    slow = vlm.model.register_forward_hook(lambda *_: time.sleep(0.01))
+    try:
+        yield
+    finally:
+        slow.remove()
+
+
 @pytest.mark.parametrize("which,kind", [("tiny", "stand-in"), ("tiny3", "stand-in"), ("tiny", "linear")])
 def test_events_order_types_and_values(which, kind, request):
     vlm = request.getfixturevalue(which)
     est = _est(vlm) if kind == "stand-in" else _linear(vlm)
     image = _noise(120, 100)
-    # a tiny model decodes 24 tokens in a few ms; 10 ms per forward leaves the "live" checks below
-    # room on a loaded machine (the attribution process runs at a lower priority)
-    slow = vlm.model.register_forward_hook(lambda *_: time.sleep(0.01))
-    try:
-        session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=EveryN(4))
+    session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=EveryN(4))
+    with _paced(vlm):
         events = list(session)
-    finally:
-        slow.remove()
     assert _no_threads_left()
     assert isinstance(events[0], RegionsEvent) and isinstance(events[-1], DoneEvent)
     assert sum(isinstance(e, (RegionsEvent, DoneEvent)) for e in events) == 2
@@ -413,7 +420,8 @@ def test_demo_model_live_sentences():
     else:
         est = _est(vlm)
     scene = scenes("heldout", 300_000, 1)[0]
-    events = list(attribute_stream(vlm, scene.image(), scene.question, est, max_new_tokens=128))
+    with _paced(vlm):
+        events = list(attribute_stream(vlm, scene.image(), scene.question, est, max_new_tokens=128))
     ev = _split(events)
     done = ev[DoneEvent][0]
     assert done.error is None and not done.cancelled
