@@ -31,8 +31,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,7 +40,7 @@ from typing import Any
 import torch
 
 from vstream.model import VLM
-from vstream.world.assets import ROOT
+from vstream.model.helper_process import HelperProcess
 
 __all__ = [
     "IngestProcessError",
@@ -180,30 +178,10 @@ def read_snapshot(path: str) -> dict[str, Any]:
 # the server (client side)
 
 
-class _Server:
+class _Server(HelperProcess):
     def __init__(self) -> None:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = "1"  # workers set their own torch thread count; the server computes nothing
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tays.server", str(b.fileno())],
-                pass_fds=[b.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                env=env,
-                cwd=str(ROOT),
-            )
-        finally:
-            b.close()
-        self.sock = a
+        super().__init__("tays.server")
         self.sock.settimeout(_REPLY_TIMEOUT_S)
-        self.lock = threading.Lock()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def request(self, req: dict, fds: list[int] = ()) -> dict:
         with self.lock:
@@ -216,15 +194,6 @@ class _Server:
                 code = self.proc.poll()
                 raise IngestProcessError(f"the ingestion server exited (exit code {code}); its error is on stderr")
             return pickle.loads(data)
-
-    def close(self, timeout: float = 5.0) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 _server: _Server | None = None

@@ -45,12 +45,10 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,10 +56,10 @@ import numpy as np
 from vstream.attr import features as FV
 from vstream.attr import rowmath
 from vstream.attr.dynamics import DynamicsTracker
+from vstream.model.helper_process import HelperProcess
 
 __all__ = ["Channel", "LiveProcessError", "Shapes", "current_cpu", "prewarm", "server_pid", "shutdown"]
 
-ROOT = Path(__file__).resolve().parents[2]
 NICE = 5  # the server's nice increment: generation (and torch's OpenMP team) goes first
 _HEADER = struct.Struct("!I")
 ROW_CHUNK = 4  # decode steps whose rows are computed between two yields (~25 us each on the demo model)
@@ -322,42 +320,13 @@ def serve(fd: int) -> None:
 # the parent's side
 
 
-class _Server:
+class _Server(HelperProcess):
     def __init__(self) -> None:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = "1"  # small GEMMs: a thread team would only wait at barriers for busy cores
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vstream.attr.liveproc", str(b.fileno())],
-                pass_fds=[b.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                env=env,
-                cwd=str(ROOT),
-            )
-        finally:
-            b.close()
-        self.sock = a
-        self.lock = threading.Lock()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        super().__init__("vstream.attr.liveproc")
 
     def open(self, session_fd: int, mem_fd: int) -> None:
         with self.lock:
             socket.send_fds(self.sock, [b"open"], [session_fd, mem_fd])
-
-    def close(self, timeout: float = 5.0) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 _server: _Server | None = None
