@@ -121,6 +121,8 @@ def test_answers_follow_from_the_objects():
             assert s.answer == f"{odd.color} {odd.shape}"
             other = [o.shape for o in objs] if s.kind == "colour" else [o.color for o in objs]
             assert min(other.count(t) for t in other) >= 2  # nothing else stands out: one right answer
+            common = max(set(traits), key=traits.count)
+            assert s.steps[-2].text.startswith(f"Most are {common}") and s.steps[-2].obj is None
 
 
 def test_objects_do_not_overlap_cells():

@@ -473,6 +473,10 @@ def _no_singletons(rng, values, n: int) -> list[str]:
     return out
 
 
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
 def _odd_one_out(rng, seed) -> Scene:
     n = int(rng.integers(7, 10))
     by_color = rng.random() < 0.5
@@ -485,6 +489,9 @@ def _odd_one_out(rng, seed) -> Scene:
     t = same.index(str(odd))
     steps = [Step(f"I see a {objs[i].color} {objs[i].shape}.", i) for i in _reading_order(objs, range(n))]
     trait = "colour" if by_color else "shape"
+    # the majority first: finding the one object that differs from a named value is a lookup,
+    # where finding the unique one among all of them at once is not
+    steps.append(Step(f"Most are {common if by_color else _plural(str(common))}.", None))
     steps.append(Step(f"Only the {objs[t].color} {objs[t].shape} has another {trait}.", t))
     q = "Which object is the odd one out?"
     return Scene(seed, "odd_one_out", q, steps, f"{objs[t].color} {objs[t].shape}", objs, trait)
