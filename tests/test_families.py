@@ -22,7 +22,7 @@ from vstream.attr import ablation as A
 from vstream.attr import capture as C
 from vstream.attr.capture import region_features
 from vstream.attr.estimator import LinearEstimator
-from vstream.attr.spans import Span
+from vstream.attr.spans import FixedSpans
 from vstream.attr.worker import DoneEvent, SpanEvent, attribute_stream
 from vstream.model import VLM, VLMError, load_vlm, split_thinking
 
@@ -33,28 +33,6 @@ ATOL = 1e-4
 
 def _noise(w: int = 120, h: int = 100, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-class EveryN:
-    """A span every n tokens (random models rarely write sentence ends)."""
-
-    def __init__(self, n: int = 4):
-        self.n, self.spans, self._start, self._text, self._last = n, [], None, "", -1
-
-    def push(self, i: int, piece: str) -> list[Span]:
-        self._last = i
-        self._start = i if self._start is None else self._start
-        self._text += piece
-        return self._close(i + 1) if i + 1 - self._start >= self.n else []
-
-    def finish(self) -> list[Span]:
-        return self._close(self._last + 1) if self._start is not None else []
-
-    def _close(self, end: int) -> list[Span]:
-        span = Span(len(self.spans), "thought", self._text.strip() or "?", self._start, end, "n")
-        self.spans.append(span)
-        self._start, self._text = None, ""
-        return [span]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -105,7 +83,9 @@ def test_live_path_gives_spans_with_scores(family):
     est = LinearEstimator(live.num_layers, live.num_heads)
     with torch.no_grad():
         est.weight.copy_(torch.randn(est.num_features, generator=torch.Generator().manual_seed(0)))
-    with attribute_stream(live, _noise(), "What is in the image?", est, max_new_tokens=12, splitter=EveryN(4)) as run:
+    with attribute_stream(
+        live, _noise(), "What is in the image?", est, max_new_tokens=12, splitter=FixedSpans(4)
+    ) as run:
         events = list(run)
     spans = [e for e in events if isinstance(e, SpanEvent)]
     done = events[-1]

@@ -22,7 +22,7 @@ from vstream.attr import features as FV
 from vstream.attr import labels as LB
 from vstream.attr.estimator import LinearEstimator
 from vstream.attr.methods import AttributionContext, attribute
-from vstream.attr.spans import Span
+from vstream.attr.spans import FixedSpans
 from vstream.attr.worker import SpanEvent, attribute_stream
 from vstream.model import VLMError, load_vlm
 from vstream.world.shapes import VAL_SEEDS
@@ -363,26 +363,6 @@ def test_evaluate_scores_the_estimators_variant(own_tiny, monkeypatch):
         attribute("vstream", given)
 
 
-class EveryN:
-    """A span every n tokens (random models rarely write sentence ends)."""
-
-    def __init__(self, n: int = 4):
-        self.n, self.count, self.start, self.last = n, 0, None, -1
-
-    def push(self, i: int, piece: str) -> list[Span]:
-        self.last = i
-        self.start = i if self.start is None else self.start
-        return self.close(i + 1) if i + 1 - self.start >= self.n else []
-
-    def finish(self) -> list[Span]:
-        return self.close(self.last + 1) if self.start is not None else []
-
-    def close(self, end: int) -> list[Span]:
-        span = Span(self.count, "thought", "x", self.start, end, "n")
-        self.count, self.start = self.count + 1, None
-        return [span]
-
-
 @pytest.mark.parametrize("variant", ["vnorm+tnorm+max", "vonorm+last+log", "mean"])
 def test_live_worker_scores_the_estimators_variant(own_tiny, variant):
 
@@ -395,7 +375,7 @@ def test_live_worker_scores_the_estimators_variant(own_tiny, variant):
             "What is in the image?",
             est,
             max_new_tokens=13,
-            splitter=EveryN(4),
+            splitter=FixedSpans(4),
             process=process,
         )
         events = [e for e in s if isinstance(e, SpanEvent)]

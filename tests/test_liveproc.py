@@ -18,31 +18,11 @@ from PIL import Image
 
 from vstream.attr import liveproc
 from vstream.attr.estimator import LinearEstimator
-from vstream.attr.spans import Span
+from vstream.attr.spans import FixedSpans
 from vstream.attr.worker import DoneEvent, PathEvent, SpanEvent, TokenEvent, attribute_stream
 from vstream.model import VLMError, load_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class EveryN:
-    """A span every n tokens (random models rarely write sentence ends)."""
-
-    def __init__(self, n: int = 4):
-        self.n, self.count, self._start, self._last = n, 0, None, -1
-
-    def push(self, i: int, piece: str) -> list[Span]:
-        self._last = i
-        self._start = i if self._start is None else self._start
-        return self._close(i + 1) if i + 1 - self._start >= self.n else []
-
-    def finish(self) -> list[Span]:
-        return self._close(self._last + 1) if self._start is not None else []
-
-    def _close(self, end: int) -> list[Span]:
-        span = Span(self.count, "thought", "x", self._start, end, "n")
-        self.count, self._start = self.count + 1, None
-        return [span]
 
 
 def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -64,7 +44,9 @@ def tiny(tiny_qwen2_5_vl_dir):
 
 def _run(vlm, est, process):
     img = _noise(120, 100)
-    s = attribute_stream(vlm, img, "What is in the image?", est, max_new_tokens=21, splitter=EveryN(4), process=process)
+    s = attribute_stream(
+        vlm, img, "What is in the image?", est, max_new_tokens=21, splitter=FixedSpans(4), process=process
+    )
     return s, list(s)
 
 
@@ -109,7 +91,7 @@ def test_process_refused_where_it_cannot_run(tiny):
 
 def test_close_mid_run_ends_the_session_but_not_the_server(tiny):
     s = attribute_stream(
-        tiny, _noise(120, 100), "What?", _linear(tiny), max_new_tokens=400, splitter=EveryN(2), process=True
+        tiny, _noise(120, 100), "What?", _linear(tiny), max_new_tokens=400, splitter=FixedSpans(2), process=True
     )
     for e in s:
         if isinstance(e, SpanEvent):
@@ -125,7 +107,7 @@ def test_close_mid_run_ends_the_session_but_not_the_server(tiny):
 
 def test_server_killed_mid_run_is_an_error_not_a_hang(tiny):
     s = attribute_stream(
-        tiny, _noise(120, 100), "What?", _linear(tiny), max_new_tokens=400, splitter=EveryN(2), process=True
+        tiny, _noise(120, 100), "What?", _linear(tiny), max_new_tokens=400, splitter=FixedSpans(2), process=True
     )
     killed = False
     events = []

@@ -21,7 +21,7 @@ from PIL import Image
 
 from vstream.attr.capture import region_features
 from vstream.attr.estimator import LinearEstimator
-from vstream.attr.spans import Span
+from vstream.attr.spans import FixedSpans, Span
 from vstream.attr.worker import (
     DoneEvent,
     PathEvent,
@@ -43,29 +43,6 @@ class StandIn:
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return features.float() @ self.w
-
-
-class EveryN:
-    """Span policy for random models: a span every n tokens (push/finish like SpanSplitter)."""
-
-    def __init__(self, n: int = 4):
-        self.n, self.spans, self._start, self._text, self._last = n, [], None, "", -1
-
-    def push(self, i: int, piece: str) -> list[Span]:
-        self._last = i
-        if self._start is None:
-            self._start = i
-        self._text += piece
-        return self._close(i + 1, "n") if i + 1 - self._start >= self.n else []
-
-    def finish(self) -> list[Span]:
-        return self._close(self._last + 1, "end") if self._start is not None else []
-
-    def _close(self, end: int, why: str) -> list[Span]:
-        span = Span(len(self.spans), "thought", self._text.strip() or "?", self._start, end, why)
-        self.spans.append(span)
-        self._start, self._text = None, ""
-        return [span]
 
 
 def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -131,7 +108,7 @@ def test_events_order_types_and_values(which, kind, request):
     vlm = request.getfixturevalue(which)
     est = _est(vlm) if kind == "stand-in" else _linear(vlm)
     image = _noise(120, 100)
-    session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=EveryN(4))
+    session = attribute_stream(vlm, image, "What is in the image?", est, max_new_tokens=24, splitter=FixedSpans(4))
     with _paced(vlm):
         events = list(session)
     assert _no_threads_left()
@@ -191,7 +168,7 @@ def test_stop_event_stops_both_threads(tiny):
         _est(tiny),
         max_new_tokens=400,
         stop_event=stop,
-        splitter=EveryN(4),
+        splitter=FixedSpans(4),
     )
     events = []
     for e in session:
@@ -210,7 +187,7 @@ def test_stop_event_stops_both_threads(tiny):
 
 def test_cancel_method(tiny):
     session = attribute_stream(
-        tiny, _noise(120, 100), "What is in the image?", _est(tiny), max_new_tokens=400, splitter=EveryN(4)
+        tiny, _noise(120, 100), "What is in the image?", _est(tiny), max_new_tokens=400, splitter=FixedSpans(4)
     )
     n = 0
     for e in session:
@@ -225,7 +202,7 @@ def test_cancel_method(tiny):
 
 def test_closing_the_iterator_early_leaves_nothing_running(tiny):
     session = attribute_stream(
-        tiny, _noise(120, 100), "What is in the image?", _est(tiny), max_new_tokens=400, splitter=EveryN(2)
+        tiny, _noise(120, 100), "What is in the image?", _est(tiny), max_new_tokens=400, splitter=FixedSpans(2)
     )
     it = iter(session)
     for e in it:
@@ -257,8 +234,8 @@ def test_with_block_and_dropped_session(tiny):
 
 def test_two_sessions_on_one_model_do_not_mix(tiny):
     """The second waits for the model lock: each recorder holds only its own rows."""
-    a = attribute_stream(tiny, _noise(120, 100, 1), "What?", _est(tiny), max_new_tokens=15, splitter=EveryN(5))
-    b = attribute_stream(tiny, _noise(120, 100, 2), "Why?", _est(tiny), max_new_tokens=9, splitter=EveryN(3))
+    a = attribute_stream(tiny, _noise(120, 100, 1), "What?", _est(tiny), max_new_tokens=15, splitter=FixedSpans(5))
+    b = attribute_stream(tiny, _noise(120, 100, 2), "Why?", _est(tiny), max_new_tokens=9, splitter=FixedSpans(3))
     next(a), next(b)  # both started
     ea, eb = list(a), list(b)
     for s, events, n in ((a, ea, 15), (b, eb, 9)):
@@ -268,8 +245,8 @@ def test_two_sessions_on_one_model_do_not_mix(tiny):
     assert _no_threads_left()
 
 
-class ThreadCounting(EveryN):
-    """EveryN that notes torch's thread count on the thread that feeds it (generation)."""
+class ThreadCounting(FixedSpans):
+    """FixedSpans that notes torch's thread count on the thread that feeds it (generation)."""
 
     def __init__(self, n: int):
         super().__init__(n)
@@ -340,7 +317,7 @@ def test_one_token_generation(tiny):
 def test_blank_image(tiny):
     img = Image.new("RGB", (150, 90), (255, 255, 255))
     events = list(
-        attribute_stream(tiny, img, "What is in the image?", _est(tiny), max_new_tokens=8, splitter=EveryN(4))
+        attribute_stream(tiny, img, "What is in the image?", _est(tiny), max_new_tokens=8, splitter=FixedSpans(4))
     )
     ev = _split(events)
     assert ev[DoneEvent][0].error is None
@@ -353,7 +330,7 @@ def test_blank_image(tiny):
 def test_fewer_patches_than_k(tiny):
     # the tiny processor makes 4x4 = 16 image tokens: K=64 is reduced (and said so)
     events = list(
-        attribute_stream(tiny, _noise(120, 100), "What?", _est(tiny), k=64, max_new_tokens=8, splitter=EveryN(4))
+        attribute_stream(tiny, _noise(120, 100), "What?", _est(tiny), k=64, max_new_tokens=8, splitter=FixedSpans(4))
     )
     ev = _split(events)
     reg = ev[RegionsEvent][0]
@@ -361,7 +338,7 @@ def test_fewer_patches_than_k(tiny):
     assert all(s.scores.shape == (reg.regions.k,) for s in ev[SpanEvent])
     # a 10x10 image (upscaled for the processor); heatmap still in the original size
     events = list(
-        attribute_stream(tiny, _noise(10, 10), "What?", _est(tiny), k=16, max_new_tokens=4, splitter=EveryN(4))
+        attribute_stream(tiny, _noise(10, 10), "What?", _est(tiny), k=16, max_new_tokens=4, splitter=FixedSpans(4))
     )
     ev = _split(events)
     assert ev[DoneEvent][0].error is None
@@ -392,7 +369,9 @@ def test_estimator_error_is_reported_and_stops(tiny):
                 raise RuntimeError("boom")
             return super().predict(f)
 
-    events = list(attribute_stream(tiny, _noise(120, 100), "What?", Flaky(8), max_new_tokens=400, splitter=EveryN(3)))
+    events = list(
+        attribute_stream(tiny, _noise(120, 100), "What?", Flaky(8), max_new_tokens=400, splitter=FixedSpans(3))
+    )
     done = events[-1]
     assert isinstance(done, DoneEvent) and "boom" in done.error and done.n_tokens < 400
     assert _no_threads_left()
@@ -445,7 +424,9 @@ def test_risk_readout_follows_the_dynamics(tiny):
     n = len(FEATURES)
     risk = RiskModel(np.zeros(n), np.ones(n), np.linspace(-1, 1, n), 0.2)
     est = _linear(tiny)
-    events = list(attribute_stream(tiny, _noise(96, 96), "Why?", est, max_new_tokens=16, splitter=EveryN(4), risk=risk))
+    events = list(
+        attribute_stream(tiny, _noise(96, 96), "Why?", est, max_new_tokens=16, splitter=FixedSpans(4), risk=risk)
+    )
     ev = _split(events)
     tracker, points = DynamicsTracker(), []
     for s, p in zip(ev[SpanEvent], ev[PathEvent]):
@@ -453,5 +434,5 @@ def test_risk_readout_follows_the_dynamics(tiny):
         want = float(risk.probability(point_features(points, np.stack(tracker.raw))))
         assert p.risk == pytest.approx(want) and 0 < p.risk < 1
     assert ev[DoneEvent][0].risk == ev[PathEvent][-1].risk
-    plain = _split(list(attribute_stream(tiny, _noise(96, 96), "Why?", est, max_new_tokens=8, splitter=EveryN(4))))
+    plain = _split(list(attribute_stream(tiny, _noise(96, 96), "Why?", est, max_new_tokens=8, splitter=FixedSpans(4))))
     assert all(p.risk is None for p in plain[PathEvent]) and plain[DoneEvent][0].risk is None

@@ -38,33 +38,12 @@ from vstream.attr.ablation import PlaceholderInTrace, ablation_effects
 from vstream.attr.bench import RandomLinearEstimator, replay_seconds, run_live, run_plain
 from vstream.attr.memory import PeakMemory
 from vstream.attr.methods import AttributionContext, attribute_timed
-from vstream.attr.spans import Span
+from vstream.attr.spans import FixedSpans
 from vstream.model import VLM
 
 __all__ = ["DEFAULT_LENGTHS", "FixedSpans", "PeakMemory", "bench_scale"]
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
-
-
-class FixedSpans:
-    """Span policy (push/finish, like `SpanSplitter`): a span every `n` tokens."""
-
-    def __init__(self, n: int = 32):
-        self.n, self.spans, self._start, self._last = int(n), [], None, -1
-
-    def push(self, i: int, piece: str) -> list[Span]:
-        self._last = i
-        self._start = i if self._start is None else self._start
-        return self._close(i + 1) if i + 1 - self._start >= self.n else []
-
-    def finish(self) -> list[Span]:
-        return self._close(self._last + 1) if self._start is not None else []
-
-    def _close(self, end: int) -> list[Span]:
-        span = Span(len(self.spans), "thought", f"span {len(self.spans)}", self._start, end, "fixed")
-        self.spans.append(span)
-        self._start = None
-        return [span]
 
 
 def _noise(side: int) -> Image.Image:

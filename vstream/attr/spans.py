@@ -90,3 +90,25 @@ class SpanSplitter:
         self.spans.append(span)
         self._text, self._start = "", None
         return [span]
+
+
+class FixedSpans:
+    """A span every `n` tokens (push/finish, like `SpanSplitter`): for scaling benchmarks, and for
+    random-weight models, which rarely end a sentence."""
+
+    def __init__(self, n: int = 32):
+        self.n, self.spans, self._start, self._last = int(n), [], None, -1
+
+    def push(self, i: int, piece: str) -> list[Span]:
+        self._last = i
+        self._start = i if self._start is None else self._start
+        return self._close(i + 1) if i + 1 - self._start >= self.n else []
+
+    def finish(self) -> list[Span]:
+        return self._close(self._last + 1) if self._start is not None else []
+
+    def _close(self, end: int) -> list[Span]:
+        span = Span(len(self.spans), "thought", f"span {len(self.spans)}", self._start, end, "fixed")
+        self.spans.append(span)
+        self._start = None
+        return [span]
