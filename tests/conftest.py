@@ -274,3 +274,39 @@ def playwright_sync():
         pytest.fail("the Python package `playwright` is missing: pip install -r requirements-dev.txt", pytrace=False)
     with sync_playwright() as pw:
         yield pw
+
+
+def synthetic_examples(n: int, w, k: int = 12, m: int = 32, seed: int = 0, c: float = 0.0, noise: float = 0.05) -> list:
+    """Estimator labels whose effects are a known linear function `w` of the features (+ `c` per
+    ablated region, + noise): what training must recover."""
+    import numpy as np
+
+    from vstream.attr.labels import LabeledExample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        s = int(rng.integers(1, 4))
+        f = rng.dirichlet(np.ones(k), size=(s, w.size)).transpose(0, 2, 1) * rng.uniform(0.5, 2, size=w.size)
+        masks = rng.random((m, k)) >= 0.5
+        eff = np.einsum("mk,skl,l->ms", masks.astype(float), f, w) + c * masks.sum(1, keepdims=True)
+        eff += noise * rng.normal(size=eff.shape) * eff.std()
+        out.append(
+            LabeledExample(
+                index=i,
+                seed=i,
+                family="synthetic",
+                features=torch.tensor(f, dtype=torch.float32),
+                masks=torch.from_numpy(masks),
+                effects=torch.tensor(eff, dtype=torch.float32),
+                base=torch.zeros(s),
+                assignment=torch.zeros(k, 1, dtype=torch.uint8),
+                tokens=torch.zeros(1, dtype=torch.long),
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_labels():
+    return synthetic_examples

@@ -199,37 +199,10 @@ def test_check_against_real_model(tiny_qwen2_5_vl, tmp_path):
 # training
 
 
-def _synthetic(n: int, lh: int = 8, k: int = 12, m: int = 32, seed: int = 0, noise: float = 0.05, c: float = 0.0):
-    """Examples whose effects are a known linear function of the features (+ c per ablated
-    region, + noise)."""
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=lh)
-    out = []
-    for i in range(n):
-        s = int(rng.integers(1, 4))
-        f = rng.dirichlet(np.ones(k), size=(s, lh)).transpose(0, 2, 1) * rng.uniform(0.5, 2, size=lh)
-        masks = rng.random((m, k)) >= 0.5
-        eff = np.einsum("mk,skl,l->ms", masks.astype(float), f, w) + c * masks.sum(1, keepdims=True)
-        eff += noise * rng.normal(size=eff.shape) * eff.std()
-        out.append(
-            LB.LabeledExample(
-                index=i,
-                seed=i,
-                family="synthetic",
-                features=torch.tensor(f, dtype=torch.float32),
-                masks=torch.from_numpy(masks),
-                effects=torch.tensor(eff, dtype=torch.float32),
-                base=torch.zeros(s),
-                assignment=torch.zeros(k, 1, dtype=torch.uint8),
-                tokens=torch.zeros(1, dtype=torch.long),
-            )
-        )
-    return out, w
-
-
 @pytest.mark.parametrize("c", [0.0, 0.5])
-def test_training_recovers_a_linear_ground_truth(c):
-    exs, w_true = _synthetic(300, c=c)
+def test_training_recovers_a_linear_ground_truth(c, synthetic_labels):
+    w_true = np.random.default_rng(0).normal(size=8)
+    exs = synthetic_labels(300, w_true, c=c)
     est, rep = E.train(exs, epochs=60, lr=0.05, val_fraction=0.2, seed=0, progress=False, num_layers=2, num_heads=4)
     assert est.num_layers == 2 and est.num_heads == 4
     assert rep["val"]["lds"] > 0.9 and rep["train"]["lds"] > 0.9
@@ -242,7 +215,7 @@ def test_training_recovers_a_linear_ground_truth(c):
     assert cos > 0.95
     assert rep["val"]["r2"] > 0.8  # calibrated: predictions in the effects' units
     assert est.region_bias.item() == pytest.approx(c, abs=0.1)
-    held, _ = _synthetic(50, seed=1)  # other features, other w: runs, scores whatever it scores
+    held = synthetic_labels(50, -w_true, seed=1)  # other features, other w: runs, scores whatever it scores
     assert np.isfinite(E.evaluate(est, held)["lds"])
 
 

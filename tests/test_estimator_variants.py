@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 from vstream.attr import estimator as E
@@ -20,31 +19,6 @@ from vstream.model import VLMError, load_vlm
 # training options on synthetic labels with a known linear truth
 
 
-def _synthetic(n: int, w: np.ndarray, k: int = 12, m: int = 32, seed: int = 0, c: float = 0.0, noise: float = 0.05):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        s = int(rng.integers(1, 4))
-        f = rng.dirichlet(np.ones(k), size=(s, w.size)).transpose(0, 2, 1) * rng.uniform(0.5, 2, size=w.size)
-        masks = rng.random((m, k)) >= 0.5
-        eff = np.einsum("mk,skl,l->ms", masks.astype(float), f, w) + c * masks.sum(1, keepdims=True)
-        eff += noise * rng.normal(size=eff.shape) * eff.std()
-        out.append(
-            LB.LabeledExample(
-                index=i,
-                seed=i,
-                family="synthetic",
-                features=torch.tensor(f, dtype=torch.float32),
-                masks=torch.from_numpy(masks),
-                effects=torch.tensor(eff, dtype=torch.float32),
-                base=torch.zeros(s),
-                assignment=torch.zeros(k, 1, dtype=torch.uint8),
-                tokens=torch.zeros(1, dtype=torch.long),
-            )
-        )
-    return out
-
-
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
@@ -54,24 +28,24 @@ KW = dict(epochs=60, lr=0.05, val_fraction=0.2, seed=0, progress=False, num_laye
 
 
 @pytest.mark.parametrize("loss", ["mse", "huber"])
-def test_error_losses_recover_a_linear_truth(loss):
-    est, rep = E.train(_synthetic(150, W_TRUE), loss=loss, weight_decay=0.0, **KW)
+def test_error_losses_recover_a_linear_truth(loss, synthetic_labels):
+    est, rep = E.train(synthetic_labels(150, W_TRUE), loss=loss, weight_decay=0.0, **KW)
     assert rep["val"]["lds"] > 0.9 and _cos(est.weight.detach().numpy(), W_TRUE) > 0.95
     assert est.meta["loss_name"] == loss and est.meta["loss"] == E.LOSSES[loss] and est.meta["weight_decay"] == 0.0
 
 
-def test_zscore_scaling_folds_the_centring_into_the_region_bias():
-    est, rep = E.train(_synthetic(150, W_TRUE, c=0.5), scaling="zscore", **KW)
+def test_zscore_scaling_folds_the_centring_into_the_region_bias(synthetic_labels):
+    est, rep = E.train(synthetic_labels(150, W_TRUE, c=0.5), scaling="zscore", **KW)
     assert rep["val"]["lds"] > 0.9 and _cos(est.weight.detach().numpy(), W_TRUE) > 0.95
     assert est.region_bias.item() == pytest.approx(0.5, abs=0.1)  # raw-feature space, as rms training
     with pytest.raises(VLMError, match="needs the region bias"):
-        E.train(_synthetic(10, W_TRUE), scaling="zscore", region_bias=False, **KW)
+        E.train(synthetic_labels(10, W_TRUE), scaling="zscore", region_bias=False, **KW)
 
 
-def test_column_rules_keep_other_weights_at_zero():
+def test_column_rules_keep_other_weights_at_zero(synthetic_labels):
     sparse = np.zeros(8)
     sparse[[2, 7]] = [1.5, -2.0]
-    exs = _synthetic(200, sparse)
+    exs = synthetic_labels(200, sparse)
     est, _ = E.train(exs, columns="top=2", **KW)
     w = est.weight.detach().numpy()
     assert est.meta["kept_columns"] == [2, 7] and np.count_nonzero(w) == 2 and _cos(w, sparse) > 0.95
