@@ -50,7 +50,8 @@ class Family:
     config_ids: tuple[tuple[str, str], ...]  # (config attribute, token) pairs of the multimodal ids
 
 
-_QWEN_TOKENS = (
+# the Qwen chat/vision special tokens plus the thinking and step markers (the demo tokenizer has them too)
+QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -74,7 +75,7 @@ QWEN = Family(
     name="qwen",
     model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"),
     image_processor=_QWEN_PROC,
-    special_tokens=_QWEN_TOKENS,
+    special_tokens=QWEN_SPECIAL_TOKENS,
     chat_template=_QWEN_TEMPLATE,
     eos_tokens=("<|im_end|>", "<|endoftext|>"),
     pad_token="<|endoftext|>",

@@ -11,20 +11,9 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vstream.model.thinking import END_OF_STEP, THINK_CLOSE, THINK_OPEN
+from vstream.model.families import QWEN_SPECIAL_TOKENS
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    THINK_OPEN,
-    THINK_CLOSE,
-    END_OF_STEP,  # end of a reasoning step (TaYS)
-]
+SPECIAL_TOKENS = list(QWEN_SPECIAL_TOKENS)  # END_OF_STEP ends a reasoning step (TaYS)
 
 # The same layout as Qwen2.5-VL's template: images/videos become one pad token that the
 # adapter expands to the right count.
