@@ -51,6 +51,7 @@ from vstream.attr.estimator import load as load_estimator
 from vstream.attr.estimator import train as train_estimator
 from vstream.attr.evaluate import evaluate
 from vstream.attr.labels import LabeledExample, collect
+from vstream.attr.methods import METHODS
 from vstream.attr.record import RunRecord, score_span
 from vstream.attr.worker import AttributionSession, PathEvent, TokenEvent, attribute_stream
 from vstream.model import VLMError, model_identity
@@ -1133,7 +1134,7 @@ def lab_tab(state: gr.State, policy: ModelPolicy, default_model: str, model_limi
         with gr.Row():
             l_eval_n = gr.Number(2, label="scenes", precision=0, elem_id="lab-eval-n")
             l_methods = gr.CheckboxGroup(
-                ["vstream", "raw_attention", "input_x_gradient", "occlusion"],
+                ["vstream", *sorted(m for m in METHODS if m != "vstream")],
                 value=["vstream", "raw_attention"],
                 label="methods",
                 elem_id="lab-methods",
