@@ -40,6 +40,25 @@ def make_tiny_tokenizer():
     return build_tokenizer(TINY_TEXTS, vocab_size=320)
 
 
+def _tiny_text(tokenizer) -> dict:
+    """The Qwen2(.5)-VL text tower of the tiny models: 64 wide x 2 layers, 4 heads (2 kv)."""
+    ids = special_ids(tokenizer)
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        # head_dim 16 -> mrope sections must sum to 8
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+    )
+
+
 def save_tiny_qwen2_5_vl(path: Path, tokenizer, side: int = 112) -> Path:
     """Qwen2.5-VL: text 64 wide x 2 layers (4 heads, 2 kv), vision 32 wide x 2 blocks;
     processor fixed at side x side pixels (112 -> 4x4 LLM tokens)."""
@@ -48,20 +67,7 @@ def save_tiny_qwen2_5_vl(path: Path, tokenizer, side: int = 112) -> Path:
 
     ids = special_ids(tokenizer)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            # head_dim 16 -> mrope sections must sum to 8
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["bos_token_id"],
-            eos_token_id=ids["eos_token_id"],
-            pad_token_id=ids["pad_token_id"],
-        ),
+        text_config=_tiny_text(tokenizer),
         vision_config=dict(
             depth=2,
             hidden_size=32,
@@ -201,19 +207,7 @@ def save_tiny_qwen2_vl(path: Path, tokenizer, side: int = 112) -> Path:
 
     ids = special_ids(tokenizer)
     cfg = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["bos_token_id"],
-            eos_token_id=ids["eos_token_id"],
-            pad_token_id=ids["pad_token_id"],
-        ),
+        text_config=_tiny_text(tokenizer),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2),
         image_token_id=ids["image_token_id"],
         video_token_id=ids["video_token_id"],
