@@ -122,7 +122,10 @@ def test_answers_follow_from_the_objects():
             other = [o.shape for o in objs] if s.kind == "colour" else [o.color for o in objs]
             assert min(other.count(t) for t in other) >= 2  # nothing else stands out: one right answer
             common = max(set(traits), key=traits.count)
-            assert s.steps[-2].text.startswith(f"Most are {common}") and s.steps[-2].obj is None
+            assert s.steps[-3].text.startswith(f"Most are {common}") and s.steps[-3].obj is None
+            odd_value = odd.color if s.kind == "colour" else f"a {odd.shape}"
+            assert s.steps[-2].text == f"Only one is {odd_value}." and s.steps[-1].text == f"It is the {s.answer}."
+            assert s.steps[-1].obj == s.steps[-2].obj == objs.index(odd)
 
 
 def test_objects_do_not_overlap_cells():

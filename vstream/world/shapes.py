@@ -489,10 +489,11 @@ def _odd_one_out(rng, seed) -> Scene:
     t = same.index(str(odd))
     steps = [Step(f"I see a {objs[i].color} {objs[i].shape}.", i) for i in _reading_order(objs, range(n))]
     trait = "colour" if by_color else "shape"
-    # the majority first: finding the one object that differs from a named value is a lookup,
-    # where finding the unique one among all of them at once is not
+    # the majority first, then the odd value, then the object: each step one lookup (the colour of
+    # "the one circle" is a lookup in the image; naming the object at once needed two hops)
     steps.append(Step(f"Most are {common if by_color else _plural(str(common))}.", None))
-    steps.append(Step(f"Only the {objs[t].color} {objs[t].shape} has another {trait}.", t))
+    steps.append(Step(f"Only one is {odd if by_color else f'a {odd}'}.", t))
+    steps.append(Step(f"It is the {objs[t].color} {objs[t].shape}.", t))
     q = "Which object is the odd one out?"
     return Scene(seed, "odd_one_out", q, steps, f"{objs[t].color} {objs[t].shape}", objs, trait)
 
