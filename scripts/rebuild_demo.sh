@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild everything that rests on the demo model, in order, as the shipped assets were made.
 # Each step resumes from its checkpoints or label shards when rerun. On a 2-core CPU the demo
-# model is ~3.5 h, labels ~40 min, each TaYS paradigm ~20 min; on a GPU drop --minutes.
+# model is ~5 h, labels ~40 min, each TaYS paradigm ~20 min; on a GPU drop --minutes.
 #   bash scripts/rebuild_demo.sh demo | labels | estimator | tays | figures | all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,23 @@ if [[ $step == demo || $step == all ]]; then
     --init runs/prev/assets/demo-model --position-probe \
     --out runs/demo448/model --run-dir runs/demo448/run --save-every 100
   python -m vstream eval-model --json --split val --model runs/demo448/model
-  rm -rf assets/demo-model && cp -r runs/demo448/model assets/demo-model
+  # then odd_one_out's traces gained their majority step ("Most are squares."): a fine-tune from
+  # step 4,320 on the same vocabulary (TRAIN_CYCLE drawing odd_one_out 5x; the generator of
+  # 1acfe79, which a rerun at this commit does not reproduce). As run: --steps 700
+  # --minutes 36 (step 700), then resumed with these flags (a warm restart) to step 1,250.
+  mkdir -p runs/odd/run/tokenizer && cp runs/demo448/run/tokenizer/* runs/odd/run/tokenizer/
+  $ACC -m vstream train-demo --steps 1250 --minutes 62 --batch-size 16 --lr 8e-4 --seed 1 \
+    --init runs/demo448/model --position-probe \
+    --out runs/odd/model --run-dir runs/odd/run --save-every 100
+  python -m vstream eval-model --json --split val --model runs/odd/model
+  # then the three last steps ("Most are squares. Only one is a circle. It is the yellow
+  # circle."; 15c9a30): 32 minutes from that model
+  mkdir -p runs/odd2/run/tokenizer && cp runs/odd/run/tokenizer/* runs/odd2/run/tokenizer/
+  $ACC -m vstream train-demo --steps 800 --minutes 34 --batch-size 16 --lr 8e-4 --seed 2 \
+    --init runs/odd/model --position-probe \
+    --out runs/odd2/model --run-dir runs/odd2/run --save-every 100
+  python -m vstream eval-model --json --split val --model runs/odd2/model
+  rm -rf assets/demo-model && cp -r runs/odd2/model assets/demo-model
   python -m vstream render-examples
 fi
 

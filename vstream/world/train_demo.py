@@ -63,7 +63,7 @@ SMALL_SHARE = 1  # out of every 10: drawn at 224 px (16 tokens, as video frames 
 # their targets on validation scenes come more often. The run behind the shipped model changed it
 # twice: each family once until step 2,000 (the family cycling with the seed), then spatial,
 # chain, sum_boxes and odd_one_out twice until step 2,971, then spatial, chain and odd_one_out
-# three times until step 4,320; the fine-tune that taught odd_one_out its majority step used this.
+# three times until step 4,320; the two fine-tunes that taught odd_one_out its last steps used this.
 TRAIN_CYCLE = (*FAMILIES, *("odd_one_out",) * 4, "chain", "chain", "spatial")
 
 
