@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild everything that rests on the demo model, in order, as the shipped assets were made.
 # Each step resumes from its checkpoints or label shards when rerun. On a 2-core CPU the demo
-# model is ~5 h, labels ~40 min, each TaYS paradigm ~20 min; on a GPU drop --minutes.
+# model is ~5 h, labels ~80 min, each TaYS paradigm ~27 min; on a GPU drop --minutes.
 #   bash scripts/rebuild_demo.sh demo | labels | estimator | tays | figures | all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,20 +44,26 @@ if [[ $step == demo || $step == all ]]; then
 fi
 
 if [[ $step == labels || $step == all ]]; then
-  # 2. estimator labels on training scenes, and held-out labels for train-estimator --eval / transfer
-  $ACC -m vstream collect --n 600 --out runs/labels448
-  $ACC -m vstream collect --split heldout --n 200 --start 200000 --out runs/labels448-heldout
+  # 2. estimator labels of 2,000 training scenes with every feature variant the study compares,
+  #    validation labels for choosing the variant, held-out labels for --eval / transfer
+  F=mean,vnorm,vonorm,tnorm,max,last,tnorm+max
+  $ACC -m vstream collect --n 2000 --features $F --out runs/labels448
+  $ACC -m vstream collect --split val --n 200 --features $F --out runs/labels448-val
+  $ACC -m vstream collect --split heldout --n 200 --start 200000 --features $F --out runs/labels448-heldout
 fi
 
 if [[ $step == estimator || $step == all ]]; then
+  # the variant study picks the feature variant on validation labels (vonorm was best), then the
+  # shipped estimator is trained on all 2,000 training scenes with it
+  python -m vstream estimator-variants --train runs/labels448 --val runs/labels448-val --json
   python -m vstream train-estimator --labels runs/labels448 --eval runs/labels448-heldout \
-    --out assets/estimator-demo.safetensors
+    --features vonorm --out assets/estimator-demo.safetensors
 fi
 
 if [[ $step == tays || $step == all ]]; then
   # 3. TaYS and its two baselines: one base (the demo model above), one recipe
   for p in tays batch interleaved; do
-    $ACC -m tays train --paradigm $p --steps 720 --minutes 60 --batch-size 8 --lr 1e-3 \
+    $ACC -m tays train --paradigm $p --model assets/demo-model --steps 720 --minutes 60 --batch-size 8 --lr 1e-3 \
       --answer-weight 15 --empty-step-weight 0.25 --save-every 40 --out runs/tays/$p
   done
   rm -rf assets/tays-model && cp -r runs/tays/tays assets/tays-model
