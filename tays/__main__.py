@@ -28,7 +28,7 @@ from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_datase
 from tays.metrics import finite_json
 from tays.protocol import PARADIGMS, TRAINED
 from vstream.model import VLMError
-from vstream.world.assets import DEMO_ESTIMATOR, TAYS_MODEL_DIR, VIDEO_ESTIMATOR
+from vstream.world.assets import DEMO_ESTIMATOR_MEAN, TAYS_MODEL_DIR, VIDEO_ESTIMATOR
 
 
 def _print_json(out: dict[str, Any], one_line: bool) -> None:
@@ -304,7 +304,7 @@ def evaluate_command(argv: list[str]) -> int:
 
 
 DEFAULT_VIDEO_ESTIMATOR = str(VIDEO_ESTIMATOR)
-STILL_ESTIMATOR = str(DEMO_ESTIMATOR)
+STILL_ESTIMATOR = str(DEMO_ESTIMATOR_MEAN)  # watching computes the paper's mean features only
 
 
 def _attr_args(ap: argparse.ArgumentParser, n: int, split: str) -> None:

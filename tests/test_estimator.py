@@ -262,6 +262,7 @@ def test_shipped_estimator(tiny_qwen2_5_vl):
     assert (est.num_layers, est.num_heads) == (4, 6) and est.meta["model"] == "demo-model"
     assert est.meta["trained_examples"] == 2000 and est.meta["masks_per_example"] == 32
     assert est.meta["k_rule"].startswith("auto") and est.meta["backbone"] == "pixels"
+    assert est.meta["feature_variant"] == "vonorm"
     demo = SimpleNamespace(
         model=SimpleNamespace(name_or_path=str(DEMO_MODEL_DIR), config=SimpleNamespace()),
         arch="qwen2_5_vl",
@@ -272,3 +273,24 @@ def test_shipped_estimator(tiny_qwen2_5_vl):
     with pytest.raises(VLMError, match="4 layers x 6 heads.*2 layers x 4 heads") as info:
         E.load(path, tiny_qwen2_5_vl)
     assert "\n" not in str(info.value)
+
+
+def test_shipped_mean_estimator_is_what_watching_uses():
+    """Watching computes the paper's mean features only, so the Video tab and `tays` commands fall
+    back to the mean-feature still-image estimator, never to the shipped vonorm one."""
+    from tays.watch import StreamAttributor
+    from ui.video import video_estimator
+    from vstream.attr.features import variant_of
+    from vstream.world.assets import DEMO_ESTIMATOR, DEMO_ESTIMATOR_MEAN, TAYS_MODEL_DIR, VIDEO_ESTIMATOR
+
+    if not DEMO_ESTIMATOR_MEAN.is_file() or not (TAYS_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("TaYS model or the mean-feature estimator not built yet")
+    est = E.load(DEMO_ESTIMATOR_MEAN)
+    assert variant_of(est).is_default and est.meta["trained_examples"] == 2000
+    vlm = load_vlm(str(TAYS_MODEL_DIR))
+    chosen, line = video_estimator(vlm)
+    if not VIDEO_ESTIMATOR.is_file():
+        assert chosen is not None and DEMO_ESTIMATOR_MEAN.name in line
+    StreamAttributor(estimator=chosen)  # accepted: its predictor is built here
+    with pytest.raises(VLMError, match="feature variant 'vonorm'"):
+        StreamAttributor(estimator=E.load(DEMO_ESTIMATOR))

@@ -27,7 +27,7 @@ from tays.sources import FrameSource
 from tays.watch import GroupSeen, StepScores, WatchDone
 from ui import figures
 from vstream.model import THINK_CLOSE, THINK_OPEN
-from vstream.world.assets import DEMO_ESTIMATOR as STILL_ESTIMATOR
+from vstream.world.assets import DEMO_ESTIMATOR_MEAN as STILL_ESTIMATOR
 from vstream.world.assets import VIDEO_ESTIMATOR
 
 KEEP_FRAMES = 512  # frame groups whose frame the tab keeps for heatmaps (about 4 min at 2 FPS)

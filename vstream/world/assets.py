@@ -10,6 +10,8 @@ EXAMPLES_DIR = ROOT / "examples"
 DEMO_MODEL_DIR = ASSETS / "demo-model"
 TAYS_MODEL_DIR = ASSETS / "tays-model"
 DEMO_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
+# the same labels with the paper's mean features: what attribution while watching computes per frame
+DEMO_ESTIMATOR_MEAN = ASSETS / "estimator-demo-mean.safetensors"
 VIDEO_ESTIMATOR = ASSETS / "estimator-video.safetensors"  # the TaYS model's, on video labels
 RISK_MODEL = ASSETS / "risk-demo.json"  # failure-risk classifier over reasoning dynamics
 RUNS_DIR = ROOT / "runs"
