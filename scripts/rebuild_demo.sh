@@ -58,6 +58,9 @@ if [[ $step == estimator || $step == all ]]; then
   python -m vstream estimator-variants --train runs/labels448 --val runs/labels448-val --json
   python -m vstream train-estimator --labels runs/labels448 --eval runs/labels448-heldout \
     --features vonorm --out assets/estimator-demo.safetensors
+  # attribution while watching computes the paper's mean features only: its still-image fallback
+  python -m vstream train-estimator --labels runs/labels448 --eval runs/labels448-heldout \
+    --features mean --out assets/estimator-demo-mean.safetensors
 fi
 
 if [[ $step == tays || $step == all ]]; then
