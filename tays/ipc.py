@@ -310,6 +310,10 @@ class WorkerHandle:
             if not self._wait(2.0 if timeout is None else float(timeout)):
                 self._kill()
                 self._wait(5.0)
+            # the pidfd is readable at exit, a moment before the server's auto-reap frees the pid
+            end = time.monotonic() + 5.0
+            while pid_alive(self.pid) and time.monotonic() < end:
+                time.sleep(0.002)
             for close in (self.conn.close, self.sock.close):
                 with contextlib.suppress(OSError):
                     close()

@@ -225,7 +225,7 @@ def test_stop_event_stops_early(vlm):
         got.append(tid)
         if len(got) == 3:
             ev.set()
-    assert 3 <= len(got) <= 5  # the token in flight may still arrive
+    assert len(got) == 3  # tokens made ahead of the consumer are not yielded after the stop
     assert threading.active_count() == before and not _gen_threads()
     assert list(vlm.stream(inp, max_new_tokens=5, stop_event=ev)) == []  # already set: nothing
 

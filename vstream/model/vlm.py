@@ -382,6 +382,8 @@ class VLM:
                 if isinstance(item, BaseException):
                     raise item
                 for tid in item:
+                    if stop_event is not None and stop_event.is_set():
+                        return  # tokens the thread made ahead of the consumer are dropped
                     if tid in eos:
                         continue
                     yield tid, decoder.push(tid)
