@@ -76,7 +76,7 @@ if [[ $step == figures || $step == all ]]; then
   # 4. every figure the README quotes
   python -m vstream eval-model --json
   python -m vstream evaluate --json --n 200
-  python -m vstream analyze --json --risk-out assets/risk-demo.json
+  python -m vstream analyze --json --families compare_counts,chain,sum_boxes,odd_one_out --n 4400 --fit-n 2200 --fidelity 200 --risk-out assets/risk-demo.json
   python -m vstream transfer --json --labels runs/labels448 --heldout runs/labels448-heldout
   python -m vstream bench --json
   python -m tays evaluate --json --n 200 --workers 10 --paradigms tays batch interleaved batch_no_think

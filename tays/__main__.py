@@ -28,7 +28,7 @@ from tays.data import DEFAULT_FPS, DEFAULT_THRESHOLD, EncoderError, build_datase
 from tays.metrics import finite_json
 from tays.protocol import PARADIGMS, TRAINED
 from vstream.model import VLMError
-from vstream.world.assets import DEMO_ESTIMATOR_MEAN, TAYS_MODEL_DIR, VIDEO_ESTIMATOR
+from vstream.world.assets import DEMO_ESTIMATOR_MEAN, TAYS_MODEL_DIR, VIDEO_ESTIMATOR, watching_estimator
 
 
 def _print_json(out: dict[str, Any], one_line: bool) -> None:
@@ -111,8 +111,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         args.random_init,
         args.reduced,
         attribute=args.attribute,
-        estimator=args.estimator
-        or (DEFAULT_VIDEO_ESTIMATOR if Path(DEFAULT_VIDEO_ESTIMATOR).is_file() else STILL_ESTIMATOR),
+        estimator=args.estimator or str(watching_estimator()),
     )
 
 
@@ -338,7 +337,7 @@ def attribute_eval_command(argv: list[str]) -> int:
     ap.add_argument("--overhead-streams", type=int, default=10, help="streams also replayed without attribution")
     ap.add_argument("--occlusion-streams", type=int, default=None, help="streams given the occlusion baseline (all)")
     args = ap.parse_args(argv)
-    est = args.estimator or (DEFAULT_VIDEO_ESTIMATOR if Path(DEFAULT_VIDEO_ESTIMATOR).is_file() else STILL_ESTIMATOR)
+    est = args.estimator or str(watching_estimator())
     res = evaluate_streams(
         str(args.model or TAYS_MODEL_DIR),
         est,

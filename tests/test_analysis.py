@@ -127,3 +127,17 @@ def test_analyze_on_a_users_rows(tmp_path):
     skipped = res["skipped_short_traces"]
     assert res["n"] + res["n_fit"] + skipped["heldout"] + skipped["fit"] + res["n_bad_rows"] == 13
     assert res["n_failed"] >= 1 and (tmp_path / "rep" / "auc_by_elapsed.png").is_file()
+
+
+def test_shipped_risk_model_is_what_the_reasoning_tab_shows():
+    """The shipped risk model reads back, uses the live worker's features, carries its held-out
+    AUC (with the trace count) and is what the page offers for the demo model."""
+    import json
+
+    from ui.explorer import risk_for
+    from vstream.world.assets import DEMO_MODEL_DIR, RISK_MODEL
+
+    risk = RiskModel.load(RISK_MODEL)
+    assert tuple(json.loads(RISK_MODEL.read_text())["features"]) == FEATURES and len(risk.coef) == len(FEATURES)
+    assert set(risk.heldout_auc) == {"0.3", "1.0", "n"} and risk.heldout_auc["n"] >= 300
+    assert risk_for(str(DEMO_MODEL_DIR)) is not None

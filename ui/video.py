@@ -27,8 +27,7 @@ from tays.sources import FrameSource
 from tays.watch import GroupSeen, StepScores, WatchDone
 from ui import figures
 from vstream.model import THINK_CLOSE, THINK_OPEN
-from vstream.world.assets import DEMO_ESTIMATOR_MEAN as STILL_ESTIMATOR
-from vstream.world.assets import VIDEO_ESTIMATOR
+from vstream.world.assets import WATCHING_ESTIMATORS
 
 KEEP_FRAMES = 512  # frame groups whose frame the tab keeps for heatmaps (about 4 min at 2 FPS)
 
@@ -135,7 +134,7 @@ def video_estimator(vlm: Any) -> tuple[Any, str]:
     from vstream.attr.estimator import load
     from vstream.model import VLMError
 
-    for path, what in ((VIDEO_ESTIMATOR, "video-trained estimator"), (STILL_ESTIMATOR, "still-image estimator")):
+    for path, what in zip(WATCHING_ESTIMATORS, ("video-trained estimator", "still-image estimator")):
         if Path(path).is_file():
             try:
                 return load(path, vlm, allow_model_mismatch=True), f"attribution: {what} ({Path(path).name})"

@@ -10,7 +10,8 @@ import numpy as np
 
 def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
     """AUC by elapsed reasoning, per-step fidelity by elapsed reasoning, path shape of correct vs
-    failed traces; each as `<name>.png` and `<name>.html` in `out`. Returns the files written."""
+    failed traces (when `res` has its per-trace rows); each as `<name>.png` and `<name>.html` in
+    `out`. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,8 +59,10 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
     fg.update_layout(xaxis_title="elapsed reasoning", yaxis_title="per-step fidelity R^2")
     save(fig, fg, "fidelity_by_elapsed")
 
-    # path length and tortuosity, correct vs failed
-    rows = res["traces"]
+    # path length and tortuosity, correct vs failed (needs the per-trace rows, absent from a summary)
+    rows = res.get("traces")
+    if not rows:
+        return written
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.4))
     fg = go.Figure()
     for ax, stat in zip(axes, ("path_length", "tortuosity")):

@@ -13,5 +13,12 @@ DEMO_ESTIMATOR = ASSETS / "estimator-demo.safetensors"
 # the same labels with the paper's mean features: what attribution while watching computes per frame
 DEMO_ESTIMATOR_MEAN = ASSETS / "estimator-demo-mean.safetensors"
 VIDEO_ESTIMATOR = ASSETS / "estimator-video.safetensors"  # the TaYS model's, on video labels
+# what attribution while watching scores steps with, in order of preference
+WATCHING_ESTIMATORS = (VIDEO_ESTIMATOR, DEMO_ESTIMATOR_MEAN)
 RISK_MODEL = ASSETS / "risk-demo.json"  # failure-risk classifier over reasoning dynamics
 RUNS_DIR = ROOT / "runs"
+
+
+def watching_estimator() -> Path:
+    """The first of `WATCHING_ESTIMATORS` that is there (the still-image fallback otherwise)."""
+    return next((p for p in WATCHING_ESTIMATORS if p.is_file()), DEMO_ESTIMATOR_MEAN)
