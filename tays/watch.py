@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from tays import regions_proc
 from tays.capture import AttentionRow, StreamRecorder
 from tays.engine import THREAD_PREFIX, StreamingEngine
 from tays.mask import FRAME
@@ -211,6 +212,8 @@ class StreamAttributor:
     # -- RunObserver (decoding thread, except attach) -------------------------------------------
     def attach(self, engine: StreamingEngine, t0: float) -> None:
         _warm_imports()  # before the question: the clustering's first call would import them
+        if self.backbone is None:
+            regions_proc.prewarm()
         self.engine, self.t0 = engine, t0
         self.recorder = StreamRecorder.for_engine(engine)
         engine.attach(self.recorder)
@@ -272,7 +275,11 @@ class StreamAttributor:
         key = (hashlib.blake2b(np.asarray(frame).tobytes(), digest_size=16).digest(), grid)
         r = self._by_content.get(key)
         if r is None:
-            r = self._by_content[key] = compute_regions(frame, grid, k=self.k, backbone=self.backbone or _pixels(grid))
+            if self.backbone is None:  # the default pixels: clustered off this interpreter (tays.regions_proc)
+                r = regions_proc.regions(frame, grid, self.k, _pixels(grid).grid)
+            else:
+                r = compute_regions(frame, grid, k=self.k, backbone=self.backbone)
+            self._by_content[key] = r
             while len(self._by_content) > MAX_FRAMES_KEPT:
                 del self._by_content[next(iter(self._by_content))]
         self.regions[g] = r

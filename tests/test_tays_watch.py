@@ -132,3 +132,33 @@ def test_benchattribution_acceptance():
     bad = {f: dict(v, decode_tokens_per_s=80.0, ttft_question_s=0.2) for f, v in good.items()}
     acc = attribution_acceptance(plain, bad, {"decode_step_ms_p50_idle": 20.0})
     assert not acc["attributed_decode_at_least_0_9x"] and not acc["attributed_ttft_within_one_step"]
+
+
+def test_regions_process_matches_in_process_clustering():
+    """Frame regions clustered in the helper process (off the decoding interpreter) are those of
+    the same call made here; a frame the clustering refuses is a VLMError from there too; with
+    the server gone, clustering falls back to this process."""
+    import pytest
+
+    from tays import regions_proc
+    from vstream.attr.regions import PixelBackbone, compute_regions
+    from vstream.model import VLMError
+
+    frame = make_stream(3).frame_at(2.0)
+    regions_proc.shutdown()
+    assert regions_proc.prewarm() is not None
+    deadline = time.monotonic() + 120
+    while not regions_proc.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert regions_proc.ready(), "the regions process never said it was ready"
+    got = regions_proc.regions(frame, (4, 4), None, 24)
+    want = compute_regions(frame, (4, 4), backbone=PixelBackbone(grid=24))
+    assert np.array_equal(got.labels, want.labels) and bool((got.assignment == want.assignment).all())
+    assert got.k == want.k and got.image_size == want.image_size and got.backbone == want.backbone
+    with pytest.raises(VLMError):
+        regions_proc.regions(np.zeros((0, 5, 3), dtype=np.uint8), (4, 4), None, 24)
+    pid = regions_proc.server_pid()
+    regions_proc.shutdown()
+    assert regions_proc.server_pid() is None and pid is not None
+    again = regions_proc.regions(frame, (4, 4), None, 24)  # no server: clustered here
+    assert np.array_equal(again.labels, want.labels)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from tays import prewarm
+from tays import prewarm, regions_proc
 from ui import figures
 from ui.access import ModelPolicy, not_available
 from vstream.attr.estimator import Estimator, LinearEstimator, RawAttention
@@ -199,6 +199,7 @@ def warm_up(name: str | None, video: str | None = None) -> None:
             vlm = get_model(video)
         if vlm.device.type == "cpu":
             prewarm(vlm)
+        regions_proc.prewarm()  # the Video tab's frame clustering, off this interpreter
     except Exception as e:  # noqa: BLE001 - a warm-up must never take the server down
         print(f"warm-up skipped: {type(e).__name__}: {e}", file=sys.stderr)
 
