@@ -65,19 +65,18 @@ def serve(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.nice(NICE)
     ctrl = socket.socket(fileno=fd)
-    _, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
-    if not fds:
-        return
-    sock = socket.socket(fileno=fds[0])
-    # warm the clustering (imports, first-call caches) before saying ready
-    compute_regions(np.zeros((32, 32, 3), dtype=np.uint8), (2, 2), backbone=PixelBackbone(grid=8))
-    send_msg(sock, {"ready": True, "pid": os.getpid()})
-    while True:
-        try:
-            msg = recv_msg(sock)
-        except (EOFError, OSError):
+    try:
+        _, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
+        if not fds:
             return
-        send_msg(sock, _answer(msg))
+        sock = socket.socket(fileno=fds[0])
+        # warm the clustering (imports, first-call caches) before saying ready
+        compute_regions(np.zeros((32, 32, 3), dtype=np.uint8), (2, 2), backbone=PixelBackbone(grid=8))
+        send_msg(sock, {"ready": True, "pid": os.getpid()})
+        while True:
+            send_msg(sock, _answer(recv_msg(sock)))
+    except (EOFError, OSError):  # the parent hung up (or is gone): nothing to say to anyone
+        return
 
 
 class _Server(HelperProcess):
