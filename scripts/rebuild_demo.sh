@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild everything that rests on the demo model, in order, as the shipped assets were made.
 # Each step resumes from its checkpoints or label shards when rerun. On a 2-core CPU the demo
-# model is ~5 h, labels ~80 min, each TaYS paradigm ~27 min; on a GPU drop --minutes.
+# model is ~5 h, labels ~90 min, each TaYS paradigm ~27 min; on a GPU drop --minutes.
 #   bash scripts/rebuild_demo.sh demo | labels | estimator | tays | figures | all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,10 +46,17 @@ fi
 if [[ $step == labels || $step == all ]]; then
   # 2. estimator labels of 2,000 training scenes with every feature variant the study compares,
   #    validation labels for choosing the variant, held-out labels for --eval / transfer
-  F=mean,vnorm,vonorm,tnorm,max,last,tnorm+max
+  #    (the first variant is the one `transfer` reads: the shipped vonorm)
+  F=vonorm,mean,vnorm,tnorm,max,last,tnorm+max
   $ACC -m vstream collect --n 2000 --features $F --out runs/labels448
   $ACC -m vstream collect --split val --n 200 --features $F --out runs/labels448-val
   $ACC -m vstream collect --split heldout --n 200 --start 200000 --features $F --out runs/labels448-heldout
+  #    the region-method comparison of `transfer`: the same scenes' labels on content-free regions
+  for b in blocks voronoi; do
+    $ACC -m vstream collect --n 500 --backbone $b --features vonorm,mean --out runs/labels448-$b
+    $ACC -m vstream collect --split heldout --n 200 --start 200000 --backbone $b --features vonorm,mean \
+      --out runs/labels448-$b-heldout
+  done
 fi
 
 if [[ $step == estimator || $step == all ]]; then
@@ -77,7 +84,8 @@ if [[ $step == figures || $step == all ]]; then
   python -m vstream eval-model --json
   python -m vstream evaluate --json --n 200
   python -m vstream analyze --json --families compare_counts,chain,sum_boxes,odd_one_out --n 4400 --fit-n 2200 --fidelity 200 --risk-out assets/risk-demo.json
-  python -m vstream transfer --json --labels runs/labels448 --heldout runs/labels448-heldout
+  python -m vstream transfer --json --labels runs/labels448 --heldout runs/labels448-heldout \
+    --regions blocks=runs/labels448-blocks,runs/labels448-blocks-heldout voronoi=runs/labels448-voronoi,runs/labels448-voronoi-heldout
   python -m vstream bench --json
   python -m tays evaluate --json --n 200 --workers 10 --paradigms tays batch interleaved batch_no_think
   python -m tays bench --json
