@@ -555,7 +555,7 @@ def attribute(
 
     def path(final: bool = False) -> tuple[go.Figure, str]:
         return (
-            figures.path_figure(run.path, [s.text for s in run.spans], label=run.label),
+            figures.path_figure(run.path, [s.text for s in run.spans], label=run.label, risks=run.risk),
             run.dynamics(final, risk.heldout_auc if risk is not None else None),
         )
 
@@ -708,7 +708,7 @@ def _show_run(st: Session, status: str) -> tuple[Any, ...]:
     return (
         segs,
         run.gallery(st.shared_scale),
-        figures.path_figure(run.path, [s.text for s in run.spans], label=run.label),
+        figures.path_figure(run.path, [s.text for s in run.spans], label=run.label, risks=run.risk),
         run.dynamics(final=True),
         status,
         run.to_dict(),

@@ -343,6 +343,10 @@ def test_pure_helpers_overlay_path_and_checks():
     fig = figures.path_figure(np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0]]), ["a.", "b.", "c."])
     assert fig.data[0].type == "scatter3d" and len(fig.data[0].x) == 3
     assert not figures.path_figure(None).data
+    fig = figures.path_figure(np.zeros((3, 3)), ["a.", "b.", "c."], label="Wandering", risks=[0.1, 0.25])
+    hover = list(fig.data[0].hovertext)
+    assert "failure risk 10%" in hover[0] and "failure risk 25%" in hover[1] and "risk" not in hover[2]
+    assert fig.data[0].line.color == figures.LABEL_COLOURS["Wandering"]
     assert "Tortuosity** n/a" in figures.dynamics_markdown(0.0, None, "stable", 1)
     with pytest.raises(VLMError, match="10000 characters"):
         check_question("y" * 10_000)

@@ -224,16 +224,22 @@ LABEL_COLOURS = {"Fixation": "#d62728", "Wandering": "#ff7f0e", "stable": "#2ca0
 
 
 def path_figure(
-    path: np.ndarray | None, texts: Sequence[str] = (), title: str = "", label: str | None = None
+    path: np.ndarray | None,
+    texts: Sequence[str] = (),
+    title: str = "",
+    label: str | None = None,
+    risks: Sequence[float] = (),
 ) -> go.Figure:
     """Plotly 3-D figure of the PCA reliance path: one marker per closed span coloured by step,
     joined in order by a line in the trace label's colour (Fixation red, Wandering orange, stable
-    green); hover shows the span text. An empty path gives an empty, labelled plot."""
+    green); hover shows the span text and, when a risk model ran, the failure risk after that
+    span. An empty path gives an empty, labelled plot."""
     fig = go.Figure()
     p = np.zeros((0, 3)) if path is None else np.asarray(path, dtype=np.float64).reshape(-1, 3)
     if len(p):
         steps = np.arange(1, len(p) + 1)
         hover = [f"step {i}: {t}" for i, t in zip(steps, list(texts) + [""] * (len(p) - len(texts)))]
+        hover = [h + (f" · failure risk {r:.0%}" if r is not None else "") for h, r in zip(hover, _pad(risks, len(p)))]
         fig.add_trace(
             go.Scatter3d(
                 x=p[:, 0],
@@ -263,6 +269,10 @@ def path_figure(
         showlegend=False,
     )
     return fig
+
+
+def _pad(values: Sequence[float], n: int) -> list[float | None]:
+    return [float(v) for v in list(values)[:n]] + [None] * max(0, n - len(values))
 
 
 def dynamics_markdown(

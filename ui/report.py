@@ -97,7 +97,9 @@ def report_html(run: RunRecord) -> str:
             f"<details><summary>scores per region</summary><code>"
             f"{_esc(', '.join(f'{r}: {v:.4f}' for r, v in enumerate(s.scores)))}</code></details></div></div>"
         )
-    fig = figures.path_figure(run.path, [s.text for s in run.spans], title="Visual reliance path (PCA)")
+    fig = figures.path_figure(
+        run.path, [s.text for s in run.spans], title="Visual reliance path (PCA)", label=run.label, risks=run.risk
+    )
     parts += [
         "<h2>Visual reliance path</h2>",
         fig.to_html(full_html=False, include_plotlyjs=True, div_id="reliance-path"),
