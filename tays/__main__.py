@@ -80,6 +80,12 @@ def bench_command(argv: list[str]) -> int:
         "decode speed and TTFT against the plain TaYS run (default model: the shipped TaYS model)",
     )
     ap.add_argument("--estimator", default=None, help="estimator for --attribute (as attribute-eval)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="replays per paradigm and FPS (order alternating); figures are medians over them",
+    )
     args = ap.parse_args(argv)
     try:
         if args.lengths:
@@ -112,6 +118,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         args.reduced,
         attribute=args.attribute,
         estimator=args.estimator or str(watching_estimator()),
+        repeat=args.repeat,
     )
 
 

@@ -134,6 +134,22 @@ def test_benchattribution_acceptance():
     assert not acc["attributed_decode_at_least_0_9x"] and not acc["attributed_ttft_within_one_step"]
 
 
+def test_bench_replays_are_summarised_by_their_median():
+    """`tays bench --repeat`: each number is the median over the replays; every replay's decode
+    speed and TTFT stay beside it; one replay is left as it is."""
+    from tays.bench import median_of_replays
+
+    runs = [
+        {"decode_tokens_per_s": v, "ttft_question_s": t, "tokens": n, "messages": ["m"], "score_latency_ms": [v]}
+        for v, t, n in ((100.0, 0.05, 20), (300.0, 0.01, 22), (200.0, 0.02, 21))
+    ]
+    m = median_of_replays(runs)
+    assert m["decode_tokens_per_s"] == 200.0 and m["ttft_question_s"] == 0.02 and m["tokens"] == 21
+    assert m["decode_tokens_per_s_runs"] == [100.0, 300.0, 200.0] and m["replays"] == 3
+    assert m["score_latency_ms"] == [100.0, 300.0, 200.0] and m["messages"] == ["m"]
+    assert median_of_replays(runs[:1]) == runs[0]
+
+
 def test_regions_process_matches_in_process_clustering():
     """Frame regions clustered in the helper process (off the decoding interpreter) are those of
     the same call made here; a frame the clustering refuses is a VLMError from there too; with
