@@ -324,7 +324,7 @@ def evaluate(
             l_, r_, _ = span_scores(pred, actual)
             if m == "vstream" and hasattr(estimator, "bias"):  # predictions are in nats: plain R^2 too
                 live = ~constant_spans(actual)
-                cal_p.append((pred + float(estimator.bias))[:, live].ravel())
+                cal_p.append((pred + float(torch.as_tensor(estimator.bias).detach()))[:, live].ravel())
                 cal_a.append(actual[:, live].ravel())
             lds[m] += l_
             r2[m] += r_
