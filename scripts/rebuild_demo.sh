@@ -77,6 +77,9 @@ if [[ $step == tays || $step == all ]]; then
       --answer-weight 15 --empty-step-weight 0.25 --save-every 40 --out runs/tays/$p
   done
   rm -rf assets/tays-model && cp -r runs/tays/tays assets/tays-model
+  # attribution while watching: video labels of 80 training streams, the video-trained estimator
+  python -m tays attribute-labels --n 80 --speed 2 --masks 32 --workers 2 --out runs/video-labels
+  python -m tays train-attribution --labels runs/video-labels --out assets/estimator-video.safetensors
 fi
 
 if [[ $step == figures || $step == all ]]; then
@@ -89,4 +92,6 @@ if [[ $step == figures || $step == all ]]; then
   python -m vstream bench --json
   python -m tays evaluate --json --n 200 --workers 10 --paradigms tays batch interleaved batch_no_think
   python -m tays bench --json
+  python -m tays attribute-eval --json --n 100 --workers 2 --occlusion-streams 40 --overhead-streams 10
+  python -m tays bench --json --attribute --paradigms tays --model assets/tays-model --repeat 3
 fi
