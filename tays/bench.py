@@ -164,8 +164,7 @@ def bench(
         est = load_estimator(estimator, vlm, allow_model_mismatch=True) if estimator else None
         run_paradigm(vlm, ShapesSource(stream, fps=2.0, realtime=False), observer=StreamAttributor(est), **kw)
     runs = [*paradigms, *(["tays_attributed"] if attribute and "tays" in paradigms else [])]
-    results: dict[str, dict[str, Any]] = {p: {} for p in runs}
-    replays: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    replays: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in runs}
     for f, rep in [(f, rep) for f in fps for rep in range(repeat)]:
         for p in runs if rep % 2 == 0 else runs[::-1]:
             src = ShapesSource(stream, fps=f, realtime=True, speed=speed)
@@ -182,14 +181,14 @@ def bench(
                 m["run_steps_ingesting"] = len(busy)
             if r.messages:
                 m["messages"] = r.messages[:5]
-            replays.setdefault((p, f"{f:g}"), []).append(m)
-            results[p][f"{f:g}"] = median_of_replays(replays[(p, f"{f:g}")])
+            replays[p].setdefault(f"{f:g}", []).append(m)
             _log(
                 f"{p:11s} fps {f:g}: ttft {_fmt(m['ttft_s'])} s (question {_fmt(m['ttft_question_s'])} s), "
                 f"delay {_fmt(m['delay_s'])} s, decode {_fmt(m['decode_tokens_per_s'], 1)} tok/s, "
                 f"ingest {_fmt(m['frames_per_s'], 1)} frames/s, lag {_fmt(m['ingest_lag_max_s'])} s, "
                 f"deviation {_fmt(m['event_deviation_s'])} s, {m['tokens']} tokens"
             )
+    results = {p: {f: median_of_replays(ms) for f, ms in by_fps.items()} for p, by_fps in replays.items()}
 
     out: dict[str, Any] = dict(results)
     out["decode_step_ms_p95_idle"] = cont.get("decode_step_ms_p95_idle")

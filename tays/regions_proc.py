@@ -33,16 +33,14 @@ import numpy as np
 from vstream.attr.liveproc import recv_msg, send_msg
 from vstream.attr.regions import PixelBackbone, Regions, compute_regions
 from vstream.model import VLMError
-from vstream.model.helper_process import HelperProcess
+from vstream.model.helper_process import HelperProcess, lower_priority
 
 __all__ = ["prewarm", "ready", "regions", "server_pid", "shutdown"]
-
-NICE = 5
 
 
 def _answer(msg: dict[str, Any]) -> dict[str, Any]:
     try:
-        r = compute_regions(msg["frame"], msg["grid"], k=msg["k"], backbone=PixelBackbone(grid=msg["patch_grid"]))
+        r = _in_process(msg["frame"], msg["grid"], msg["k"], msg["patch_grid"])
     except VLMError as e:
         return {"error": str(e), "bad_input": True}
     except Exception as e:  # noqa: BLE001 - reported to the caller, who clusters itself
@@ -60,10 +58,7 @@ def _answer(msg: dict[str, Any]) -> dict[str, Any]:
 
 def serve(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    with contextlib.suppress(AttributeError, OSError, PermissionError):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    with contextlib.suppress(OSError):
-        os.nice(NICE)
+    lower_priority()
     ctrl = socket.socket(fileno=fd)
     try:
         _, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
@@ -125,11 +120,16 @@ def prewarm() -> int | None:
         return _server.proc.pid
 
 
+def _usable() -> _Server | None:
+    """The server if it runs and has not failed (call with `_lock` held)."""
+    return _server if _server is not None and not _broken and _server.alive() else None
+
+
 def ready() -> bool:
     """Whether the server is up and has said it is ready (never blocks)."""
     with _lock:
         try:
-            return _server is not None and not _broken and _server.alive() and _server.poll_ready()
+            return (srv := _usable()) is not None and srv.poll_ready()
         except (EOFError, OSError):
             return False
 
@@ -155,7 +155,7 @@ def regions(frame: Any, grid: tuple[int, int], k: int | None, patch_grid: int) -
     it is ready, else here. A frame the clustering refuses raises VLMError either way."""
     global _broken
     with _lock:
-        srv = _server if _server is not None and not _broken and _server.alive() else None
+        srv = _usable()
         if srv is not None:
             try:
                 if srv.poll_ready():

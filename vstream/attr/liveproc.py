@@ -56,11 +56,10 @@ import numpy as np
 from vstream.attr import features as FV
 from vstream.attr import rowmath
 from vstream.attr.dynamics import DynamicsTracker
-from vstream.model.helper_process import HelperProcess
+from vstream.model.helper_process import HelperProcess, lower_priority
 
 __all__ = ["Channel", "LiveProcessError", "Shapes", "current_cpu", "prewarm", "server_pid", "shutdown"]
 
-NICE = 5  # the server's nice increment: generation (and torch's OpenMP team) goes first
 _HEADER = struct.Struct("!I")
 ROW_CHUNK = 4  # decode steps whose rows are computed between two yields (~25 us each on the demo model)
 POPULATE_MAX = 256 << 20  # larger buffers (big models, long traces) are faulted in as written
@@ -263,20 +262,11 @@ def _yield() -> None:
     os.sched_yield()
 
 
-def _lower_priority() -> None:
-    """Below generation: no preemption on wake-up (SCHED_BATCH) and a smaller share when the
-    cores are contended, so the decode step and torch's OpenMP team on the other core go first."""
-    with contextlib.suppress(AttributeError, OSError, PermissionError):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    with contextlib.suppress(OSError):
-        os.nice(NICE)
-
-
 def serve(fd: int) -> None:
     """The server loop: new sessions arrive on `fd` as (socket, memfd) pairs; end of file on it
     means the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    _lower_priority()
+    lower_priority()  # below generation: it and torch's OpenMP team on the other core go first
     with contextlib.suppress(OSError):
         _CPUS.update(os.sched_getaffinity(0))
     ctrl = socket.socket(fileno=fd)

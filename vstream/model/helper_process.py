@@ -17,6 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+NICE = 5  # a helper's nice increment: the process it serves (and torch's OpenMP team) goes first
+
+
+def lower_priority() -> None:
+    """Run a helper below the process it serves: no preemption on wake-up (SCHED_BATCH) and a
+    smaller share when the cores are contended (nice +NICE)."""
+    with contextlib.suppress(AttributeError, OSError, PermissionError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+
+
 class HelperProcess:
     """`python -m <module> <fd>` with the other end of a socketpair as `fd`; `sock` is ours.
     BLAS runs single-threaded there: small GEMMs, where a thread team only waits at barriers for
