@@ -407,11 +407,19 @@ def train_attribution_command(argv: list[str]) -> int:
     ap.add_argument("--model", default=None, help=f"TaYS model folder (default {TAYS_MODEL_DIR})")
     ap.add_argument("--out", default=DEFAULT_VIDEO_ESTIMATOR)
     ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument(
+        "--anchor",
+        type=float,
+        default=0.0,
+        help="penalty on the map's direction leaving raw attention's (choose it on validation streams)",
+    )
     args = ap.parse_args(argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     vlm = load_vlm(str(args.model or TAYS_MODEL_DIR))
     try:
-        _, report = train_video_estimator(args.labels, args.out, vlm, epochs=args.epochs, progress=False)
+        _, report = train_video_estimator(
+            args.labels, args.out, vlm, epochs=args.epochs, anchor=args.anchor, progress=False
+        )
     except VLMError as e:
         raise SystemExit(f"train-attribution: {e}") from None
     print(json.dumps(finite_json({"out": args.out, **{k: v for k, v in report.items() if k != "heldout"}})))

@@ -60,6 +60,25 @@ def test_column_rules_keep_other_weights_at_zero(synthetic_labels):
         E.train(exs, loss="l1", **KW)
 
 
+def test_anchor_keeps_the_map_near_raw_attention(synthetic_labels):
+    """The anchor pulls the learned direction towards raw attention's (all ones, here where the
+    synthetic features share one scale; the calibration may flip its sign, as it would raw
+    attention's where that anti-correlates with the effects); 0 is
+    plain training."""
+    exs = synthetic_labels(150, W_TRUE)
+    ones = np.ones(8)
+    cos = {}
+    for a in (0.0, 1.0, 100.0):
+        est, _ = E.train(exs, anchor=a, **KW)
+        cos[a] = abs(_cos(est.weight.detach().numpy(), ones))
+        assert est.meta["anchor"] == a
+    assert cos[0.0] < 0.5 and cos[1.0] > 0.95 and cos[100.0] > 0.95  # |cos(W_TRUE, 1)| = 0.28
+    assert _cos(E.train(exs, **KW)[0].weight.detach().numpy(), W_TRUE) > 0.95
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(VLMError, match="anchor"):
+            E.train(exs, anchor=bad, **KW)
+
+
 # ----------------------------------------------------------------------------------------------
 # variant names
 

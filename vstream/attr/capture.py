@@ -46,7 +46,7 @@ does arithmetic on the generation thread, once per layer; decode steps are untou
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -65,6 +65,7 @@ __all__ = [
     "finalize",
     "install",
     "is_capturing",
+    "pool_spans",
     "region_features",
     "span_features",
     "text_attention_modules",
@@ -690,6 +691,24 @@ def _pool_rows_torch(
     """`features.pool_rows` in torch (same steps, same order)."""
     if rows.ndim != 4 or rows.shape[0] < 1:
         raise ValueError(f"rows must be (T >= 1, L, H, N), got {tuple(rows.shape)}")
+    return pool_spans(rows, [(0, rows.shape[0])], assignment, v, value_weights)[0]
+
+
+def pool_spans(
+    rows: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    assignment: np.ndarray | torch.Tensor,
+    variant: str | FV.FeatureVariant = FV.DEFAULT,
+    value_weights: np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Features of many spans of one trace at once: (T, L, H, N) rows, spans as [lo, hi) token
+    bounds (clipped to T; an empty span gets zeros), (K, N) assignment -> (S, K, L*H) float32
+    of `variant`, on the rows' device. The rows are weighted once for the trace and the spans
+    pooled in a few batched ops, not one chain of small ops per span: what attributing a
+    finished trace (`evaluate`, the methods' `span_features`) costs per span."""
+    if rows.ndim != 4:
+        raise ValueError(f"rows must be (T, L, H, N), got {tuple(rows.shape)}")
+    v = FV.parse(variant)
     t, l, h, n = rows.shape
     r = rows.float()
     a = torch.as_tensor(assignment).to(device=r.device, dtype=torch.float32)
@@ -702,15 +721,28 @@ def _pool_rows_torch(
     if v.token_norm:
         total = r.sum(-1, keepdim=True)
         r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
-    if v.pool == "mean":
-        f = torch.mm(a, r.sum(0).reshape(l * h, n).T) / t
+    r = r.reshape(t, l * h, n)
+    lo = torch.tensor([min(max(int(a_), 0), t) for a_, _ in bounds], dtype=torch.long)
+    hi = torch.maximum(lo, torch.tensor([min(int(b_), t) for _, b_ in bounds], dtype=torch.long))
+    count = (hi - lo).to(device=r.device, dtype=torch.float32)  # (S,)
+    s = len(bounds)
+    if v.pool == "mean":  # per-span sums as differences of one running sum over the trace
+        csum = torch.cat([torch.zeros(1, l * h, n, device=r.device, dtype=torch.float64), r.double().cumsum(0)])
+        sums = (csum[hi.to(r.device)] - csum[lo.to(r.device)]).float()  # (S, L*H, N)
+        f = torch.matmul(sums, a.T) / count.clamp_min(1)[:, None, None]  # (S, L*H, K)
     elif v.pool == "last":
-        f = torch.mm(a, r[-1].reshape(l * h, n).T)
-    else:
-        f = torch.matmul(r.reshape(t, l * h, n), a.T).amax(0).T  # (T, L*H, K) -> (K, L*H)
+        f = torch.matmul(r[(hi - 1).clamp_min(0).to(r.device)], a.T) if t else r.new_zeros(s, l * h, a.shape[0])
+    else:  # max over the span's tokens of each token's own region features
+        per_token = torch.matmul(r, a.T)  # (T, L*H, K)
+        pooled = [
+            per_token[i:j].amax(0) if j > i else per_token.new_zeros(l * h, a.shape[0])
+            for i, j in zip(lo.tolist(), hi.tolist())
+        ]
+        f = torch.stack(pooled) if pooled else r.new_zeros(0, l * h, a.shape[0])
+    f = f.transpose(1, 2)  # (S, K, L*H)
     if v.region_mean:
-        size = a.sum(1, keepdim=True)  # (K, 1)
+        size = a.sum(1)[:, None]  # (K, 1)
         f = torch.where(size > 0, f / torch.where(size > 0, size, torch.ones_like(size)), torch.zeros_like(f))
     if v.log:
         f = torch.log(f + FV.LOG_EPS)
-    return f.contiguous()
+    return torch.where((count > 0)[:, None, None], f, torch.zeros_like(f)).contiguous()

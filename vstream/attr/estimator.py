@@ -25,6 +25,10 @@ all examples for that many epochs. Details that the loss leaves open:
   would be one more constant per ablated region: the region bias's job).
 * Initialisation: w = 1 (all ones in raw-feature space), c = 0, which is exactly the
   raw-attention baseline (features summed over all layers and heads); training starts from it.
+* Anchor (`anchor`, default 0): adds anchor * |w/|w| - w0|^2 to the loss, w0 raw attention's
+  direction (unit, in the scaled space): a prior that the map stays near raw attention unless
+  the labels pull it away. With few labels (video spans) the free map can fit ablation effects
+  in ways that do not carry over to new streams; the strength is chosen on validation data.
 * Calibration: Pearson is blind to scale and offset, so after training one least-squares fit
   a * (sum_{k in v} s_k) + b ~ measured effect over all training (span, mask) pairs sets the
   scale (folded into `weight` and `region_bias`) and `bias`, making predictions comparable to
@@ -53,6 +57,7 @@ estimator made for another layer/head count, or (unless overridden) another mode
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -430,6 +435,7 @@ def train(
     scaling: str = "rms",
     columns: str = "all",
     feature_variant: str | None = None,
+    anchor: float = 0.0,
 ) -> tuple[LinearEstimator, dict[str, Any]]:
     """Fit the estimator on label folders (or a list of `LabeledExample`s); see the module doc.
 
@@ -438,7 +444,8 @@ def train(
     estimator is then trained on all examples for that many epochs. `region_bias`: learn the
     per-region constant c (else c = 0). `loss`, `scaling`, `columns`: see the module doc.
     `feature_variant`: read the labels in this variant (None: as stored, the primary); one that
-    the labels neither hold nor derive is refused."""
+    the labels neither hold nor derive is refused. `anchor`: weight of a penalty on the
+    direction of w moving away from raw attention's (see the module doc)."""
 
     if loss not in LOSSES:
         raise VLMError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
@@ -483,7 +490,9 @@ def train(
 
     kept = select_columns(columns, examples, L, H)
     t0 = time.perf_counter()
-    opts = _FitOptions(lr, weight_decay, batch_spans, seed, region_bias, loss, scaling, kept)
+    if not (anchor >= 0 and math.isfinite(anchor)):
+        raise VLMError(f"anchor must be a finite number >= 0, got {anchor}")
+    opts = _FitOptions(lr, weight_decay, batch_spans, seed, region_bias, loss, scaling, kept, anchor)
     fit = lambda exs, val, n_ep, desc: _fit(exs, val, lh, n_ep, opts, progress, desc)
     est = LinearEstimator(L, H, {"feature_variant": variant})
     w_raw, b, best_ep = fit(tr_ex, val_ex, epochs, "train estimator")
@@ -532,6 +541,7 @@ def train(
             "loss": LOSSES[loss],
             "loss_name": loss,
             "weight_decay": float(weight_decay),
+            "anchor": float(anchor),
             "feature_scaling": SCALINGS[scaling],
             "columns": columns,
             **({"kept_columns": kept} if kept is not None else {}),
@@ -567,9 +577,11 @@ class _FitOptions:
         loss: str = "pearson",
         scaling: str = "rms",
         columns: list[int] | None = None,
+        anchor: float = 0.0,
     ):
         self.lr, self.weight_decay, self.batch_spans, self.seed = float(lr), float(weight_decay), int(batch_spans), seed
         self.region_bias, self.loss, self.scaling, self.columns = region_bias, loss, scaling, columns
+        self.anchor = float(anchor)
 
 
 def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -635,6 +647,12 @@ def _fit(
             intercept.fill_(float(b))
     loss_fn = _loss_fn(opts.loss)
     predict = lambda xx: xx @ (w * live) + (intercept if opts.loss != "pearson" else 0.0)
+    w0 = (init / norm)[:lh].clone()  # raw attention's direction (scaled space, region bias aside)
+
+    def drift() -> torch.Tensor:  # squared distance of w's direction from raw attention's
+        wl = (w * live)[:lh]
+        return (wl / wl.norm().clamp_min(1e-12) - w0).pow(2).sum()
+
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     best = (float("inf"), w.detach().clone(), 0)
     bar = tqdm(range(int(epochs)), disable=not progress, desc=desc, unit="epoch")
@@ -644,6 +662,8 @@ def _fit(
         for s in range(0, xs.shape[0], opts.batch_spans):
             idx = perm[s : s + opts.batch_spans]
             loss = loss_fn(predict(xs[idx]), y[idx])
+            if opts.anchor > 0:
+                loss = loss + opts.anchor * drift()
             opt.zero_grad()
             loss.backward()
             opt.step()

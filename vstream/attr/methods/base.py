@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vstream.attr import features as FV
-from vstream.attr.capture import region_features, variant_features
+from vstream.attr.capture import pool_spans
 from vstream.attr.estimator import Estimator
 from vstream.attr.regions import Regions
 from vstream.attr.spans import Span
@@ -69,7 +69,8 @@ class AttributionContext:
     def span_features(self, variant: str | FV.FeatureVariant = FV.DEFAULT) -> torch.Tensor:
         """(n_spans, K, L*H) float32 features of `variant` (default: the paper's); computed
         from `token_attn` on every call unless `features` was given (so each method's timing
-        includes this cheap pooling); given features of another variant are refused.
+        includes this pooling: all spans at once, `capture.pool_spans`); given features of
+        another variant are refused.
         A span without any recorded row gets zeros."""
         v = FV.parse(variant)
         if self.features is not None:
@@ -81,22 +82,13 @@ class AttributionContext:
             return f
         if self.token_attn is None:
             raise ValueError("this method needs token_attn (recorded attention rows) or features")
-        rows = self.token_attn
-        _, l, h, _ = rows.shape
-        assign = torch.as_tensor(self.assignment).to(rows.device)
         weights = None
         if v.values:
             if v.values not in self.value_weights:
                 raise ValueError(f"feature variant {v.name!r} needs the trace's {v.values} value weights")
             weights = self.value_weights[v.values]
-        out = torch.zeros(self.n_spans, self.k, l * h)
-        for i, s in enumerate(self.spans):
-            lo, hi = int(s.token_start), min(int(s.token_end), rows.shape[0])
-            if hi > lo and v.is_default:
-                out[i] = region_features(rows[lo:hi], assign).float().cpu()
-            elif hi > lo:
-                out[i] = torch.as_tensor(variant_features(rows[lo:hi], assign, v, weights)).float().cpu()
-        return out
+        bounds = [(int(s.token_start), int(s.token_end)) for s in self.spans]
+        return pool_spans(self.token_attn, bounds, self.assignment, v, weights).float().cpu()
 
 
 def attribute(method: str, ctx: AttributionContext) -> np.ndarray:
