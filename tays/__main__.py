@@ -413,12 +413,17 @@ def train_attribution_command(argv: list[str]) -> int:
         default=0.0,
         help="penalty on the map's direction leaving raw attention's (choose it on validation streams)",
     )
+    ap.add_argument(
+        "--columns",
+        default="all",
+        help="feature columns the map may use: all, layers=A-B or top=N (ranked on the training labels)",
+    )
     args = ap.parse_args(argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     vlm = load_vlm(str(args.model or TAYS_MODEL_DIR))
     try:
         _, report = train_video_estimator(
-            args.labels, args.out, vlm, epochs=args.epochs, anchor=args.anchor, progress=False
+            args.labels, args.out, vlm, epochs=args.epochs, anchor=args.anchor, columns=args.columns, progress=False
         )
     except VLMError as e:
         raise SystemExit(f"train-attribution: {e}") from None
