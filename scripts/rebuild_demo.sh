@@ -77,9 +77,20 @@ if [[ $step == tays || $step == all ]]; then
       --answer-weight 15 --empty-step-weight 0.25 --save-every 40 --out runs/tays/$p
   done
   rm -rf assets/tays-model && cp -r runs/tays/tays assets/tays-model
-  # attribution while watching: video labels of 80 training streams, the video-trained estimator
-  python -m tays attribute-labels --n 80 --speed 2 --masks 32 --workers 2 --out runs/video-labels
-  python -m tays train-attribution --labels runs/video-labels --out assets/estimator-video.safetensors
+  # attribution while watching: video labels of 120 training streams; candidate estimators scored
+  # on 60 validation streams in one replay (--compare); the kept one (top=4 columns: the best
+  # temporal pointing there, docs/tays.md has the table) becomes the shipped video estimator
+  python -m tays attribute-labels --n 120 --speed 2 --masks 32 --workers 2 --out runs/video-labels
+  mkdir -p runs/video-candidates
+  for c in all top=2 top=4 top=8 top=12 layers=2-2 layers=2-3; do
+    python -m tays train-attribution --labels runs/video-labels --columns $c --out "runs/video-candidates/cols-${c/=/}.safetensors"
+  done
+  for a in 0.1 1; do
+    python -m tays train-attribution --labels runs/video-labels --anchor $a --out runs/video-candidates/anchor-$a.safetensors
+  done
+  python -m tays attribute-eval --json --split val --n 60 --speed 2 --masks 8 --workers 2 --occlusion-streams 0 \
+    --overhead-streams 0 --estimator runs/video-candidates/cols-all.safetensors --compare runs/video-candidates/*.safetensors
+  python -m tays train-attribution --labels runs/video-labels --columns top=4 --out assets/estimator-video.safetensors
 fi
 
 if [[ $step == figures || $step == all ]]; then

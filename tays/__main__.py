@@ -343,6 +343,14 @@ def attribute_eval_command(argv: list[str]) -> int:
     )
     ap.add_argument("--overhead-streams", type=int, default=10, help="streams also replayed without attribution")
     ap.add_argument("--occlusion-streams", type=int, default=None, help="streams given the occlusion baseline (all)")
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="more estimator files scored on the same replays, each as a method named after the file "
+        "(choose among candidates on --split val)",
+    )
     args = ap.parse_args(argv)
     est = args.estimator or str(watching_estimator())
     res = evaluate_streams(
@@ -359,6 +367,7 @@ def attribute_eval_command(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         masks=args.masks,
         batch=args.batch,
+        compare=args.compare,
     )
     _print_json(res, args.json)
     return 0

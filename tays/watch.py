@@ -49,6 +49,7 @@ from vstream.attr.regions import Backbone, PixelBackbone, Regions, compute_regio
 from vstream.model import VLM, VLMError
 
 __all__ = [
+    "predictor",
     "GroupSeen",
     "StepScores",
     "StreamAttributor",
@@ -155,7 +156,8 @@ def _warm_imports() -> None:
     import sklearn.feature_extraction.image  # noqa: F401
 
 
-def _predictor(estimator: Any) -> Predictor:
+def predictor(estimator: Any) -> Predictor:
+    """Region scores from a group's (K, L*H) features: the estimator's, or raw attention's for None."""
     if estimator is None:
         return raw_attention_scores
     variant = variant_of(estimator)
@@ -184,7 +186,7 @@ class StreamAttributor:
         on_event: Callable[[Event], Any] | None = None,
         keep_features: bool = False,
     ):
-        self.predict = _predictor(estimator)
+        self.predict = predictor(estimator)
         self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone  # None: _pixels
         self.k = k
         self.on_event = on_event

@@ -56,7 +56,7 @@ from tays.paradigms import run_paradigm
 from tays.positions import streaming_position_ids
 from tays.protocol import TRAINED
 from tays.sources import ShapesSource
-from tays.watch import StepScores, StreamAttributor, raw_attention_scores
+from tays.watch import StepScores, StreamAttributor, predictor, raw_attention_scores
 from vstream.attr.ablation import paint
 from vstream.attr.estimator import LinearEstimator, lds, train
 from vstream.attr.estimator import load as load_estimator
@@ -206,11 +206,15 @@ def _overlaps(regions: Regions, box: tuple[int, int, int, int], size: tuple[int,
     return (hit >= OVERLAP * box_area) | (hit >= OVERLAP * np.maximum(area, 1.0))
 
 
-def _unit_scores(ev: StepScores, method: str, occlusion: dict[int, np.ndarray] | None) -> list[np.ndarray]:
+def _unit_scores(
+    ev: StepScores, method: str, occlusion: dict[int, np.ndarray] | None, compare: dict[str, Any]
+) -> list[np.ndarray]:
     if method == "vstream":
         return list(ev.region_scores)
     if method == "raw_attention":
         return [raw_attention_scores(f) for f in ev.features]
+    if method in compare:  # another estimator on the same step's features
+        return [np.asarray(compare[method](f), dtype=np.float32).reshape(-1) for f in ev.features]
     return [occlusion[g] for g in ev.groups]
 
 
@@ -228,12 +232,17 @@ def evaluate_stream(
     seed: int = 0,
     occlusion: bool = True,
     labels: list[LabeledExample] | None = None,
+    compare: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One stream: the attributed run, then ablations; per-method hits and per-step LDS.
     plain_first: also replay without attribution (before or after) for the overhead ratio.
     occlusion: False skips the per-unit ablations (the occlusion method is then left out).
     labels: append one training example per span (its visible units' features, the masks
-    restricted to them, the measured effects) for `train_video_estimator`."""
+    restricted to them, the measured effects) for `train_video_estimator`.
+    compare: {name: estimator} scored as more methods on the same steps' recorded features
+    (choosing an estimator on validation streams costs one replay, not one per candidate)."""
+    compare = {name: predictor(est) for name, est in (compare or {}).items()}
+    all_methods = METHODS + tuple(compare)
     opts = dict(TRAINED)
     tp = vlm.temporal_patch_size
 
@@ -257,9 +266,9 @@ def evaluate_stream(
         "first_scores_lead_s": (res.stream_end - att.steps[0].ready) if att.steps else None,
         "compute_ms": [s.compute_ms for s in att.steps],
         "latency_ms": [(s.ready - s.end) * 1000 for s in att.steps],
-        "hits": {m: {"temporal": [], "spatial": []} for m in METHODS},
+        "hits": {m: {"temporal": [], "spatial": []} for m in all_methods},
         "chance": {"temporal": [], "spatial": []},
-        "lds": {m: [] for m in METHODS},
+        "lds": {m: [] for m in all_methods},
     }
     steps = [s for s in att.steps if s.groups]
     if not steps:
@@ -306,7 +315,7 @@ def evaluate_stream(
     truth = _Truth(stream, fps, tp)
     src_events = ShapesSource(stream, fps=fps).events
     unit_index = {u: i for i, u in enumerate(units)}
-    methods = METHODS if occlusion else tuple(m for m in METHODS if m != "occlusion")
+    methods = all_methods if occlusion else tuple(m for m in all_methods if m != "occlusion")
     for j, s in enumerate(steps):
         if labels is not None:
             labels.append(_example(stream.seed, j, s, mask_units, measured[:, j], base[owner_a == j].sum()))
@@ -314,7 +323,7 @@ def evaluate_stream(
         if occ is not None:
             occ_scores = {g: occ[[unit_index[(g, k)] for k in range(att.regions[g].k)], j] for g in s.groups}
         for m in methods:
-            scores = _unit_scores(s, m, occ_scores)
+            scores = _unit_scores(s, m, occ_scores, compare)
             pred = np.array(
                 [sum(float(sc[mk[g]].sum()) for g, sc in zip(s.groups, scores) if g in mk) for mk in mask_units]
             )
@@ -330,7 +339,7 @@ def evaluate_stream(
         overlap = {g: _overlaps(att.regions[g], truth.box(g, ev), size) for g in s.groups}
         rec["chance"]["spatial"].append(float(np.mean([overlap[g].mean() for g in s.groups])))
         for m in methods:
-            scores = _unit_scores(s, m, occ_scores)
+            scores = _unit_scores(s, m, occ_scores, compare)
             gi = int(np.argmax([sc.sum() for sc in scores]))
             g = s.groups[gi]
             rec["hits"][m]["temporal"].append(bool(shows[gi]))
@@ -374,6 +383,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     def pool(key: str, m: str) -> list:
         return [x for r in records for x in r["hits"][m][key]]
 
+    methods = list(dict.fromkeys(m for r in records for m in r["hits"])) or list(METHODS)
+
     ratios = [
         r["tokens_per_s"] / r["plain_tokens_per_s"]
         for r in records
@@ -387,9 +398,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "steps": sum(r["steps"] for r in records),
         "narrated_steps": len(pool("temporal", "vstream")),
         "lds_spans": len([x for r in records for x in r["lds"]["vstream"]]),
-        "temporal_pointing": {m: _mean(pool("temporal", m)) for m in METHODS},
-        "spatial_pointing": {m: _mean(pool("spatial", m)) for m in METHODS},
-        "lds": {m: _mean([x for r in records for x in r["lds"][m]]) for m in METHODS},
+        "temporal_pointing": {m: _mean(pool("temporal", m)) for m in methods},
+        "spatial_pointing": {m: _mean(pool("spatial", m)) for m in methods},
+        "lds": {m: _mean([x for r in records for x in r["lds"][m]]) for m in methods},
         "occlusion_streams": sum(1 for r in records if r.get("occlusion")),
         "chance": {
             "temporal_pointing": _mean([x for r in records for x in r["chance"]["temporal"]]),
@@ -410,13 +421,21 @@ def _job(job: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     vlm = load_vlm(job["model"])
     # the still-image estimator was trained on the demo model, which the TaYS model fine-tunes
     est = load_estimator(job["estimator"], vlm, allow_model_mismatch=True) if job["estimator"] else None
+    compare = {name: load_estimator(path, vlm, allow_model_mismatch=True) for name, path in job["compare"].items()}
     out = []
     for i in range(job["worker"], job["n"], job["workers"]):
         stream = streams(job["split"], job["start"] + i, 1)[0]
         labels: list[LabeledExample] | None = [] if job["labels_out"] else None
         plain = (i % 2 == 0) if i < job["overhead_streams"] else None
         rec = evaluate_stream(
-            vlm, stream, est, plain_first=plain, occlusion=i < job["occlusion_streams"], labels=labels, **job["kw"]
+            vlm,
+            stream,
+            est,
+            plain_first=plain,
+            occlusion=i < job["occlusion_streams"],
+            labels=labels,
+            compare=compare,
+            **job["kw"],
         )
         if labels:
             save_labels(labels, Path(job["labels_out"]) / f"video-labels-{stream.seed}.safetensors")
@@ -438,11 +457,19 @@ def evaluate_streams(
     occlusion_streams: int | None = None,
     workers: int = 1,
     labels_out: str | None = None,
+    compare: Sequence[str] = (),
     **kw: Any,
 ) -> dict[str, Any]:
     """`evaluate_stream` over `n` streams of `split` in `workers` processes (each replays in real
     time; they share the CPU). The first `overhead_streams` are also replayed without
-    attribution; the first `occlusion_streams` (default all) get the occlusion baseline."""
+    attribution; the first `occlusion_streams` (default all) get the occlusion baseline.
+    `compare`: more estimator files, each scored as a method named after its file (its stem)."""
+    names = {}
+    for path in compare:
+        name = Path(path).stem
+        if name in METHODS or name in names:
+            raise VLMError(f"--compare: two methods would be named {name!r}; rename the file {path}")
+        names[name] = str(path)
     t = time.perf_counter()
     base = {
         "model": model,
@@ -454,6 +481,7 @@ def evaluate_streams(
         "overhead_streams": overhead_streams,
         "occlusion_streams": n if occlusion_streams is None else occlusion_streams,
         "labels_out": labels_out,
+        "compare": names,
         "kw": kw,
     }
     if labels_out:

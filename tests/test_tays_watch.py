@@ -109,9 +109,18 @@ def test_stop_mid_step_leaves_timeline_consistent_and_no_thread(tiny_qwen2_5_vl)
 def test_attribute_eval_on_one_stream(tiny_qwen2_5_vl):
     from tays.watch_eval import METHODS, evaluate_stream, summarize
 
-    rec = evaluate_stream(tiny_qwen2_5_vl, _stream(), None, masks=4, max_new_tokens=40, speed=4.0, plain_first=True)
+    from vstream.attr.estimator import LinearEstimator
+
+    vlm = tiny_qwen2_5_vl
+    ones = LinearEstimator(vlm.num_layers, vlm.num_heads)  # w = 1, c = 0: raw attention's scores
+    rec = evaluate_stream(
+        vlm, _stream(), None, masks=4, max_new_tokens=40, speed=4.0, plain_first=True, compare={"ones": ones}
+    )
     out = summarize([rec])
-    assert set(out["temporal_pointing"]) == set(METHODS) == set(out["lds"]) == set(out["spatial_pointing"])
+    assert set(out["temporal_pointing"]) == {*METHODS, "ones"} == set(out["lds"]) == set(out["spatial_pointing"])
+    # a compared estimator is scored on the same steps: all ones ranks exactly as raw attention
+    assert rec["hits"]["ones"] == rec["hits"]["raw_attention"]
+    np.testing.assert_allclose(rec["lds"]["ones"], rec["lds"]["raw_attention"])
     assert set(out["chance"]) == {"temporal_pointing", "spatial_pointing"}
     assert out["overhead_ratio"] is not None and out["overhead_ratio"] > 0
     assert rec["steps"] >= 1 and all(np.isfinite(x) for m in METHODS for x in rec["lds"][m])
