@@ -104,5 +104,5 @@ if [[ $step == figures || $step == all ]]; then
   python -m tays evaluate --json --n 200 --workers 10 --paradigms tays batch interleaved batch_no_think
   python -m tays bench --json
   python -m tays attribute-eval --json --n 100 --workers 2 --occlusion-streams 40 --overhead-streams 10
-  python -m tays bench --json --attribute --paradigms tays --model assets/tays-model --repeat 3
+  python -m tays bench --json --attribute --paradigms tays --model assets/tays-model --repeat 5
 fi
