@@ -108,7 +108,6 @@ def test_stop_mid_step_leaves_timeline_consistent_and_no_thread(tiny_qwen2_5_vl)
 
 def test_attribute_eval_on_one_stream(tiny_qwen2_5_vl):
     from tays.watch_eval import METHODS, evaluate_stream, summarize
-
     from vstream.attr.estimator import LinearEstimator
 
     vlm = tiny_qwen2_5_vl
