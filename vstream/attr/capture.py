@@ -722,27 +722,33 @@ def pool_spans(
         total = r.sum(-1, keepdim=True)
         r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
     r = r.reshape(t, l * h, n)
-    lo = torch.tensor([min(max(int(a_), 0), t) for a_, _ in bounds], dtype=torch.long)
-    hi = torch.maximum(lo, torch.tensor([min(int(b_), t) for _, b_ in bounds], dtype=torch.long))
-    count = (hi - lo).to(device=r.device, dtype=torch.float32)  # (S,)
-    s = len(bounds)
-    if v.pool == "mean":  # per-span sums as differences of one running sum over the trace
-        csum = torch.cat([torch.zeros(1, l * h, n, device=r.device, dtype=torch.float64), r.double().cumsum(0)])
-        sums = (csum[hi.to(r.device)] - csum[lo.to(r.device)]).float()  # (S, L*H, N)
-        f = torch.matmul(sums, a.T) / count.clamp_min(1)[:, None, None]  # (S, L*H, K)
+    b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    lo = np.clip(b[:, 0], 0, t)
+    hi = np.maximum(lo, np.minimum(b[:, 1], t))
+    count = hi - lo  # (S,)
+    s, k = len(b), a.shape[0]
+    if v.pool == "mean":  # one (S, T) matrix of 1/count over each span's tokens times the rows
+        steps = np.arange(t)
+        member = ((steps >= lo[:, None]) & (steps < hi[:, None])) / np.maximum(count, 1)[:, None]
+        weights = torch.from_numpy(member.astype(np.float32)).to(r.device)
+        f = torch.matmul(torch.mm(weights, r.reshape(t, l * h * n)).reshape(s, l * h, n), a.T)  # (S, L*H, K)
     elif v.pool == "last":
-        f = torch.matmul(r[(hi - 1).clamp_min(0).to(r.device)], a.T) if t else r.new_zeros(s, l * h, a.shape[0])
+        f = (
+            torch.matmul(r[torch.from_numpy(np.maximum(hi - 1, 0)).to(r.device)], a.T)
+            if t
+            else r.new_zeros(s, l * h, k)
+        )
     else:  # max over the span's tokens of each token's own region features
         per_token = torch.matmul(r, a.T)  # (T, L*H, K)
-        pooled = [
-            per_token[i:j].amax(0) if j > i else per_token.new_zeros(l * h, a.shape[0])
-            for i, j in zip(lo.tolist(), hi.tolist())
-        ]
-        f = torch.stack(pooled) if pooled else r.new_zeros(0, l * h, a.shape[0])
+        pooled = [per_token[i:j].amax(0) if j > i else per_token.new_zeros(l * h, k) for i, j in zip(lo, hi)]
+        f = torch.stack(pooled) if pooled else r.new_zeros(0, l * h, k)
     f = f.transpose(1, 2)  # (S, K, L*H)
     if v.region_mean:
         size = a.sum(1)[:, None]  # (K, 1)
         f = torch.where(size > 0, f / torch.where(size > 0, size, torch.ones_like(size)), torch.zeros_like(f))
     if v.log:
         f = torch.log(f + FV.LOG_EPS)
-    return torch.where((count > 0)[:, None, None], f, torch.zeros_like(f)).contiguous()
+    f = f.contiguous()
+    if (count == 0).any():  # an empty span's features are zeros, whatever the variant
+        f[torch.from_numpy(count == 0).to(f.device)] = 0.0
+    return f

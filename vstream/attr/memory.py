@@ -32,11 +32,14 @@ class PeakMemory:
 
             self._proc = psutil.Process()
             self._base = self._peak = self._proc.memory_info().rss
+            self._parked = threading.Event()
             self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
             self._thread.start()
+            self._parked.wait()  # the sampler's start-up is not part of the measured block
         return self
 
     def _sample(self) -> None:
+        self._parked.set()
         while not self._stop.wait(0.002):
             self._peak = max(self._peak, self._proc.memory_info().rss)
 
