@@ -192,11 +192,14 @@ def test_every_variant_matches_the_eager_oracle(pair):
                 torch.testing.assert_close(torch.as_tensor(got).double(), want, **TOL, msg=f"{name} [{lo}, {hi})")
         # every span of the trace at once (what `evaluate` times per span), overlapping spans included
         spans = ((0, 4), (3, t), (5, 6), (4, 4))
-        batched = C.pool_spans(got_rows, spans, assign, v, w_got)
-        assert batched.shape == (len(spans), assign.shape[0], got_rows.shape[1] * got_rows.shape[2])
-        for (lo, hi), got in zip(spans, batched, strict=True):
-            want = _oracle_features(att[lo:hi], assign, name, weights) if hi > lo else torch.zeros_like(got).double()
-            torch.testing.assert_close(got.double(), want, **TOL, msg=f"{name} batched [{lo}, {hi})")
+        for in_numpy in (True, False):  # numpy on CPU rows; torch where the rows are on an accelerator
+            batched = C.pool_spans(got_rows, spans, assign, v, w_got, in_numpy=in_numpy)
+            assert batched.shape == (len(spans), assign.shape[0], got_rows.shape[1] * got_rows.shape[2])
+            for (lo, hi), got in zip(spans, batched, strict=True):
+                want = (
+                    _oracle_features(att[lo:hi], assign, name, weights) if hi > lo else torch.zeros_like(got).double()
+                )
+                torch.testing.assert_close(got.double(), want, **TOL, msg=f"{name} batched [{lo}, {hi})")
     # the variants differ from one another (a variant that silently computed the default would pass above only
     # if the oracle did too)
     base = _oracle_features(att, assign, "mean", weights)

@@ -700,16 +700,28 @@ def pool_spans(
     assignment: np.ndarray | torch.Tensor,
     variant: str | FV.FeatureVariant = FV.DEFAULT,
     value_weights: np.ndarray | torch.Tensor | None = None,
+    in_numpy: bool | None = None,
 ) -> torch.Tensor:
     """Features of many spans of one trace at once: (T, L, H, N) rows, spans as [lo, hi) token
     bounds (clipped to T; an empty span gets zeros), (K, N) assignment -> (S, K, L*H) float32
     of `variant`, on the rows' device. The rows are weighted once for the trace and the spans
     pooled in a few batched ops, not one chain of small ops per span: what attributing a
-    finished trace (`evaluate`, the methods' `span_features`) costs per span."""
+    finished trace (`evaluate`, the methods' `span_features`) costs per span. `in_numpy`: pool
+    in numpy (`features.pool_spans`; the default for CPU rows, where torch's per-call dispatch
+    costs more than the arithmetic) or in torch on the rows' device (the default elsewhere)."""
     if rows.ndim != 4:
         raise ValueError(f"rows must be (T, L, H, N), got {tuple(rows.shape)}")
     v = FV.parse(variant)
     t, l, h, n = rows.shape
+    b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    lo = np.clip(b[:, 0], 0, t)
+    hi = np.maximum(lo, np.minimum(b[:, 1], t))
+    if rows.device.type == "cpu" if in_numpy is None else in_numpy:
+        a_np = np.asarray(torch.as_tensor(assignment).cpu(), dtype=np.float32)
+        if a_np.ndim != 2 or a_np.shape[1] != n:
+            raise ValueError(f"assignment must be (K, {n}), got {tuple(a_np.shape)}")
+        w = None if value_weights is None else np.asarray(torch.as_tensor(value_weights).cpu(), dtype=np.float32)
+        return torch.from_numpy(FV.pool_spans(rows.detach().float().numpy(), lo, hi, a_np, v, w))
     r = rows.float()
     a = torch.as_tensor(assignment).to(device=r.device, dtype=torch.float32)
     if tuple(a.shape) != (a.shape[0], n) or a.ndim != 2:
@@ -722,9 +734,6 @@ def pool_spans(
         total = r.sum(-1, keepdim=True)
         r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
     r = r.reshape(t, l * h, n)
-    b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
-    lo = np.clip(b[:, 0], 0, t)
-    hi = np.maximum(lo, np.minimum(b[:, 1], t))
     count = hi - lo  # (S,)
     s, k = len(b), a.shape[0]
     if v.pool == "mean":  # one (S, T) matrix of 1/count over each span's tokens times the rows

@@ -57,6 +57,7 @@ __all__ = [
     "names",
     "parse",
     "pool_rows",
+    "pool_spans",
     "variant_of",
     "weigh_rows",
 ]
@@ -190,6 +191,37 @@ def pool_rows(
     else:  # max over tokens of each token's own region features
         f = np.matmul(r.reshape(t, l * h, n), a.T).max(0).T  # (T, L*H, K) -> (K, L*H)
     return finish(np.ascontiguousarray(f, dtype=np.float32), a, variant)
+
+
+def pool_spans(
+    rows: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    assignment: np.ndarray,
+    variant: FeatureVariant,
+    value_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """`pool_rows` for many spans of one trace at once: (T, L, H, N) rows, spans [lo, hi) (S,)
+    with 0 <= lo <= hi <= T -> (S, K, L*H) float32 (an empty span: zeros). The mean is one
+    (S, T) weight matrix times the rows (summed in another order than `pool_rows`: equal to
+    float32 rounding)."""
+    t, l, h, n = rows.shape
+    a = np.asarray(assignment, dtype=np.float32)
+    r = weigh_rows(rows, variant, value_weights).reshape(t, l * h, n)
+    count = hi - lo
+    s, k = len(lo), a.shape[0]
+    if variant.pool == "mean":
+        steps = np.arange(t)
+        member = ((steps >= lo[:, None]) & (steps < hi[:, None])) / np.maximum(count, 1)[:, None]
+        f = (member.astype(np.float32) @ r.reshape(t, l * h * n)).reshape(s, l * h, n) @ a.T  # (S, L*H, K)
+    elif variant.pool == "last":
+        f = r[np.maximum(hi - 1, 0)] @ a.T if t else np.zeros((s, l * h, k), dtype=np.float32)
+    else:
+        per_token = r @ a.T  # (T, L*H, K)
+        f = np.stack([per_token[i:j].max(0) if j > i else np.zeros((l * h, k), np.float32) for i, j in zip(lo, hi)])
+    f = finish(np.ascontiguousarray(f.transpose(0, 2, 1), dtype=np.float32), a, variant)
+    f[count == 0] = 0.0
+    return f
 
 
 def finish(features: np.ndarray, assignment: np.ndarray, variant: FeatureVariant) -> np.ndarray:

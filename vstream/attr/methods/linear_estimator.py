@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from vstream.attr.estimator import LinearEstimator
 from vstream.attr.features import variant_of
@@ -18,6 +17,6 @@ def vstream_scores(ctx: AttributionContext) -> np.ndarray:
         raise ValueError("the vstream method needs ctx.estimator (see vstream.attr.estimator.load)")
     feats = ctx.span_features(variant_of(ctx.estimator))
     if isinstance(ctx.estimator, LinearEstimator):
-        with torch.no_grad():
-            return to_numpy(ctx.estimator.predict(feats))
+        s, k, lh = feats.shape
+        return ctx.estimator.numpy_predictor()(feats.numpy().reshape(s * k, lh)).reshape(s, k)
     return np.stack([to_numpy(ctx.estimator.predict(f)).reshape(-1) for f in feats])
