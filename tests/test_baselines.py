@@ -415,7 +415,15 @@ def test_evaluate_json_has_every_key(tiny_qwen2_5_vl_dir, tmp_path, monkeypatch,
     )
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("lds", "r2", "top5_drop", "pointing", "seconds_per_span", "seconds_per_span_first_call", "peak_memory_mb_per_span"):
+    for key in (
+        "lds",
+        "r2",
+        "top5_drop",
+        "pointing",
+        "seconds_per_span",
+        "seconds_per_span_first_call",
+        "peak_memory_mb_per_span",
+    ):
         assert set(res[key]) == set(E.ALL_METHODS), key
     assert res["n"] == 3 and res["split"] == "heldout" and res["start"] == E.DEFAULT_START
     for key in (
