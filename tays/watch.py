@@ -49,12 +49,12 @@ from vstream.attr.regions import Backbone, PixelBackbone, Regions, compute_regio
 from vstream.model import VLM, VLMError
 
 __all__ = [
-    "predictor",
     "GroupSeen",
     "StepScores",
     "StreamAttributor",
     "WatchDone",
     "first_score_lead",
+    "predictor",
     "raw_attention_scores",
     "step_features",
     "watch",

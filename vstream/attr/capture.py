@@ -679,16 +679,6 @@ def variant_features(
     if isinstance(rows, np.ndarray):
         w = None if value_weights is None else np.asarray(torch.as_tensor(value_weights).cpu(), dtype=np.float32)
         return FV.pool_rows(rows, np.asarray(torch.as_tensor(assignment).cpu(), dtype=np.float32), v, w)
-    return _pool_rows_torch(rows, assignment, v, value_weights)
-
-
-def _pool_rows_torch(
-    rows: torch.Tensor,
-    assignment: np.ndarray | torch.Tensor,
-    v: FV.FeatureVariant,
-    value_weights: np.ndarray | torch.Tensor | None,
-) -> torch.Tensor:
-    """`features.pool_rows` in torch (same steps, same order)."""
     if rows.ndim != 4 or rows.shape[0] < 1:
         raise ValueError(f"rows must be (T >= 1, L, H, N), got {tuple(rows.shape)}")
     return pool_spans(rows, [(0, rows.shape[0])], assignment, v, value_weights)[0]
@@ -736,10 +726,8 @@ def pool_spans(
     r = r.reshape(t, l * h, n)
     count = hi - lo  # (S,)
     s, k = len(b), a.shape[0]
-    if v.pool == "mean":  # one (S, T) matrix of 1/count over each span's tokens times the rows
-        steps = np.arange(t)
-        member = ((steps >= lo[:, None]) & (steps < hi[:, None])) / np.maximum(count, 1)[:, None]
-        weights = torch.from_numpy(member.astype(np.float32)).to(r.device)
+    if v.pool == "mean":
+        weights = torch.from_numpy(FV.span_mean_weights(lo, hi, t)).to(r.device)
         f = torch.matmul(torch.mm(weights, r.reshape(t, l * h * n)).reshape(s, l * h, n), a.T)  # (S, L*H, K)
     elif v.pool == "last":
         f = (

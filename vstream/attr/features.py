@@ -58,6 +58,7 @@ __all__ = [
     "parse",
     "pool_rows",
     "pool_spans",
+    "span_mean_weights",
     "variant_of",
     "weigh_rows",
 ]
@@ -193,6 +194,14 @@ def pool_rows(
     return finish(np.ascontiguousarray(f, dtype=np.float32), a, variant)
 
 
+def span_mean_weights(lo: np.ndarray, hi: np.ndarray, t: int) -> np.ndarray:
+    """(S, T) float32: 1/count on each span's tokens [lo, hi), 0 elsewhere (an empty span's row
+    is all 0), so that this matrix times (T, ...) rows is each span's mean row."""
+    steps = np.arange(t)
+    member = (steps >= lo[:, None]) & (steps < hi[:, None])
+    return (member / np.maximum(hi - lo, 1)[:, None]).astype(np.float32)
+
+
 def pool_spans(
     rows: np.ndarray,
     lo: np.ndarray,
@@ -211,9 +220,7 @@ def pool_spans(
     count = hi - lo
     s, k = len(lo), a.shape[0]
     if variant.pool == "mean":
-        steps = np.arange(t)
-        member = ((steps >= lo[:, None]) & (steps < hi[:, None])) / np.maximum(count, 1)[:, None]
-        f = (member.astype(np.float32) @ r.reshape(t, l * h * n)).reshape(s, l * h, n) @ a.T  # (S, L*H, K)
+        f = (span_mean_weights(lo, hi, t) @ r.reshape(t, l * h * n)).reshape(s, l * h, n) @ a.T  # (S, L*H, K)
     elif variant.pool == "last":
         f = r[np.maximum(hi - 1, 0)] @ a.T if t else np.zeros((s, l * h, k), dtype=np.float32)
     else:
