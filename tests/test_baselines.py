@@ -339,6 +339,18 @@ def test_evaluate_reports_time_and_memory_of_tam_and_attnlrp(tiny_qwen2_5_vl_dir
     assert set(E.SLOW_METHODS) >= {"tam", "attnlrp"} and set(E.ALL_METHODS) >= {"tam", "attnlrp"}
 
 
+def test_evaluate_scores_validation_scenes_when_asked(tiny_qwen2_5_vl_dir, monkeypatch):
+    """split="val" draws validation seeds (for choosing settings); the train split is refused."""
+    vlm = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
+    asked = []
+    real = E.scenes
+    monkeypatch.setattr(E, "scenes", lambda split, start, n: asked.append((split, start, n)) or real(split, start, n))
+    res = E.evaluate(vlm, None, n=1, start=0, methods=("raw_attention",), max_new_tokens=8, progress=False, split="val")
+    assert asked == [("val", 0, 1)] and res["split"] == "val"
+    with pytest.raises(ValueError, match="held-out or validation"):
+        E.evaluate(vlm, None, n=1, methods=("raw_attention",), max_new_tokens=8, progress=False, split="train")
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics
 

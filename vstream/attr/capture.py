@@ -716,10 +716,14 @@ def pool_spans(
     a = torch.as_tensor(assignment).to(device=r.device, dtype=torch.float32)
     if tuple(a.shape) != (a.shape[0], n) or a.ndim != 2:
         raise ValueError(f"assignment must be (K, {n}), got {tuple(a.shape)}")
+    weigh_pooled = v.pool == "mean" and not v.token_norm  # one value weight per column: weigh the means
+    vw = None
     if v.values:
         if value_weights is None:
             raise ValueError(f"feature variant {v.name!r} needs the value weights ({v.values})")
-        r = r * torch.as_tensor(value_weights).to(device=r.device, dtype=torch.float32)[None]
+        vw = torch.as_tensor(value_weights).to(device=r.device, dtype=torch.float32)  # (L, H, N)
+        if not weigh_pooled:
+            r = r * vw[None]
     if v.token_norm:
         total = r.sum(-1, keepdim=True)
         r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
@@ -728,7 +732,10 @@ def pool_spans(
     s, k = len(b), a.shape[0]
     if v.pool == "mean":
         weights = torch.from_numpy(FV.span_mean_weights(lo, hi, t)).to(r.device)
-        f = torch.matmul(torch.mm(weights, r.reshape(t, l * h * n)).reshape(s, l * h, n), a.T)  # (S, L*H, K)
+        mean = torch.mm(weights, r.reshape(t, l * h * n)).reshape(s, l * h, n)
+        if vw is not None and weigh_pooled:
+            mean = mean * vw.reshape(1, l * h, n)
+        f = torch.matmul(mean, a.T)  # (S, L*H, K)
     elif v.pool == "last":
         f = (
             torch.matmul(r[torch.from_numpy(np.maximum(hi - 1, 0)).to(r.device)], a.T)

@@ -2,9 +2,12 @@
 
     python -m vstream evaluate --json          # demo model + shipped estimator, 200 scenes
 
-Scenes come from the HELD-OUT seed range only (`shapes.scenes("heldout", start, n)`), starting
+Scenes come from the HELD-OUT seed range (`shapes.scenes("heldout", start, n)`), starting
 at offset 100_000 by default, disjoint from `eval-model` (offsets 0..599) and from anything
-trained (the train split). Per scene, exactly as the estimator's labels are made
+trained (the train split). `split="val"` scores validation scenes instead (from offset 0 by
+default, the scenes `collect --split val` labels): for choosing settings, such as which
+estimator variant reaches the baselines family by family, without looking at held-out scenes.
+Per scene, exactly as the estimator's labels are made
 (`vstream.attr.labels.trace_with_capture`, `thought_spans`, `draw_masks`): generate the trace
 greedily with attention capture, compute regions (`regions_for`), cut the thinking spans, then
 
@@ -215,8 +218,9 @@ def evaluate(
     max_new_tokens: int = 192,
     progress: bool = True,
     data: DataSource | None = None,
+    split: str = "heldout",
 ) -> dict[str, Any]:
-    """Run the evaluation on held-out scenes [start, start + n); see the module docstring. With
+    """Run the evaluation on `split` scenes [start, start + n); see the module docstring. With
     `data`, on the user's rows [start, start + n) instead (n None: all); pointing needs reference
     objects, so it is not scored there, and a row whose image cannot be used is counted and skipped.
 
@@ -230,7 +234,9 @@ def evaluate(
         items: list[Any] = data.rows[int(start) :] if n is None else data.rows[int(start) : int(start) + int(n)]
         n = len(items)
     else:
-        items = scenes("heldout", start, n)
+        if split not in ("heldout", "val"):
+            raise ValueError(f"evaluate scores held-out or validation scenes, not {split!r}")
+        items = scenes(split, start, n)
     slow_n = n if slow_n is None else min(int(slow_n), n)
     t_all = time.perf_counter()
 
@@ -401,7 +407,7 @@ def evaluate(
         "image_tokens_mean": round(float(np.mean(image_tokens)), 2) if image_tokens else None,
         "region_iou_median": round(float(np.median(region_iou)), 4) if region_iou else None,
         "n_region_iou_objects": len(region_iou),
-        "split": "heldout" if data is None else data.name,
+        "split": split if data is None else data.name,
         "start": start,
         "seeds": [HELDOUT_SEEDS[start], HELDOUT_SEEDS[start + n - 1]] if n and data is None else [],
         "masks_per_example": n_masks,

@@ -213,12 +213,17 @@ def pool_spans(
     """`pool_rows` for many spans of one trace at once: (T, L, H, N) rows, spans [lo, hi) (S,)
     with 0 <= lo <= hi <= T -> (S, K, L*H) float32 (an empty span: zeros). The mean is one
     (S, T) weight matrix times the rows (summed in another order than `pool_rows`: equal to
-    float32 rounding)."""
+    float32 rounding). Value weights without a per-token normalisation are the same for every
+    token, so the mean is taken first and weighted once per span instead of once per token."""
     t, l, h, n = rows.shape
     a = np.asarray(assignment, dtype=np.float32)
-    r = weigh_rows(rows, variant, value_weights).reshape(t, l * h, n)
     count = hi - lo
     s, k = len(lo), a.shape[0]
+    if variant.pool == "mean" and not variant.token_norm:
+        mean = span_mean_weights(lo, hi, t) @ np.asarray(rows, dtype=np.float32).reshape(t, l * h * n)
+        f = weigh_rows(mean.reshape(s, l, h, n), variant, value_weights).reshape(s, l * h, n) @ a.T
+        return _finish_spans(f, a, variant, count)
+    r = weigh_rows(rows, variant, value_weights).reshape(t, l * h, n)
     if variant.pool == "mean":
         f = (span_mean_weights(lo, hi, t) @ r.reshape(t, l * h * n)).reshape(s, l * h, n) @ a.T  # (S, L*H, K)
     elif variant.pool == "last":
@@ -226,6 +231,11 @@ def pool_spans(
     else:
         per_token = r @ a.T  # (T, L*H, K)
         f = np.stack([per_token[i:j].max(0) if j > i else np.zeros((l * h, k), np.float32) for i, j in zip(lo, hi)])
+    return _finish_spans(f, a, variant, count)
+
+
+def _finish_spans(f: np.ndarray, a: np.ndarray, variant: FeatureVariant, count: np.ndarray) -> np.ndarray:
+    """(S, L*H, K) pooled -> (S, K, L*H) features, empty spans zero."""
     f = finish(np.ascontiguousarray(f.transpose(0, 2, 1), dtype=np.float32), a, variant)
     f[count == 0] = 0.0
     return f

@@ -345,6 +345,9 @@ class _Run:
         self._started = self._finished = False
         self._gen_thread: threading.Thread | None = None
         self._worker_thread: threading.Thread | None = None
+        self._token_thread: threading.Thread | None = None
+        self._ids: queue.SimpleQueue = queue.SimpleQueue()  # generation -> token thread: new ids
+        self._gen_cpu = -1  # the core generation last ran on
         # process mode: spans closed but not yet sent (their last row comes one step later),
         # rows [0, _sent_rows) and key positions [0, _sent_keys) already in the shared buffers
         self._channel: Channel | None = None
@@ -368,8 +371,10 @@ class _Run:
         work = self._relay if self._channel is not None else self._work
         self._worker_thread = threading.Thread(target=work, name="vstream-attr-worker", daemon=True)
         self._gen_thread = threading.Thread(target=self._generate, name="vstream-attr-generate", daemon=True)
+        self._token_thread = threading.Thread(target=self._tokens, name="vstream-attr-tokens", daemon=True)
         self._worker_thread.start()
         self._worker_ready.wait(5.0)  # its thread setting is done before generation starts
+        self._token_thread.start()
         self._gen_thread.start()
         return self
 
@@ -387,7 +392,7 @@ class _Run:
 
     @property
     def running(self) -> bool:
-        return any(t is not None and t.is_alive() for t in (self._gen_thread, self._worker_thread))
+        return any(t is not None and t.is_alive() for t in (self._gen_thread, self._token_thread, self._worker_thread))
 
     # -- iteration -----------------------------------------------------------------------------
     def next_event(self) -> Event:
@@ -408,7 +413,7 @@ class _Run:
             self._stop.set()
 
     def _join(self) -> None:
-        for t in (self._gen_thread, self._worker_thread):
+        for t in (self._gen_thread, self._token_thread, self._worker_thread):
             if t is not None and t is not threading.current_thread():
                 t.join()
 
@@ -422,7 +427,7 @@ class _Run:
         self._decoder = IncrementalDecoder(self.vlm.tokenizer)
         kw = dict(self._gen_kwargs)
         kw["stopping_criteria"] = StoppingCriteriaList([event_stop(self._stop, self._user_stop)])
-        kw["streamer"] = token_streamer(self._on_tokens)
+        kw["streamer"] = token_streamer(self._hand_over)
         try:
             if not self._stopped():
                 with self.vlm.lock:  # nothing else runs on the model while we capture
@@ -434,6 +439,9 @@ class _Run:
             self._error = self._error or f"generation failed: {type(e).__name__}: {e}"
         finally:
             self._gen_end = time.perf_counter()
+            self._ids.put(_END)
+            if self._token_thread is not None:
+                self._token_thread.join()  # every token is decoded and split before the last spans
             self._gen_done.set()
             try:
                 if not self._abort.is_set():
@@ -458,8 +466,28 @@ class _Run:
             finally:
                 self._out.put(_END)  # the consumer never blocks forever
 
+    def _hand_over(self, ids: list[int]) -> None:
+        """Streamer callback, on the generation thread: only hand the ids to the token thread
+        (decoding, events, span splitting and sending spans all run there, so that their Python
+        never sits between two decode steps, as with `vlm.stream`'s queue)."""
+        self._gen_cpu = current_cpu()
+        self._ids.put(ids)
+
+    def _tokens(self) -> None:
+        """The token thread: everything that happens per token, in token order, until `_END`."""
+        while True:
+            ids = self._ids.get()
+            if ids is _END:
+                return
+            if self._error is not None or self._abort.is_set():
+                continue  # drain: generation is being stopped
+            try:
+                self._on_tokens(ids)
+            except BaseException as e:
+                self._error = self._error or f"token handling failed: {type(e).__name__}: {e}"
+                self._stop.set()
+
     def _on_tokens(self, ids: list[int]) -> None:
-        """Streamer callback, on the generation thread: keep it short."""
         for tid in ids:
             if self._saw_eos:
                 break
@@ -543,7 +571,7 @@ class _Run:
             msg["value_weights"] = self.recorder.value_weights(self.variant.values, cpu=True).numpy()
             self._sent_values = True
         self._inflight[span.index] = (span, t_end, lo, hi, note)
-        msg["cpu"] = current_cpu()  # the process keeps off this thread's core
+        msg["cpu"] = self._gen_cpu  # the process keeps off the generation thread's core
         ch.send_span(msg)
 
     def _finish_channel(self) -> None:

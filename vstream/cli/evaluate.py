@@ -36,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--start",
         type=int,
-        default=DEFAULT_START,
-        help=f"offset into the held-out seed range (default {DEFAULT_START}, disjoint from eval-model)",
+        default=None,
+        help=f"offset into the split's seed range (held-out default {DEFAULT_START}, disjoint from eval-model; val 0)",
+    )
+    ap.add_argument(
+        "--split",
+        choices=("heldout", "val"),
+        default="heldout",
+        help="scene seeds: heldout (reporting) or val (choosing settings; --start defaults to 0 there)",
     )
     ap.add_argument(
         "--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS)
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = read_data(args.data) if args.data else None
         if Path(args.model).is_dir() and data is None:
-            check_heldout(Path(args.model))
+            check_heldout(Path(args.model), args.split)
         vlm = load_from_args(args)
         estimator = None
         if "vstream" in methods and args.estimators:
@@ -72,17 +78,21 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(args.estimator).is_file():
                 raise VLMError(f"estimator not found: {args.estimator} (train one, or pass --estimator)")
             estimator = load_estimator(args.estimator, vlm)
+        start = args.start
+        if start is None:
+            start = DEFAULT_START if data is None and args.split == "heldout" else 0
         res = evaluate(
             vlm,
             estimator,
             n=args.n if (args.n is not None or data is not None) else 200,
-            start=args.start if data is None or args.start != DEFAULT_START else 0,
+            start=start,
             methods=methods,
             slow_n=args.slow_n,
             n_masks=args.masks,
             mask_seed=args.mask_seed,
             max_new_tokens=args.max_new_tokens,
             data=data,
+            split=args.split,
         )
         if data is not None:
             res["n_bad_rows"] = len(data.skipped)
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res["model"], res["estimator"] = args.model, (args.estimator if "vstream" in methods else None)
     if not args.json:
+        what = "rows" if data is not None else {"heldout": "held-out", "val": "validation"}[args.split] + " scenes"
         print(f"{'method':18s} {'LDS':>7s} {'R^2':>7s} {'top5':>7s} {'point':>7s} {'s/span':>9s} {'peak MB':>9s}")
         for m in methods:
             f = lambda v, w=7, p=3: f"{v:{w}.{p}f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{f(res['peak_memory_mb_per_span'][m], 9, 1)}"
             )
         print(
-            f"{res['n']} {'held-out scenes' if data is None else 'rows'}, {res['n_spans']} spans "
+            f"{res['n']} {what}, {res['n_spans']} spans "
             f"({res['n_spans_constant']} constant), "
             f"{res['n_pointing_spans']} pointing spans; chance pointing {res['pointing_chance']}"
         )
