@@ -246,14 +246,16 @@ def test_two_sessions_on_one_model_do_not_mix(tiny):
 
 
 class ThreadCounting(FixedSpans):
-    """FixedSpans that notes torch's thread count on the thread that feeds it (generation)."""
+    """FixedSpans that notes which thread feeds it and torch's thread count there."""
 
     def __init__(self, n: int):
         super().__init__(n)
         self.seen: set[int] = set()
+        self.names: set[str] = set()
 
     def push(self, i: int, piece: str) -> list[Span]:
         self.seen.add(torch.get_num_threads())
+        self.names.add(threading.current_thread().name)
         return super().push(i, piece)
 
 
@@ -276,10 +278,19 @@ def test_worker_runs_one_torch_thread_and_generation_keeps_the_default(tiny):
         want = torch.get_num_threads()
         split = ThreadCounting(3)
         est = ThreadCountingEstimator(tiny.num_layers * tiny.num_heads)
-        done = list(attribute_stream(tiny, _noise(120, 100), "What?", est, max_new_tokens=10, splitter=split))[-1]
+        gen: set[tuple[str, int]] = set()  # (thread, torch threads) of every forward
+        hook = tiny.model.register_forward_hook(
+            lambda *_: gen.add((threading.current_thread().name, torch.get_num_threads()))
+        )
+        try:
+            done = list(attribute_stream(tiny, _noise(120, 100), "What?", est, max_new_tokens=10, splitter=split))[-1]
+        finally:
+            hook.remove()
         assert done.error is None and done.n_spans >= 2
         assert est.seen == {1}  # the worker's own ops
-        assert split.seen == {want}  # generation keeps all threads
+        assert gen == {("vstream-attr-generate", want)}  # generation keeps all threads
+        # text pieces and span splitting run beside generation, not between its decode steps
+        assert split.names == {"vstream-attr-tokens"} and split.seen == {want}
         later = []  # threads started afterwards still get the process default
         t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
         t.start(), t.join()

@@ -4,15 +4,19 @@
     for ev in session:            # RegionsEvent, then TokenEvent / SpanEvent / PathEvent, DoneEvent
         ...
 
-Producer-consumer, two threads, one output queue:
+Producer-consumer, three threads, one output queue:
 
 * the generation thread (`vstream-attr-generate`) runs `model.generate` under `vlm.lock` with
-  attention capture on (`vstream.attr.capture`). A streamer callback, called synchronously inside
-  `generate` for every new token, decodes its text, emits a `TokenEvent` and feeds the
-  `SpanSplitter`; every span the token closes goes, with its close time, to the span worker.
-  Holding `vlm.lock` around both the capture and the generation is what keeps a concurrent
-  generation on the same model (another user, another session) out of our recorder: it waits
-  for the lock instead.
+  attention capture on (`vstream.attr.capture`). Its streamer callback, called synchronously
+  inside `generate` for every new token, only puts the token ids on a queue, as plain
+  `vlm.stream` does: on a small model decoding is bound by Python under the GIL, and any work
+  between two decode steps is decode time. Holding `vlm.lock` around both the capture and the
+  generation is what keeps a concurrent generation on the same model (another user, another
+  session) out of our recorder: it waits for the lock instead.
+* the token thread (`vstream-attr-tokens`) takes the ids in order, decodes their text, emits a
+  `TokenEvent` and feeds the `SpanSplitter`; every span a token closes goes, with its close
+  time, to the span worker. When generation ends, the generation thread waits for it before
+  closing the last span.
 * the span worker turns a closed span into region scores: mean of the span's (L, H, N) rows x
   assignment (N, K) -> (K, L*H) features (`capture.features_from_sum`; for an estimator trained
   on another `vstream.attr.features` variant, that variant, from the span's rows and the value
@@ -22,12 +26,12 @@ Producer-consumer, two threads, one output queue:
 
   - "process" (a float32 model on the CPU with a `LinearEstimator`: the demo setup): the
     attribution process (`vstream.attr.liveproc`), so that none of it holds the GIL that
-    `generate`'s Python needs. The generation thread keeps a closed span until the decode step
+    `generate`'s Python needs. The token thread keeps a closed span until the decode step
     that records its last row, then copies the span's decode queries and the new key columns
     into memory shared with the process (`AttentionRecorder.export`) and sends a short message;
     a relay thread here (`vstream-attr-worker`) paints the heatmap from the scores that come
-    back and emits the events. Per span the generating interpreter does tens of microseconds
-    of copying instead of ~0.5 ms of arithmetic, and nothing wakes on every decode step. When
+    back and emits the events. Per span this interpreter does tens of microseconds of copying
+    instead of ~0.5 ms of arithmetic, and nothing but the token thread wakes per token. When
     generation ends the recorder adopts the rows the process computed (`AttentionRecorder.adopt`),
     so `compute_span` replays to the same numbers.
   - "thread" (anything else: a GPU, another estimator, or when the process cannot start): the
@@ -39,7 +43,7 @@ Producer-consumer, two threads, one output queue:
 
   (`vlm.stream` is not used because its generation thread takes `vlm.lock` itself, after our
   capture would already be attached.)
-* the consumer iterates the session; the output queue is filled by both threads as things
+* the consumer iterates the session; the output queue is filled by the threads as things
   happen, so events arrive in time order. After generation ends the generation thread closes
   the open span, waits for the worker and emits the `DoneEvent` last.
 
@@ -512,7 +516,7 @@ class _Run:
         self._waiting.append((span, now))
         self._send_ready(final=False)
 
-    # -- process mode: the generation thread's side --------------------------------------------
+    # -- process mode: the token thread's side ------------------------------------------------
     def _open_channel(self) -> Channel:
         tc = self.vlm.text_config
         heads = int(self.vlm.num_heads)
