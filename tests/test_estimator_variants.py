@@ -79,6 +79,30 @@ def test_anchor_keeps_the_map_near_raw_attention(synthetic_labels):
             E.train(exs, anchor=bad, **KW)
 
 
+def test_family_balance_gives_a_rare_family_its_share(synthetic_labels):
+    """Two scene families whose effects follow different maps, one with ten times the spans: the
+    plain fit follows the common family; balanced, the rare one weighs as much, and its fresh
+    spans are ranked better."""
+    import dataclasses
+
+    w_rare = np.random.default_rng(4).normal(size=8)
+
+    def fam(n, w, name, seed):
+        return [dataclasses.replace(e, family=name) for e in synthetic_labels(n, w, seed=seed)]
+
+    train = fam(300, W_TRUE, "common", 0) + fam(30, w_rare, "rare", 1)
+    fresh = fam(60, w_rare, "rare", 2)
+    plain, _ = E.train(train, **KW)
+    balanced, _ = E.train(train, balance=True, **KW)
+    assert balanced.meta["family_balance"] and not plain.meta["family_balance"]
+    assert E.evaluate(balanced, fresh)["lds"] > E.evaluate(plain, fresh)["lds"] + 0.05
+    w = E.family_weights(train, [i for i, e in enumerate(train) for _ in range(e.n_spans)])
+    common = [i for i, e in enumerate(train) for _ in range(e.n_spans) if e.family == "common"]
+    assert float(w[common].sum()) == pytest.approx(1.0) and float(w.sum()) == pytest.approx(2.0)
+    with pytest.raises(VLMError, match="Pearson"):
+        E.train(train, balance=True, loss="mse", **KW)
+
+
 # ----------------------------------------------------------------------------------------------
 # variant names
 
@@ -93,6 +117,8 @@ def test_variant_names():
     assert VS.parse_variant("late").resolved_columns(4) == "layers=2-3"
     assert VS.parse_variant("L1-2+nobias+zscore").flags(4) == "--no-region-bias --scaling zscore --columns layers=1-2"
     assert VS.parse_variant("top12").resolved_columns(4) == "top=12"
+    assert VS.parse_variant("vonorm+balance").flags(4) == "--features vonorm --balance-families"
+    assert VS.parse_variant("balance").train_options(4)["balance"] is True
     for bad in ("foo", "wd", "max+last", "@"):
         with pytest.raises(ValueError):
             VS.parse_variant(bad)

@@ -208,6 +208,27 @@ def test_every_variant_matches_the_eager_oracle(pair):
             assert not torch.allclose(_oracle_features(att, assign, name, weights), base, atol=1e-3), name
 
 
+@pytest.mark.parametrize("name", ["mean", "vnorm", "vonorm", "rmean", "vonorm+rmean"])
+def test_linear_scores_fold_into_the_pooling(name):
+    """Scores of a linear design without materialising features = pool_spans, then the estimator."""
+    g = np.random.default_rng(5)
+    rows = g.random((9, 3, 2, 10), dtype=np.float32)
+    a = np.zeros((4, 10), np.float32)
+    a[g.integers(0, 3, 10), np.arange(10)] = 1  # region 3 stays empty
+    vw = g.random((3, 2, 10), dtype=np.float32)
+    lo, hi = np.array([0, 3, 5, 5, 8]), np.array([3, 5, 5, 8, 9])  # one empty span
+    w, c = g.normal(size=6).astype(np.float32), np.float32(0.3)
+    v = FV.parse(name)
+    want = FV.pool_spans(rows, lo, hi, a, v, vw if v.values else None) @ w + c
+    got = FV.linear_span_scores(rows, lo, hi, a, v, w, c, vw if v.values else None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got[2] == pytest.approx(np.full(4, c)) and want[0, 3] == pytest.approx(c)
+    for bad in ("tnorm", "max", "last", "log"):
+        assert not FV.parse(bad).linear
+        with pytest.raises(ValueError, match="not linear"):
+            FV.linear_span_scores(rows, lo, hi, a, FV.parse(bad), w, c)
+
+
 def test_default_features_are_unchanged():
     """The default goes through the pre-variant functions: bit-identical results."""
     g = torch.Generator().manual_seed(2)
@@ -332,7 +353,8 @@ def _linear(vlm, variant: str, seed: int = 0) -> LinearEstimator:
     return est
 
 
-def test_evaluate_scores_the_estimators_variant(own_tiny, monkeypatch):
+@pytest.mark.parametrize("variant", ["vonorm+tnorm+max", "vonorm+rmean"])  # features, then predict; folded
+def test_evaluate_scores_the_estimators_variant(own_tiny, monkeypatch, variant):
     seen = []
     real = EV.attribute_timed
 
@@ -342,9 +364,9 @@ def test_evaluate_scores_the_estimators_variant(own_tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(EV, "attribute_timed", spy)
-    est = _linear(own_tiny, "vonorm+tnorm+max")
+    est = _linear(own_tiny, variant)
     res = EV.evaluate(own_tiny, est, n=1, methods=("vstream", "raw_attention"), max_new_tokens=8, progress=False)
-    assert res["feature_variant"] == "vonorm+tnorm+max"
+    assert res["feature_variant"] == variant
     first = {m: (c, out) for m, c, out in reversed(seen)}  # each method runs twice (the second call is timed)
     assert [m for m, _, _ in seen] == ["vstream", "vstream", "raw_attention", "raw_attention"]
     (ctx, scores), (_, raw) = first["vstream"], first["raw_attention"]

@@ -41,7 +41,10 @@ in nats, with one learned intercept, starting from raw attention scaled by least
 "zscore": columns also centred, the centring folded into the region bias, so it needs one),
 `columns` ("all"; "layers=A-B": only those layers' heads; "top=N": the N columns whose subset
 sums correlate best with the measured effects on the training labels; the others' weights stay
-0, so the estimator is still the same L*H map), and `feature_variant` (which
+0, so the estimator is still the same L*H map), `balance` (spans weighted 1 / their scene
+family's span count in the Pearson loss, so that each family weighs the same: multi-step
+families write several times more spans per scene than one-question ones and otherwise set the
+map), and `feature_variant` (which
 `vstream.attr.features` design the labels are read in; recorded in the file, so evaluation and
 the live worker compute the same design, and applying it to other features is refused).
 
@@ -78,6 +81,7 @@ __all__ = [
     "SCALINGS",
     "LinearEstimator",
     "evaluate",
+    "family_weights",
     "in_ranges",
     "lds",
     "load",
@@ -266,9 +270,11 @@ def load(path: str | Path, vlm: VLM | None = None, allow_model_mismatch: bool = 
 # metrics and losses
 
 
-def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """-mean over spans of Pearson r across masks: pred, target (S, M). Spans whose target
-    does not vary are left out (0 if none is left)."""
+def pearson_loss(
+    pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """-mean over spans of Pearson r across masks: pred, target (S, M); `weights` (S,) makes it
+    a weighted mean. Spans whose target does not vary are left out (0 if none is left)."""
     p = pred - pred.mean(dim=-1, keepdim=True)
     t = target - target.mean(dim=-1, keepdim=True)
     ts = t.pow(2).sum(-1).sqrt()
@@ -276,7 +282,10 @@ def pearson_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) ->
     ok = ts > eps
     if not bool(ok.any()):
         return pred.sum() * 0.0
-    return -r[ok].mean()
+    if weights is None:
+        return -r[ok].mean()
+    w = weights[ok]
+    return -(r[ok] * w).sum() / w.sum().clamp_min(eps)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -351,6 +360,17 @@ def subset_design(examples: Sequence[Any], count_column: bool = False) -> tuple[
     if len(ms) != 1:
         raise VLMError(f"label sets with different mask counts {sorted(ms)} cannot be mixed")
     return torch.stack(xs), torch.stack(ys), owner
+
+
+def family_weights(examples: Sequence[Any], owner: Sequence[int]) -> torch.Tensor:
+    """(S,) per-span weights, 1 / (spans of the span's scene family), for the spans of
+    `subset_design(examples)` (`owner`: each span's example): every family then weighs the same,
+    however many spans its traces have."""
+    fam = [str(getattr(examples[i], "family", "")) for i in owner]
+    counts: dict[str, int] = {}
+    for f in fam:
+        counts[f] = counts.get(f, 0) + 1
+    return torch.tensor([1.0 / counts[f] for f in fam])
 
 
 class RawAttention:
@@ -436,6 +456,7 @@ def train(
     columns: str = "all",
     feature_variant: str | None = None,
     anchor: float = 0.0,
+    balance: bool = False,
 ) -> tuple[LinearEstimator, dict[str, Any]]:
     """Fit the estimator on label folders (or a list of `LabeledExample`s); see the module doc.
 
@@ -445,7 +466,8 @@ def train(
     per-region constant c (else c = 0). `loss`, `scaling`, `columns`: see the module doc.
     `feature_variant`: read the labels in this variant (None: as stored, the primary); one that
     the labels neither hold nor derive is refused. `anchor`: weight of a penalty on the
-    direction of w moving away from raw attention's (see the module doc)."""
+    direction of w moving away from raw attention's (see the module doc). `balance`: every
+    scene family weighs the same in the Pearson loss (see the module doc)."""
 
     if loss not in LOSSES:
         raise VLMError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
@@ -492,7 +514,9 @@ def train(
     t0 = time.perf_counter()
     if not (anchor >= 0 and math.isfinite(anchor)):
         raise VLMError(f"anchor must be a finite number >= 0, got {anchor}")
-    opts = _FitOptions(lr, weight_decay, batch_spans, seed, region_bias, loss, scaling, kept, anchor)
+    if balance and loss != "pearson":
+        raise VLMError("family balancing weighs the Pearson loss: use it with loss='pearson'")
+    opts = _FitOptions(lr, weight_decay, batch_spans, seed, region_bias, loss, scaling, kept, anchor, balance)
     fit = lambda exs, val, n_ep, desc: _fit(exs, val, lh, n_ep, opts, progress, desc)
     est = LinearEstimator(L, H, {"feature_variant": variant})
     w_raw, b, best_ep = fit(tr_ex, val_ex, epochs, "train estimator")
@@ -542,6 +566,7 @@ def train(
             "loss_name": loss,
             "weight_decay": float(weight_decay),
             "anchor": float(anchor),
+            "family_balance": bool(balance),
             "feature_scaling": SCALINGS[scaling],
             "columns": columns,
             **({"kept_columns": kept} if kept is not None else {}),
@@ -578,10 +603,11 @@ class _FitOptions:
         scaling: str = "rms",
         columns: list[int] | None = None,
         anchor: float = 0.0,
+        balance: bool = False,
     ):
         self.lr, self.weight_decay, self.batch_spans, self.seed = float(lr), float(weight_decay), int(batch_spans), seed
         self.region_bias, self.loss, self.scaling, self.columns = region_bias, loss, scaling, columns
-        self.anchor = float(anchor)
+        self.anchor, self.balance = float(anchor), bool(balance)
 
 
 def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -609,12 +635,14 @@ def _fit(
     outside `opts.columns`. The best epoch is the one with the lowest loss on `val_ex`."""
     from tqdm.auto import tqdm
 
-    x, y, _ = subset_design(tr_ex, count_column=True)
+    x, y, owner = subset_design(tr_ex, count_column=True)
     keep = y.std(-1) > 1e-8
     x, y = x[keep], y[keep]
     if x.shape[0] == 0:
         raise VLMError("every training span has constant measured effects: nothing to learn")
-    xv, yv = subset_design(val_ex, count_column=True)[:2] if val_ex else (None, None)
+    sw = family_weights(tr_ex, owner)[keep] if opts.balance else None
+    xv, yv, owner_v = subset_design(val_ex, count_column=True) if val_ex else (None, None, [])
+    swv = family_weights(val_ex, owner_v) if opts.balance and val_ex else None
 
     feats = torch.cat([e.features.reshape(-1, lh).float() for e in tr_ex])
     if opts.scaling == "zscore":  # x' = (x - |v| mu) / sd on the subset sums; |v| = the count column
@@ -645,7 +673,8 @@ def _fit(
             a, b = torch.linalg.lstsq(torch.stack([p, torch.ones_like(p)], 1), y.reshape(-1, 1).double()).solution[:, 0]
             w.mul_(float(a))
             intercept.fill_(float(b))
-    loss_fn = _loss_fn(opts.loss)
+    base_loss = _loss_fn(opts.loss)
+    loss_fn = lambda p, t, sw=None: base_loss(p, t) if sw is None else pearson_loss(p, t, weights=sw)  # noqa: E731
     predict = lambda xx: xx @ (w * live) + (intercept if opts.loss != "pearson" else 0.0)
     w0 = (init / norm)[:lh].clone()  # raw attention's direction (scaled space, region bias aside)
 
@@ -661,15 +690,15 @@ def _fit(
         perm = torch.randperm(xs.shape[0], generator=g)
         for s in range(0, xs.shape[0], opts.batch_spans):
             idx = perm[s : s + opts.batch_spans]
-            loss = loss_fn(predict(xs[idx]), y[idx])
+            loss = loss_fn(predict(xs[idx]), y[idx], None if sw is None else sw[idx])
             if opts.anchor > 0:
                 loss = loss + opts.anchor * drift()
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            tl = float(loss_fn(predict(xs), y))
-            vl = float(loss_fn(predict(xvs), yv)) if xvs is not None else tl
+            tl = float(loss_fn(predict(xs), y, sw))
+            vl = float(loss_fn(predict(xvs), yv, swv)) if xvs is not None else tl
         if vl < best[0] or xvs is None:  # without validation: the last epoch
             best = (vl, w.detach().clone(), ep)
         if opts.loss == "pearson":

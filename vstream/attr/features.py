@@ -54,6 +54,7 @@ __all__ = [
     "derive",
     "finish",
     "is_feature_token",
+    "linear_span_scores",
     "names",
     "parse",
     "pool_rows",
@@ -122,6 +123,12 @@ class FeatureVariant:
     def pooled(self) -> FeatureVariant:
         """The part computed from rows (without the per-region tokens that `derive` can add)."""
         return replace(self, region_mean=False, log=False)
+
+    @property
+    def linear(self) -> bool:
+        """Features linear in the rows (mean pooling, no per-token normalisation, no log): a
+        linear estimator's scores then fold into the pooling (`linear_span_scores`)."""
+        return self.pool == "mean" and not self.token_norm and not self.log
 
     def describe(self) -> str:
         return "; ".join(_DESCRIBE[t] for t in self.tokens)
@@ -232,6 +239,37 @@ def pool_spans(
         per_token = r @ a.T  # (T, L*H, K)
         f = np.stack([per_token[i:j].max(0) if j > i else np.zeros((l * h, k), np.float32) for i, j in zip(lo, hi)])
     return _finish_spans(f, a, variant, count)
+
+
+def linear_span_scores(
+    rows: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    assignment: np.ndarray,
+    variant: FeatureVariant,
+    weight: np.ndarray,
+    bias: np.float32,
+    value_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """A linear estimator's (S, K) scores of many spans, equal (to float32 rounding) to
+    `pool_spans` then `rowmath.linear_scores`, for a `variant.linear` design: the weights w (L*H,)
+    and the value weights fold into one (L*H, N) map, so each span's mean row is reduced to one
+    value per image token before the (N, K) region sums instead of L*H of them."""
+    if not variant.linear:
+        raise ValueError(f"feature variant {variant.name!r} is not linear in the rows: pool_spans, then predict")
+    t, l, h, n = rows.shape
+    a = np.asarray(assignment, dtype=np.float32)
+    fold = np.repeat(np.asarray(weight, dtype=np.float32)[:, None], n, 1)  # (L*H, N)
+    if variant.values:
+        if value_weights is None:
+            raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
+        fold *= np.asarray(value_weights, dtype=np.float32).reshape(l * h, n)
+    mean = span_mean_weights(lo, hi, t) @ np.asarray(rows, dtype=np.float32).reshape(t, l * h * n)  # (S, L*H*N)
+    per_token = (mean.reshape(-1, l * h, n) * fold).sum(1)  # (S, N)
+    if variant.region_mean:
+        size = a.sum(1)
+        a = np.divide(a, size[:, None], out=np.zeros_like(a), where=size[:, None] > 0)
+    return (per_token @ a.T + np.float32(bias)).astype(np.float32, copy=False)
 
 
 def _finish_spans(f: np.ndarray, a: np.ndarray, variant: FeatureVariant, count: np.ndarray) -> np.ndarray:

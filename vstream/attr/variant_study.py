@@ -13,7 +13,7 @@ A variant is named by "+"-joined tokens in any order; "base" (no token) is the e
   from one trace); rmean and log are derived from a stored variant.
 * training tokens (`vstream.attr.estimator.train`): mse, huber (the loss; default Pearson);
   wd<x> (AdamW weight decay, e.g. wd0, wd1e-2; default 1e-4); nobias (no region bias); zscore
-  (standardised features); L<a>-<b> (only layers a..b), early / late (first / second half of the
+  (standardised features); balance (every scene family weighs the same in the loss); L<a>-<b> (only layers a..b), early / late (first / second half of the
   layers), top<N> (the N columns that correlate best with the effects on the training labels).
 * label tokens: @<name> trains on the folder given as `train_sets[name]` (label design: e.g.
   collected with `--masks 64` or `--keep-prob 0.7`), validated on the same validation labels.
@@ -63,7 +63,7 @@ __all__ = [
 
 BASE = "base"
 DEFAULT_WEIGHT_DECAY = 1e-4  # train()'s default
-TRAINING_TOKENS = ("mse", "huber", "wd<x>", "nobias", "zscore", "L<a>-<b>", "early", "late", "top<N>", "@<set>")
+TRAINING_TOKENS = ("mse", "huber", "wd<x>", "nobias", "zscore", "balance", "L<a>-<b>", "early", "late", "top<N>", "@<set>")
 LabelDirs = Sequence[str | Path]
 
 
@@ -79,6 +79,7 @@ class Variant:
     region_bias: bool = True
     scaling: str = "rms"
     columns: str = "all"  # an estimator column rule, or "early" / "late" (resolved by layer count)
+    balance: bool = False  # every scene family weighs the same in the loss
 
     def resolved_columns(self, num_layers: int) -> str:
         half = num_layers // 2
@@ -96,6 +97,7 @@ class Variant:
             "scaling": self.scaling,
             "columns": self.resolved_columns(num_layers),
             "feature_variant": self.features.name,
+            "balance": self.balance,
         }
 
     def flags(self, num_layers: int) -> str:
@@ -107,6 +109,7 @@ class Variant:
         out += [] if self.scaling == "rms" else [f"--scaling {self.scaling}"]
         cols = self.resolved_columns(num_layers)
         out += [] if cols == "all" else [f"--columns {cols}"]
+        out += ["--balance-families"] if self.balance else []
         return " ".join(out)
 
 
@@ -125,6 +128,8 @@ def parse_variant(name: str) -> Variant:
             kw["region_bias"] = False
         elif tok == "zscore":
             kw["scaling"] = "zscore"
+        elif tok == "balance":
+            kw["balance"] = True
         elif tok in ("early", "late"):
             kw["columns"] = tok
         elif m := re.fullmatch(r"wd([0-9.eE+-]+)", tok):
@@ -150,7 +155,7 @@ def default_variants(stored: Sequence[str], num_layers: int, num_heads: int, set
     out += [v for v in FV.names(stored) if v != FV.DEFAULT]
     if FV.DEFAULT in FV.names(stored):
         out += ["rmean", "log", "rmean+log"]
-    out += ["mse", "huber", "wd0", "wd1e-3", "wd1e-2", "wd1e-1", "nobias", "zscore"]
+    out += ["mse", "huber", "wd0", "wd1e-3", "wd1e-2", "wd1e-1", "nobias", "zscore", "balance"]
     if num_layers > 1:
         out += ["early", "late"]
     if num_layers * num_heads > 2:

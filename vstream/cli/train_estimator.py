@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         "--columns", default="all", help="feature columns used: all, layers=A-B, or top=N (chosen on these labels)"
     )
     ap.add_argument(
+        "--balance-families",
+        action="store_true",
+        help="every scene family weighs the same in the loss (whatever its spans per scene)",
+    )
+    ap.add_argument(
         "--features",
         default=None,
         help="feature variant to train on (default: the labels' primary); one the labels hold or derive "
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             scaling=args.scaling,
             columns=args.columns,
             feature_variant=args.features,
+            balance=args.balance_families,
         )
         if args.eval:
             report.update(heldout_report(est, args.eval))

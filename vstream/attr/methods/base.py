@@ -66,6 +66,13 @@ class AttributionContext:
     def n_spans(self) -> int:
         return len(self.spans)
 
+    def span_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each span's recorded rows [lo, hi) (S,) each, clipped to the rows there are."""
+        t = 0 if self.token_attn is None else int(self.token_attn.shape[0])
+        b = np.asarray([(int(s.token_start), int(s.token_end)) for s in self.spans], dtype=np.int64).reshape(-1, 2)
+        lo = np.clip(b[:, 0], 0, t)
+        return lo, np.maximum(lo, np.minimum(b[:, 1], t))
+
     def span_features(self, variant: str | FV.FeatureVariant = FV.DEFAULT) -> torch.Tensor:
         """(n_spans, K, L*H) float32 features of `variant` (default: the paper's); computed
         from `token_attn` on every call unless `features` was given (so each method's timing
