@@ -253,23 +253,24 @@ def linear_span_scores(
 ) -> np.ndarray:
     """A linear estimator's (S, K) scores of many spans, equal (to float32 rounding) to
     `pool_spans` then `rowmath.linear_scores`, for a `variant.linear` design: the weights w (L*H,)
-    and the value weights fold into one (L*H, N) map, so each span's mean row is reduced to one
-    value per image token before the (N, K) region sums instead of L*H of them."""
+    and the value weights fold into one (L*H, N) map that reduces each token's row to one value
+    per image token first, so the span means and region sums run on (T, N), not (T, L*H, N)."""
     if not variant.linear:
         raise ValueError(f"feature variant {variant.name!r} is not linear in the rows: pool_spans, then predict")
     t, l, h, n = rows.shape
     a = np.asarray(assignment, dtype=np.float32)
-    fold = np.repeat(np.asarray(weight, dtype=np.float32)[:, None], n, 1)  # (L*H, N)
+    fold = np.asarray(weight, dtype=np.float32)[:, None]  # (L*H, 1) or, value-weighted, (L*H, N)
     if variant.values:
         if value_weights is None:
             raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
-        fold *= np.asarray(value_weights, dtype=np.float32).reshape(l * h, n)
-    mean = span_mean_weights(lo, hi, t) @ np.asarray(rows, dtype=np.float32).reshape(t, l * h * n)  # (S, L*H*N)
-    per_token = (mean.reshape(-1, l * h, n) * fold).sum(1)  # (S, N)
+        fold = fold * np.asarray(value_weights, dtype=np.float32).reshape(l * h, n)
+    else:
+        fold = np.broadcast_to(fold, (l * h, n))
+    per_token = np.einsum("tcn,cn->tn", np.asarray(rows, dtype=np.float32).reshape(t, l * h, n), fold)  # (T, N)
     if variant.region_mean:
         size = a.sum(1)
         a = np.divide(a, size[:, None], out=np.zeros_like(a), where=size[:, None] > 0)
-    return (per_token @ a.T + np.float32(bias)).astype(np.float32, copy=False)
+    return (span_mean_weights(lo, hi, t) @ per_token @ a.T + np.float32(bias)).astype(np.float32, copy=False)
 
 
 def _finish_spans(f: np.ndarray, a: np.ndarray, variant: FeatureVariant, count: np.ndarray) -> np.ndarray:
