@@ -63,7 +63,19 @@ __all__ = [
 
 BASE = "base"
 DEFAULT_WEIGHT_DECAY = 1e-4  # train()'s default
-TRAINING_TOKENS = ("mse", "huber", "wd<x>", "nobias", "zscore", "balance", "L<a>-<b>", "early", "late", "top<N>", "@<set>")
+TRAINING_TOKENS = (
+    "mse",
+    "huber",
+    "wd<x>",
+    "nobias",
+    "zscore",
+    "balance",
+    "L<a>-<b>",
+    "early",
+    "late",
+    "top<N>",
+    "@<set>",
+)
 LabelDirs = Sequence[str | Path]
 
 
