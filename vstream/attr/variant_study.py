@@ -13,7 +13,8 @@ A variant is named by "+"-joined tokens in any order; "base" (no token) is the e
   from one trace); rmean and log are derived from a stored variant.
 * training tokens (`vstream.attr.estimator.train`): mse, huber (the loss; default Pearson);
   wd<x> (AdamW weight decay, e.g. wd0, wd1e-2; default 1e-4); nobias (no region bias); zscore
-  (standardised features); balance (every scene family weighs the same in the loss); L<a>-<b> (only layers a..b), early / late (first / second half of the
+  (standardised features); balance (every scene family weighs the same in the loss);
+  L<a>-<b> (only layers a..b), early / late (first / second half of the
   layers), top<N> (the N columns that correlate best with the effects on the training labels).
 * label tokens: @<name> trains on the folder given as `train_sets[name]` (label design: e.g.
   collected with `--masks 64` or `--keep-prob 0.7`), validated on the same validation labels.
