@@ -703,9 +703,7 @@ def pool_spans(
         raise ValueError(f"rows must be (T, L, H, N), got {tuple(rows.shape)}")
     v = FV.parse(variant)
     t, l, h, n = rows.shape
-    b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
-    lo = np.clip(b[:, 0], 0, t)
-    hi = np.maximum(lo, np.minimum(b[:, 1], t))
+    lo, hi = FV.clip_bounds(np.asarray(bounds), t)
     if rows.device.type == "cpu" if in_numpy is None else in_numpy:
         a_np = np.asarray(torch.as_tensor(assignment).cpu(), dtype=np.float32)
         if a_np.ndim != 2 or a_np.shape[1] != n:
@@ -729,7 +727,7 @@ def pool_spans(
         r = torch.where(total > 0, r / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(r))
     r = r.reshape(t, l * h, n)
     count = hi - lo  # (S,)
-    s, k = len(b), a.shape[0]
+    s, k = len(lo), a.shape[0]
     if v.pool == "mean":
         weights = torch.from_numpy(FV.span_mean_weights(lo, hi, t)).to(r.device)
         mean = torch.mm(weights, r.reshape(t, l * h * n)).reshape(s, l * h, n)

@@ -59,6 +59,7 @@ estimator made for another layer/head count, or (unless overridden) another mode
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import time
@@ -367,9 +368,7 @@ def family_weights(examples: Sequence[Any], owner: Sequence[int]) -> torch.Tenso
     `subset_design(examples)` (`owner`: each span's example): every family then weighs the same,
     however many spans its traces have."""
     fam = [str(getattr(examples[i], "family", "")) for i in owner]
-    counts: dict[str, int] = {}
-    for f in fam:
-        counts[f] = counts.get(f, 0) + 1
+    counts = collections.Counter(fam)
     return torch.tensor([1.0 / counts[f] for f in fam])
 
 

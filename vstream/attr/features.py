@@ -51,6 +51,7 @@ __all__ = [
     "VALUE_WEIGHTS",
     "FeatureVariant",
     "can_derive",
+    "clip_bounds",
     "derive",
     "finish",
     "is_feature_token",
@@ -199,6 +200,14 @@ def pool_rows(
     else:  # max over tokens of each token's own region features
         f = np.matmul(r.reshape(t, l * h, n), a.T).max(0).T  # (T, L*H, K) -> (K, L*H)
     return finish(np.ascontiguousarray(f, dtype=np.float32), a, variant)
+
+
+def clip_bounds(bounds: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, 2) [lo, hi) token bounds -> (lo, hi) clipped to the t rows there are, hi >= lo (a
+    span past the last row is empty)."""
+    b = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    lo = np.clip(b[:, 0], 0, t)
+    return lo, np.maximum(lo, np.minimum(b[:, 1], t))
 
 
 def span_mean_weights(lo: np.ndarray, hi: np.ndarray, t: int) -> np.ndarray:

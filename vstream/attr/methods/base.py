@@ -69,9 +69,15 @@ class AttributionContext:
     def span_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Each span's recorded rows [lo, hi) (S,) each, clipped to the rows there are."""
         t = 0 if self.token_attn is None else int(self.token_attn.shape[0])
-        b = np.asarray([(int(s.token_start), int(s.token_end)) for s in self.spans], dtype=np.int64).reshape(-1, 2)
-        lo = np.clip(b[:, 0], 0, t)
-        return lo, np.maximum(lo, np.minimum(b[:, 1], t))
+        return FV.clip_bounds(np.asarray([(int(s.token_start), int(s.token_end)) for s in self.spans]), t)
+
+    def value_weights_for(self, variant: FV.FeatureVariant) -> torch.Tensor | None:
+        """The trace's value weights that `variant` reads (None when it reads none)."""
+        if not variant.values:
+            return None
+        if variant.values not in self.value_weights:
+            raise ValueError(f"feature variant {variant.name!r} needs the trace's {variant.values} value weights")
+        return self.value_weights[variant.values]
 
     def span_features(self, variant: str | FV.FeatureVariant = FV.DEFAULT) -> torch.Tensor:
         """(n_spans, K, L*H) float32 features of `variant` (default: the paper's); computed
@@ -89,13 +95,8 @@ class AttributionContext:
             return f
         if self.token_attn is None:
             raise ValueError("this method needs token_attn (recorded attention rows) or features")
-        weights = None
-        if v.values:
-            if v.values not in self.value_weights:
-                raise ValueError(f"feature variant {v.name!r} needs the trace's {v.values} value weights")
-            weights = self.value_weights[v.values]
         bounds = [(int(s.token_start), int(s.token_end)) for s in self.spans]
-        return pool_spans(self.token_attn, bounds, self.assignment, v, weights).float().cpu()
+        return pool_spans(self.token_attn, bounds, self.assignment, v, self.value_weights_for(v)).float().cpu()
 
 
 def attribute(method: str, ctx: AttributionContext) -> np.ndarray:

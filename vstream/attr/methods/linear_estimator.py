@@ -27,9 +27,7 @@ def vstream_scores(ctx: AttributionContext) -> np.ndarray:
         and rows.device.type == "cpu"
     ):
         lo, hi = ctx.span_bounds()
-        vw = ctx.value_weights.get(variant.values) if variant.values else None
-        if variant.values and vw is None:
-            raise ValueError(f"feature variant {variant.name!r} needs the trace's {variant.values} value weights")
+        vw = ctx.value_weights_for(variant)
         w, c = ctx.estimator.numpy_weights()
         vw_np = None if vw is None else to_numpy(vw).astype(np.float32)
         a = to_numpy(ctx.assignment).astype(np.float32)
