@@ -48,3 +48,14 @@ def test_bench_repeat_reports_median_and_min(tiny_qwen2_5_vl_dir):
     # one run: median and min are the ratio itself
     one = bench(vlm, est, n=1, max_new_tokens=6, occlusion=False, progress=False, warmup=0)
     assert one["overhead_ratio_min"] == one["overhead_ratio_median"] == one["overhead_ratio"]
+
+
+def test_bench_noise_floor_times_plain_against_plain(tiny_qwen2_5_vl_dir):
+    vlm = load_vlm(str(tiny_qwen2_5_vl_dir), device="cpu")
+    est = LinearEstimator(vlm.num_layers, vlm.num_heads)
+    out = bench(vlm, est, n=2, max_new_tokens=8, occlusion=False, progress=False, repeat=2, noise_floor=True)
+    runs = out["noise_floor_ratio_runs"]
+    assert len(runs) == 2 and all(x > 0 for x in runs) and out["noise_floor_ratio_min"] == min(runs)
+    assert out["noise_floor_ratio_median"] == pytest.approx(float(np.median(runs)), abs=1e-4)
+    off = bench(vlm, est, n=1, max_new_tokens=6, occlusion=False, progress=False, warmup=0)
+    assert off["noise_floor_ratio_runs"] == [] and off["noise_floor_ratio_min"] is None

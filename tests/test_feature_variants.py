@@ -41,6 +41,8 @@ CHECKED = [
     "vnorm+tnorm+max",
     "vonorm+last+rmean+log",
     "tnorm+max+log",
+    "vonorm+raw",
+    "vnorm+tnorm+max+raw",
 ]
 
 
@@ -103,8 +105,18 @@ def _value_norms(mods, values, pos, n_heads, vnorm, vonorm) -> None:
 
 
 def _oracle_features(att: torch.Tensor, assign: torch.Tensor, name: str, weights: dict[str, torch.Tensor]):
-    """(K, L*H) features of variant `name` from its definition (module doc of features.py)."""
+    """(K, L*H) features of variant `name` from its definition (module doc of features.py);
+    "raw": the weighted and the unweighted design side by side, (K, 2*L*H)."""
     v = FV.parse(name)
+    if v.raw:
+        unweighted = "+".join(t for t in v.tokens if t not in (v.values, "raw"))
+        return torch.cat(
+            [
+                _oracle_features(att, assign, name.replace("+raw", ""), weights),
+                _oracle_features(att, assign, unweighted, weights),
+            ],
+            -1,
+        )
     r = att.double()
     if v.values:
         r = r * weights[v.values][None]
@@ -148,6 +160,12 @@ def test_variant_names_parse_and_derive():
     np.testing.assert_allclose(FV.derive(f, a, mean, log), np.log(f + 1e-6), rtol=1e-6)
     with pytest.raises(ValueError):
         FV.derive(f, a, mean, vn)
+    both = FV.parse("raw+vonorm")  # the value-weighted design and the same without, side by side
+    assert both.name == "vonorm+raw" and both.blocks == 2 and both.linear
+    assert [p.name for p in both.parts] == ["vonorm", "mean"]
+    assert [p.name for p in FV.parse("vnorm+max+raw").parts] == ["vnorm+max", "max"]
+    with pytest.raises(ValueError, match="beside a value weighting"):
+        FV.parse("mean+raw")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +212,7 @@ def test_every_variant_matches_the_eager_oracle(pair):
         spans = ((0, 4), (3, t), (5, 6), (4, 4))
         for in_numpy in (True, False):  # numpy on CPU rows; torch where the rows are on an accelerator
             batched = C.pool_spans(got_rows, spans, assign, v, w_got, in_numpy=in_numpy)
-            assert batched.shape == (len(spans), assign.shape[0], got_rows.shape[1] * got_rows.shape[2])
+            assert batched.shape == (len(spans), assign.shape[0], v.blocks * got_rows.shape[1] * got_rows.shape[2])
             for (lo, hi), got in zip(spans, batched, strict=True):
                 want = (
                     _oracle_features(att[lo:hi], assign, name, weights) if hi > lo else torch.zeros_like(got).double()
@@ -205,10 +223,11 @@ def test_every_variant_matches_the_eager_oracle(pair):
     base = _oracle_features(att, assign, "mean", weights)
     for name in CHECKED[1:]:
         if name != "rmean":
-            assert not torch.allclose(_oracle_features(att, assign, name, weights), base, atol=1e-3), name
+            got = _oracle_features(att, assign, name, weights)[:, : base.shape[1]]  # a raw variant's first block
+            assert not torch.allclose(got, base, atol=1e-3), name
 
 
-@pytest.mark.parametrize("name", ["mean", "vnorm", "vonorm", "rmean", "vonorm+rmean"])
+@pytest.mark.parametrize("name", ["mean", "vnorm", "vonorm", "rmean", "vonorm+rmean", "vonorm+raw", "vnorm+rmean+raw"])
 def test_linear_scores_fold_into_the_pooling(name):
     """Scores of a linear design without materialising features = pool_spans, then the estimator."""
     g = np.random.default_rng(5)
@@ -217,8 +236,8 @@ def test_linear_scores_fold_into_the_pooling(name):
     a[g.integers(0, 3, 10), np.arange(10)] = 1  # region 3 stays empty
     vw = g.random((3, 2, 10), dtype=np.float32)
     lo, hi = np.array([0, 3, 5, 5, 8]), np.array([3, 5, 5, 8, 9])  # one empty span
-    w, c = g.normal(size=6).astype(np.float32), np.float32(0.3)
     v = FV.parse(name)
+    w, c = g.normal(size=6 * v.blocks).astype(np.float32), np.float32(0.3)
     want = FV.pool_spans(rows, lo, hi, a, v, vw if v.values else None) @ w + c
     got = FV.linear_span_scores(rows, lo, hi, a, v, w, c, vw if v.values else None)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -341,6 +360,37 @@ def test_estimator_records_its_variant_and_refuses_others(val_labels, tmp_path):
     assert plain.feature_variant == "mean" and FV.variant_of(E.RawAttention()).is_default
 
 
+def test_raw_variant_reads_its_parts_side_by_side(val_labels, tmp_path):
+    """vnorm+raw from labels holding vnorm and mean: both blocks, read or derived, in column order;
+    its estimator has two weights per (layer, head) and keeps them through its file."""
+    _, mean_ex = LB.load_labels(val_labels)
+    _, vn_ex = LB.load_labels(val_labels, "vnorm")
+    cfg, both = LB.load_labels(val_labels, "vnorm+raw")
+    assert cfg["feature_variant"] == "vnorm+raw" and all(e.feature_variant == "vnorm+raw" for e in both)
+    for b, v, m in zip(both, vn_ex, mean_ex, strict=True):
+        assert torch.equal(b.features, torch.cat([v.features, m.features], -1))
+    _, log_both = LB.load_labels(val_labels, "vnorm+log+raw")  # each block derived (log) from a stored one
+    assert torch.allclose(log_both[0].features, torch.log(both[0].features + FV.LOG_EPS))
+    assert [e.features.shape for e in LB.derive_examples(vn_ex + [], "vnorm")] == [e.features.shape for e in vn_ex]
+    with pytest.raises(VLMError, match="collect labels with --features mean"):
+        LB.derive_examples(vn_ex, "vnorm+raw")  # no unweighted block in these examples
+    with pytest.raises(VLMError, match="collect labels with --features vonorm"):
+        LB.load_labels(val_labels, "vonorm+raw")
+    est, _ = E.train(
+        val_labels, epochs=2, val_fraction=0, progress=False, feature_variant="vnorm+raw", columns="layers=1"
+    )
+    lh = est.num_layers * est.num_heads
+    assert est.num_features == 2 * lh and est.feature_variant == "vnorm+raw"
+    w = est.weight.detach()
+    kept = [g * lh + est.num_heads + h for g in (0, 1) for h in range(est.num_heads)]  # layer 1 in both blocks
+    assert torch.count_nonzero(w).item() <= len(kept) and all(w[i] == 0 for i in range(2 * lh) if i not in kept)
+    back = E.load(est.save(tmp_path / "raw.safetensors"))
+    assert back.feature_variant == "vnorm+raw" and torch.equal(back.weight, est.weight)
+    assert np.isfinite(E.evaluate(back, both)["lds"])
+    with pytest.raises(VLMError, match=r"expects 2 x L\*H"):
+        back.predict(vn_ex[0].features)
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluation and the live worker compute the estimator's variant
 
@@ -353,7 +403,7 @@ def _linear(vlm, variant: str, seed: int = 0) -> LinearEstimator:
     return est
 
 
-@pytest.mark.parametrize("variant", ["vonorm+tnorm+max", "vonorm+rmean"])  # features, then predict; folded
+@pytest.mark.parametrize("variant", ["vonorm+tnorm+max", "vonorm+rmean", "vonorm+raw"])  # predict; folded; folded
 def test_evaluate_scores_the_estimators_variant(own_tiny, monkeypatch, variant):
     seen = []
     real = EV.attribute_timed
@@ -397,7 +447,7 @@ def test_evaluate_scores_the_estimators_variant(own_tiny, monkeypatch, variant):
         attribute("vstream", given)
 
 
-@pytest.mark.parametrize("variant", ["vnorm+tnorm+max", "vonorm+last+log", "mean"])
+@pytest.mark.parametrize("variant", ["vnorm+tnorm+max", "vonorm+last+log", "mean", "vonorm+raw"])
 def test_live_worker_scores_the_estimators_variant(own_tiny, variant):
 
     est = _linear(own_tiny, variant)
@@ -425,7 +475,7 @@ def test_live_worker_scores_the_estimators_variant(own_tiny, variant):
             feats = C.variant_features(rec.stack(lo, hi), a, v, w)
             want = est.predict(torch.as_tensor(feats)).detach().numpy()
             np.testing.assert_allclose(ev.scores, want, rtol=1e-4, atol=1e-5, err_msg=f"{mode} span {ev.span.index}")
-            if not v.is_default:  # the default features would give other scores
+            if not v.is_default and not v.raw:  # the default features would give other scores
                 other = est.predict(C.region_features(rec.stack(lo, hi), a)).detach().numpy()
                 assert not np.allclose(ev.scores, other, atol=1e-4)
 

@@ -42,6 +42,12 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
   compute + the decode slowdown of the live runs spread over their spans:
   `speedup_vs_occlusion_all_in`).
 
+`--noise-floor` (`noise_floor=True`) runs plain decoding a second time per prompt, in the same
+rotation, and reports the same per-run ratio of plain against plain: `noise_floor_ratio_median`,
+`_min`, `_runs`. Nothing differs between the two, so their spread is what the machine alone does
+to the overhead ratio (other tenants, frequency, cache): a live run below its min is a cost, one
+within it cannot be told from noise.
+
 `worker` says where the live runs scored their spans (`attribute_stream`'s `worker_mode`:
 "process" or "thread"; `--worker` forces one, to compare).
 
@@ -188,21 +194,23 @@ def bench(
     progress: bool = True,
     repeat: int = 1,
     process: bool | None = None,
+    noise_floor: bool = False,
 ) -> dict:
     """The benchmark (module docstring): `repeat` runs over the same `n` prompts; occlusion is
-    timed in the first run only. `process` goes to `attribute_stream` (None: its default)."""
+    timed in the first run only. `process` goes to `attribute_stream` (None: its default).
+    `noise_floor`: also time plain decoding twice per prompt (module docstring)."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     items = scenes("heldout", start, n + warmup)
     plain_iv = plain_s = live_iv = live_s = plain_cpu = live_cpu = 0
-    latencies, computes, cpu_ms, setups, paired, run_ratios = [], [], [], [], [], []
+    latencies, computes, cpu_ms, setups, paired, run_ratios, floor_ratios = [], [], [], [], [], [], []
     replay_s = replay_scores_s = 0.0
     occl_s, occl_spans, occl_skipped, n_spans, n_tokens = 0.0, 0, 0, 0, 0
     same = True
     ks, modes = set(), set()
     live_kw = {} if process is None else {"process": process}
     for run in range(repeat):
-        run_plain_iv = run_plain_s = run_live_iv = run_live_s = 0.0
+        run_plain_iv = run_plain_s = run_live_iv = run_live_s = again_iv = again_s = 0.0
         for i, scene in enumerate(items):
             if run > 0 and i < warmup:
                 continue
@@ -210,9 +218,11 @@ def bench(
             image = scene.image()
             inputs = vlm.build_inputs(scene.question, image=image)
             res: dict[str, Any] = {}
-            for mode in ("plain", "live") if (i + run) % 2 == 0 else ("live", "plain"):
-                if mode == "plain":
-                    res["plain"] = run_plain(vlm, inputs, max_new_tokens)
+            order = ["plain", "live"] + (["again"] if noise_floor and counted else [])
+            shift = (i + run) % len(order)  # each mode goes first in turn
+            for mode in order[shift:] + order[:shift]:
+                if mode in ("plain", "again"):
+                    res[mode] = run_plain(vlm, inputs, max_new_tokens)
                 else:
                     res["live"] = run_live(vlm, image, scene.question, estimator, k, max_new_tokens, **live_kw)
             ids, ptimes, pcpu = res["plain"]
@@ -238,6 +248,9 @@ def bench(
             )
             if a and b > 0 and pb > 0:
                 paired.append((a / b) / (pa / pb))
+            if "again" in res:
+                ga, gb = _decode(res["again"][1])
+                again_iv, again_s = again_iv + ga, again_s + gb
             latencies += [s.latency_ms for s in live["spans"]]
             computes += [s.compute_ms for s in live["spans"]]
             cpu_ms += [s.compute_cpu_ms for s in live["spans"]]
@@ -257,6 +270,8 @@ def bench(
                     occl_skipped += 1
         if run_plain_s > 0 and run_live_s > 0 and run_plain_iv and run_live_iv:
             run_ratios.append((run_live_iv / run_live_s) / (run_plain_iv / run_plain_s))
+            if again_s > 0 and again_iv:
+                floor_ratios.append((again_iv / again_s) / (run_plain_iv / run_plain_s))
 
     tps_plain = plain_iv / plain_s if plain_s > 0 else float("nan")
     tps_live = live_iv / live_s if live_s > 0 else float("nan")
@@ -273,6 +288,9 @@ def bench(
         "overhead_ratio_median": r(float(np.median(run_ratios))) if run_ratios else None,
         "overhead_ratio_min": r(min(run_ratios)) if run_ratios else None,
         "overhead_ratio_runs": [r(x) for x in run_ratios],
+        "noise_floor_ratio_median": r(float(np.median(floor_ratios))) if floor_ratios else None,
+        "noise_floor_ratio_min": r(min(floor_ratios)) if floor_ratios else None,
+        "noise_floor_ratio_runs": [r(x) for x in floor_ratios],
         "repeat": repeat,
         "span_latency_ms_p50": r(pct(50), 3),
         "span_latency_ms_p95": r(pct(95), 3),

@@ -702,6 +702,8 @@ def pool_spans(
     if rows.ndim != 4:
         raise ValueError(f"rows must be (T, L, H, N), got {tuple(rows.shape)}")
     v = FV.parse(variant)
+    if v.raw:  # its parts side by side (S, K, 2*L*H)
+        return torch.cat([pool_spans(rows, bounds, assignment, p, value_weights, in_numpy) for p in v.parts], -1)
     t, l, h, n = rows.shape
     lo, hi = FV.clip_bounds(np.asarray(bounds), t)
     if rows.device.type == "cpu" if in_numpy is None else in_numpy:

@@ -119,23 +119,26 @@ class Estimator(Protocol):
 
 
 class LinearEstimator(torch.nn.Module):
-    """Region scores = features @ w + c (w: L*H weights, c: `region_bias`, both shared by all
-    regions); subset prediction = masks @ scores + b (`bias`, once per subset)."""
+    """Region scores = features @ w + c (w: one weight per feature column, L*H for most feature
+    variants, 2*L*H for a "raw" one; c: `region_bias`, both shared by all regions); subset
+    prediction = masks @ scores + b (`bias`, once per subset). The variant is `meta`'s
+    "feature_variant"."""
 
     def __init__(self, num_layers: int, num_heads: int, meta: dict[str, Any] | None = None):
         super().__init__()
         if int(num_layers) < 1 or int(num_heads) < 1:
             raise ValueError(f"need num_layers, num_heads >= 1, got {num_layers}, {num_heads}")
         self.num_layers, self.num_heads = int(num_layers), int(num_heads)
-        self.weight = torch.nn.Parameter(torch.ones(self.num_layers * self.num_heads))
+        self.meta: dict[str, Any] = dict(meta or {})
+        blocks = FV.parse(self.meta.get("feature_variant", FV.DEFAULT)).blocks
+        self.weight = torch.nn.Parameter(torch.ones(blocks * self.num_layers * self.num_heads))
         self.region_bias = torch.nn.Parameter(torch.zeros(()))
         self.bias = torch.nn.Parameter(torch.zeros(()))
-        self.meta: dict[str, Any] = dict(meta or {})
         self.meta.update(num_layers=self.num_layers, num_heads=self.num_heads)
 
     @property
     def num_features(self) -> int:
-        return self.num_layers * self.num_heads
+        return int(self.weight.numel())
 
     @property
     def feature_variant(self) -> str:
@@ -149,9 +152,11 @@ class LinearEstimator(torch.nn.Module):
     def _check(self, features: torch.Tensor) -> torch.Tensor:
         f = torch.as_tensor(features)
         if f.shape[-1] != self.num_features:
+            n = FV.parse(self.feature_variant).blocks
+            blocks = f"{n} x " if n > 1 else ""
             raise VLMError(
-                f"features have {f.shape[-1]} columns but this estimator expects L*H = "
-                f"{self.num_layers}*{self.num_heads} = {self.num_features}"
+                f"features have {f.shape[-1]} columns but this estimator expects {blocks}L*H = "
+                f"{blocks}{self.num_layers}*{self.num_heads} = {self.num_features} ({self.feature_variant} features)"
             )
         return f.to(device=self.weight.device, dtype=self.weight.dtype)
 
@@ -250,12 +255,16 @@ def load(path: str | Path, vlm: VLM | None = None, allow_model_mismatch: bool = 
     try:
         meta = json.loads(header["vstream_estimator"])
         L, H = int(meta["num_layers"]), int(meta["num_heads"])
+        variant = FV.parse(meta.get("feature_variant", FV.DEFAULT))
     except (ValueError, KeyError, TypeError) as e:
-        raise VLMError(f"{path.name}: broken estimator metadata ({type(e).__name__})") from e
+        raise VLMError(f"{path.name}: broken estimator metadata ({type(e).__name__}: {e})") from e
     w, b = tensors.get("weight"), tensors.get("bias")
     c = tensors.get("region_bias", torch.zeros(1))
-    if w is None or b is None or tuple(w.shape) != (L * H,) or b.numel() != 1 or c.numel() != 1:
-        raise VLMError(f"{path.name}: expected weight ({L * H},) and bias (1,) for {L} layers x {H} heads")
+    n = variant.blocks * L * H
+    if w is None or b is None or tuple(w.shape) != (n,) or b.numel() != 1 or c.numel() != 1:
+        raise VLMError(
+            f"{path.name}: expected weight ({n},) and bias (1,) for {variant.name} features of {L} layers x {H} heads"
+        )
     est = LinearEstimator(L, H, meta)
     with torch.no_grad():
         est.weight.copy_(w.float())
@@ -497,10 +506,13 @@ def train(
     L = int(num_layers or config.get("num_layers", 0) or 0)
     H = int(num_heads or config.get("num_heads", 0) or 0)
     lh = int(examples[0].features.shape[-1])
+    blocks = FV.parse(variant).blocks
     if not L or not H:
-        L, H = 1, lh
-    if L * H != lh:
-        raise VLMError(f"features have {lh} columns, not num_layers x num_heads = {L} x {H}")
+        L, H = 1, lh // blocks
+    if blocks * L * H != lh:
+        raise VLMError(
+            f"{variant} features have {lh} columns, not {blocks} x num_layers x num_heads = {blocks} x {L} x {H}"
+        )
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(examples))
@@ -721,9 +733,11 @@ def select_columns(spec: str, examples: Sequence[Any], num_layers: int, num_head
     "all"; "layers=A-B" (or "layers=A"): the heads of layers A..B; "top=N": the N columns whose
     subset sums (over each mask's ablated regions) have the highest |Pearson r| with the measured
     effects across masks, averaged over the examples' spans (chosen on the labels given: the
-    training labels)."""
+    training labels). With a "raw" feature variant (two L*H blocks) a layer rule keeps those
+    layers' heads in both blocks."""
     spec = (spec or "all").strip()
-    lh = num_layers * num_heads
+    lh = int(examples[0].features.shape[-1]) if examples else num_layers * num_heads
+    blocks = max(1, lh // (num_layers * num_heads))
     if spec == "all":
         return None
     rule, _, arg = spec.partition("=")
@@ -733,7 +747,8 @@ def select_columns(spec: str, examples: Sequence[Any], num_layers: int, num_head
             a, b = int(lo), int(hi or lo)
             if not 0 <= a <= b < num_layers:
                 raise ValueError
-            return list(range(a * num_heads, (b + 1) * num_heads))
+            step = num_layers * num_heads
+            return [g * step + c for g in range(blocks) for c in range(a * num_heads, (b + 1) * num_heads)]
         if rule == "top":
             n = int(arg)
             if not 0 < n <= lh:

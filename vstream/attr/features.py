@@ -19,11 +19,18 @@ order (the canonical name, which leaves out the default pooling "mean" unless it
   pooling          mean | max | last   over the span's tokens ("mean": the paper's)
   per region       rmean   divided by the region's token count (mass per token, not per region)
                    log     log(feature + LOG_EPS)
+  side by side     raw     with a value weighting: the same design without it as L*H more
+                           columns (weighted block first), so that the estimator weighs where a
+                           head looks and how much it can move separately; still one linear map
+                           over per-(layer, head) features, two per head
 
 Only "mean" is computed from running sums of rows (`capture.features_from_sum`), unchanged and
 bit-identical to before variants existed. The others pool per-token rows here, after weighting.
 vnorm / vonorm are constant per (layer, head, image token) through a trace (the image tokens'
 values are fixed after prefill): the recorder computes them once at prefill.
+
+A "raw" variant is its `parts` side by side: every function here computes each part and
+concatenates, and label folders derive it from the parts' stored features.
 
 The "per region" tokens depend only on the pooled features and the region assignment, both
 stored in every label file, so they can be derived from stored labels (`derive`) without
@@ -69,7 +76,7 @@ DEFAULT = "mean"
 POOLS = ("mean", "max", "last")
 VALUE_WEIGHTS = ("vnorm", "vonorm")
 LOG_EPS = 1e-6  # below any attention mass that matters (a region's share of one row is >= ~1e-4)
-TOKENS = (*VALUE_WEIGHTS, "tnorm", *POOLS, "rmean", "log")
+TOKENS = (*VALUE_WEIGHTS, "tnorm", *POOLS, "rmean", "log", "raw")
 
 _DESCRIBE = {
     "vnorm": "attention weighted by the value vector's norm ||v_j|| (per head)",
@@ -80,6 +87,7 @@ _DESCRIBE = {
     "last": "the span's last token only",
     "rmean": "divided by the region's token count",
     "log": f"log(feature + {LOG_EPS:g})",
+    "raw": "beside it, the same without the value weighting (L*H more columns)",
 }
 
 
@@ -92,12 +100,15 @@ class FeatureVariant:
     pool: str = "mean"
     region_mean: bool = False
     log: bool = False
+    raw: bool = False
 
     def __post_init__(self) -> None:
         if self.values not in ("", *VALUE_WEIGHTS):
             raise ValueError(f"unknown value weighting {self.values!r}; choose from {', '.join(VALUE_WEIGHTS)}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pooling {self.pool!r}; choose from {', '.join(POOLS)}")
+        if self.raw and not self.values:
+            raise ValueError(f"'raw' adds the unweighted columns beside a value weighting ({', '.join(VALUE_WEIGHTS)})")
 
     @property
     def tokens(self) -> list[str]:
@@ -106,6 +117,7 @@ class FeatureVariant:
         out.append(self.pool)
         out += ["rmean"] if self.region_mean else []
         out += ["log"] if self.log else []
+        out += ["raw"] if self.raw else []
         return out
 
     @property
@@ -124,6 +136,19 @@ class FeatureVariant:
     def pooled(self) -> FeatureVariant:
         """The part computed from rows (without the per-region tokens that `derive` can add)."""
         return replace(self, region_mean=False, log=False)
+
+    @property
+    def parts(self) -> tuple[FeatureVariant, ...]:
+        """The single designs whose features lie side by side, in column order."""
+        if not self.raw:
+            return (self,)
+        one = replace(self, raw=False)
+        return (one, replace(one, values=""))
+
+    @property
+    def blocks(self) -> int:
+        """L*H-column blocks per region: an estimator of this variant has blocks * L * H weights."""
+        return len(self.parts)
 
     @property
     def linear(self) -> bool:
@@ -145,7 +170,7 @@ def parse(name: str | FeatureVariant | None) -> FeatureVariant:
         return name
     tokens = [t.strip() for t in (name or "").split("+") if t.strip()]
     values, pool = "", ""
-    flags = {"tnorm": False, "rmean": False, "log": False}
+    flags = {"tnorm": False, "rmean": False, "log": False, "raw": False}
     for t in tokens:
         if t in VALUE_WEIGHTS:
             if values and values != t:
@@ -159,7 +184,7 @@ def parse(name: str | FeatureVariant | None) -> FeatureVariant:
             flags[t] = True
         else:
             raise ValueError(f"unknown feature token {t!r} in {name!r}; known: {', '.join(TOKENS)}")
-    return FeatureVariant(values, flags["tnorm"], pool or "mean", flags["rmean"], flags["log"])
+    return FeatureVariant(values, flags["tnorm"], pool or "mean", flags["rmean"], flags["log"], flags["raw"])
 
 
 def variant_of(estimator: object) -> FeatureVariant:
@@ -185,7 +210,9 @@ def pool_rows(
     rows: np.ndarray, assignment: np.ndarray, variant: FeatureVariant, value_weights: np.ndarray | None = None
 ) -> np.ndarray:
     """(T, L, H, N) rows of a span's tokens, (K, N) assignment -> (K, L*H) float32 features of
-    `variant`, layer-major (column l*H + h is layer l, head h)."""
+    `variant`, layer-major (column l*H + h is layer l, head h; a "raw" variant: (K, 2*L*H))."""
+    if variant.raw:
+        return np.concatenate([pool_rows(rows, assignment, p, value_weights) for p in variant.parts], -1)
     if rows.ndim != 4 or rows.shape[0] < 1:
         raise ValueError(f"rows must be (T >= 1, L, H, N), got {tuple(rows.shape)}")
     t, l, h, n = rows.shape
@@ -231,6 +258,8 @@ def pool_spans(
     (S, T) weight matrix times the rows (summed in another order than `pool_rows`: equal to
     float32 rounding). Value weights without a per-token normalisation are the same for every
     token, so the mean is taken first and weighted once per span instead of once per token."""
+    if variant.raw:
+        return np.concatenate([pool_spans(rows, lo, hi, assignment, p, value_weights) for p in variant.parts], -1)
     t, l, h, n = rows.shape
     a = np.asarray(assignment, dtype=np.float32)
     count = hi - lo
@@ -261,20 +290,20 @@ def linear_span_scores(
     value_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """A linear estimator's (S, K) scores of many spans, equal (to float32 rounding) to
-    `pool_spans` then `rowmath.linear_scores`, for a `variant.linear` design: the weights w (L*H,)
-    and the value weights fold into one (L*H, N) map that reduces each token's row to one value
-    per image token first, so the span means and region sums run on (T, N), not (T, L*H, N)."""
+    `pool_spans` then `rowmath.linear_scores`, for a `variant.linear` design: the weights w
+    (blocks * L*H,) and the value weights fold into one (L*H, N) map that reduces each token's
+    row to one value per image token first, so the span means and region sums run on (T, N), not
+    (T, L*H, N). A "raw" variant's two blocks fold into the same map (w1 * value weight + w2)."""
     if not variant.linear:
         raise ValueError(f"feature variant {variant.name!r} is not linear in the rows: pool_spans, then predict")
     t, l, h, n = rows.shape
     a = np.asarray(assignment, dtype=np.float32)
-    fold = np.asarray(weight, dtype=np.float32)[:, None]  # (L*H, 1) or, value-weighted, (L*H, N)
-    if variant.values:
-        if value_weights is None:
-            raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
-        fold = fold * np.asarray(value_weights, dtype=np.float32).reshape(l * h, n)
-    else:
-        fold = np.broadcast_to(fold, (l * h, n))
+    blocks = np.asarray(weight, dtype=np.float32).reshape(variant.blocks, l * h, 1)
+    if variant.values and value_weights is None:
+        raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
+    fold = np.zeros((l * h, n), dtype=np.float32)
+    for w, part in zip(blocks, variant.parts):
+        fold += w * np.asarray(value_weights, dtype=np.float32).reshape(l * h, n) if part.values else w
     per_token = np.einsum("tcn,cn->tn", np.asarray(rows, dtype=np.float32).reshape(t, l * h, n), fold)  # (T, N)
     if variant.region_mean:
         size = a.sum(1)

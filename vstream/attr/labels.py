@@ -70,6 +70,7 @@ __all__ = [
     "CapturedTrace",
     "LabeledExample",
     "collect",
+    "derivation",
     "derive_examples",
     "done_indices",
     "draw_masks",
@@ -140,7 +141,7 @@ class LabeledExample:
     index: int  # offset of the scene in its split
     seed: int  # scene seed
     family: str
-    features: torch.Tensor  # (S, K, L*H) float32
+    features: torch.Tensor  # (S, K, L*H) float32 (a "raw" variant: 2*L*H)
     masks: torch.Tensor  # (M, K) bool, True = region ablated
     effects: torch.Tensor  # (M, S) float32, nats
     base: torch.Tensor  # (S,) unablated span log-probability
@@ -326,6 +327,26 @@ def label_example(
     )
 
 
+def derivation(
+    stored: Sequence[FV.FeatureVariant], want: FV.FeatureVariant, where: str
+) -> list[tuple[FV.FeatureVariant, FV.FeatureVariant]]:
+    """How to get `want`'s features from stored ones: [(stored variant, the part it gives)], the
+    variant itself when stored, else each of its `parts`, stored or derived (`features.derive`);
+    VLMError naming what to collect when a part cannot be had."""
+    if want in stored:
+        return [(want, want)]
+    plan = []
+    for part in want.parts:
+        src = part if part in stored else next((v for v in stored if FV.can_derive(v, part)), None)
+        if src is None:
+            raise VLMError(
+                f"{where} holds features of {', '.join(v.name for v in stored)}, not {want.name!r} "
+                f"(nor ones it can be derived from): collect labels with --features {part.pooled.name}"
+            )
+        plan.append((src, part))
+    return plan
+
+
 def derive_examples(examples: Sequence[LabeledExample], variant: str | FV.FeatureVariant) -> list[LabeledExample]:
     """The examples with `features` of `variant`: as held when they hold it (primary or extra),
     else derived (`features.derive`) from a held variant; VLMError when neither is possible."""
@@ -334,17 +355,12 @@ def derive_examples(examples: Sequence[LabeledExample], variant: str | FV.Featur
     for e in examples:
         held = {FV.parse(e.feature_variant): e.features}
         held.update({FV.parse(v): f for v, f in e.extra_features.items()})
-        if want in held:
-            f = held[want]
-        else:
-            src = next((v for v in held if FV.can_derive(v, want)), None)
-            if src is None:
-                raise VLMError(
-                    f"example {e.index} holds features of {', '.join(v.name for v in held)}, not {want.name!r} "
-                    "(nor one it can be derived from): collect labels with --features " + want.pooled.name
-                )
-            a = e.assignment.float().numpy()
-            f = torch.from_numpy(FV.derive(held[src].float().numpy(), a, src, want))
+        a = e.assignment.float().numpy()
+        blocks = [
+            held[src] if src == part else torch.from_numpy(FV.derive(held[src].float().numpy(), a, src, part))
+            for src, part in derivation(list(held), want, f"example {e.index}")
+        ]
+        f = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
         out.append(replace(e, features=f, feature_variant=want.name, extra_features={}))
     return out
 
@@ -436,13 +452,9 @@ def read_shard(
     cfg = normalised_config(meta.get("config", {}))
     stored = [FV.parse(v) for v in cfg["feature_variants"]]
     want = FV.parse(cfg["feature_variant"] if feature_variant is None else feature_variant)
-    src = want if want in stored else next((v for v in stored if FV.can_derive(v, want)), None)
-    if src is None:
-        raise VLMError(
-            f"{side} holds features of {', '.join(v.name for v in stored)}, not {want.name!r} "
-            f"(nor one it can be derived from): collect labels with --features {want.pooled.name}"
-        )
-    key = "features" if src == FV.parse(cfg["feature_variant"]) else f"features.{src.name}"
+    plan = derivation(stored, want, str(side))
+    primary = FV.parse(cfg["feature_variant"])
+    key = lambda src: "features" if src == primary else f"features.{src.name}"  # noqa: E731
     cfg.update(feature_variant=want.name, features=features_description(want))
     st = side.with_suffix(".safetensors")
     out = []
@@ -452,10 +464,14 @@ def read_shard(
         for m in meta.get("examples", []):
             p = f"e{m['index']}."
             g = lambda name, p=p: f.get_tensor(p + name)
-            feats = g(key)
-            if src != want:
-                assign = g("assignment").float().numpy()
-                feats = torch.from_numpy(FV.derive(feats.float().numpy(), assign, src, want))
+            blocks = []
+            for src, part in plan:
+                feats = g(key(src))
+                if src != part:
+                    assign = g("assignment").float().numpy()
+                    feats = torch.from_numpy(FV.derive(feats.float().numpy(), assign, src, part))
+                blocks.append(feats)
+            feats = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
             out.append(
                 LabeledExample(
                     index=int(m["index"]),

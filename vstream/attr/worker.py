@@ -305,7 +305,8 @@ class _Run:
         self._cols = torch.from_numpy(cols)
         self._est_device, self._est_dtype = _estimator_target(estimator)
         self._linear_np = None  # the probe goes through estimator.predict and its own checks
-        self.feature_dim = int(vlm.num_layers) * int(vlm.num_heads)
+        self.variant = variant_of(estimator)  # the features the estimator was trained on
+        self.feature_dim = self.variant.blocks * int(vlm.num_layers) * int(vlm.num_heads)
         try:
             self._predict(np.zeros((self.regions.k, self.feature_dim), dtype=np.float32))
         except VLMError as e:
@@ -313,7 +314,7 @@ class _Run:
         except Exception as e:
             raise VLMError(
                 f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
-                f"{vlm.num_layers} layers x {vlm.num_heads} heads features): {type(e).__name__}: {e}"
+                f"{self.variant.name} features of {vlm.num_layers} layers x {vlm.num_heads} heads): {type(e).__name__}: {e}"
             ) from e
         if _linear_on_cpu(estimator):
             self._linear_np = estimator.numpy_predictor()  # shapes checked by the probe above
@@ -323,7 +324,6 @@ class _Run:
         self.worker_mode = "process" if (can if process is None else process) else "thread"
         self.worker_note = ""
 
-        self.variant = variant_of(estimator)  # the features the estimator was trained on
         self.recorder = AttentionRecorder.for_vlm(vlm, values=[self.variant.values] if self.variant.values else [])
         self.tracker = DynamicsTracker()
         self.risk_model = risk
@@ -335,8 +335,9 @@ class _Run:
         self._abort = threading.Event()  # close(): stop everything, drop queued spans
         self._gen_done = threading.Event()
         self._worker_ready = threading.Event()
-        self._out: queue.Queue = queue.Queue()
-        self._spans: queue.Queue = queue.Queue()
+        # SimpleQueue: a put is one C call, where queue.Queue's takes a Condition in Python
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._spans: queue.SimpleQueue = queue.SimpleQueue()
         self.row_timeout = float(row_timeout)
         self._eos = set(vlm.eos_token_ids)
         self._saw_eos = False

@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="where live runs score spans (default: the attribution process where it can run)",
     )
+    ap.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also decode plain twice per prompt: the plain/plain ratio per run is what the machine alone "
+        "does to overhead_ratio",
+    )
     ap.add_argument("--start", type=int, default=DEFAULT_START, help="offset into the held-out seed range")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=None, help="regions (default: auto)")
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             occlusion=not args.no_occlusion,
             repeat=args.repeat,
             process={"auto": None, "process": True, "thread": False}[args.worker],
+            noise_floor=args.noise_floor,
         )
     except (VLMError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"over {args.repeat} runs: overhead_ratio median {res['overhead_ratio_median']}, "
                 f"min {res['overhead_ratio_min']} (at no visible cost: median >= 0.97, min >= 0.93)"
+            )
+        if args.noise_floor:
+            print(
+                f"plain against plain (noise floor): median {res['noise_floor_ratio_median']}, "
+                f"min {res['noise_floor_ratio_min']}"
             )
         print(f"span latency ms: p50 {res['span_latency_ms_p50']}, p95 {res['span_latency_ms_p95']} (target p95 <= 50)")
         print(
