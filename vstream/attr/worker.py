@@ -314,7 +314,8 @@ class _Run:
         except Exception as e:
             raise VLMError(
                 f"the estimator does not fit this model ({self.regions.k} regions x {self.feature_dim} = "
-                f"{self.variant.name} features of {vlm.num_layers} layers x {vlm.num_heads} heads): {type(e).__name__}: {e}"
+                f"{self.variant.name} features of {vlm.num_layers} layers x {vlm.num_heads} heads): "
+                f"{type(e).__name__}: {e}"
             ) from e
         if _linear_on_cpu(estimator):
             self._linear_np = estimator.numpy_predictor()  # shapes checked by the probe above
