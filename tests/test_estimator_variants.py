@@ -243,6 +243,7 @@ def test_the_command_refuses_held_out_and_shared_scenes(label_sets, tmp_path, ca
         ("base,tnorm", "collect labels with --features"),
         ("sideways", "unknown token"),
         ("@nowhere", "not given"),
+        ("base,zscore+nobias", "'zscore+nobias': zscore scaling"),  # refused before `base` trains
     ):
         rc, _, err = _run(capsys, *train, *val, "--variants", variants, "--epochs", "1")
         assert rc == 2 and why in err, (variants, err)

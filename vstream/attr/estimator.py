@@ -89,6 +89,7 @@ __all__ = [
     "pearson_loss",
     "r2_score",
     "RawAttention",
+    "check_options",
     "check_variant",
     "seed_ranges",
     "select_columns",
@@ -446,6 +447,21 @@ def in_ranges(seed: int, ranges: Sequence[Sequence[int]]) -> bool:
     return any(lo <= int(seed) < hi for lo, hi in ranges)
 
 
+def check_options(loss: str, scaling: str, region_bias: bool, anchor: float, balance: bool) -> None:
+    """Refuse `train` options that do not go together, before any label is read (a variant
+    study checks all its variants this way before training the first)."""
+    if loss not in LOSSES:
+        raise VLMError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    if scaling not in SCALINGS:
+        raise VLMError(f"unknown feature scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
+    if scaling == "zscore" and not region_bias:
+        raise VLMError("zscore scaling folds the column means into the region bias: it needs the region bias")
+    if not (anchor >= 0 and math.isfinite(anchor)):
+        raise VLMError(f"anchor must be a finite number >= 0, got {anchor}")
+    if balance and loss != "pearson":
+        raise VLMError("family balancing weighs the Pearson loss: use it with loss='pearson'")
+
+
 def train(
     label_dirs: str | Path | Iterable[str | Path] | Sequence[Any],
     epochs: int = 200,
@@ -477,12 +493,7 @@ def train(
     direction of w moving away from raw attention's (see the module doc). `balance`: every
     scene family weighs the same in the Pearson loss (see the module doc)."""
 
-    if loss not in LOSSES:
-        raise VLMError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-    if scaling not in SCALINGS:
-        raise VLMError(f"unknown feature scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
-    if scaling == "zscore" and not region_bias:
-        raise VLMError("zscore scaling folds the column means into the region bias: it needs the region bias")
+    check_options(loss, scaling, region_bias, anchor, balance)
     try:
         variant = None if feature_variant is None else FV.parse(feature_variant).name
     except ValueError as e:
@@ -523,10 +534,6 @@ def train(
 
     kept = select_columns(columns, examples, L, H)
     t0 = time.perf_counter()
-    if not (anchor >= 0 and math.isfinite(anchor)):
-        raise VLMError(f"anchor must be a finite number >= 0, got {anchor}")
-    if balance and loss != "pearson":
-        raise VLMError("family balancing weighs the Pearson loss: use it with loss='pearson'")
     opts = _FitOptions(lr, weight_decay, batch_spans, seed, region_bias, loss, scaling, kept, anchor, balance)
     fit = lambda exs, val, n_ep, desc: _fit(exs, val, lh, n_ep, opts, progress, desc)
     est = LinearEstimator(L, H, {"feature_variant": variant})

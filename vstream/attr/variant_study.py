@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from vstream.attr import features as FV
-from vstream.attr.estimator import LinearEstimator, check_variant, in_ranges, r2_score, train
+from vstream.attr.estimator import LinearEstimator, check_options, check_variant, in_ranges, r2_score, train
 from vstream.attr.evaluate import DEFINITIONS, KEEP_PROB, N_MASKS, constant_spans, span_scores, subset_predictions
 from vstream.attr.labels import LabeledExample, folder_config, load_labels
 from vstream.model import VLMError
@@ -281,6 +281,11 @@ def run_study(
     for v in parsed:
         if v.label_set not in sets:
             raise VLMError(f"variant {v.name!r} names label set @{v.label_set}, not given (--train-set NAME DIR)")
+        opts = v.train_options(num_layers)
+        try:  # before the first variant trains: a bad one late in the list would lose the others
+            check_options(opts["loss"], opts["scaling"], opts["region_bias"], 0.0, opts["balance"])
+        except VLMError as e:
+            raise VLMError(f"variant {v.name!r}: {e}") from e
 
     val_cache: dict[str, list[LabeledExample]] = {}
 
