@@ -244,6 +244,7 @@ def test_the_command_refuses_held_out_and_shared_scenes(label_sets, tmp_path, ca
         ("sideways", "unknown token"),
         ("@nowhere", "not given"),
         ("base,zscore+nobias", "'zscore+nobias': zscore scaling"),  # refused before `base` trains
+        ("base,vnorm+max", "'vnorm+max': the training labels hold"),  # neither stored nor derivable
     ):
         rc, _, err = _run(capsys, *train, *val, "--variants", variants, "--epochs", "1")
         assert rc == 2 and why in err, (variants, err)

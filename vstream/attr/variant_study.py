@@ -49,7 +49,7 @@ import torch
 from vstream.attr import features as FV
 from vstream.attr.estimator import LinearEstimator, check_options, check_variant, in_ranges, r2_score, train
 from vstream.attr.evaluate import DEFINITIONS, KEEP_PROB, N_MASKS, constant_spans, span_scores, subset_predictions
-from vstream.attr.labels import LabeledExample, folder_config, load_labels
+from vstream.attr.labels import LabeledExample, derivation, folder_config, load_labels
 from vstream.model import VLMError
 
 __all__ = [
@@ -284,6 +284,8 @@ def run_study(
         opts = v.train_options(num_layers)
         try:  # before the first variant trains: a bad one late in the list would lose the others
             check_options(opts["loss"], opts["scaling"], opts["region_bias"], 0.0, opts["balance"])
+            for cfg, where in ((cfgs[v.label_set], "training"), (val_cfg, "validation")):
+                derivation([FV.parse(s) for s in cfg["feature_variants"]], v.features, f"the {where} labels")
         except VLMError as e:
             raise VLMError(f"variant {v.name!r}: {e}") from e
 
