@@ -213,9 +213,15 @@ class _Session:
             if self.variant.is_default:
                 total = rowmath.sum_rows([rows[i] for i in range(lo, hi)])
                 features = rowmath.span_features(total, hi - lo, self.assignment)
+                scores = rowmath.linear_scores(features, self.weight, self.bias)
+            elif self.variant.linear:  # the weights fold into the pooling: no (K, L*H) features
+                one = (np.zeros(1, np.int64), np.full(1, hi - lo))
+                scores = FV.linear_span_scores(
+                    rows[lo:hi], *one, self.assignment, self.variant, self.weight, self.bias, self.value_weights
+                )[0]
             else:
                 features = FV.pool_rows(rows[lo:hi], self.assignment, self.variant, self.value_weights)
-            scores = rowmath.linear_scores(features, self.weight, self.bias)
+                scores = rowmath.linear_scores(features, self.weight, self.bias)
         else:
             scores = np.zeros(self.assignment.shape[0], dtype=np.float32)
         t_scores = time.perf_counter()
