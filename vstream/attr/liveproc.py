@@ -273,9 +273,6 @@ def serve(fd: int) -> None:
     means the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     lower_priority()  # below generation: it and torch's OpenMP team on the other core go first
-    if os.environ.get("VSTREAM_EXP_IDLE") == "1":
-        with contextlib.suppress(AttributeError, OSError, PermissionError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     with contextlib.suppress(OSError):
         _CPUS.update(os.sched_getaffinity(0))
     ctrl = socket.socket(fileno=fd)
