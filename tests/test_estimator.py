@@ -262,14 +262,14 @@ def test_shipped_estimator(tiny_qwen2_5_vl):
     assert (est.num_layers, est.num_heads) == (4, 6) and est.meta["model"] == "demo-model"
     assert est.meta["trained_examples"] == 2000 and est.meta["masks_per_example"] == 32
     assert est.meta["k_rule"].startswith("auto") and est.meta["backbone"] == "pixels"
-    assert est.meta["feature_variant"] == "vonorm"
+    assert est.meta["feature_variant"] == "vonorm+raw" and est.meta["family_balance"] is True
     demo = SimpleNamespace(
         model=SimpleNamespace(name_or_path=str(DEMO_MODEL_DIR), config=SimpleNamespace()),
         arch="qwen2_5_vl",
         num_layers=4,
         num_heads=6,
     )
-    assert E.load(path, demo).num_features == 24
+    assert E.load(path, demo).num_features == 2 * 24  # value-weighted and plain, side by side
     with pytest.raises(VLMError, match="4 layers x 6 heads.*2 layers x 4 heads") as info:
         E.load(path, tiny_qwen2_5_vl)
     assert "\n" not in str(info.value)
@@ -277,7 +277,7 @@ def test_shipped_estimator(tiny_qwen2_5_vl):
 
 def test_shipped_mean_estimator_is_what_watching_uses():
     """Watching computes the paper's mean features only, so the Video tab and `tays` commands fall
-    back to the mean-feature still-image estimator, never to the shipped vonorm one."""
+    back to the mean-feature still-image estimator, never to the shipped vonorm+raw one."""
     from tays.watch import StreamAttributor
     from ui.video import video_estimator
     from vstream.attr.features import variant_of
@@ -292,5 +292,5 @@ def test_shipped_mean_estimator_is_what_watching_uses():
     want = VIDEO_ESTIMATOR if VIDEO_ESTIMATOR.is_file() else DEMO_ESTIMATOR_MEAN
     assert chosen is not None and want.name in line
     StreamAttributor(estimator=chosen)  # accepted: its predictor is built here
-    with pytest.raises(VLMError, match="feature variant 'vonorm'"):
+    with pytest.raises(VLMError, match="feature variant 'vonorm\\+raw'"):
         StreamAttributor(estimator=E.load(DEMO_ESTIMATOR))
