@@ -301,9 +301,10 @@ def linear_span_scores(
     blocks = np.asarray(weight, dtype=np.float32).reshape(variant.blocks, l * h, 1)
     if variant.values and value_weights is None:
         raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
+    vw = np.asarray(value_weights, dtype=np.float32).reshape(l * h, n) if variant.values else None
     fold = np.zeros((l * h, n), dtype=np.float32)
     for w, part in zip(blocks, variant.parts):
-        fold += w * np.asarray(value_weights, dtype=np.float32).reshape(l * h, n) if part.values else w
+        fold += w * vw if part.values else w
     per_token = np.einsum("tcn,cn->tn", np.asarray(rows, dtype=np.float32).reshape(t, l * h, n), fold)  # (T, N)
     if variant.region_mean:
         size = a.sum(1)

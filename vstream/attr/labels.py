@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ __all__ = [
     "collect",
     "derivation",
     "derive_examples",
+    "features_by_plan",
     "done_indices",
     "draw_masks",
     "features_description",
@@ -347,6 +348,22 @@ def derivation(
     return plan
 
 
+def features_by_plan(
+    plan: Sequence[tuple[FV.FeatureVariant, FV.FeatureVariant]],
+    stored_features: Callable[[FV.FeatureVariant], torch.Tensor],
+    assignment: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """One example's features following a `derivation` plan: each part read as stored or derived
+    from its stored variant, side by side. Getters, so a shard reads only what the plan names."""
+    blocks = []
+    for src, part in plan:
+        f = stored_features(src)
+        if src != part:
+            f = torch.from_numpy(FV.derive(f.float().numpy(), assignment().float().numpy(), src, part))
+        blocks.append(f)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
+
+
 def derive_examples(examples: Sequence[LabeledExample], variant: str | FV.FeatureVariant) -> list[LabeledExample]:
     """The examples with `features` of `variant`: as held when they hold it (primary or extra),
     else derived (`features.derive`) from a held variant; VLMError when neither is possible."""
@@ -355,12 +372,8 @@ def derive_examples(examples: Sequence[LabeledExample], variant: str | FV.Featur
     for e in examples:
         held = {FV.parse(e.feature_variant): e.features}
         held.update({FV.parse(v): f for v, f in e.extra_features.items()})
-        a = e.assignment.float().numpy()
-        blocks = [
-            held[src] if src == part else torch.from_numpy(FV.derive(held[src].float().numpy(), a, src, part))
-            for src, part in derivation(list(held), want, f"example {e.index}")
-        ]
-        f = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
+        plan = derivation(list(held), want, f"example {e.index}")
+        f = features_by_plan(plan, held.__getitem__, lambda e=e: e.assignment)
         out.append(replace(e, features=f, feature_variant=want.name, extra_features={}))
     return out
 
@@ -464,14 +477,7 @@ def read_shard(
         for m in meta.get("examples", []):
             p = f"e{m['index']}."
             g = lambda name, p=p: f.get_tensor(p + name)
-            blocks = []
-            for src, part in plan:
-                feats = g(key(src))
-                if src != part:
-                    assign = g("assignment").float().numpy()
-                    feats = torch.from_numpy(FV.derive(feats.float().numpy(), assign, src, part))
-                blocks.append(feats)
-            feats = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
+            feats = features_by_plan(plan, lambda src, g=g: g(key(src)), lambda g=g: g("assignment"))
             out.append(
                 LabeledExample(
                     index=int(m["index"]),
