@@ -33,9 +33,10 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
   leave-one-region-out with the project's ablation operator (`ablation.ablation_effects`, K
   one-region masks + the unablated pass, batched, on the generated trace), timed alone per
   prompt and divided by its spans. vSTREAM is the worker's per-span computation (features +
-  predict + heatmap + dynamics, `AttributionSession.compute_span`) replayed alone on the
-  recorded rows right after, also wall clock: the two are timed the same way. Beside it:
-  the same computation timed in flight by the worker while generation runs
+  predict + dynamics, `AttributionSession.compute_span`) plus painting the heatmap (which live
+  runs leave to whoever reads `SpanEvent.heatmap`; this consumer never does), replayed alone
+  on the recorded rows right after, also wall clock: the two are timed the same way. Beside it:
+  the same computation (without the painting) timed in flight by the worker while generation runs
   (`vstream_inflight_s_per_span`, wall clock, so it includes waiting for the GIL and the cores
   the generation thread holds; `..._cpu_s_per_span`: the worker thread's CPU time), the
   attribution alone (features + predict: `speedup_vs_occlusion_scores_only`) and all-in (in-flight
@@ -174,7 +175,8 @@ def replay_seconds(vlm: VLM, session: AttributionSession, spans: list[Span]) -> 
     total = scores_only = 0.0
     for ev in spans:
         t0 = time.perf_counter()
-        *_, t_scores = session.compute_span(*ev.rows, tracker)
+        scores, *_, t_scores = session.compute_span(*ev.rows, tracker)
+        session.painter(scores)  # as a consumer reading every span's heatmap would
         if vlm.device.type == "cuda":
             torch.cuda.synchronize()
         total += time.perf_counter() - t0

@@ -288,7 +288,9 @@ class AttentionRecorder:
             return None
         if end > queries.shape[0] or tuple(queries.shape[2:]) != (q0.shape[1], q0.shape[3]):
             return None
-        torch.cat(flat, out=torch.from_numpy(queries[start:end]).view(len(flat), q0.shape[1], 1, q0.shape[3]))
+        # numpy, not torch: a torch op hands the GIL to the generation thread and back
+        out = queries[start:end].reshape(len(flat), q0.shape[1], 1, q0.shape[3])  # a view: contiguous
+        np.concatenate([q.numpy() for q in flat], out=out)
         for li, k in enumerate(latest):
             keys[li, :, keys_from:s] = k.numpy()[0, :, keys_from:s]
         return np.array([st.layers[0][1] for st in steps]), s, steps[0].scaling

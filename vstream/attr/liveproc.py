@@ -7,8 +7,10 @@ every decode step to look for rows; decoding ran at 0.84-0.93 of plain on a 2-co
 Here the generation thread only copies a span's decode queries and the new key columns into
 shared memory (`AttentionRecorder.export`, tens of microseconds per span) and sends a short
 message; the process computes the rest at a lower scheduling priority with one BLAS thread and
-answers with the scores, top regions and path point. The parent paints the heatmap itself
-(one torch gather, without the GIL): shipping 800 KB per span cost more than painting.
+answers with the scores, top regions and path point, and counts its answers in the shared
+memory, so the parent finds them without a system call or a thread waiting on the socket. The
+heatmap is painted by whoever reads it (`SpanEvent.heatmap`), not here: shipping 800 KB per
+span cost more than painting.
 
 * the server (``python -m vstream.attr.liveproc FD``, started by the first `Channel`, one per
   Python process; `prewarm()` starts it early): imports numpy, `rowmath`, `features` and
@@ -16,9 +18,10 @@ answers with the scores, top regions and path point. The parent paints the heatm
   (end of file on FD). It serves any number of sessions, each on its own socket, one message at
   a time.
 * a session (`Channel`): a memfd shared with the server holds the queries (T_max, L, H, D), the
-  key cache (L, Hkv, S_max, D) and the rows the server computes (T_max, L, H, N), float32 (faulted
-  in when the session opens, up to `POPULATE_MAX`). Closing the channel (or the parent exiting) ends the
-  session in the server; nothing else is left behind.
+  key cache (L, Hkv, S_max, D) and the rows the server computes (T_max, L, H, N), float32, and
+  the count of answers sent (int64); faulted in when the session opens, up to `POPULATE_MAX`.
+  Closing the channel (or the parent exiting) ends the session in the server; nothing else is
+  left behind.
 
 Scheduling. On a 2-core machine a decode step keeps both cores busy: the generation thread on
 one, torch's OpenMP helper on the other (it spins between the step's parallel regions, and the
@@ -61,7 +64,10 @@ from vstream.model.helper_process import HelperProcess, lower_priority
 __all__ = ["Channel", "LiveProcessError", "Shapes", "current_cpu", "prewarm", "server_pid", "shutdown"]
 
 _HEADER = struct.Struct("!I")
+_RECV_BYTES = 1 << 16
 ROW_CHUNK = 4  # decode steps whose rows are computed between two yields (~25 us each on the demo model)
+ANSWERED = "answered"  # answers the server has sent, counted in the shared memory: the parent
+# looks for one without a system call (each one hands the GIL to the generation thread and back)
 POPULATE_MAX = 256 << 20  # larger buffers (big models, long traces) are faulted in as written
 _READY_TIMEOUT_S = 120.0  # the first session waits for the server's imports (slow on a busy machine)
 
@@ -115,6 +121,7 @@ class Shapes:
     n: int
 
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Float32 arrays, in order; then the answer counter (one int64, `ANSWERED`)."""
         return [
             ("queries", (self.t_max, self.l, self.h, self.d)),
             ("keys", (self.l, self.hkv, self.s_max, self.d)),
@@ -122,7 +129,7 @@ class Shapes:
         ]
 
     def nbytes(self) -> int:
-        return sum(4 * int(np.prod(shape)) for _, shape in self.layout())
+        return sum(4 * int(np.prod(shape)) for _, shape in self.layout()) + 16  # counter, aligned
 
 
 def _map(fd: int, nbytes: int) -> mmap.mmap:
@@ -141,6 +148,7 @@ def _views(buf: mmap.mmap, shapes: Shapes) -> dict[str, np.ndarray]:
         count = int(np.prod(shape))
         out[name] = np.frombuffer(buf, dtype=np.float32, count=count, offset=offset).reshape(shape)
         offset += 4 * count
+    out[ANSWERED] = np.frombuffer(buf, dtype=np.int64, count=1, offset=offset + (-offset) % 8)
     return out
 
 
@@ -241,6 +249,7 @@ class _Session:
             "cpu_s": c1 - c0,
         }
         send_msg(self.sock, reply)
+        self.bufs[ANSWERED][0] += 1
 
 
 _CPUS: set[int] = set()  # the server's CPUs as started
@@ -305,6 +314,8 @@ def serve(fd: int) -> None:
                 except Exception as e:  # reported to that session, which stops
                     with contextlib.suppress(OSError):
                         send_msg(sock, {"op": "error", "error": f"{type(e).__name__}: {e}"})
+                        if ANSWERED in sess.bufs:
+                            sess.bufs[ANSWERED][0] += 1
                     sess.close()
                     del sessions[sock]
     finally:
@@ -346,13 +357,15 @@ _sched_getcpu: Any = None
 
 
 def current_cpu() -> int:
-    """The CPU the calling thread runs on (libc's sched_getcpu through ctypes, ~1 us), or -1."""
+    """The CPU the calling thread runs on (libc's sched_getcpu through ctypes, ~1 us), or -1.
+    Called per token on the generation thread, so without releasing the GIL: a release there
+    lets another thread in between two decode steps."""
     global _sched_getcpu
     if _sched_getcpu is None:
         try:
             import ctypes
 
-            _sched_getcpu = ctypes.CDLL(None).sched_getcpu
+            _sched_getcpu = ctypes.PyDLL(None).sched_getcpu  # keeps the GIL: CDLL drops and retakes it
         except (OSError, AttributeError):
             _sched_getcpu = lambda: -1  # noqa: E731
     return int(_sched_getcpu())
@@ -381,8 +394,8 @@ class Channel:
     """One live session's link to the attribution process.
 
     Constructed before generation starts (it waits until the server has mapped the buffers);
-    `queries`, `keys` and `rows` are the shared arrays. The generation thread writes queries and
-    keys and calls `send_span` / `finish`; one other thread reads answers with `receive`.
+    `queries`, `keys` and `rows` are the shared arrays. One thread at a time writes queries and
+    keys and calls `send_span` / `finish`, and reads answers with `has_answer` / `receive`.
     `close()` ends the session (a blocked `receive` then raises EOFError)."""
 
     def __init__(self, shapes: Shapes, config: dict[str, Any]):
@@ -415,6 +428,10 @@ class Channel:
         self.pid = int(reply["pid"])
         bufs = _views(self._map, shapes)
         self.queries, self.keys, self.rows = bufs["queries"], bufs["keys"], bufs["rows"]
+        self._answered, self._received = bufs[ANSWERED], 0
+        self._inbox = bytearray()  # answers' bytes received but not parsed yet
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
         self._closed = False
 
     def send_span(self, msg: dict[str, Any]) -> None:
@@ -424,9 +441,38 @@ class Channel:
         """No more spans: the server answers "done" with its tracker once the queued spans are answered."""
         send_msg(self.sock, {"op": "finish"})
 
-    def receive(self) -> dict[str, Any]:
-        """The next answer ("span", "done" or "error")."""
-        return recv_msg(self.sock)
+    def has_answer(self) -> bool:
+        """Whether a span's answer (or an error) is waiting: a look at the server's counter in the
+        shared memory (no system call). "done" is not counted: `receive` waits for it."""
+        return int(self._answered[0]) > self._received
+
+    def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next answer ("span", "done" or "error"); waits at most `timeout` seconds for it
+        (None: no limit; TimeoutError past it)."""
+        while (msg := self._next_frame()) is None:  # one recv for what has arrived, usually all of it
+            if timeout is not None and not self._poll.poll(max(0.0, timeout) * 1000.0):
+                raise TimeoutError(f"no answer from the attribution process in {timeout:g} s")
+            data = self.sock.recv(_RECV_BYTES)
+            if not data:
+                raise EOFError("the attribution process closed the session")
+            self._inbox += data
+        if msg.get("op") in ("span", "error"):
+            self._received += 1
+        return msg
+
+    def _next_frame(self) -> dict[str, Any] | None:
+        if len(self._inbox) < _HEADER.size:
+            return None
+        (n,) = _HEADER.unpack_from(self._inbox)
+        if len(self._inbox) < _HEADER.size + n:
+            return None
+        body = bytes(self._inbox[_HEADER.size : _HEADER.size + n])
+        del self._inbox[: _HEADER.size + n]
+        return pickle.loads(body)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """End the session: wakes a blocked `receive`, the server drops its state. Idempotent."""

@@ -20,17 +20,21 @@ Producer-consumer, three threads, one output queue:
 * the span worker turns a closed span into region scores: mean of the span's (L, H, N) rows x
   assignment (N, K) -> (K, L*H) features (`capture.features_from_sum`; for an estimator trained
   on another `vstream.attr.features` variant, that variant, from the span's rows and the value
-  weights the recorder took at prefill) -> `estimator.predict` -> (K,) scores; then the heatmap
-  (a separable lookup of precomputed region ids, `Regions.pixel_index`) and one
-  `DynamicsTracker.add`. It runs in one of two places (`session.worker_mode`):
+  weights the recorder took at prefill) -> `estimator.predict` -> (K,) scores; then one
+  `DynamicsTracker.add`. The heatmap (a separable lookup of precomputed region ids,
+  `Regions.pixel_index`) is painted when a consumer first reads `SpanEvent.heatmap`: the
+  explorer draws from the scores, and painting every span cost this process more than the
+  rest of its per-span work. It runs in one of two places (`session.worker_mode`):
 
   - "process" (a float32 model on the CPU with a `LinearEstimator`: the demo setup): the
     attribution process (`vstream.attr.liveproc`), so that none of it holds the GIL that
     `generate`'s Python needs. The token thread keeps a closed span until the decode step
     that records its last row, then copies the span's decode queries and the new key columns
-    into memory shared with the process (`AttentionRecorder.export`) and sends a short message;
-    a relay thread here (`vstream-attr-worker`) paints the heatmap from the scores that come
-    back and emits the events. Per span this interpreter does tens of microseconds of copying
+    into memory shared with the process (`AttentionRecorder.export`) and sends a short message.
+    No thread here waits for the answers: after each token the token thread looks at a counter
+    the process keeps in the shared memory and turns the answers that came into events (so an
+    answer wakes nobody and waits at most one decode step); after generation the generation
+    thread takes the rest. Per span this interpreter does tens of microseconds of copying
     instead of ~0.5 ms of arithmetic, and nothing but the token thread wakes per token. When
     generation ends the recorder adopts the rows the process computed (`AttentionRecorder.adopt`),
     so `compute_span` replays to the same numbers.
@@ -77,6 +81,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -131,11 +136,29 @@ class TokenEvent:
     time: float
 
 
+class HeatmapPainter:
+    """(K,) scores -> (H, W) float32 map at the image's size, each pixel its region's score, from
+    the separable pixel map (`Regions.pixel_index`): the small (H, w) gather in numpy, the column
+    gather as one torch op, which releases the GIL while it fills the fresh (H, W) array. Its page
+    faults are most of the cost (800 KB for a 448 px map), and numpy keeps the GIL through a
+    gather of fewer than 500 columns."""
+
+    def __init__(self, regions: Regions, size: tuple[int, int]):
+        self.row_labels, cols = regions.pixel_index(size)
+        self.cols = torch.from_numpy(cols)
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        return torch.index_select(torch.from_numpy(scores[self.row_labels]), 1, self.cols).numpy()
+
+
 @dataclass
 class SpanEvent:
+    """One scored span. `heatmap` is painted when first read: the explorer draws its overlays
+    from `scores`, and painting every span (an image-sized array each) while generation runs
+    was a third of this process's per-span work."""
+
     span: Span  # text, kind, token_start/token_end, ...
     scores: np.ndarray  # (K,) float32 predicted ablation effect per region
-    heatmap: np.ndarray  # (H, W) float32, original image size: each pixel = its region's score
     top_regions: list[int]  # region ids, highest score first (at most TOP_REGIONS)
     span_end_time: float  # when the token closing the span arrived
     emitted_time: float  # when the scores were put on the output queue
@@ -146,6 +169,14 @@ class SpanEvent:
     n_rows: int = 0  # attention rows (tokens) the features average over
     rows: tuple[int, int] = (0, 0)  # [lo, hi) recorder rows used (= the span's tokens unless noted)
     note: str = ""  # set when the rows are not exactly the span's tokens
+    painter: HeatmapPainter | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def heatmap(self) -> np.ndarray:
+        """(H, W) float32 at the original image size: each pixel is its region's score."""
+        if self.painter is None:
+            raise ValueError("this SpanEvent was made without a painter: no heatmap")
+        return self.painter(self.scores)
 
 
 @dataclass
@@ -210,15 +241,6 @@ def _one_torch_thread_here() -> None:
         restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="vstream-threads")
         restore.start()
         restore.join()
-
-
-def _paint(scores: np.ndarray, row_labels: np.ndarray, cols: torch.Tensor) -> np.ndarray:
-    """(K,) scores -> (H, W) float32 heatmap from the separable pixel map
-    (`Regions.pixel_index`): the small (H, w) gather in numpy, the column gather as one torch op,
-    which releases the GIL while it fills the fresh (H, W) array. Its page faults are most of
-    the cost (800 KB for a 448 px map: ~0.5 ms in a VM), and numpy keeps the GIL through a
-    gather of fewer than 500 columns."""
-    return torch.index_select(torch.from_numpy(scores[row_labels]), 1, cols).numpy()
 
 
 def _linear_on_cpu(estimator: Estimator) -> bool:
@@ -301,8 +323,7 @@ class _Run:
         assignment = self.regions.assignment.to(vlm.device, torch.float32)  # (K, N)
         # numpy on the CPU: the span's features and scores then need no torch call at all
         self._assignment = assignment.numpy() if assignment.device.type == "cpu" else assignment
-        self._row_labels, cols = self.regions.pixel_index(self.image_size)  # heatmap painting
-        self._cols = torch.from_numpy(cols)
+        self.painter = HeatmapPainter(self.regions, self.image_size)
         self._est_device, self._est_dtype = _estimator_target(estimator)
         self._linear_np = None  # the probe goes through estimator.predict and its own checks
         self.variant = variant_of(estimator)  # the features the estimator was trained on
@@ -374,12 +395,12 @@ class _Run:
             except LiveProcessError as e:  # scored here instead, slower but the same events
                 self.worker_mode, self.worker_note = "thread", str(e)
                 print(f"vstream: live attribution runs in a thread: {e}", file=sys.stderr)
-        work = self._relay if self._channel is not None else self._work
-        self._worker_thread = threading.Thread(target=work, name="vstream-attr-worker", daemon=True)
+        if self._channel is None:  # process mode needs no thread here: the token thread relays
+            self._worker_thread = threading.Thread(target=self._work, name="vstream-attr-worker", daemon=True)
+            self._worker_thread.start()
+            self._worker_ready.wait(5.0)  # its thread setting is done before generation starts
         self._gen_thread = threading.Thread(target=self._generate, name="vstream-attr-generate", daemon=True)
         self._token_thread = threading.Thread(target=self._tokens, name="vstream-attr-tokens", daemon=True)
-        self._worker_thread.start()
-        self._worker_ready.wait(5.0)  # its thread setting is done before generation starts
         self._token_thread.start()
         self._gen_thread.start()
         return self
@@ -465,6 +486,8 @@ class _Run:
                 if self._worker_thread is not None:
                     self._worker_thread.join()
                 if self._channel is not None:
+                    if not self._channel.closed:
+                        self._relay(until_done=True)
                     self._channel.close()
                     if not self._abort.is_set():  # later reads give the numbers the spans used
                         self.recorder.adopt(self._channel.rows[: self._rows_done])
@@ -511,6 +534,8 @@ class _Run:
                 self._send_ready(final=False)
             for span in self._splitter.push(index, piece):
                 self._close_span(span, now)
+        if self._channel is not None:
+            self._relay(until_done=False)
 
     def _close_span(self, span: Span, now: float) -> None:
         """Hold a closed span until the decode step that records its last row: the worker then
@@ -588,18 +613,18 @@ class _Run:
                 return
             except OSError as e:
                 self._error = self._error or f"attribution process lost: {type(e).__name__}: {e}"
-        self._channel.close()  # the relay thread gets end of file and stops
+        self._channel.close()  # nothing more to relay
 
-    # -- process mode: the relay thread --------------------------------------------------------
-    def _relay(self) -> None:
-        """Turn the attribution process's answers into events, until it says done."""
-        try:
-            _one_torch_thread_here()  # the heatmap's torch op
-        finally:
-            self._worker_ready.set()
-        while True:
+    # -- process mode: answers into events ----------------------------------------------------
+    def _relay(self, until_done: bool) -> None:
+        """Turn the attribution process's answers into events: on the token thread after each
+        token, those already arrived (no thread here waits on the process, so an answer wakes
+        nobody and waits at most one decode step); after generation, on the generation thread,
+        all of them until the process says done."""
+        ch = self._channel
+        while not self._abort.is_set() and (until_done or ch.has_answer()):
             try:
-                msg = self._channel.receive()
+                msg = ch.receive(timeout=self.row_timeout if until_done else None)
             except (EOFError, OSError, LiveProcessError) as e:
                 if not self._abort.is_set() and self._error is None:
                     self._error = f"the attribution process stopped answering: {type(e).__name__}: {e}"
@@ -613,37 +638,35 @@ class _Run:
                 self._error = self._error or f"attribution failed: {msg.get('error', msg)}"
                 self._stop.set()
                 return
-            if self._abort.is_set():
-                continue
-            span, t_end, lo, hi, note = self._inflight.pop(msg["index"])
-            scores, point = msg["scores"], msg["point"]
-            self.tracker.raw.append(np.asarray(scores, dtype=np.float64))  # (replaced by the process's at the end)
-            if self.risk_model is not None:
-                self._points.append(point)
-                feats = point_features(self._points, np.stack(self.tracker.raw))
-                self._risk = float(self.risk_model.probability(feats))
-            t_paint = time.perf_counter()
-            heatmap = _paint(scores, self._row_labels, self._cols)
-            t1 = time.perf_counter()
-            t0 = msg["t0"]
-            sev = SpanEvent(
-                span=span,
-                scores=scores,
-                heatmap=heatmap,
-                top_regions=list(msg["top"]),
-                span_end_time=t_end,
-                emitted_time=t1,
-                latency_ms=(t1 - t_end) * 1000.0,
-                compute_ms=(msg["t1"] - t0 + t1 - t_paint) * 1000.0,  # in the process, then the painting
-                scores_ms=(msg["t_scores"] - t0) * 1000.0,
-                compute_cpu_ms=msg["cpu_s"] * 1000.0,
-                n_rows=hi - lo,
-                rows=(lo, hi),
-                note=note,
-            )
-            self._n_spans += 1
-            self._out.put(sev)
-            self._out.put(PathEvent(point, t1, self._risk))
+            self._emit_answer(msg)
+
+    def _emit_answer(self, msg: dict[str, Any]) -> None:
+        span, t_end, lo, hi, note = self._inflight.pop(msg["index"])
+        scores, point = msg["scores"], msg["point"]
+        self.tracker.raw.append(np.asarray(scores, dtype=np.float64))  # (replaced by the process's at the end)
+        if self.risk_model is not None:
+            self._points.append(point)
+            feats = point_features(self._points, np.stack(self.tracker.raw))
+            self._risk = float(self.risk_model.probability(feats))
+        t1 = time.perf_counter()
+        sev = SpanEvent(
+            span=span,
+            scores=scores,
+            top_regions=list(msg["top"]),
+            span_end_time=t_end,
+            emitted_time=t1,
+            latency_ms=(t1 - t_end) * 1000.0,
+            compute_ms=(msg["t1"] - msg["t0"]) * 1000.0,  # in the process
+            scores_ms=(msg["t_scores"] - msg["t0"]) * 1000.0,
+            compute_cpu_ms=msg["cpu_s"] * 1000.0,
+            n_rows=hi - lo,
+            rows=(lo, hi),
+            note=note,
+            painter=self.painter,
+        )
+        self._n_spans += 1
+        self._out.put(sev)
+        self._out.put(PathEvent(point, t1, self._risk))
 
     def _done_event(self) -> DoneEvent:
         text = "".join(self._pieces)
@@ -708,19 +731,19 @@ class _Run:
 
     def compute_span(
         self, lo: int, hi: int, tracker: DynamicsTracker | None = None
-    ) -> tuple[np.ndarray, np.ndarray, list[int], PathPoint | None, float]:
-        """The worker's per-span work on recorded rows [lo, hi): scores, heatmap, top regions,
-        path point (when a tracker is given) and the time the scores were ready. Public so the
-        benchmark can replay it alone, after generation."""
+    ) -> tuple[np.ndarray, list[int], PathPoint | None, float]:
+        """The worker's per-span work on recorded rows [lo, hi): scores, top regions, path point
+        (when a tracker is given) and the time the scores were ready (the heatmap is painted
+        when read: `SpanEvent.heatmap`). Public so the benchmark can replay it alone, after
+        generation."""
         if hi > lo:
             scores = self._predict(span_features(self.recorder, lo, hi, self._assignment, self.variant))
         else:
             scores = np.zeros(self.regions.k, dtype=np.float32)
         t_scores = time.perf_counter()
-        heatmap = _paint(scores, self._row_labels, self._cols)
         top = rowmath.top_regions(scores, TOP_REGIONS)
         point = tracker.add(scores) if tracker is not None else None
-        return scores, heatmap, top, point, t_scores
+        return scores, top, point, t_scores
 
     def _attribute(self, span: Span, t_end: float) -> tuple[SpanEvent, PathEvent] | None:
         rec, need = self.recorder, span.token_end
@@ -733,12 +756,11 @@ class _Run:
             return None
         t0, c0 = time.perf_counter(), time.thread_time()
         lo, hi, note = _rows_for(span, rec.tokens)
-        scores, heatmap, top, point, t_scores = self.compute_span(lo, hi, self.tracker)
+        scores, top, point, t_scores = self.compute_span(lo, hi, self.tracker)
         t1, c1 = time.perf_counter(), time.thread_time()
         sev = SpanEvent(
             span=span,
             scores=scores,
-            heatmap=heatmap,
             top_regions=top,
             span_end_time=t_end,
             emitted_time=t1,
@@ -749,6 +771,7 @@ class _Run:
             n_rows=hi - lo,
             rows=(lo, hi),
             note=note,
+            painter=self.painter,
         )
         if self.risk_model is not None and point is not None:
             self._points.append(point)
