@@ -25,16 +25,13 @@ span cost more than painting.
 
 Scheduling. On a 2-core machine a decode step keeps both cores busy: the generation thread on
 one, torch's OpenMP helper on the other (it spins between the step's parallel regions, and the
-step waits for it at each region's end), so any time the server takes from either is decode
-time. The server therefore runs as SCHED_IDLE: it gets a core only when nothing else wants it
-(between decode steps' parallel regions, once the helper sleeps, and after generation), and
-any task of normal priority that wakes takes the core from it at once. Measured in one process
-on an idle 2-core machine (8 rounds of 24 held-out prompts, modes alternating), decoding with
-live attribution ran at 0.927 of plain (median) with the earlier SCHED_BATCH + nice 5 (which
-also kept off the generation thread's core and yielded between pieces of work), 0.956 with
-SCHED_IDLE, and 0.951 with a server that answered without computing anything; plain against
-plain 0.996. When other work fills every core, spans wait for it; the answers come once
-generation ends.
+step waits for it at each region's end). So the server runs below generation (SCHED_BATCH: no
+preemption on wake-up; nice +5), keeps off the core the generation thread last ran on (each span
+message says which; otherwise the socket's sync wake-up puts it right there), and yields the
+core between pieces of a span's work (`ROW_CHUNK` decode steps of rows, the scores, the path),
+so the helper is never kept off its core for more than one piece. These choices follow from how
+Linux places and preempts tasks; they were made on a machine busy with other jobs, where their
+effect on decode speed could not be measured.
 
 Messages on a session socket: a 4-byte length and a pickled dict. Parent to server: "config"
 (once), "span", "finish"; server to parent: "ready", "span", "done", "error". Nothing executable
@@ -64,10 +61,11 @@ from vstream.attr import rowmath
 from vstream.attr.dynamics import DynamicsTracker
 from vstream.model.helper_process import HelperProcess, lower_priority
 
-__all__ = ["Channel", "LiveProcessError", "Shapes", "prewarm", "server_pid", "shutdown"]
+__all__ = ["Channel", "LiveProcessError", "Shapes", "current_cpu", "prewarm", "server_pid", "shutdown"]
 
 _HEADER = struct.Struct("!I")
 _RECV_BYTES = 1 << 16
+ROW_CHUNK = 4  # decode steps whose rows are computed between two yields (~25 us each on the demo model)
 ANSWERED = "answered"  # answers the server has sent, counted in the shared memory: the parent
 # looks for one without a system call (each one hands the GIL to the generation thread and back)
 POPULATE_MAX = 256 << 20  # larger buffers (big models, long traces) are faulted in as written
@@ -202,12 +200,19 @@ class _Session:
         self.value_weights: np.ndarray | None = None
 
     def span(self, msg: dict[str, Any]) -> None:
+        _avoid_cpu(msg.get("cpu", -1))
         t0, c0 = time.perf_counter(), time.thread_time()
         a, b = msg["new_rows"]
         rows = self.bufs["rows"]
         if b > a and not msg["rows_given"]:
-            scores = rowmath.decode_scores(self.bufs["queries"][a:b], self.bufs["keys"], msg["lens"], msg["scaling"])
-            rows[a:b] = rowmath.image_mass(scores, self.positions)
+            lens = msg["lens"]
+            for i in range(a, b, ROW_CHUNK):
+                j = min(b, i + ROW_CHUNK)
+                scores = rowmath.decode_scores(
+                    self.bufs["queries"][i:j], self.bufs["keys"], lens[i - a : j - a], msg["scaling"]
+                )
+                rows[i:j] = rowmath.image_mass(scores, self.positions)
+                _yield()
         self.computed = max(self.computed, b)
         if "value_weights" in msg:
             self.value_weights = np.asarray(msg["value_weights"], dtype=np.float32)
@@ -229,6 +234,7 @@ class _Session:
             scores = np.zeros(self.assignment.shape[0], dtype=np.float32)
         t_scores = time.perf_counter()
         top = rowmath.top_regions(scores, self.top)
+        _yield()
         point = self.tracker.add(scores)
         t1, c1 = time.perf_counter(), time.thread_time()
         reply = {
@@ -246,11 +252,38 @@ class _Session:
         self.bufs[ANSWERED][0] += 1
 
 
+_CPUS: set[int] = set()  # the server's CPUs as started
+_avoided = -1
+
+
+def _avoid_cpu(cpu: int) -> None:
+    """Keep off the CPU the generation thread last ran on (it says which with each span): the
+    socket wake-up would otherwise put us on its core (a sync wake-up onto a core running one
+    task), where every microsecond we run is one it waits. On the other core we only share
+    with torch's OpenMP helper, mostly spinning between the decode step's parallel regions."""
+    global _avoided
+    if cpu < 0 or cpu == _avoided or len(_CPUS) < 2:
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, (_CPUS - {cpu}) or _CPUS)
+        _avoided = cpu
+
+
+def _yield() -> None:
+    """Between pieces of a span's work: let a runnable task on this core (torch's OpenMP helper,
+    which the decode step's next parallel region waits for) go first. The longest stretch
+    generation can wait for us is then one piece (tens of microseconds), not the whole span.
+    A no-op when nothing else wants the core."""
+    os.sched_yield()
+
+
 def serve(fd: int) -> None:
     """The server loop: new sessions arrive on `fd` as (socket, memfd) pairs; end of file on it
     means the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    lower_priority(idle=True)  # only on a core nothing else wants (module docstring)
+    lower_priority()  # below generation: it and torch's OpenMP team on the other core go first
+    with contextlib.suppress(OSError):
+        _CPUS.update(os.sched_getaffinity(0))
     ctrl = socket.socket(fileno=fd)
     sessions: dict[socket.socket, _Session] = {}
     try:
@@ -318,6 +351,24 @@ def _get_server() -> _Server:
             except (OSError, AttributeError) as e:  # (no AF_UNIX SOCK_SEQPACKET: not Linux)
                 raise LiveProcessError(f"could not start the attribution process: {e}") from e
         return _server
+
+
+_sched_getcpu: Any = None
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on (libc's sched_getcpu through ctypes, ~1 us), or -1.
+    Called per token on the generation thread, so without releasing the GIL: a release there
+    lets another thread in between two decode steps."""
+    global _sched_getcpu
+    if _sched_getcpu is None:
+        try:
+            import ctypes
+
+            _sched_getcpu = ctypes.PyDLL(None).sched_getcpu  # keeps the GIL: CDLL drops and retakes it
+        except (OSError, AttributeError):
+            _sched_getcpu = lambda: -1  # noqa: E731
+    return int(_sched_getcpu())
 
 
 def prewarm() -> int:

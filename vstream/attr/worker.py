@@ -92,7 +92,7 @@ from vstream.attr.capture import AttentionRecorder, capturing, install, span_fea
 from vstream.attr.dynamics import DynamicsTracker, PathPoint, label_trace
 from vstream.attr.estimator import Estimator, LinearEstimator
 from vstream.attr.features import variant_of
-from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, prewarm
+from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, current_cpu, prewarm
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.risk import RiskModel, point_features
 from vstream.attr.spans import Span, SpanSplitter
@@ -374,6 +374,7 @@ class _Run:
         self._worker_thread: threading.Thread | None = None
         self._token_thread: threading.Thread | None = None
         self._ids: queue.SimpleQueue = queue.SimpleQueue()  # generation -> token thread: new ids
+        self._gen_cpu = -1  # the core generation last ran on
         # process mode: spans closed but not yet sent (their last row comes one step later),
         # rows [0, _sent_rows) and key positions [0, _sent_keys) already in the shared buffers
         self._channel: Channel | None = None
@@ -498,6 +499,7 @@ class _Run:
         """Streamer callback, on the generation thread: only hand the ids to the token thread
         (decoding, events, span splitting and sending spans all run there, so that their Python
         never sits between two decode steps, as with `vlm.stream`'s queue)."""
+        self._gen_cpu = current_cpu()
         self._ids.put(ids)
 
     def _tokens(self) -> None:
@@ -600,6 +602,7 @@ class _Run:
             msg["value_weights"] = self.recorder.value_weights(self.variant.values, cpu=True).numpy()
             self._sent_values = True
         self._inflight[span.index] = (span, t_end, lo, hi, note)
+        msg["cpu"] = self._gen_cpu  # the process keeps off the generation thread's core
         ch.send_span(msg)
 
     def _finish_channel(self) -> None:

@@ -20,13 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 NICE = 5  # a helper's nice increment: the process it serves (and torch's OpenMP team) goes first
 
 
-def lower_priority(idle: bool = False) -> None:
+def lower_priority() -> None:
     """Run a helper below the process it serves: no preemption on wake-up (SCHED_BATCH) and a
-    smaller share when the cores are contended (nice +NICE); with `idle`, SCHED_IDLE: a core only
-    when nothing else wants it (for work that may wait, so that it never delays the server's)."""
+    smaller share when the cores are contended (nice +NICE)."""
     with contextlib.suppress(AttributeError, OSError, PermissionError):
-        policy = os.SCHED_IDLE if idle else os.SCHED_BATCH
-        os.sched_setscheduler(0, policy, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     with contextlib.suppress(OSError):
         os.nice(NICE)
 
