@@ -260,7 +260,7 @@ class AttentionRecorder:
         """Copy what the rows of tokens [start, end) are computed from into another process's
         buffers: each step's queries into `queries[start:end]` ((T_max, L, H, D) float32) and the
         key cache columns [keys_from, S) of every layer into `keys` ((L, Hkv, S_max, D)), S the
-        latest cache length. Returns the steps' (T,) key lengths, S and the score scaling; None
+        longest cache these steps read. Returns the steps' (T,) key lengths, S and the score scaling; None
         when these rows cannot be computed elsewhere (one already computed here, a mask, a batch,
         not float32 on the CPU, layers of different shapes, buffers too small): compute them here.
 
@@ -275,8 +275,16 @@ class AttentionRecorder:
         k0 = latest[0]
         if k0 is None or k0.device.type != "cpu" or k0.dtype != torch.float32 or k0.shape[0] != 1:
             return None
-        s = int(k0.shape[2])
-        if any(k is None or k.shape != k0.shape or k.dtype != torch.float32 for k in latest):
+        # the key columns these steps read: all layers have them (the generation thread may be
+        # half-way through the next step, some layers' caches a column longer than others)
+        s = max(int(n) for st in steps for _, n, _ in st.layers)
+        if any(
+            k is None
+            or k.shape[:2] + k.shape[3:] != k0.shape[:2] + k0.shape[3:]
+            or k.shape[2] < s
+            or k.dtype != torch.float32
+            for k in latest
+        ):
             return None
         if tuple(keys.shape[:2]) != (len(latest), k0.shape[1]) or keys.shape[3] != k0.shape[3] or s > keys.shape[2]:
             return None
@@ -288,9 +296,7 @@ class AttentionRecorder:
             return None
         if end > queries.shape[0] or tuple(queries.shape[2:]) != (q0.shape[1], q0.shape[3]):
             return None
-        # numpy, not torch: a torch op hands the GIL to the generation thread and back
-        out = queries[start:end].reshape(len(flat), q0.shape[1], 1, q0.shape[3])  # a view: contiguous
-        np.concatenate([q.numpy() for q in flat], out=out)
+        torch.cat(flat, out=torch.from_numpy(queries[start:end]).view(len(flat), q0.shape[1], 1, q0.shape[3]))
         for li, k in enumerate(latest):
             keys[li, :, keys_from:s] = k.numpy()[0, :, keys_from:s]
         return np.array([st.layers[0][1] for st in steps]), s, steps[0].scaling
