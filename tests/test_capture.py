@@ -219,6 +219,30 @@ def test_recorder_threads_and_partial_steps():
     assert rec.tokens == 0 and not rec.wait_for(1, timeout=0.01)
 
 
+def test_export_mid_step_copies_what_the_steps_read():
+    """`export` while the generation thread is half-way through the next step (layer 0's cache
+    a column longer than layer 1's): it still exports, the keys the steps read, and the rows
+    computed from the buffers (as the attribution process does) equal the recorder's own."""
+    from vstream.attr import rowmath
+
+    nl, h, hkv, d, pos = 2, 4, 2, 8, torch.tensor([0, 2, 3])
+    rec = C.AttentionRecorder(num_layers=nl)
+    torch.manual_seed(5)
+    cache = torch.randn(nl, 1, hkv, 12, d)
+    for s in (6, 7):  # two complete decode steps
+        for layer in range(nl):
+            rec.record_query(layer, torch.randn(1, h, 1, d), cache[layer, :, :, :s], None, d**-0.5, pos)
+    rec.record_query(0, torch.randn(1, h, 1, d), cache[0, :, :, :8], None, d**-0.5, pos)  # next step, layer 0 only
+    queries = np.zeros((4, nl, h, d), np.float32)
+    keys = np.full((nl, hkv, 12, d), np.nan, np.float32)
+    lens, s, scaling = rec.export(0, 2, queries, keys, 0)
+    assert lens.tolist() == [6, 7] and s == 7
+    np.testing.assert_array_equal(keys[:, :, :7], cache[:, 0, :, :7].numpy())
+    assert np.isnan(keys[:, :, 7:]).all()  # nothing past what the steps read
+    rows = rowmath.image_mass(rowmath.decode_scores(queries[:2], keys, lens, scaling), pos.numpy())
+    np.testing.assert_allclose(rows, rec.stack(0, 2).numpy(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 3), (8, 1)])
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_decode_row_matches_eager_kernel(heads, kv_heads, mask):

@@ -132,7 +132,8 @@ def test_events_order_types_and_values(which, kind, request):
     assert rec.tokens == 23  # cut by max_new_tokens: the last token was never fed back
     for s in spans:
         assert s.scores.shape == (k,) and s.scores.dtype == np.float32
-        assert s.heatmap.shape == (100, 120) and s.heatmap.dtype == np.float32
+        assert "heatmap" not in vars(s)  # painted when first read, then kept
+        assert s.heatmap.shape == (100, 120) and s.heatmap.dtype == np.float32 and s.heatmap is s.heatmap
         assert s.top_regions[0] == int(np.argmax(s.scores)) and len(s.top_regions) == min(5, k)
         assert s.latency_ms == pytest.approx((s.emitted_time - s.span_end_time) * 1000)
         assert 0 <= s.compute_ms <= s.latency_ms
