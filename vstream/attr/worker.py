@@ -23,8 +23,8 @@ Producer-consumer, three threads, one output queue:
   weights the recorder took at prefill) -> `estimator.predict` -> (K,) scores; then one
   `DynamicsTracker.add`. The heatmap (a separable lookup of precomputed region ids,
   `Regions.pixel_index`) is painted when a consumer first reads `SpanEvent.heatmap`: the
-  explorer draws from the scores, and painting every span cost this process more than the
-  rest of its per-span work. It runs in one of two places (`session.worker_mode`):
+  explorer draws from the scores, and painting every span was a third of this process's
+  per-span work. It runs in one of two places (`session.worker_mode`):
 
   - "process" (a float32 model on the CPU with a `LinearEstimator`: the demo setup): the
     attribution process (`vstream.attr.liveproc`), so that none of it holds the GIL that
@@ -163,7 +163,7 @@ class SpanEvent:
     span_end_time: float  # when the token closing the span arrived
     emitted_time: float  # when the scores were put on the output queue
     latency_ms: float  # emitted_time - span_end_time (includes waiting one step for the rows)
-    compute_ms: float = 0.0  # worker compute only (features + predict + heatmap + dynamics)
+    compute_ms: float = 0.0  # worker compute only (features + predict + dynamics; not the heatmap)
     scores_ms: float = 0.0  # of which the attribution itself (features + predict)
     compute_cpu_ms: float = 0.0  # CPU time of the worker (thread or process) for it (excludes GIL/lock waits)
     n_rows: int = 0  # attention rows (tokens) the features average over
@@ -644,10 +644,7 @@ class _Run:
         span, t_end, lo, hi, note = self._inflight.pop(msg["index"])
         scores, point = msg["scores"], msg["point"]
         self.tracker.raw.append(np.asarray(scores, dtype=np.float64))  # (replaced by the process's at the end)
-        if self.risk_model is not None:
-            self._points.append(point)
-            feats = point_features(self._points, np.stack(self.tracker.raw))
-            self._risk = float(self.risk_model.probability(feats))
+        self._update_risk(point)
         t1 = time.perf_counter()
         sev = SpanEvent(
             span=span,
@@ -773,11 +770,16 @@ class _Run:
             note=note,
             painter=self.painter,
         )
-        if self.risk_model is not None and point is not None:
+        if point is not None:
+            self._update_risk(point)
+        return sev, PathEvent(point, t1, self._risk)
+
+    def _update_risk(self, point: PathPoint) -> None:
+        """P(failure) from the dynamics so far, after the span whose path point this is (with a risk model)."""
+        if self.risk_model is not None:
             self._points.append(point)
             feats = point_features(self._points, np.stack(self.tracker.raw))
             self._risk = float(self.risk_model.probability(feats))
-        return sev, PathEvent(point, t1, self._risk)
 
 
 class AttributionSession:
