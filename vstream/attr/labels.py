@@ -355,11 +355,12 @@ def features_by_plan(
 ) -> torch.Tensor:
     """One example's features following a `derivation` plan: each part read as stored or derived
     from its stored variant, side by side. Getters, so a shard reads only what the plan names."""
-    blocks = []
+    blocks, a = [], None
     for src, part in plan:
         f = stored_features(src)
         if src != part:
-            f = torch.from_numpy(FV.derive(f.float().numpy(), assignment().float().numpy(), src, part))
+            a = assignment().float().numpy() if a is None else a  # read once, for every derived part
+            f = torch.from_numpy(FV.derive(f.float().numpy(), a, src, part))
         blocks.append(f)
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
 
