@@ -236,10 +236,10 @@ def test_export_mid_step_copies_what_the_steps_read():
     queries = np.zeros((4, nl, h, d), np.float32)
     keys = np.full((nl, hkv, 12, d), np.nan, np.float32)
     lens, s, scaling = rec.export(0, 2, queries, keys, 0)
-    assert lens.tolist() == [6, 7] and s == 7
+    assert lens == [6, 7] and s == 7
     np.testing.assert_array_equal(keys[:, :, :7], cache[:, 0, :, :7].numpy())
     assert np.isnan(keys[:, :, 7:]).all()  # nothing past what the steps read
-    rows = rowmath.image_mass(rowmath.decode_scores(queries[:2], keys, lens, scaling), pos.numpy())
+    rows = rowmath.image_mass(rowmath.decode_scores(queries[:2], keys, np.asarray(lens), scaling), pos.numpy())
     np.testing.assert_allclose(rows, rec.stack(0, 2).numpy(), atol=1e-6, rtol=0)
 
 

@@ -1,4 +1,4 @@
-from vstream.attr.spans import SpanSplitter
+from vstream.attr.spans import SpanSplitter, span_end_tokens
 
 
 def feed(pieces):
@@ -51,3 +51,20 @@ def test_think_close_ends_a_sentence_without_terminator():
     sp, events = feed(["<think>", " a", " b", "</think>", " yes"])
     assert events[3] == ["a b"] and sp.spans[0].token_end == 3
     assert events[-1] == ["yes"]
+
+
+def test_span_end_tokens_hold_every_token_that_closes_a_span(tiny_tokenizer):
+    """The live worker hands tokens over in groups except around these: a token outside the set
+    must never close an open sentence (a '.' after a digit closes on the next token, which the
+    worker covers by handing over the two tokens after one of these at once)."""
+    ends = span_end_tokens(tiny_tokenizer)
+    closing = set()
+    for i in range(len(tiny_tokenizer)):
+        piece = tiny_tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        sp = SpanSplitter()
+        sp.push(0, "Look")
+        if sp.push(1, piece):
+            closing.add(i)
+    assert closing and closing <= ends
+    assert len(ends) < len(tiny_tokenizer) // 2  # most tokens can be grouped
+    assert span_end_tokens(object()) is None  # no vocabulary: every token is handed over at once

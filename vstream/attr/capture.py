@@ -256,11 +256,11 @@ class AttentionRecorder:
     # -- computing rows in another process -------------------------------------------------------
     def export(
         self, start: int, end: int, queries: np.ndarray, keys: np.ndarray, keys_from: int
-    ) -> tuple[np.ndarray, int, float] | None:
+    ) -> tuple[list[int], int, float] | None:
         """Copy what the rows of tokens [start, end) are computed from into another process's
         buffers: each step's queries into `queries[start:end]` ((T_max, L, H, D) float32) and the
         key cache columns [keys_from, S) of every layer into `keys` ((L, Hkv, S_max, D)), S the
-        longest cache these steps read. Returns the steps' (T,) key lengths, S and the score scaling; None
+        longest cache these steps read. Returns the steps' key lengths (a list), S and the score scaling; None
         when these rows cannot be computed elsewhere (one already computed here, a mask, a batch,
         not float32 on the CPU, layers of different shapes, buffers too small): compute them here.
 
@@ -299,7 +299,7 @@ class AttentionRecorder:
         torch.cat(flat, out=torch.from_numpy(queries[start:end]).view(len(flat), q0.shape[1], 1, q0.shape[3]))
         for li, k in enumerate(latest):
             keys[li, :, keys_from:s] = k.numpy()[0, :, keys_from:s]
-        return np.array([st.layers[0][1] for st in steps]), s, steps[0].scaling
+        return [st.layers[0][1] for st in steps], s, steps[0].scaling
 
     def adopt(self, rows: np.ndarray) -> int:
         """Take (T, L, H, N) float32 rows computed elsewhere from `export`ed steps, for the first

@@ -28,8 +28,8 @@ one, torch's OpenMP helper on the other (it spins between the step's parallel re
 step waits for it at each region's end). So the server runs below generation (SCHED_BATCH: no
 preemption on wake-up; nice +5), keeps off the core the generation thread last ran on (each span
 message says which; otherwise the socket's sync wake-up puts it right there), and yields the
-core between pieces of a span's work (`ROW_CHUNK` decode steps of rows, the scores, the path),
-so the helper is never kept off its core for more than one piece. These choices follow from how
+core between pieces of a span's work (its rows, the scores, the path), so the helper is never
+kept off its core for more than one piece. These choices follow from how
 Linux places and preempts tasks; they were made on a machine busy with other jobs, where their
 effect on decode speed could not be measured.
 
@@ -58,14 +58,13 @@ import numpy as np
 
 from vstream.attr import features as FV
 from vstream.attr import rowmath
-from vstream.attr.dynamics import DynamicsTracker
+from vstream.attr.dynamics import DynamicsTracker, PathPoint
 from vstream.model.helper_process import HelperProcess, lower_priority
 
 __all__ = ["Channel", "LiveProcessError", "Shapes", "current_cpu", "prewarm", "server_pid", "shutdown"]
 
 _HEADER = struct.Struct("!I")
 _RECV_BYTES = 1 << 16
-ROW_CHUNK = 4  # decode steps whose rows are computed between two yields (~25 us each on the demo model)
 ANSWERED = "answered"  # answers the server has sent, counted in the shared memory: the parent
 # looks for one without a system call (each one hands the GIL to the generation thread and back)
 POPULATE_MAX = 256 << 20  # larger buffers (big models, long traces) are faulted in as written
@@ -204,15 +203,11 @@ class _Session:
         t0, c0 = time.perf_counter(), time.thread_time()
         a, b = msg["new_rows"]
         rows = self.bufs["rows"]
-        if b > a and not msg["rows_given"]:
-            lens = msg["lens"]
-            for i in range(a, b, ROW_CHUNK):
-                j = min(b, i + ROW_CHUNK)
-                scores = rowmath.decode_scores(
-                    self.bufs["queries"][i:j], self.bufs["keys"], lens[i - a : j - a], msg["scaling"]
-                )
-                rows[i:j] = rowmath.image_mass(scores, self.positions)
-                _yield()
+        if b > a and not msg["rows_given"]:  # one call for the span's new rows: fewer numpy calls
+            lens = np.asarray(msg["lens"], dtype=np.int64)
+            scores = rowmath.decode_scores(self.bufs["queries"][a:b], self.bufs["keys"], lens, msg["scaling"])
+            rows[a:b] = rowmath.image_mass(scores, self.positions)
+            _yield()
         self.computed = max(self.computed, b)
         if "value_weights" in msg:
             self.value_weights = np.asarray(msg["value_weights"], dtype=np.float32)
@@ -237,12 +232,14 @@ class _Session:
         _yield()
         point = self.tracker.add(scores)
         t1, c1 = time.perf_counter(), time.thread_time()
+        # plain values and bytes only: pickling numpy arrays and dataclasses costs the parent
+        # (which unpickles on its token thread) several times more, most of all with cold caches
         reply = {
             "op": "span",
             "index": msg["index"],
-            "scores": scores,
+            "scores": scores.astype(np.float32, copy=False).tobytes(),
             "top": top,
-            "point": point,
+            "point": _point_fields(point),
             "t0": t0,
             "t_scores": t_scores,
             "t1": t1,
@@ -250,6 +247,17 @@ class _Session:
         }
         send_msg(self.sock, reply)
         self.bufs[ANSWERED][0] += 1
+
+
+def _point_fields(p: PathPoint) -> tuple:
+    """A path point as plain values and float64 bytes, for the answer message."""
+    return (p.span_index, p.coords.tobytes(), p.path.tobytes(), p.path_length, p.tortuosity, p.concentration, p.label)
+
+
+def _point_from(fields: tuple) -> PathPoint:
+    index, coords, path, length, tortuosity, conc, label = fields
+    c, p = np.frombuffer(coords, dtype=np.float64).copy(), np.frombuffer(path, dtype=np.float64).copy()
+    return PathPoint(index, c, p.reshape(-1, c.size), length, tortuosity, conc, label)
 
 
 _CPUS: set[int] = set()  # the server's CPUs as started
@@ -456,8 +464,12 @@ class Channel:
             if not data:
                 raise EOFError("the attribution process closed the session")
             self._inbox += data
-        if msg.get("op") in ("span", "error"):
+        op = msg.get("op")
+        if op in ("span", "error"):
             self._received += 1
+        if op == "span":
+            msg["scores"] = np.frombuffer(msg["scores"], dtype=np.float32).copy()
+            msg["point"] = _point_from(msg["point"])
         return msg
 
     def _next_frame(self) -> dict[str, Any] | None:

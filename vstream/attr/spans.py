@@ -10,6 +10,7 @@ saw an end (a trace with no sentence end still yields one span).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vstream.model import THINK_CLOSE, THINK_OPEN
 
@@ -112,3 +113,15 @@ class FixedSpans:
         self.spans.append(span)
         self._start = None
         return [span]
+
+
+def span_end_tokens(tokenizer: Any) -> frozenset[int] | None:
+    """Ids of the tokens that can end a `SpanSplitter` span: those whose vocabulary entry holds a
+    terminator or a think tag, and byte-fallback tokens (``<0x..>``). None when the tokenizer
+    has no vocabulary to look at (then every token counts)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    marks = (*TERMINATORS, THINK_OPEN, THINK_CLOSE)
+    return frozenset(int(i) for piece, i in vocab.items() if any(m in piece for m in marks) or piece.startswith("<0x"))

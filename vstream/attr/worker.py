@@ -95,7 +95,7 @@ from vstream.attr.features import variant_of
 from vstream.attr.liveproc import Channel, LiveProcessError, Shapes, current_cpu, prewarm
 from vstream.attr.regions import Backbone, Regions, regions_for
 from vstream.attr.risk import RiskModel, point_features
-from vstream.attr.spans import Span, SpanSplitter
+from vstream.attr.spans import Span, SpanSplitter, span_end_tokens
 from vstream.model import VLM, IncrementalDecoder, VLMError, event_stop, split_thinking, token_streamer
 
 __all__ = [
@@ -110,6 +110,7 @@ __all__ = [
 ]
 
 TOP_REGIONS = 5  # SpanEvent.top_regions length (at most K)
+TOKEN_BATCH = 4  # generated ids handed to the token thread at a time, between span ends
 _END = object()
 _POLL_S = 0.01  # how often a worker waiting for rows re-checks "generation over / aborted"
 
@@ -352,6 +353,10 @@ class _Run:
         self._points: list[PathPoint] = []
         self._risk: float | None = None
         self._splitter = splitter if splitter is not None else SpanSplitter()
+        # generation -> token thread: ids gathered since the last hand-over (`_hand_over`)
+        self._batch: list[int] = []
+        self._span_ends = span_end_tokens(vlm.tokenizer) if type(self._splitter) is SpanSplitter else None
+        self._flush, self._handed = 0, False
         self._user_stop = stop_event
         self._stop = threading.Event()  # cancel(): stop generating, still score what closed
         self._abort = threading.Event()  # close(): stop everything, drop queued spans
@@ -466,6 +471,8 @@ class _Run:
             self._error = self._error or f"generation failed: {type(e).__name__}: {e}"
         finally:
             self._gen_end = time.perf_counter()
+            if self._batch:
+                self._ids.put(self._batch)
             self._ids.put(_END)
             if self._token_thread is not None:
                 self._token_thread.join()  # every token is decoded and split before the last spans
@@ -498,9 +505,20 @@ class _Run:
     def _hand_over(self, ids: list[int]) -> None:
         """Streamer callback, on the generation thread: only hand the ids to the token thread
         (decoding, events, span splitting and sending spans all run there, so that their Python
-        never sits between two decode steps, as with `vlm.stream`'s queue)."""
-        self._gen_cpu = current_cpu()
-        self._ids.put(ids)
+        never sits between two decode steps, as with `vlm.stream`'s queue). Ids go over in
+        groups of up to `TOKEN_BATCH`: each hand-over wakes the token thread, which then takes
+        the interpreter and a core from generation. The first token goes at once, and so do
+        the two after a token that can end a span (`span_end_tokens`), whose rows they bring."""
+        batch = self._batch
+        batch += ids
+        ends = self._span_ends
+        due = self._flush > 0 or len(batch) >= TOKEN_BATCH or ends is None or not self._handed
+        self._flush = 2 if ends is not None and any(t in ends for t in ids) else max(0, self._flush - 1)
+        if due:
+            self._gen_cpu = current_cpu()
+            self._handed = True
+            self._ids.put(batch)
+            self._batch = []
 
     def _tokens(self) -> None:
         """The token thread: everything that happens per token, in token order, until `_END`."""
