@@ -57,6 +57,7 @@ __all__ = [
     "TOKENS",
     "VALUE_WEIGHTS",
     "FeatureVariant",
+    "LinearFold",
     "can_derive",
     "clip_bounds",
     "derive",
@@ -294,22 +295,47 @@ def linear_span_scores(
     (blocks * L*H,) and the value weights fold into one (L*H, N) map that reduces each token's
     row to one value per image token first, so the span means and region sums run on (T, N), not
     (T, L*H, N). A "raw" variant's two blocks fold into the same map (w1 * value weight + w2)."""
-    if not variant.linear:
-        raise ValueError(f"feature variant {variant.name!r} is not linear in the rows: pool_spans, then predict")
     t, l, h, n = rows.shape
-    a = np.asarray(assignment, dtype=np.float32)
-    blocks = np.asarray(weight, dtype=np.float32).reshape(variant.blocks, l * h, 1)
-    if variant.values and value_weights is None:
-        raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
-    vw = np.asarray(value_weights, dtype=np.float32).reshape(l * h, n) if variant.values else None
-    fold = np.zeros((l * h, n), dtype=np.float32)
-    for w, part in zip(blocks, variant.parts):
-        fold += w * vw if part.values else w
-    per_token = np.einsum("tcn,cn->tn", np.asarray(rows, dtype=np.float32).reshape(t, l * h, n), fold)  # (T, N)
-    if variant.region_mean:
-        size = a.sum(1)
-        a = np.divide(a, size[:, None], out=np.zeros_like(a), where=size[:, None] > 0)
-    return (span_mean_weights(lo, hi, t) @ per_token @ a.T + np.float32(bias)).astype(np.float32, copy=False)
+    fold = LinearFold(assignment, variant, weight, bias, value_weights, l * h, n)
+    return fold.scores(rows, lo, hi)
+
+
+class LinearFold:
+    """`linear_span_scores` split in two: the fold of the weights, value weights and assignment,
+    made once per trace, then applied to span after span (live attribution scores one span at a
+    time, and the fold is most of the numpy calls)."""
+
+    def __init__(
+        self,
+        assignment: np.ndarray,
+        variant: FeatureVariant,
+        weight: np.ndarray,
+        bias: np.float32,
+        value_weights: np.ndarray | None,
+        heads: int,
+        n: int,
+    ):
+        """`heads`: L*H; `n`: image tokens."""
+        if not variant.linear:
+            raise ValueError(f"feature variant {variant.name!r} is not linear in the rows: pool_spans, then predict")
+        a = np.asarray(assignment, dtype=np.float32)
+        blocks = np.asarray(weight, dtype=np.float32).reshape(variant.blocks, heads, 1)
+        if variant.values and value_weights is None:
+            raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
+        vw = np.asarray(value_weights, dtype=np.float32).reshape(heads, n) if variant.values else None
+        fold = np.zeros((heads, n), dtype=np.float32)
+        for w, part in zip(blocks, variant.parts):
+            fold += w * vw if part.values else w
+        if variant.region_mean:
+            size = a.sum(1)
+            a = np.divide(a, size[:, None], out=np.zeros_like(a), where=size[:, None] > 0)
+        self.fold, self.regions, self.bias = fold, a, np.float32(bias)  # (L*H, N), (K, N)
+
+    def scores(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """(T, L, H, N) rows, spans [lo, hi) -> (S, K) float32 scores."""
+        t, l, h, n = rows.shape
+        per_token = np.einsum("tcn,cn->tn", np.asarray(rows, dtype=np.float32).reshape(t, l * h, n), self.fold)
+        return (span_mean_weights(lo, hi, t) @ per_token @ self.regions.T + self.bias).astype(np.float32, copy=False)
 
 
 def _finish_spans(f: np.ndarray, a: np.ndarray, variant: FeatureVariant, count: np.ndarray) -> np.ndarray:

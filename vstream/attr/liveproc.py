@@ -197,6 +197,7 @@ class _Session:
         # weights with the first span (they are taken at prefill, after the session opened)
         self.variant = FV.parse(cfg.get("feature_variant", FV.DEFAULT))
         self.value_weights: np.ndarray | None = None
+        self.fold: FV.LinearFold | None = None
 
     def span(self, msg: dict[str, Any]) -> None:
         _avoid_cpu(msg.get("cpu", -1))
@@ -210,7 +211,7 @@ class _Session:
             _yield()
         self.computed = max(self.computed, b)
         if "value_weights" in msg:
-            self.value_weights = np.asarray(msg["value_weights"], dtype=np.float32)
+            self.value_weights, self.fold = np.asarray(msg["value_weights"], dtype=np.float32), None
         lo, hi = msg["rows"]
         if hi > lo:
             if self.variant.is_default:
@@ -218,10 +219,12 @@ class _Session:
                 features = rowmath.span_features(total, hi - lo, self.assignment)
                 scores = rowmath.linear_scores(features, self.weight, self.bias)
             elif self.variant.linear:  # the weights fold into the pooling: no (K, L*H) features
-                one = (np.zeros(1, np.int64), np.full(1, hi - lo))
-                scores = FV.linear_span_scores(
-                    rows[lo:hi], *one, self.assignment, self.variant, self.weight, self.bias, self.value_weights
-                )[0]
+                if self.fold is None:  # once per session (the value weights come with span 0)
+                    _, nl, nh, n = rows.shape
+                    self.fold = FV.LinearFold(
+                        self.assignment, self.variant, self.weight, self.bias, self.value_weights, nl * nh, n
+                    )
+                scores = self.fold.scores(rows[lo:hi], np.zeros(1, np.int64), np.full(1, hi - lo))[0]
             else:
                 features = FV.pool_rows(rows[lo:hi], self.assignment, self.variant, self.value_weights)
                 scores = rowmath.linear_scores(features, self.weight, self.bias)
