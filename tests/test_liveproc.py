@@ -177,3 +177,21 @@ def test_no_process_falls_back_to_the_thread(tiny, monkeypatch, capsys):
     assert s.worker_mode == "thread" and "no memfd" in s.worker_note
     assert "runs in a thread" in capsys.readouterr().err
     assert events[-1].error is None and len([e for e in events if isinstance(e, SpanEvent)]) == 6
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 3), (8, 1)])
+def test_image_rows_equal_the_masked_path_to_the_bit(heads, kv_heads):
+    """The attribution process's fused rows are the capture path's `image_mass(decode_scores)`
+    (which masks in between), bit for bit, also for steps that see fewer keys than the last."""
+    from vstream.attr import rowmath
+
+    rng = np.random.default_rng(heads)
+    t, nl, d, s_max = 5, 3, 16, 40
+    queries = rng.standard_normal((t, nl, heads, d)).astype(np.float32)
+    keys = rng.standard_normal((nl, kv_heads, s_max, d)).astype(np.float32)
+    positions = np.array([1, 4, 5, 9, 20])
+    for lens in (np.arange(30, 35), np.full(t, 33), np.array([21, 22, 22, 30, 31])):
+        want = rowmath.image_mass(rowmath.decode_scores(queries, keys, lens, d**-0.5), positions)
+        got = rowmath.image_rows(queries, keys, lens, d**-0.5, positions)
+        assert got.shape == (t, nl, heads, len(positions)) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)

@@ -273,19 +273,19 @@ class AttentionRecorder:
             steps = self._pending[start - base : end - base]
             latest = list(self._keys)
         k0 = latest[0]
-        if k0 is None or k0.device.type != "cpu" or k0.dtype != torch.float32 or k0.shape[0] != 1:
+        if k0 is None or k0.device.type != "cpu" or k0.dtype != torch.float32 or k0.dim() != 4 or k0.shape[0] != 1:
             return None
-        # the key columns these steps read: all layers have them (the generation thread may be
-        # half-way through the next step, some layers' caches a column longer than others)
-        s = max(int(n) for st in steps for _, n, _ in st.layers)
-        if any(
-            k is None
-            or k.shape[:2] + k.shape[3:] != k0.shape[:2] + k0.shape[3:]
-            or k.shape[2] < s
-            or k.dtype != torch.float32
-            for k in latest
-        ):
-            return None
+        # the key columns these steps read (the last step's: the cache only grows); all layers
+        # have them (the generation thread may be half-way through the next step, some layers'
+        # caches a column longer than others)
+        s = max(int(n) for _, n, _ in steps[-1].layers)
+        b0, h0, _, d0 = k0.shape
+        for k in latest:
+            if k is None or k.dtype != torch.float32 or k.dim() != 4:
+                return None
+            b, h, n, d = k.shape
+            if b != b0 or h != h0 or d != d0 or n < s:
+                return None
         if tuple(keys.shape[:2]) != (len(latest), k0.shape[1]) or keys.shape[3] != k0.shape[3] or s > keys.shape[2]:
             return None
         flat = [q for st in steps for q, _, m in st.layers if m is None]  # T*L of (1, H, 1, D)

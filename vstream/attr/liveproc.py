@@ -206,8 +206,9 @@ class _Session:
         rows = self.bufs["rows"]
         if b > a and not msg["rows_given"]:  # one call for the span's new rows: fewer numpy calls
             lens = np.asarray(msg["lens"], dtype=np.int64)
-            scores = rowmath.decode_scores(self.bufs["queries"][a:b], self.bufs["keys"], lens, msg["scaling"])
-            rows[a:b] = rowmath.image_mass(scores, self.positions)
+            rows[a:b] = rowmath.image_rows(
+                self.bufs["queries"][a:b], self.bufs["keys"], lens, msg["scaling"], self.positions
+            )
             _yield()
         self.computed = max(self.computed, b)
         if "value_weights" in msg:

