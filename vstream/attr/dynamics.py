@@ -51,7 +51,7 @@ def pca_path(vectors: np.ndarray, previous_axes: np.ndarray | None = None) -> tu
     axes = np.zeros((3, k))
     if n < 2:
         return np.zeros((n, 3)), axes
-    centred = x - x.mean(axis=0)
+    centred = x - np.add.reduce(x, axis=0) / n  # x.mean(0) without its Python wrapper (runs per span)
     gram = n <= k
     evals, vecs = np.linalg.eigh(centred @ centred.T if gram else centred.T @ centred)  # ascending
     evals, vecs = evals[::-1][:3], vecs[:, ::-1][:, :3]
@@ -76,7 +76,7 @@ def path_shape(coords: np.ndarray) -> tuple[float, float | None]:
     c = np.asarray(coords, dtype=np.float64)
     if len(c) < 2:
         return 0.0, None
-    steps = np.diff(c, axis=0)
+    steps = c[1:] - c[:-1]
     length = float(np.sqrt(np.einsum("ij,ij->i", steps, steps)).sum())
     end = c[-1] - c[0]
     net = float(np.sqrt(end @ end))
@@ -123,6 +123,7 @@ class DynamicsTracker:
     _axes: np.ndarray | None = None
     # running pieces, so each add() costs one small eigenproblem, not a pass over every earlier span
     _kept: list[np.ndarray] = field(default_factory=list)
+    _stacked: np.ndarray | None = None  # _kept as one (capacity, K) array, so add() need not stack
     _conc_sum: float = 0.0
     _switches: int = 0
     _last_top: int = -1
@@ -130,14 +131,20 @@ class DynamicsTracker:
     def add(self, scores: np.ndarray) -> PathPoint:
         v = np.asarray(scores, dtype=np.float64)
         self.raw.append(v)
-        self._kept.append(keep_top(v, self.top))
+        kept = keep_top(v, self.top)
+        self._kept.append(kept)
         n = len(self.raw)
+        if self._stacked is None or len(self._stacked) < n or self._stacked.shape[1] != kept.size:
+            grown = np.zeros((max(16, 2 * n), kept.size))
+            grown[: n - 1] = self._kept[:-1] if n > 1 else grown[:0]
+            self._stacked = grown
+        self._stacked[n - 1] = kept
         conc = concentration(v)
         top = int(v.argmax())
         self._conc_sum += conc
         self._switches += n > 1 and top != self._last_top
         self._last_top = top
-        coords, self._axes = pca_path(np.stack(self._kept), self._axes)
+        coords, self._axes = pca_path(self._stacked[:n], self._axes)
         length, tort = path_shape(coords)
         return PathPoint(
             span_index=n - 1,

@@ -10,9 +10,11 @@ Producer-consumer, three threads, one output queue:
   attention capture on (`vstream.attr.capture`). Its streamer callback, called synchronously
   inside `generate` for every new token, only puts the token ids on a queue, as plain
   `vlm.stream` does: on a small model decoding is bound by Python under the GIL, and any work
-  between two decode steps is decode time. Holding `vlm.lock` around both the capture and the
-  generation is what keeps a concurrent generation on the same model (another user, another
-  session) out of our recorder: it waits for the lock instead.
+  between two decode steps is decode time. It hands them over in groups of up to
+  `TOKEN_BATCH`, at once for the first token and around tokens that can end a span, so the
+  token thread wakes (and takes the GIL and a core) about half as often. Holding `vlm.lock`
+  around both the capture and the generation is what keeps a concurrent generation on the
+  same model (another user, another session) out of our recorder: it waits for the lock instead.
 * the token thread (`vstream-attr-tokens`) takes the ids in order, decodes their text, emits a
   `TokenEvent` and feeds the `SpanSplitter`; every span a token closes goes, with its close
   time, to the span worker. When generation ends, the generation thread waits for it before
