@@ -28,17 +28,10 @@ __all__ = [
 def decode_scores(queries: np.ndarray, keys: np.ndarray, lens: np.ndarray, scaling: float) -> np.ndarray:
     """(T, L, H, D) decode queries and (L, Hkv, >=S, D) key caches -> (T, L, H, S) float32 scaled
     scores, S = max(lens), -inf past each step's own key length `lens[t]` (the cache only grows,
-    so the latest keys serve every earlier step). The T steps share each GEMM: L*Hkv products of
-    (T*G, D) x (D, S) instead of T times as many single rows."""
-    t, nl, h, d = queries.shape
-    s = int(lens.max())
-    kk = keys[:, :, :s]  # (L, Hkv, S, D)
-    hkv = kk.shape[1]
-    g = h // hkv
-    q = queries.reshape(t, nl, hkv, g, d).transpose(1, 2, 0, 3, 4).reshape(nl, hkv, t * g, d)
-    scores = np.matmul(q, kk.transpose(0, 1, 3, 2)).reshape(nl, hkv, t, g, s).transpose(2, 0, 1, 3, 4)
-    length_bias = np.where(np.arange(s)[None, :] < lens[:, None], np.float32(0), np.float32(-np.inf))  # (T, S)
-    return scores.reshape(t, nl, h, s) * np.float32(scaling) + length_bias[:, None, None, :]
+    so the latest keys serve every earlier step)."""
+    t, nl, h, _ = queries.shape
+    sc = _grouped_scores(queries, keys, lens, scaling)
+    return sc.transpose(2, 0, 1, 3, 4).reshape(t, nl, h, sc.shape[-1])
 
 
 def image_mass(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -55,6 +48,18 @@ def image_rows(
     softmax runs in place in the GEMM's own layout and only the (T, L, H, N) result is
     transposed, so the (T, L, H, S) scores are never copied (a fifth fewer numpy time per span
     in the attribution process)."""
+    t, nl, h, _ = queries.shape
+    sc = _grouped_scores(queries, keys, lens, scaling)
+    sc -= sc.max(axis=-1, keepdims=True)
+    np.exp(sc, out=sc)
+    out = sc[..., positions]
+    out /= sc.sum(axis=-1, keepdims=True)
+    return out.transpose(2, 0, 1, 3, 4).reshape(t, nl, h, -1)
+
+
+def _grouped_scores(queries: np.ndarray, keys: np.ndarray, lens: np.ndarray, scaling: float) -> np.ndarray:
+    """`decode_scores` in the GEMM's layout, (L, Hkv, T, G, S), G = H / Hkv: the T steps share
+    each GEMM, L*Hkv products of (T*G, D) x (D, S) instead of T times as many single rows."""
     t, nl, h, d = queries.shape
     s = int(lens.max())
     kk = keys[:, :, :s]  # (L, Hkv, S, D)
@@ -65,11 +70,7 @@ def image_rows(
     sc *= np.float32(scaling)
     for i in np.flatnonzero(lens < s):  # each step sees its own keys only
         sc[:, :, i, :, lens[i] :] = -np.inf
-    sc -= sc.max(axis=-1, keepdims=True)
-    np.exp(sc, out=sc)
-    out = sc[..., positions]
-    out /= sc.sum(axis=-1, keepdims=True)
-    return out.transpose(2, 0, 1, 3, 4).reshape(t, nl, h, -1)
+    return sc
 
 
 def sum_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
