@@ -358,7 +358,7 @@ class _Run:
         # generation -> token thread: ids gathered since the last hand-over (`_hand_over`)
         self._batch: list[int] = []
         self._span_ends = span_end_tokens(vlm.tokenizer) if type(self._splitter) is SpanSplitter else None
-        self._flush, self._handed = 0, False
+        self._flush, self._handed, self._n_ids = 0, False, 0
         self._user_stop = stop_event
         self._stop = threading.Event()  # cancel(): stop generating, still score what closed
         self._abort = threading.Event()  # close(): stop everything, drop queued spans
@@ -366,6 +366,7 @@ class _Run:
         self._worker_ready = threading.Event()
         # SimpleQueue: a put is one C call, where queue.Queue's takes a Condition in Python
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._grouped: collections.deque[TokenEvent] = collections.deque()  # the consumer's side of a group
         self._spans: queue.SimpleQueue = queue.SimpleQueue()
         self.row_timeout = float(row_timeout)
         self._eos = set(vlm.eos_token_ids)
@@ -433,7 +434,12 @@ class _Run:
         if self._finished:
             raise StopIteration
         self.start()
+        if self._grouped:
+            return self._grouped.popleft()
         item = self._out.get()
+        if type(item) is list:  # a group of token events (`_on_tokens`)
+            self._grouped.extend(item[1:])
+            return item[0]
         if item is _END:
             self._finished = True
             self._join()
@@ -510,11 +516,20 @@ class _Run:
         never sits between two decode steps, as with `vlm.stream`'s queue). Ids go over in
         groups of up to `TOKEN_BATCH`: each hand-over wakes the token thread, which then takes
         the interpreter and a core from generation. The first token goes at once, and so do
-        the two after a token that can end a span (`span_end_tokens`), whose rows they bring."""
+        the two after a token that can end a span (`span_end_tokens`), whose rows they bring,
+        and the last one (eos or the token limit)."""
         batch = self._batch
         batch += ids
+        self._n_ids += len(ids)
         ends = self._span_ends
-        due = self._flush > 0 or len(batch) >= TOKEN_BATCH or ends is None or not self._handed
+        due = (
+            self._flush > 0
+            or len(batch) >= TOKEN_BATCH
+            or ends is None
+            or not self._handed
+            or self._n_ids >= self.max_new_tokens  # the last token: generate's own wrap-up is not its delay
+            or not self._eos.isdisjoint(ids)
+        )
         self._flush = 2 if ends is not None and any(t in ends for t in ids) else max(0, self._flush - 1)
         if due:
             self._gen_cpu = current_cpu()
@@ -537,6 +552,8 @@ class _Run:
                 self._stop.set()
 
     def _on_tokens(self, ids: list[int]) -> None:
+        """A group of ids: their token events go to the consumer as one list (one wake-up)."""
+        events: list[TokenEvent] = []
         for tid in ids:
             if self._saw_eos:
                 break
@@ -549,11 +566,17 @@ class _Run:
             self.token_ids.append(int(tid))
             self._pieces.append(piece)
             self._token_times.append(now)
-            self._out.put(TokenEvent(index, int(tid), piece, now))
-            if self._waiting:  # spans closed by earlier tokens whose last row is now recorded
-                self._send_ready(final=False)
-            for span in self._splitter.push(index, piece):
-                self._close_span(span, now)
+            events.append(TokenEvent(index, int(tid), piece, now))
+            closed = self._splitter.push(index, piece)
+            if self._waiting or closed:
+                self._out.put(events)  # a span's events (thread mode) must not overtake its tokens
+                events = []
+                if self._waiting:  # spans closed by earlier tokens whose last row is now recorded
+                    self._send_ready(final=False)
+                for span in closed:
+                    self._close_span(span, now)
+        if events:
+            self._out.put(events)
         if self._channel is not None:
             self._relay(until_done=False)
 
