@@ -366,7 +366,6 @@ class _Run:
         self._worker_ready = threading.Event()
         # SimpleQueue: a put is one C call, where queue.Queue's takes a Condition in Python
         self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._grouped: collections.deque[TokenEvent] = collections.deque()  # the consumer's side of a group
         self._spans: queue.SimpleQueue = queue.SimpleQueue()
         self.row_timeout = float(row_timeout)
         self._eos = set(vlm.eos_token_ids)
@@ -434,12 +433,7 @@ class _Run:
         if self._finished:
             raise StopIteration
         self.start()
-        if self._grouped:
-            return self._grouped.popleft()
         item = self._out.get()
-        if type(item) is list:  # a group of token events (`_on_tokens`)
-            self._grouped.extend(item[1:])
-            return item[0]
         if item is _END:
             self._finished = True
             self._join()
@@ -552,8 +546,6 @@ class _Run:
                 self._stop.set()
 
     def _on_tokens(self, ids: list[int]) -> None:
-        """A group of ids: their token events go to the consumer as one list (one wake-up)."""
-        events: list[TokenEvent] = []
         for tid in ids:
             if self._saw_eos:
                 break
@@ -566,17 +558,11 @@ class _Run:
             self.token_ids.append(int(tid))
             self._pieces.append(piece)
             self._token_times.append(now)
-            events.append(TokenEvent(index, int(tid), piece, now))
-            closed = self._splitter.push(index, piece)
-            if self._waiting or closed:
-                self._out.put(events)  # a span's events (thread mode) must not overtake its tokens
-                events = []
-                if self._waiting:  # spans closed by earlier tokens whose last row is now recorded
-                    self._send_ready(final=False)
-                for span in closed:
-                    self._close_span(span, now)
-        if events:
-            self._out.put(events)
+            self._out.put(TokenEvent(index, int(tid), piece, now))
+            if self._waiting:  # spans closed by earlier tokens whose last row is now recorded
+                self._send_ready(final=False)
+            for span in self._splitter.push(index, piece):
+                self._close_span(span, now)
         if self._channel is not None:
             self._relay(until_done=False)
 
