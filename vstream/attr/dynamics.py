@@ -122,8 +122,7 @@ class DynamicsTracker:
     raw: list[np.ndarray] = field(default_factory=list)
     _axes: np.ndarray | None = None
     # running pieces, so each add() costs one small eigenproblem, not a pass over every earlier span
-    _kept: list[np.ndarray] = field(default_factory=list)
-    _stacked: np.ndarray | None = None  # _kept as one (capacity, K) array, so add() need not stack
+    _kept: np.ndarray | None = None  # (capacity, K): row i is span i's kept vector; grown by doubling
     _conc_sum: float = 0.0
     _switches: int = 0
     _last_top: int = -1
@@ -132,19 +131,19 @@ class DynamicsTracker:
         v = np.asarray(scores, dtype=np.float64)
         self.raw.append(v)
         kept = keep_top(v, self.top)
-        self._kept.append(kept)
         n = len(self.raw)
-        if self._stacked is None or len(self._stacked) < n or self._stacked.shape[1] != kept.size:
+        if self._kept is None or len(self._kept) < n:
             grown = np.zeros((max(16, 2 * n), kept.size))
-            grown[: n - 1] = self._kept[:-1] if n > 1 else grown[:0]
-            self._stacked = grown
-        self._stacked[n - 1] = kept
+            if self._kept is not None:
+                grown[: n - 1] = self._kept[: n - 1]
+            self._kept = grown
+        self._kept[n - 1] = kept  # (a vector of another length than the earlier ones raises)
         conc = concentration(v)
         top = int(v.argmax())
         self._conc_sum += conc
         self._switches += n > 1 and top != self._last_top
         self._last_top = top
-        coords, self._axes = pca_path(self._stacked[:n], self._axes)
+        coords, self._axes = pca_path(self._kept[:n], self._axes)
         length, tort = path_shape(coords)
         return PathPoint(
             span_index=n - 1,

@@ -295,9 +295,7 @@ def linear_span_scores(
     (blocks * L*H,) and the value weights fold into one (L*H, N) map that reduces each token's
     row to one value per image token first, so the span means and region sums run on (T, N), not
     (T, L*H, N). A "raw" variant's two blocks fold into the same map (w1 * value weight + w2)."""
-    t, l, h, n = rows.shape
-    fold = LinearFold(assignment, variant, weight, bias, value_weights, l * h, n)
-    return fold.scores(rows, lo, hi)
+    return LinearFold(assignment, variant, weight, bias, value_weights).scores(rows, lo, hi)
 
 
 class LinearFold:
@@ -312,14 +310,13 @@ class LinearFold:
         weight: np.ndarray,
         bias: np.float32,
         value_weights: np.ndarray | None,
-        heads: int,
-        n: int,
     ):
-        """`heads`: L*H; `n`: image tokens."""
         if not variant.linear:
             raise ValueError(f"feature variant {variant.name!r} is not linear in the rows: pool_spans, then predict")
         a = np.asarray(assignment, dtype=np.float32)
-        blocks = np.asarray(weight, dtype=np.float32).reshape(variant.blocks, heads, 1)
+        n = a.shape[1]  # image tokens
+        blocks = np.asarray(weight, dtype=np.float32).reshape(variant.blocks, -1, 1)  # (blocks, L*H, 1)
+        heads = blocks.shape[1]
         if variant.values and value_weights is None:
             raise ValueError(f"feature variant {variant.name!r} needs the value weights ({variant.values})")
         vw = np.asarray(value_weights, dtype=np.float32).reshape(heads, n) if variant.values else None

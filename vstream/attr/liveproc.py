@@ -221,10 +221,7 @@ class _Session:
                 scores = rowmath.linear_scores(features, self.weight, self.bias)
             elif self.variant.linear:  # the weights fold into the pooling: no (K, L*H) features
                 if self.fold is None:  # once per session (the value weights come with span 0)
-                    _, nl, nh, n = rows.shape
-                    self.fold = FV.LinearFold(
-                        self.assignment, self.variant, self.weight, self.bias, self.value_weights, nl * nh, n
-                    )
+                    self.fold = FV.LinearFold(self.assignment, self.variant, self.weight, self.bias, self.value_weights)
                 scores = self.fold.scores(rows[lo:hi], np.zeros(1, np.int64), np.full(1, hi - lo))[0]
             else:
                 features = FV.pool_rows(rows[lo:hi], self.assignment, self.variant, self.value_weights)

@@ -524,7 +524,7 @@ class _Run:
             or self._n_ids >= self.max_new_tokens  # the last token: generate's own wrap-up is not its delay
             or not self._eos.isdisjoint(ids)
         )
-        self._flush = 2 if ends is not None and any(t in ends for t in ids) else max(0, self._flush - 1)
+        self._flush = 2 if ends is not None and not ends.isdisjoint(ids) else max(0, self._flush - 1)
         if due:
             self._gen_cpu = current_cpu()
             self._handed = True
