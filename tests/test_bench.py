@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from vstream.attr.bench import TARGETS, bench
+from vstream.attr.bench import TARGETS, bench, mode_orders
 from vstream.attr.estimator import LinearEstimator
 from vstream.cli.bench import main
 from vstream.model import load_vlm
@@ -59,3 +60,13 @@ def test_bench_noise_floor_times_plain_against_plain(tiny_qwen2_5_vl_dir):
     assert out["noise_floor_ratio_median"] == pytest.approx(float(np.median(runs)), abs=1e-4)
     off = bench(vlm, est, n=1, max_new_tokens=6, occlusion=False, progress=False, warmup=0)
     assert off["noise_floor_ratio_runs"] == [] and off["noise_floor_ratio_min"] is None
+
+
+def test_mode_orders_let_every_mode_follow_every_other_equally_often():
+    for modes in (["plain", "live"], ["plain", "live", "again"]):
+        orders = mode_orders(modes)
+        assert sorted(orders) == sorted(set(orders)) and all(sorted(o) == sorted(modes) for o in orders)
+        pairs = Counter((o[j], o[j + 1]) for o in orders for j in range(len(o) - 1))
+        assert set(pairs) == {(a, b) for a in modes for b in modes if a != b}
+        assert len(set(pairs.values())) == 1
+        assert Counter(o[0] for o in orders) == Counter({m: len(orders) // len(modes) for m in modes})

@@ -9,14 +9,14 @@ and evaluate's offsets), per prompt and in the same run:
   no capture, no worker;
 * live: `attribute_stream` (capture + worker + events), same prompt, same max_new_tokens,
   greedy, so both produce the same tokens (checked: `same_tokens`).
-The two alternate which goes first from prompt to prompt; one extra warm-up prompt is not
-counted. Token times are taken where a consumer sees them (the iterator), for both.
+The two alternate which goes first from prompt to prompt (`mode_orders`); one extra warm-up
+prompt is not counted. Token times are taken where a consumer sees them (the iterator), for both.
 
 * overhead_ratio = live decode tokens/s / plain decode tokens/s, each the ratio of totals
   (sum of (n_tokens - 1) / sum of (last token time - first token time)): prefill, region
   clustering and other setup are excluded from both (reported separately). Wall clock, so it
   suffers when other processes share the cores. With `--repeat N` the n prompts are run N
-  times in the same process (the warm-up once; each prompt's plain/live order flips from one
+  times in the same process (the warm-up once; each prompt's order of modes changes from one
   run to the next as well as from prompt to prompt) and each run gets its own ratio of totals:
   `overhead_ratio_median` and `overhead_ratio_min` over the N runs (`overhead_ratio_runs`
   lists them), the figures the "at no visible cost" target is stated in (median >= 0.97, no
@@ -43,8 +43,9 @@ counted. Token times are taken where a consumer sees them (the iterator), for bo
   compute + the decode slowdown of the live runs spread over their spans:
   `speedup_vs_occlusion_all_in`).
 
-`--noise-floor` (`noise_floor=True`) runs plain decoding a second time per prompt, in the same
-rotation, and reports the same per-run ratio of plain against plain: `noise_floor_ratio_median`,
+`--noise-floor` (`noise_floor=True`) runs plain decoding a second time per prompt, the three
+runs in each of their six orders in turn, so that plain and the second plain follow a live run
+equally often, and reports the same per-run ratio of plain against plain: `noise_floor_ratio_median`,
 `_min`, `_runs`. Nothing differs between the two, so their spread is what the machine alone does
 to the overhead ratio (other tenants, frequency, cache): a live run below its min is a cost, one
 within it cannot be told from noise.
@@ -58,6 +59,7 @@ on the weights) and the JSON says so. The last output line is the JSON object.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from typing import Any
@@ -184,6 +186,13 @@ def replay_seconds(vlm: VLM, session: AttributionSession, spans: list[Span]) -> 
     return total, scores_only
 
 
+def mode_orders(modes: list[str]) -> list[tuple[str, ...]]:
+    """Every order of `modes`, cycled from prompt to prompt: each mode comes right after each
+    other one equally often. Whatever a mode leaves behind (a live run's process and caches)
+    then slows every other mode alike, and plain against plain stays unbiased."""
+    return list(itertools.permutations(modes))
+
+
 def bench(
     vlm: VLM,
     estimator: Estimator,
@@ -220,9 +229,8 @@ def bench(
             image = scene.image()
             inputs = vlm.build_inputs(scene.question, image=image)
             res: dict[str, Any] = {}
-            order = ["plain", "live"] + (["again"] if noise_floor and counted else [])
-            shift = (i + run) % len(order)  # each mode goes first in turn
-            for mode in order[shift:] + order[:shift]:
+            orders = mode_orders(["plain", "live"] + (["again"] if noise_floor and counted else []))
+            for mode in orders[(i + run) % len(orders)]:
                 if mode in ("plain", "again"):
                     res[mode] = run_plain(vlm, inputs, max_new_tokens)
                 else:
