@@ -1,6 +1,6 @@
 """Benchmark live attribution: decode overhead, span latency, and speed against occlusion.
 
-    python -m vstream bench --json [--n 24] [--repeat 10] [--model PATH] [--estimator PATH]
+    python -m vstream bench --json [--n 96] [--repeat 10] [--model PATH] [--estimator PATH]
 
 On the demo model and held-out shapes-world scenes (offset --start, disjoint from eval-model's
 and evaluate's offsets), per prompt and in the same run:
@@ -196,7 +196,7 @@ def mode_orders(modes: list[str]) -> list[tuple[str, ...]]:
 def bench(
     vlm: VLM,
     estimator: Estimator,
-    n: int = 24,
+    n: int = 96,
     start: int = DEFAULT_START,
     max_new_tokens: int = 128,
     k: int | None = None,

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--n",
         type=int,
-        default=24,
-        help="held-out prompts measured (plus one warm-up); the decode-speed ratio is noisy on shared CPUs, "
-        "so not too few",
+        default=96,
+        help="held-out prompts per run (plus one warm-up); the decode-speed ratio of one run is noisy on "
+        "shared CPUs, the more so the fewer prompts it has (compare --noise-floor)",
     )
     ap.add_argument(
         "--repeat",
